@@ -1,0 +1,88 @@
+"""Command line: ``python -m threadpool_proxy -c conf/proxy.yaml`` (or ``--demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from . import config as config_mod
+from .server import Proxy
+
+log = logging.getLogger("threadpool_proxy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="threadpool-proxy",
+                                     description="PostgreSQL connection pooler (one thread per client).")
+    parser.add_argument("-c", "--config", help="YAML configuration file (see conf/proxy.yaml)")
+    parser.add_argument("--demo", action="store_true",
+                        help="start a throwaway PostgreSQL from this machine's binaries and the proxy in front of it")
+    parser.add_argument("-p", "--port", type=int, help="override listen.port")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    args = parser.parse_args(argv)
+    if not args.config and not args.demo:
+        parser.error("give -c CONFIG or --demo")
+
+    demo = None
+    try:
+        if args.demo:
+            from .demo import DemoCluster
+            demo = DemoCluster()
+            raw = demo.start()
+            if args.config:
+                print("--demo ignores -c; it writes its own configuration", file=sys.stderr)
+            config = config_mod.from_dict(raw)
+        else:
+            config = config_mod.load(args.config)
+        if args.port is not None:
+            import dataclasses
+            config = dataclasses.replace(config, listen_port=args.port)
+    except config_mod.ConfigError as exc:
+        print(f"threadpool-proxy: configuration error: {exc}", file=sys.stderr)
+        if demo:
+            demo.stop()
+        return 2
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(logging, config.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    proxy = Proxy(config)
+    try:
+        try:
+            proxy.start()
+        except OSError as exc:
+            print(f"threadpool-proxy: cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}",
+                  file=sys.stderr)
+            return 1
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda *_: _reload(proxy))
+        if demo:
+            print(demo.banner(proxy.port), flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        proxy.stop()
+        if demo:
+            demo.stop()
+    return 0
+
+
+def _reload(proxy: Proxy) -> None:
+    auth = proxy.server.authenticator if proxy.server else None
+    if auth is None:
+        log.info("SIGHUP: nothing to reload (no auth file in use)")
+        return
+    try:
+        auth.reload()
+        log.info("SIGHUP: auth file reloaded")
+    except Exception as exc:   # keep running with the old contents
+        log.error("SIGHUP: auth file not reloaded: %s", exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Handling of server connections: dialing, reading whole messages off the
+hot path (login, reset, parameter changes), and the reset before parking.
+
+The relay reads and writes a ServerConnection's socket directly; everything
+here is for the moments when the proxy itself talks to the server.  Those
+exchanges always end at ReadyForQuery, so no bytes are ever left buffered
+here when the relay takes over.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import time
+
+from . import protocol as pq
+
+log = logging.getLogger(__name__)
+
+_GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
+
+
+class ServerError(Exception):
+    """The server answered with an ErrorResponse; ``fields`` holds its fields."""
+
+    def __init__(self, fields: dict, raw: bytes) -> None:
+        super().__init__(fields.get("M", "server error"))
+        self.fields = fields
+        self.raw = raw          # the framed ErrorResponse, to forward as is
+
+
+class ServerGone(Exception):
+    """The server connection closed or failed."""
+
+
+def valid_guc_name(name: str) -> bool:
+    return bool(_GUC_NAME.match(name))
+
+
+def quote_literal(value: str) -> str:
+    """An SQL string literal that means ``value`` whatever standard_conforming_strings says."""
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def set_statements(settings: dict) -> str:
+    """``SET a TO 'x'; SET b TO 'y'`` for {name: value} (names already validated)."""
+    return ";".join(f"SET {name} TO {quote_literal(value)}" for name, value in settings.items())
+
+
+class ServerConnection:
+    """One authenticated (or authenticating) connection to a PostgreSQL server.
+
+    ``params`` are the server's reported parameters as they stand now (lower-case
+    names), ``param_names`` their spelling as PostgreSQL reports them,
+    ``login_params`` the settings sent in this connection's StartupMessage (they
+    are what a reset returns to), ``unreported`` settings in force that the server
+    does not report (from the login or set by the proxy since the last reset).
+    """
+
+    __slots__ = ("sock", "raw_socket", "node", "host", "port", "key", "pid", "secret",
+                 "params", "param_names", "login_params", "unreported", "created_at",
+                 "_buf", "__weakref__")
+
+    def __init__(self, sock: socket.socket, host: str, port: int, key: str) -> None:
+        self.sock = sock
+        self.raw_socket = sock        # the plain socket under any future TLS layer
+        self.host = host
+        self.port = port
+        self.node = f"{host}:{port}"
+        self.key = key
+        self.pid = 0
+        self.secret = b""
+        self.params: dict[str, str] = {}
+        self.param_names: dict[str, str] = {}
+        self.login_params: dict[str, str] = {}
+        self.unreported: dict[str, str] = {}
+        self.created_at = time.monotonic()
+        self._buf = bytearray()
+
+    @classmethod
+    def dial(cls, host: str, port: int, key: str, timeout: float) -> "ServerConnection":
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise ServerGone(f"cannot connect to server {host}:{port}: {exc.strerror or exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return cls(sock, host, port, key)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<ServerConnection {self.node} pid={self.pid}>"
+
+    # -- whole-message I/O, off the hot path -----------------------------------
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise ServerGone(f"server connection failed: {exc}") from None
+
+    def read_message(self, timeout: float | None = None) -> tuple[bytes, bytes]:
+        """One whole message: (type byte, body)."""
+        buf = self._buf
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                if len(buf) >= 5:
+                    length = pq._uint32.unpack_from(buf, 1)[0]
+                    if length < 4:
+                        raise ServerGone("server sent an invalid message length")
+                    if len(buf) >= length + 1:
+                        t = bytes(buf[0:1])
+                        body = bytes(buf[5:length + 1])
+                        del buf[:length + 1]
+                        return t, body
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ServerGone("server closed the connection")
+                buf += chunk
+        except socket.timeout:
+            raise ServerGone("server did not answer in time") from None
+        except OSError as exc:
+            raise ServerGone(f"server connection failed: {exc}") from None
+        finally:
+            try:
+                self.sock.settimeout(None)
+            except OSError:
+                pass
+
+    def has_buffered(self) -> bool:
+        return bool(self._buf)
+
+    def note_parameter(self, name: str, value: str) -> None:
+        lower = name.lower()
+        self.params[lower] = value
+        self.param_names[lower] = name
+
+    def read_until_ready(self, timeout: float | None = None, on_message=None) -> bytes:
+        """Read messages up to ReadyForQuery; return its status byte.
+
+        ParameterStatus updates ``params``; an ErrorResponse is remembered and
+        raised as ServerError after ReadyForQuery (the connection stays usable);
+        other messages go to ``on_message(type, body)`` if given.
+        """
+        error = None
+        while True:
+            t, body = self.read_message(timeout)
+            if t == pq.READY_FOR_QUERY:
+                if error is not None:
+                    raise error
+                return body[:1]
+            if t == pq.PARAMETER_STATUS:
+                self.note_parameter(*pq.parse_parameter_status(body))
+            elif t == pq.ERROR_RESPONSE:
+                error = ServerError(pq.parse_error_fields(body), pq.message(t, body))
+                if error.fields.get("V", error.fields.get("S")) in ("FATAL", "PANIC"):
+                    raise error       # the server closes the connection after these
+            elif on_message is not None:
+                on_message(t, body)
+
+    def run_simple(self, sql: str, timeout: float | None = None) -> bytes:
+        """Send one simple Query and wait for its ReadyForQuery status."""
+        self.send(pq.query(sql))
+        return self.read_until_ready(timeout)
+
+    # -- session state ---------------------------------------------------------
+
+    def apply_settings(self, settings: dict, timeout: float | None) -> None:
+        """SET each {lower name: value} in one round trip; raises ServerError."""
+        if not settings:
+            return
+        status = self.run_simple(set_statements(settings), timeout)
+        for name, value in settings.items():
+            if name not in self.params:
+                self.unreported[name] = value
+        if status != pq.IDLE:
+            raise ServerGone("server left idle state after SET")
+
+    def reset(self, reset_query: str, timeout: float) -> bool:
+        """Run the reset query before parking; True if it left the connection clean."""
+        if not reset_query:
+            return True
+        try:
+            status = self.run_simple(reset_query, timeout)
+        except ServerError as exc:
+            log.warning("reset query failed on %r, closing it: %s", self, exc)
+            return False
+        except ServerGone as exc:
+            log.info("server connection lost during reset (%r): %s", self, exc)
+            return False
+        if status != pq.IDLE or self._buf:
+            return False
+        self.unreported = {k: v for k, v in self.login_params.items() if k not in self.params}
+        return True

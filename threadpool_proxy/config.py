@@ -1,0 +1,237 @@
+"""Configuration loading: YAML (or a dict) -> frozen dataclasses.
+
+Every problem is reported as one ConfigError whose message names the key
+(``databases.app.port: ...``), so the command line can print it on one line
+and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import yaml
+
+POOL_MODES = ("session", "transaction", "statement")
+AUTH_TYPES = ("passthrough", "scram-sha-256", "md5", "trust", "auth_query")
+DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseConfig:
+    """One entry of ``databases``: where the name a client asks for really lives."""
+
+    name: str                 # the name clients connect to ("*" for the fallback)
+    host: str
+    port: int
+    dbname: str | None        # the server's database name; None means "the name asked for"
+    pool_mode: str
+    pool_size: int
+    auth_type: str
+
+    def server_dbname(self, requested: str) -> str:
+        return self.dbname or requested
+
+    @property
+    def node(self) -> str:
+        """The server this entry points at, as used in pool keys."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 6432
+    pool_mode: str = "session"
+    pool_size: int = 20
+    max_client_conn: int = 1000
+    max_idle_per_key: int = 20
+    max_total_idle: int = 200
+    server_idle_timeout: float = 600.0
+    query_wait_timeout: float = 120.0
+    server_connect_timeout: float = 15.0
+    client_login_timeout: float = 60.0
+    reset_query: str = "DISCARD ALL"
+    auth_type: str = "passthrough"
+    auth_file: str | None = None
+    auth_user: str | None = None
+    auth_password: str | None = None
+    auth_query: str = DEFAULT_AUTH_QUERY
+    auth_query_cache_seconds: float = 30.0
+    log_level: str = "info"
+    databases: Mapping[str, DatabaseConfig] = dataclasses.field(default_factory=dict)
+
+    def lookup_database(self, requested: str) -> DatabaseConfig | None:
+        """The entry for a client's database name, falling back to ``*``."""
+        entry = self.databases.get(requested)
+        if entry is None:
+            entry = self.databases.get("*")
+        return entry
+
+
+# key -> (type or types, validator or None, description for errors)
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _positive_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _port(v):
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535
+
+
+def _nonempty_str(v):
+    return isinstance(v, str) and v != ""
+
+
+def _str(v):
+    return isinstance(v, str)
+
+
+def _choice(choices):
+    def check(v):
+        return v in choices
+    return check
+
+
+_TOP_LEVEL = {
+    "pool_mode": (_choice(POOL_MODES), "one of " + ", ".join(POOL_MODES)),
+    "pool_size": (_positive_int, "a positive integer"),
+    "max_client_conn": (_positive_int, "a positive integer"),
+    "max_idle_per_key": (_non_negative_int, "an integer >= 0"),
+    "max_total_idle": (_non_negative_int, "an integer >= 0"),
+    "server_idle_timeout": (_positive_number, "a number of seconds > 0"),
+    "query_wait_timeout": (_positive_number, "a number of seconds > 0"),
+    "server_connect_timeout": (_positive_number, "a number of seconds > 0"),
+    "client_login_timeout": (_positive_number, "a number of seconds > 0"),
+    "reset_query": (_str, "a string (empty for no reset)"),
+    "auth_type": (_choice(AUTH_TYPES), "one of " + ", ".join(AUTH_TYPES)),
+    "auth_file": (_nonempty_str, "a file path"),
+    "auth_user": (_nonempty_str, "a user name"),
+    "auth_password": (_str, "a string"),
+    "auth_query": (_nonempty_str, "an SQL query with one parameter, $1"),
+    "auth_query_cache_seconds": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+                                 "a number of seconds >= 0"),
+    "log_level": (_choice(("debug", "info", "warning", "error")), "one of debug, info, warning, error"),
+}
+
+_LISTEN = {
+    "host": (_nonempty_str, "a host name or address"),
+    "port": (_port, "an integer from 0 to 65535"),
+}
+
+_DATABASE = {
+    "host": (_nonempty_str, "a host name or address"),
+    "port": (_port, "an integer from 1 to 65535"),
+    "dbname": (_nonempty_str, "a database name"),
+    "pool_mode": _TOP_LEVEL["pool_mode"],
+    "pool_size": _TOP_LEVEL["pool_size"],
+    "auth_type": _TOP_LEVEL["auth_type"],
+}
+
+
+def _check_section(section: Mapping[str, Any], rules, where: str) -> dict:
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where or 'configuration'}: expected a mapping, got {type(section).__name__}")
+    out = {}
+    for key, value in section.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in rules:
+            raise ConfigError(f"{path}: unknown key")
+        check, expected = rules[key]
+        if not check(value):
+            raise ConfigError(f"{path}: expected {expected}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def from_dict(raw: Mapping[str, Any] | None) -> Config:
+    """Validate a plain mapping (as parsed from YAML) and build a Config."""
+    raw = dict(raw or {})
+    listen = raw.pop("listen", {}) or {}
+    databases = raw.pop("databases", None)
+    top = _check_section(raw, _TOP_LEVEL, "")
+    listen = _check_section(listen, _LISTEN, "listen")
+    if databases is None or databases == {}:
+        raise ConfigError("databases: at least one database entry (or '*') is required")
+    if not isinstance(databases, Mapping):
+        raise ConfigError(f"databases: expected a mapping, got {type(databases).__name__}")
+
+    kwargs: dict[str, Any] = {}
+    for key, value in top.items():
+        kwargs[key] = float(value) if key.endswith(("_timeout", "_seconds")) else value
+    if "host" in listen:
+        kwargs["listen_host"] = listen["host"]
+    if "port" in listen:
+        kwargs["listen_port"] = listen["port"]
+    defaults = Config(**kwargs)
+
+    entries = {}
+    for name, entry in databases.items():
+        where = f"databases.{name}"
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"databases: entry names must be non-empty strings, got {name!r}")
+        fields = _check_section(entry or {}, _DATABASE, where)
+        if "host" not in fields:
+            raise ConfigError(f"{where}.host: required")
+        if fields.get("port", 5432) == 0:
+            raise ConfigError(f"{where}.port: expected an integer from 1 to 65535, got 0")
+        entries[name] = DatabaseConfig(
+            name=name,
+            host=fields["host"],
+            port=fields.get("port", 5432),
+            dbname=fields.get("dbname"),
+            pool_mode=fields.get("pool_mode", defaults.pool_mode),
+            pool_size=fields.get("pool_size", defaults.pool_size),
+            auth_type=fields.get("auth_type", defaults.auth_type),
+        )
+    config = dataclasses.replace(defaults, databases=entries)
+    _check_auth(config)
+    return config
+
+
+def _check_auth(config: Config) -> None:
+    types = {config.auth_type} | {d.auth_type for d in config.databases.values()}
+    if types & {"scram-sha-256", "md5"} and not config.auth_file and "auth_query" not in types:
+        raise ConfigError("auth_file: required when auth_type is scram-sha-256 or md5")
+    if "auth_query" in types and not config.auth_user:
+        raise ConfigError("auth_user: required when auth_type is auth_query")
+
+
+def load(source: str | os.PathLike | Mapping[str, Any] | Config) -> Config:
+    """Build a Config from a Config, a mapping, or the path of a YAML file.
+
+    Relative ``auth_file`` paths in a YAML file are taken relative to that file.
+    """
+    if isinstance(source, Config):
+        return source
+    if isinstance(source, Mapping):
+        return from_dict(source)
+    path = os.fspath(source)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    config = from_dict(raw)
+    if config.auth_file and not os.path.isabs(config.auth_file):
+        config = dataclasses.replace(
+            config, auth_file=os.path.join(os.path.dirname(os.path.abspath(path)), config.auth_file))
+    return config
