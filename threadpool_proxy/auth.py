@@ -69,7 +69,7 @@ SQLSTATE_INVALID_AUTHORIZATION = "28000"
 SQLSTATE_PROTOCOL_VIOLATION = "08P01"
 
 _i32 = struct.Struct("!i")
-_SERVER_NONCE_BYTES = 18    # as PostgreSQL: 18 random bytes, 24 base64 characters
+_NONCE_BYTES = 18    # nonces as PostgreSQL makes them: 18 random bytes, 24 base64 characters
 
 
 class AuthFailed(Exception):
@@ -185,7 +185,7 @@ class ScramServerExchange:
         self._secret = secret
         self._unknown_user = _unknown_user
         self._stage = _ServerStage.CLIENT_FIRST
-        self._server_nonce = _b64e(secrets.token_bytes(_SERVER_NONCE_BYTES))
+        self._server_nonce = _b64e(secrets.token_bytes(_NONCE_BYTES))
         self._client_key: bytes | None = None
 
     @classmethod
@@ -395,7 +395,7 @@ class ServerLogin:
         self._client_key = client_key
         self._scram_secret = scram_secret
         self._stage = _LoginStage.START
-        self._client_nonce = _b64e(secrets.token_bytes(_SERVER_NONCE_BYTES))
+        self._client_nonce = _b64e(secrets.token_bytes(_NONCE_BYTES))
         self.method: str | None = None    # "trust", "password", "md5", "scram-sha-256"
 
     @property

@@ -340,12 +340,9 @@ class AuthFile:
 
         Returns the number of users now loaded.
         """
-        try:
-            fresh = read_auth_file(self.path)
-        except AuthFileError as exc:
-            log.error("auth file reload failed, keeping the previous %d users: %s",
-                      len(self._users), exc)
-            raise
+        # On error nothing below runs: the old mapping stays.  The caller logs
+        # the AuthFileError (the SIGHUP handler does), so it is not logged twice.
+        fresh = read_auth_file(self.path)
         with self._lock:
             old = self._users
             # Keep a derived verifier only if its user's password did not change.
@@ -355,5 +352,5 @@ class AuthFile:
                     fresh[user] = prev
             self._derived = {u: d for u, d in self._derived.items() if fresh.get(u) is d[0]}
             self._users = MappingProxyType(fresh)
-        log.info("auth file %s reloaded: %d users", self.path, len(fresh))
+        log.debug("auth file %s reloaded: %d users", self.path, len(fresh))
         return len(fresh)

@@ -524,24 +524,22 @@ class ClientSession:
                         if not n:
                             self._server_lost()
                         sscan.feed(sview, n)
+                        ready = sscan.ready
+                        if ready and statement_mode and sscan.status != idle_status:
+                            self._refuse_transaction_block(sview, n)
                         try:
                             client.sendall(sview[:n])
                         except OSError:
                             raise ClientGone() from None
                         if sscan.parameters:
                             self._note_parameters(conn, sscan.parameters, pooled)
-                        ready = sscan.ready
                         if ready:
                             sscan.ready = 0
                             pending -= ready
                             if pending < 0:
                                 pending = 0
-                            if (pooled and pending == 0 and not cscan.unsynced and cscan.at_boundary):
-                                if sscan.status != idle_status:
-                                    if statement_mode:
-                                        raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
-                                                          "transaction blocks not allowed in statement pooling mode")
-                                    continue
+                            if (pooled and pending == 0 and not cscan.unsynced and cscan.at_boundary
+                                    and sscan.status == idle_status):
                                 poller.unregister(sfd)
                                 sfd = -1
                                 ssock = None
@@ -551,6 +549,21 @@ class ClientSession:
         except BaseException as exc:
             self._leave(pending, cscan, sscan, clean=isinstance(exc, ClientGone))
             raise
+
+    def _refuse_transaction_block(self, view, n) -> None:
+        """Statement mode: the server entered a transaction block; end the client like PgBouncer.
+
+        The chunk's closing ReadyForQuery is replaced by the error, so the
+        client sees the error as the result of the statement that opened it.
+        """
+        end = n - 6 if bytes(view[n - 6:n - 1]) == b"Z\0\0\0\x05" else n
+        try:
+            self.client.sendall(view[:end])
+        except OSError:
+            raise ClientGone() from None
+        raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
+                          "transaction blocks not allowed in statement pooling mode",
+                          hint="Use pool_mode transaction or session for this database, or autocommit.")
 
     def _leave(self, pending, cscan, sscan, clean=True) -> None:
         """The client is leaving: park the server connection only if it is idle and in sync."""

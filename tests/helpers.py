@@ -1,0 +1,184 @@
+"""Small helpers shared by the tests (import as ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+# The passwords the ``pg`` fixture gives its roles (trustuser logs in by
+# ``trust`` and never needs its password, but has one for auth_file tests).
+PASSWORDS = {
+    "postgres": "postgres-secret",
+    "app": "app-secret",
+    "other": "other-secret",
+    "md5user": "md5-secret",
+    "trustuser": "trust-secret",
+}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10, interval: float = 0.05) -> Any:
+    """Call ``predicate`` until it returns something truthy or ``timeout`` passes.
+
+    Returns that truthy value, or the last (falsy) value after the timeout, so
+    write ``assert wait_until(lambda: ...)``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def psql_path(bindir: Optional[str] = None) -> str:
+    """The psql binary: /usr/bin/psql, else the server's bindir, else PATH."""
+    for candidate in ("/usr/bin/psql", os.path.join(bindir, "psql") if bindir else None):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("psql")
+    if not found:
+        raise RuntimeError("psql not found (install postgresql-client)")
+    return found
+
+
+def psql(target: Any, *args: str, sql: Optional[str] = None, user: str = "app",
+         password: Optional[str] = None, dbname: str = "appdb", input: Optional[str] = None,
+         timeout: float = 60, env: Optional[dict] = None, check: bool = False
+         ) -> subprocess.CompletedProcess:
+    """Run psql against ``target`` (the ``pg`` fixture or a proxy: anything with .host, .port).
+
+    Runs ``psql -X -w -At -v ON_ERROR_STOP=1 -h HOST -p PORT -U USER -d DBNAME``
+    plus ``-c SQL`` when ``sql`` is given, plus ``args``; the password (default:
+    the role's entry in PASSWORDS) goes in PGPASSWORD.  Returns the
+    CompletedProcess with text stdout/stderr; ``check=True`` raises on failure.
+    """
+    if password is None:
+        password = getattr(target, "passwords", PASSWORDS).get(user, PASSWORDS.get(user))
+    cmd = [psql_path(getattr(target, "bindir", None)), "-X", "-w", "-At", "-v", "ON_ERROR_STOP=1",
+           "-h", str(target.host), "-p", str(target.port), "-U", user, "-d", dbname]
+    if sql is not None:
+        cmd += ["-c", sql]
+    cmd += list(args)
+    run_env = dict(os.environ)
+    run_env.pop("PGSERVICE", None)
+    run_env.setdefault("PGCONNECT_TIMEOUT", "10")
+    if password is not None:
+        run_env["PGPASSWORD"] = password
+    else:
+        run_env.pop("PGPASSWORD", None)
+    if env:
+        run_env.update(env)
+    return subprocess.run(cmd, input=input, capture_output=True, text=True,
+                          timeout=timeout, env=run_env, check=check)
+
+
+# -- a bare-bones protocol client: psycopg/libpq give no SQLSTATE for login errors --
+
+@dataclasses.dataclass
+class LoginResult:
+    """What ``raw_login`` saw: ``ok`` once ReadyForQuery came, else ``error`` fields."""
+
+    ok: bool
+    auth_requests: List[int]                 # the AuthenticationRequest codes, in order (0 = Ok)
+    error: Optional[Dict[str, str]] = None   # ErrorResponse fields: "S", "C" (SQLSTATE), "M", ...
+    parameters: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def sqlstate(self) -> Optional[str]:
+        return self.error.get("C") if self.error else None
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def read_message(sock: socket.socket):
+    """One backend message: (type byte as str, body bytes)."""
+    header = _recv_exact(sock, 5)
+    length = struct.unpack("!I", header[1:])[0]
+    return chr(header[0]), _recv_exact(sock, length - 4)
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+def parse_error_fields(body: bytes) -> Dict[str, str]:
+    fields = {}
+    for part in body.split(b"\0"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return fields
+
+
+def raw_login(host: str, port: int, user: str, dbname: str, password: Optional[str] = None,
+              timeout: float = 10, options: Optional[Dict[str, str]] = None) -> LoginResult:
+    """Log in over plain TCP speaking the protocol by hand and report what happened.
+
+    Handles trust, cleartext, md5 and SCRAM-SHA-256 (no TLS, no channel
+    binding).  Sends Terminate after a successful login.
+    """
+    import scramp
+
+    params = {"user": user, "database": dbname, **(options or {})}
+    body = struct.pack("!I", 196608) + b"".join(
+        k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    result = LoginResult(ok=False, auth_requests=[])
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(struct.pack("!I", len(body) + 4) + body)
+        scram = None
+        while True:
+            kind, msg = read_message(sock)
+            if kind == "E":
+                result.error = parse_error_fields(msg)
+                return result
+            if kind == "S":
+                name, value = msg.split(b"\0")[:2]
+                result.parameters[name.decode()] = value.decode()
+            elif kind == "Z":
+                result.ok = True
+                sock.sendall(_message(b"X", b""))
+                return result
+            elif kind == "R":
+                code = struct.unpack("!I", msg[:4])[0]
+                result.auth_requests.append(code)
+                if code == 0:
+                    continue
+                if password is None:
+                    raise ValueError(f"server asked for a password (auth request {code})")
+                if code == 3:
+                    sock.sendall(_message(b"p", password.encode() + b"\0"))
+                elif code == 5:
+                    inner = hashlib.md5((password + user).encode()).hexdigest()
+                    outer = hashlib.md5(inner.encode() + msg[4:8]).hexdigest()
+                    sock.sendall(_message(b"p", b"md5" + outer.encode() + b"\0"))
+                elif code == 10:
+                    mechs = [m.decode() for m in msg[4:].split(b"\0") if m]
+                    scram = scramp.ScramClient([m for m in mechs if not m.endswith("-PLUS")],
+                                               user, password)
+                    first = scram.get_client_first().encode()
+                    sock.sendall(_message(b"p", scram.mechanism_name.encode() + b"\0"
+                                          + struct.pack("!I", len(first)) + first))
+                elif code == 11:
+                    scram.set_server_first(msg[4:].decode())
+                    sock.sendall(_message(b"p", scram.get_client_final().encode()))
+                elif code == 12:
+                    scram.set_server_final(msg[4:].decode())
+                else:
+                    raise ValueError(f"unsupported authentication request {code}")
+            # K (BackendKeyData), N (NoticeResponse) and others: ignored

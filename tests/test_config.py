@@ -1,0 +1,201 @@
+"""Configuration loading: defaults, validation messages, YAML files."""
+
+from __future__ import annotations
+
+import pytest
+
+from threadpool_proxy import config as cfg
+from threadpool_proxy.config import Config, ConfigError
+
+DB = {"appdb": {"host": "127.0.0.1", "port": 5432}}
+
+
+def load(**raw):
+    raw.setdefault("databases", DB)
+    return cfg.load(raw)
+
+
+def test_defaults():
+    c = load()
+    assert isinstance(c, Config)
+    assert (c.listen_host, c.listen_port) == ("127.0.0.1", 6432)
+    assert c.pool_mode == "session"
+    assert c.pool_size == 20
+    assert c.max_client_conn == 1000
+    assert c.max_idle_per_key == 20 and c.max_total_idle == 200
+    assert c.reset_query == "DISCARD ALL"
+    assert c.auth_type == "passthrough"
+    assert c.auth_query == cfg.DEFAULT_AUTH_QUERY
+    db = c.databases["appdb"]
+    assert (db.host, db.port, db.dbname) == ("127.0.0.1", 5432, None)
+    assert db.pool_mode == "session" and db.pool_size == 20 and db.auth_type == "passthrough"
+    assert db.server_dbname("appdb") == "appdb"
+    assert db.node == "127.0.0.1:5432"
+
+
+def test_database_port_defaults_to_5432_and_dbname_override():
+    c = load(databases={"alias": {"host": "db.local", "dbname": "real"}})
+    db = c.databases["alias"]
+    assert db.port == 5432
+    assert db.server_dbname("alias") == "real"
+
+
+def test_listen_and_timeouts_become_floats():
+    c = load(listen={"host": "0.0.0.0", "port": 0}, query_wait_timeout=5, server_idle_timeout=1.5)
+    assert (c.listen_host, c.listen_port) == ("0.0.0.0", 0)
+    assert c.query_wait_timeout == 5.0 and isinstance(c.query_wait_timeout, float)
+    assert c.server_idle_timeout == 1.5
+
+
+def test_config_instance_passes_through():
+    c = load()
+    assert cfg.load(c) is c
+
+
+def test_lookup_database_falls_back_to_star():
+    c = load(databases={"appdb": {"host": "a"}, "*": {"host": "b", "port": 6000}})
+    assert c.lookup_database("appdb").host == "a"
+    assert c.lookup_database("anything").host == "b"
+    assert c.lookup_database("anything").port == 6000
+    assert load().lookup_database("nope") is None
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"pool_sise": 5}, "pool_sise"),
+    ({"listen": {"hots": "x"}}, "listen.hots"),
+    ({"databases": {"appdb": {"host": "h", "prot": 1}}}, "databases.appdb.prot"),
+])
+def test_unknown_key_is_named(raw, key):
+    with pytest.raises(ConfigError) as excinfo:
+        load(**raw)
+    assert str(excinfo.value).startswith(f"{key}: unknown key")
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"pool_size": "5"}, "pool_size"),
+    ({"pool_size": 0}, "pool_size"),
+    ({"pool_size": True}, "pool_size"),
+    ({"max_idle_per_key": -1}, "max_idle_per_key"),
+    ({"query_wait_timeout": "soon"}, "query_wait_timeout"),
+    ({"query_wait_timeout": 0}, "query_wait_timeout"),
+    ({"reset_query": None}, "reset_query"),
+    ({"listen": {"port": 70000}}, "listen.port"),
+    ({"listen": {"port": "6432"}}, "listen.port"),
+    ({"databases": {"appdb": {"host": "h", "port": "5432"}}}, "databases.appdb.port"),
+    ({"databases": {"appdb": {"host": "h", "port": 0}}}, "databases.appdb.port"),
+    ({"databases": {"appdb": {"host": ""}}}, "databases.appdb.host"),
+    ({"log_level": "loud"}, "log_level"),
+])
+def test_wrong_type_or_range(raw, key):
+    with pytest.raises(ConfigError) as excinfo:
+        load(**raw)
+    assert str(excinfo.value).startswith(f"{key}: ")
+
+
+def test_bad_pool_mode():
+    with pytest.raises(ConfigError) as excinfo:
+        load(pool_mode="connection")
+    msg = str(excinfo.value)
+    assert msg.startswith("pool_mode: ")
+    assert "session" in msg and "transaction" in msg and "statement" in msg
+    with pytest.raises(ConfigError, match=r"^databases\.appdb\.pool_mode: "):
+        load(databases={"appdb": {"host": "h", "pool_mode": "bogus"}})
+
+
+@pytest.mark.parametrize("databases", [None, {}])
+def test_missing_databases(databases):
+    raw = {"pool_size": 3}
+    if databases is not None:
+        raw["databases"] = databases
+    with pytest.raises(ConfigError, match=r"^databases: "):
+        cfg.load(raw)
+
+
+def test_databases_must_be_mapping_and_entries_need_host():
+    with pytest.raises(ConfigError, match=r"^databases: expected a mapping"):
+        cfg.load({"databases": ["appdb"]})
+    with pytest.raises(ConfigError, match=r"^databases\.appdb\.host: required"):
+        cfg.load({"databases": {"appdb": {"port": 5432}}})
+    with pytest.raises(ConfigError, match=r"^databases\.appdb\.host: required"):
+        cfg.load({"databases": {"appdb": None}})
+
+
+def test_per_database_overrides():
+    c = load(pool_mode="transaction", pool_size=7, databases={
+        "appdb": {"host": "h"},
+        "sessiondb": {"host": "h", "pool_mode": "session", "pool_size": 2},
+        "stmtdb": {"host": "h", "pool_mode": "statement"},
+    })
+    assert c.pool_mode == "transaction"
+    assert c.databases["appdb"].pool_mode == "transaction"
+    assert c.databases["appdb"].pool_size == 7
+    assert c.databases["sessiondb"].pool_mode == "session"
+    assert c.databases["sessiondb"].pool_size == 2
+    assert c.databases["stmtdb"].pool_mode == "statement"
+    assert c.databases["stmtdb"].pool_size == 7
+
+
+def test_auth_requirements():
+    with pytest.raises(ConfigError, match=r"^auth_file: required"):
+        load(auth_type="scram-sha-256")
+    with pytest.raises(ConfigError, match=r"^auth_user: required"):
+        load(auth_type="auth_query")
+    with pytest.raises(ConfigError, match=r"^auth_type: "):
+        load(auth_type="kerberos")
+    c = load(auth_type="md5", auth_file="/etc/users.txt")
+    assert c.auth_file == "/etc/users.txt"
+
+
+def test_yaml_file(tmp_path):
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        "listen:\n"
+        "  host: 127.0.0.1\n"
+        "  port: 7432\n"
+        "pool_mode: transaction\n"
+        "pool_size: 4\n"
+        "auth_type: scram-sha-256\n"
+        "auth_file: users.txt\n"
+        "databases:\n"
+        "  appdb: {host: 127.0.0.1, port: 5433, pool_mode: session}\n"
+        "  '*': {host: 127.0.0.1}\n",
+        encoding="utf-8")
+    c = cfg.load(str(path))
+    assert c.listen_port == 7432
+    assert c.pool_mode == "transaction" and c.pool_size == 4
+    assert c.databases["appdb"].port == 5433
+    assert c.databases["appdb"].pool_mode == "session"
+    assert c.databases["*"].pool_mode == "transaction"
+    # a relative auth_file is taken relative to the YAML file
+    assert c.auth_file == str(tmp_path / "users.txt")
+    assert cfg.load(path) == c            # os.PathLike works too
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("pool_size: 5\ndatabases: {appdb: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as excinfo:
+        cfg.load(str(path))
+    msg = str(excinfo.value)
+    assert msg.startswith(str(path))
+    assert "not valid YAML" in msg
+
+
+def test_yaml_not_a_mapping_and_missing_file(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        cfg.load(str(path))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^databases: "):
+        cfg.load(str(empty))
+    with pytest.raises(ConfigError, match="cannot read"):
+        cfg.load(str(tmp_path / "missing.yaml"))
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    path = tmp_path / "proxy.yaml"
+    path.write_text("databases: {appdb: {host: h}}\npool_sizee: 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^pool_sizee: unknown key"):
+        cfg.load(str(path))

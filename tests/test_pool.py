@@ -1,0 +1,513 @@
+"""BackendIdlePool on real sockets (socket.socketpair): parking, probing, caps, pool_size waits."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from threadpool_proxy import pool as pool_mod
+from threadpool_proxy.pool import BackendIdlePool, PoolClosed, PoolTimeout, pool_key, probe_alive
+
+from helpers import wait_until
+
+K = pool_key("127.0.0.1:5432", "app", "appdb")
+K2 = pool_key("127.0.0.1:5432", "other", "otherdb")
+
+
+@pytest.fixture
+def pairs():
+    """``pairs()`` -> (ours, peer): ``ours`` plays the server connection the pool parks."""
+    made = []
+
+    def make():
+        ours, peer = socket.socketpair()
+        made.append((ours, peer))
+        return ours, peer
+
+    yield make
+    for ours, peer in made:
+        ours.close()
+        peer.close()
+
+
+def closed(sock) -> bool:
+    return sock.fileno() == -1
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def run_thread(fn, *args):
+    """Start ``fn(*args)`` in a daemon thread; returns (thread, outcome dict)."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            outcome["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, outcome
+
+
+# -- pool_key / probe_alive ---------------------------------------------------
+
+def test_pool_key_joins_with_nul_and_rejects_nul():
+    assert pool_key("h:1", "u", "d") == "h:1\0u\0d"
+    for parts in (("h\0:1", "u", "d"), ("h:1", "u\0", "d"), ("h:1", "u", "\0d")):
+        with pytest.raises(ValueError):
+            pool_key(*parts)
+    # distinct components never collide, whatever characters they contain
+    assert pool_key("n", "a/b", "c") != pool_key("n", "a", "b/c")
+
+
+def test_probe_alive(pairs):
+    ours, peer = pairs()
+    assert probe_alive(ours)
+    peer.sendall(b"E")
+    assert not probe_alive(ours)
+    assert not probe_alive(ours)           # MSG_PEEK: the byte is still there
+    assert ours.recv(1) == b"E"
+    assert probe_alive(ours)
+    peer.close()
+    assert not probe_alive(ours)
+    ours.close()
+    assert not probe_alive(ours)
+
+
+def test_probe_alive_uses_raw_socket_attribute(pairs):
+    ours, peer = pairs()
+
+    class Wrapped:
+        raw_socket = ours
+
+        def close(self):
+            ours.close()
+
+    assert probe_alive(Wrapped())
+    peer.close()
+    assert not probe_alive(Wrapped())
+
+
+def test_probe_alive_does_not_block_on_socket_with_timeout(pairs):
+    """Regression: recv() on a socket with settimeout(t) waited t seconds, then read as dead."""
+    ours, peer = pairs()
+    ours.settimeout(5)
+    start = time.monotonic()
+    assert probe_alive(ours)
+    assert time.monotonic() - start < 1
+    peer.sendall(b"x")
+    assert not probe_alive(ours)
+
+
+# -- checkout / checkin -------------------------------------------------------
+
+def test_checkout_of_empty_key_is_none():
+    p = BackendIdlePool(max_idle_per_key=5, max_total_idle=10)
+    assert p.checkout(K) is None
+    assert p.idle_count() == 0 and p.idle_count(K) == 0
+
+
+def test_checkin_then_checkout_returns_same_socket(pairs):
+    p = BackendIdlePool(5, 10)
+    ours, _peer = pairs()
+    assert p.checkin(K, ours) is True
+    assert p.idle_count(K) == 1 and p.idle_count() == 1
+    assert p.checkout(K2) is None           # other keys do not see it
+    assert p.checkout(K) is ours
+    assert not closed(ours)
+    assert p.checkout(K) is None
+    assert p.stats["parked"] == 1 and p.stats["reuses"] == 1
+    assert p.idle_count() == 0
+
+
+def test_lifo_order(pairs):
+    p = BackendIdlePool(5, 10)
+    socks = [pairs()[0] for _ in range(3)]
+    for s in socks:
+        assert p.checkin(K, s)
+    assert [p.checkout(K) for _ in range(3)] == list(reversed(socks))
+    assert p.stats["reuses"] == 3
+
+
+def test_prefer_takes_newest_match(pairs):
+    p = BackendIdlePool(5, 10)
+    a, b, c = (pairs()[0] for _ in range(3))
+    for s in (a, b, c):
+        p.checkin(K, s)
+    assert p.checkout(K, prefer=lambda s: s in (a, b)) is b
+    assert p.checkout(K, prefer=lambda s: False) is c   # no match: plain LIFO
+    assert p.checkout(K) is a
+
+
+def test_peer_closed_parked_socket_is_dropped(pairs):
+    p = BackendIdlePool(5, 10)
+    ours, peer = pairs()
+    p.acquire(K, limit=5, timeout=1)        # take a slot, as the proxy does before dialing
+    p.checkin(K, ours)
+    peer.close()
+    assert p.checkout(K) is None
+    assert closed(ours)
+    assert p.stats["stale_evicted"] == 1 and p.stats["reuses"] == 0
+    assert p.open_count(K) == 0             # the dead one's slot was freed
+    assert p.idle_count() == 0
+
+
+def test_dead_newest_is_skipped_for_older_live_one(pairs):
+    p = BackendIdlePool(5, 10)
+    live, _ = pairs()
+    dead, dead_peer = pairs()
+    p.checkin(K, live)
+    p.checkin(K, dead)
+    dead_peer.close()
+    assert p.checkout(K) is live
+    assert closed(dead) and not closed(live)
+    assert p.stats["stale_evicted"] == 1 and p.stats["reuses"] == 1
+
+
+def test_unsolicited_bytes_drop_the_connection(pairs):
+    p = BackendIdlePool(5, 10)
+    ours, peer = pairs()
+    p.checkin(K, ours)
+    peer.sendall(b"E\x00\x00\x00\x04")      # e.g. the FATAL of pg_terminate_backend
+    assert p.checkout(K) is None
+    assert closed(ours)
+    assert p.stats["stale_evicted"] == 1
+
+
+def test_checkin_reset_failed_closes_and_frees_slot(pairs):
+    p = BackendIdlePool(5, 10)
+    ours, _ = pairs()
+    assert p.acquire(K, limit=1, timeout=1) is None
+    assert p.open_count(K) == 1
+    assert p.checkin(K, ours, reset_ok=False) is False
+    assert closed(ours)
+    assert p.stats["reset_failed"] == 1 and p.stats["parked"] == 0
+    assert p.open_count(K) == 0
+    assert p.idle_count() == 0
+
+
+# -- caps ---------------------------------------------------------------------
+
+def test_max_idle_per_key(pairs):
+    p = BackendIdlePool(max_idle_per_key=2, max_total_idle=10)
+    a, b, c = (pairs()[0] for _ in range(3))
+    for _ in range(3):
+        p.acquire(K, limit=10, timeout=1)
+    assert p.checkin(K, a) and p.checkin(K, b)
+    assert p.checkin(K, c) is False
+    assert closed(c) and not closed(a) and not closed(b)
+    assert p.stats["over_capacity"] == 1
+    assert p.idle_count(K) == 2
+    assert p.open_count(K) == 2             # c's slot was given back
+    d, _ = pairs()
+    assert p.checkin(K2, d)                 # the cap is per key
+
+
+def test_max_total_idle(pairs):
+    p = BackendIdlePool(max_idle_per_key=5, max_total_idle=3)
+    keys = [pool_key("n", f"u{i}", "d") for i in range(4)]
+    socks = [pairs()[0] for _ in range(4)]
+    assert [p.checkin(k, s) for k, s in zip(keys, socks)] == [True, True, True, False]
+    assert closed(socks[3])
+    assert p.idle_count() == 3
+    assert p.stats["over_capacity"] == 1
+    # a checkout makes room again
+    assert p.checkout(keys[0]) is socks[0]
+    e, _ = pairs()
+    assert p.checkin(keys[3], e)
+
+
+def test_zero_caps_park_nothing(pairs):
+    p = BackendIdlePool(max_idle_per_key=0, max_total_idle=10)
+    s, _ = pairs()
+    assert p.checkin(K, s) is False and closed(s)
+
+
+def test_concurrent_checkins_never_exceed_caps(pairs):
+    per_key, total = 3, 7
+    p = BackendIdlePool(max_idle_per_key=per_key, max_total_idle=total)
+    keys = [pool_key("n", f"u{i}", "d") for i in range(4)]
+    n_threads, per_thread = 16, 6
+    work = [[(keys[(t + i) % len(keys)], pairs()[0]) for i in range(per_thread)]
+            for t in range(n_threads)]
+    barrier = threading.Barrier(n_threads + 1)
+    violations = []
+    results = []
+    stop = threading.Event()
+
+    def watcher():
+        while not stop.is_set():
+            snap = p.snapshot()
+            if snap["total_idle"] > total or any(v > per_key for v in snap["idle"].values()):
+                violations.append(snap)
+
+    def worker(items):
+        barrier.wait()
+        for key, sock in items:
+            results.append((sock, p.checkin(key, sock)))
+
+    w = threading.Thread(target=watcher, daemon=True)
+    w.start()
+    threads = [threading.Thread(target=worker, args=(items,)) for items in work]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    for t in threads:
+        t.join(30)
+    stop.set()
+    w.join(5)
+    assert not violations
+    assert len(results) == n_threads * per_thread
+    parked = [s for s, ok in results if ok]
+    refused = [s for s, ok in results if not ok]
+    assert len(parked) == total == p.idle_count()
+    assert all(p.idle_count(k) <= per_key for k in keys)
+    assert all(not closed(s) for s in parked)
+    assert all(closed(s) for s in refused)
+    assert p.stats["parked"] == total
+    assert p.stats["over_capacity"] == len(refused)
+
+
+# -- reaping ------------------------------------------------------------------
+
+def test_reap_idle_closes_only_old_ones(pairs, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(pool_mod, "time", clock)
+    p = BackendIdlePool(5, 10)
+    old1, old2, young = (pairs()[0] for _ in range(3))
+    other_old = pairs()[0]
+    for _ in range(3):
+        p.acquire(K, limit=5, timeout=1)
+    p.checkin(K, old1)
+    p.checkin(K, old2)
+    p.checkin(K2, other_old)
+    clock.now += 50
+    p.checkin(K, young)
+    clock.now += 20                          # old ones idle 70s, young 20s
+    assert p.reap_idle(60) == 3
+    assert closed(old1) and closed(old2) and closed(other_old)
+    assert not closed(young)
+    assert p.stats["reaped"] == 3
+    assert p.idle_count(K) == 1 and p.idle_count() == 1
+    assert p.open_count(K) == 1              # the young one still holds its slot
+    assert p.checkout(K) is young
+    assert p.reap_idle(60) == 0
+
+
+def test_reap_idle_real_time(pairs):
+    p = BackendIdlePool(5, 10)
+    old, _ = pairs()
+    p.checkin(K, old)
+    time.sleep(0.6)
+    young, _ = pairs()
+    p.checkin(K, young)
+    assert p.reap_idle(0.3) == 1
+    assert closed(old) and not closed(young)
+
+
+# -- pool_size accounting -----------------------------------------------------
+
+def test_acquire_under_limit_permits_dial():
+    p = BackendIdlePool(5, 10)
+    assert p.acquire(K, limit=2, timeout=1) is None
+    assert p.acquire(K, limit=2, timeout=1) is None
+    assert p.open_count(K) == 2
+    assert p.acquire(K2, limit=2, timeout=1) is None     # per key
+    p.release_slot(K)
+    assert p.open_count(K) == 1
+
+
+def test_acquire_prefers_parked_connection(pairs):
+    p = BackendIdlePool(5, 10)
+    s, _ = pairs()
+    assert p.acquire(K, limit=1, timeout=1) is None
+    p.checkin(K, s)
+    assert p.acquire(K, limit=1, timeout=1) is s         # at the limit, but one is parked
+    assert p.open_count(K) == 1
+
+
+def test_acquire_at_limit_times_out():
+    p = BackendIdlePool(5, 10)
+    assert p.acquire(K, limit=1, timeout=1) is None
+    start = time.monotonic()
+    with pytest.raises(PoolTimeout):
+        p.acquire(K, limit=1, timeout=0.3)
+    elapsed = time.monotonic() - start
+    assert 0.25 <= elapsed < 3
+    assert p.stats["waits"] == 1 and p.stats["wait_timeouts"] == 1
+    assert p.open_count(K) == 1
+
+
+def test_acquire_wakes_on_checkin(pairs):
+    p = BackendIdlePool(5, 10)
+    s, _ = pairs()
+    assert p.acquire(K, limit=1, timeout=1) is None
+    t, out = run_thread(p.acquire, K, 1, 10)
+    assert wait_until(lambda: p.stats["waits"] == 1)
+    time.sleep(0.1)
+    assert t.is_alive()
+    start = time.monotonic()
+    p.checkin(K, s)
+    t.join(5)
+    assert not t.is_alive()
+    assert time.monotonic() - start < 2
+    assert out == {"result": s}
+    assert p.open_count(K) == 1
+
+
+def test_acquire_wakes_on_release_slot_and_discard(pairs):
+    p = BackendIdlePool(5, 10)
+    assert p.acquire(K, limit=1, timeout=1) is None
+    t, out = run_thread(p.acquire, K, 1, 10)
+    assert wait_until(lambda: p.stats["waits"] == 1)
+    p.release_slot(K)                       # e.g. the dial failed
+    t.join(5)
+    assert out == {"result": None}          # the waiter may dial now
+    assert p.open_count(K) == 1
+
+    s, _ = pairs()
+    t, out = run_thread(p.acquire, K, 1, 10)
+    assert wait_until(lambda: p.stats["waits"] == 2)
+    p.discard(K, s)
+    assert closed(s)
+    t.join(5)
+    assert out == {"result": None}
+    assert p.open_count(K) == 1
+
+
+def test_acquire_wakes_when_stale_connection_evicted(pairs):
+    """A parked connection found dead frees its slot for a waiter."""
+    p = BackendIdlePool(5, 10)
+    s, peer = pairs()
+    assert p.acquire(K, limit=1, timeout=1) is None
+    p.checkin(K, s)
+    peer.close()
+    # the only slot is held by a dead parked connection: acquire finds it dead and dials
+    assert p.acquire(K, limit=1, timeout=2) is None
+    assert closed(s)
+    assert p.open_count(K) == 1
+
+
+def test_many_waiters_all_served(pairs):
+    """10 threads share 2 slots, each parking its connection back: nobody is lost."""
+    p = BackendIdlePool(5, 10)
+    limit = 2
+    errors = []
+    served = []
+
+    def client(i):
+        try:
+            conn = p.acquire(K, limit, 10)
+            if conn is None:
+                conn, _ = pairs()
+            time.sleep(0.02)
+            served.append(i)
+            p.checkin(K, conn)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors
+    assert sorted(served) == list(range(10))
+    assert p.open_count(K) <= limit
+    assert p.idle_count(K) <= limit
+
+
+def test_acquire_login_slot(pairs):
+    p = BackendIdlePool(5, 10)
+    p.acquire_login_slot(K, limit=2, timeout=1)
+    p.acquire_login_slot(K, limit=2, timeout=1)
+    assert p.open_count(K) == 2
+    oldest, newest = pairs()[0], pairs()[0]
+    p.checkin(K, oldest)
+    p.checkin(K, newest)
+    # full, but a connection of the key is parked: the oldest is closed and its slot taken over
+    p.acquire_login_slot(K, limit=2, timeout=1)
+    assert closed(oldest) and not closed(newest)
+    assert p.stats["evicted_for_login"] == 1
+    assert p.open_count(K) == 2
+    assert p.idle_count(K) == 1
+    assert p.checkout(K) is newest
+    # full and nothing parked: waits, then times out
+    with pytest.raises(PoolTimeout):
+        p.acquire_login_slot(K, limit=2, timeout=0.2)
+    assert p.stats["wait_timeouts"] == 1
+
+
+def test_acquire_login_slot_does_not_evict_other_keys(pairs):
+    p = BackendIdlePool(5, 10)
+    s, _ = pairs()
+    p.acquire(K2, limit=1, timeout=1)
+    p.checkin(K2, s)
+    p.acquire_login_slot(K, limit=1, timeout=1)
+    with pytest.raises(PoolTimeout):
+        p.acquire_login_slot(K, limit=1, timeout=0.1)
+    assert not closed(s)
+
+
+def test_acquire_login_slot_wakes_on_release():
+    p = BackendIdlePool(5, 10)
+    p.acquire_login_slot(K, limit=1, timeout=1)
+    t, out = run_thread(p.acquire_login_slot, K, 1, 10)
+    assert wait_until(lambda: p.stats["waits"] == 1)
+    p.release_slot(K)
+    t.join(5)
+    assert out == {"result": None}
+    assert p.open_count(K) == 1
+
+
+# -- close --------------------------------------------------------------------
+
+def test_close_wakes_waiters_and_closes_parked(pairs):
+    p = BackendIdlePool(5, 10)
+    parked, _ = pairs()
+    p.acquire(K2, limit=1, timeout=1)
+    p.checkin(K2, parked)
+    assert p.acquire(K, limit=1, timeout=1) is None
+    t1, out1 = run_thread(p.acquire, K, 1, 30)
+    t2, out2 = run_thread(p.acquire_login_slot, K, 1, 30)
+    assert wait_until(lambda: p.stats["waits"] == 2)
+    start = time.monotonic()
+    p.close()
+    t1.join(5)
+    t2.join(5)
+    assert time.monotonic() - start < 3
+    assert isinstance(out1.get("error"), PoolClosed)
+    assert isinstance(out2.get("error"), PoolClosed)
+    assert closed(parked)
+    assert p.idle_count() == 0
+    with pytest.raises(PoolClosed):
+        p.acquire(K2, limit=5, timeout=1)
+    with pytest.raises(PoolClosed):
+        p.acquire_login_slot(K2, limit=5, timeout=1)
+    late, _ = pairs()
+    assert p.checkin(K, late) is False      # nothing parks after close
+    assert closed(late)
+
+
+def test_snapshot(pairs):
+    p = BackendIdlePool(5, 10)
+    s, _ = pairs()
+    p.acquire(K, limit=3, timeout=1)
+    p.acquire(K, limit=3, timeout=1)
+    p.checkin(K, s)
+    snap = p.snapshot()
+    assert snap["idle"] == {K: 1}
+    assert snap["open"] == {K: 2}
+    assert snap["total_idle"] == 1
+    assert snap["stats"]["parked"] == 1
