@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 import socket
 import time
 
@@ -62,7 +63,7 @@ class ServerConnection:
 
     __slots__ = ("sock", "raw_socket", "node", "host", "port", "key", "pid", "secret",
                  "params", "param_names", "login_params", "unreported", "created_at",
-                 "_buf", "__weakref__")
+                 "_buf", "_poller", "__weakref__")
 
     def __init__(self, sock: socket.socket, host: str, port: int, key: str) -> None:
         self.sock = sock
@@ -79,6 +80,7 @@ class ServerConnection:
         self.unreported: dict[str, str] = {}
         self.created_at = time.monotonic()
         self._buf = bytearray()
+        self._poller = None
 
     @classmethod
     def dial(cls, host: str, port: int, key: str, timeout: float) -> "ServerConnection":
@@ -86,6 +88,9 @@ class ServerConnection:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise ServerGone(f"cannot connect to server {host}:{port}: {exc.strerror or exc}") from None
+        # Blocking mode from here on: with a timeout set, every recv/send in
+        # the relay would cost an extra poll() inside the socket module.
+        sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return cls(sock, host, port, key)
@@ -111,33 +116,36 @@ class ServerConnection:
             raise ServerGone(f"server connection failed: {exc}") from None
 
     def read_message(self, timeout: float | None = None) -> tuple[bytes, bytes]:
-        """One whole message: (type byte, body)."""
+        """One whole message: (type byte, body).
+
+        The socket stays in blocking mode (the relay wants it so); waiting for
+        more bytes goes through poll() with the timeout, which costs no
+        fcntl() calls the way settimeout() would on every message.
+        """
         buf = self._buf
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                if len(buf) >= 5:
-                    length = pq._uint32.unpack_from(buf, 1)[0]
-                    if length < 4:
-                        raise ServerGone("server sent an invalid message length")
-                    if len(buf) >= length + 1:
-                        t = bytes(buf[0:1])
-                        body = bytes(buf[5:length + 1])
-                        del buf[:length + 1]
-                        return t, body
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ServerGone("server closed the connection")
-                buf += chunk
-        except socket.timeout:
-            raise ServerGone("server did not answer in time") from None
-        except OSError as exc:
-            raise ServerGone(f"server connection failed: {exc}") from None
-        finally:
+        while True:
+            if len(buf) >= 5:
+                length = pq._uint32.unpack_from(buf, 1)[0]
+                if length < 4:
+                    raise ServerGone("server sent an invalid message length")
+                if len(buf) > length:
+                    t = bytes(buf[0:1])
+                    body = bytes(buf[5:length + 1])
+                    del buf[:length + 1]
+                    return t, body
             try:
-                self.sock.settimeout(None)
-            except OSError:
-                pass
+                if timeout is not None:
+                    if self._poller is None:
+                        self._poller = select.poll()
+                        self._poller.register(self.sock.fileno(), select.POLLIN)
+                    if not self._poller.poll(timeout * 1000):
+                        raise ServerGone("server did not answer in time")
+                chunk = self.sock.recv(262144 if len(buf) > 8192 else 16384)
+            except OSError as exc:
+                raise ServerGone(f"server connection failed: {exc}") from None
+            if not chunk:
+                raise ServerGone("server closed the connection")
+            buf += chunk
 
     def has_buffered(self) -> bool:
         return bool(self._buf)

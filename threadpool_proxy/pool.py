@@ -58,10 +58,14 @@ def probe_alive(conn: Any) -> bool:
     ErrorResponse of ``pg_terminate_backend``), and either way it is unusable.
     """
     sock = getattr(conn, "raw_socket", conn)
-    # poll() first: on a socket with a timeout (settimeout(t), t > 0) Python's
-    # recv() waits up to t for readability before trying MSG_DONTWAIT, so a
-    # healthy idle connection would stall the caller and then read as dead.
     try:
+        if not sock.gettimeout():
+            # Blocking or non-blocking socket: one non-blocking peek says it all.
+            sock.recv(1, _PROBE_FLAGS)
+            return False
+        # poll() first: on a socket with a timeout (settimeout(t), t > 0) Python's
+        # recv() waits up to t for readability before trying MSG_DONTWAIT, so a
+        # healthy idle connection would stall the caller and then read as dead.
         fd = sock.fileno()
         if fd < 0:
             return False
@@ -102,6 +106,8 @@ class BackendIdlePool:
         self._total_idle = 0
         self._open: Dict[str, int] = collections.Counter()
         self._key_conds: Dict[str, threading.Condition] = {}
+        self._waiting: Dict[str, int] = {}
+        self._lingering: Dict[str, Dict[Any, None]] = {}
         self._closed = False
         self.stats = collections.Counter(
             reuses=0, parked=0, over_capacity=0, stale_evicted=0, reaped=0,
@@ -215,7 +221,7 @@ class BackendIdlePool:
                 if remaining <= 0:
                     self.stats["wait_timeouts"] += 1
                     raise PoolTimeout()
-                self._cond_locked(key).wait(remaining)
+                self._wait_locked(key, remaining)
 
     def acquire_login_slot(self, key: str, limit: int, timeout: float) -> None:
         """Get the right to dial a *new* connection of ``key`` (a pass-through login).
@@ -245,10 +251,53 @@ class BackendIdlePool:
                     if remaining <= 0:
                         self.stats["wait_timeouts"] += 1
                         raise PoolTimeout()
-                    self._cond_locked(key).wait(remaining)
+                    self._wait_locked(key, remaining)
             if victim is not None:
                 _close_quietly(victim)   # its slot is now ours
                 return
+
+    # -- lingering: connections kept by their last client until someone needs them
+
+    def linger(self, key: str, holder: Any) -> bool:
+        """Let ``holder`` keep its idle server connection instead of releasing it.
+
+        Refused (False) when a thread is already waiting for this key.  A
+        lingering holder must give its connection back (reset, ``checkin``) when
+        its ``wake()`` is called: a waiter calls it instead of waiting blindly.
+        """
+        with self._lock:
+            if self._waiting.get(key) or self._closed:
+                return False
+            self._lingering.setdefault(key, {})[holder] = None
+            return True
+
+    def unlinger(self, key: str, holder: Any) -> bool:
+        """``holder`` uses its connection again (or is leaving): no longer claimable.
+
+        Returns False if a waiter had already claimed it (and called ``wake()``).
+        """
+        with self._lock:
+            held = self._lingering.get(key)
+            if held is not None and holder in held:
+                del held[holder]
+                return True
+            return False
+
+    def _wait_locked(self, key: str, remaining: float) -> None:
+        """Wait for a release of ``key``, first asking one lingering holder to let go."""
+        held = self._lingering.get(key)
+        if held:
+            holder = next(iter(held))
+            del held[holder]
+            holder.wake()          # a non-blocking eventfd write
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            self._cond_locked(key).wait(remaining)
+        finally:
+            self._waiting[key] -= 1
+
+    def waiting(self, key: str) -> int:
+        return self._waiting.get(key, 0)
 
     def release_slot(self, key: str) -> None:
         """Give back a slot whose connection was never made or is already closed."""
@@ -292,6 +341,10 @@ class BackendIdlePool:
             self._total_idle = 0
             for cond in self._key_conds.values():
                 cond.notify_all()
+            holders = [h for held in self._lingering.values() for h in held]
+            self._lingering.clear()
+            for holder in holders:
+                holder.wake()
             self.cond.notify_all()
         for conn in victims:
             _close_quietly(conn)

@@ -91,11 +91,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._sessions_lock = threading.Lock()
         self._sessions_empty = threading.Condition(self._sessions_lock)
         self._stopping = False
-        super().__init__((config.listen_host, config.listen_port), _Handler)
         if config.auth_type != "passthrough" or any(
                 d.auth_type != "passthrough" for d in config.databases.values()):
+            # Before binding: a bad auth file (ConfigError) must not leave a listening socket behind.
             from .authenticator import Authenticator   # proxy-terminated auth
             self.authenticator = Authenticator(self)
+        super().__init__((config.listen_host, config.listen_port), _Handler)
 
     # -- hooks used by sessions ---------------------------------------------------
 

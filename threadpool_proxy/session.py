@@ -9,6 +9,7 @@ connection out of the pool and back in at the boundaries its pool mode allows.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import threading
@@ -147,6 +148,7 @@ class ClientSession:
         if self.server is not None:
             # Still attached here only after an unexpected error: its state is unknown.
             self.release_server(clean=False)
+        self._close_wake_fd()
         try:
             self.client.close()
         except OSError:
@@ -269,7 +271,12 @@ class ClientSession:
         welcome.append(pq.backend_key_data(self.cancel_pid, self.cancel_secret))
         welcome.append(pq.ready_for_query(pq.IDLE))
         if self.mode != "session":
-            self.proxy.pool.checkin(self.key, conn)
+            # SETs made for this client's startup settings must not follow the
+            # connection to the next client: reset unless it is as logged in.
+            ok = True
+            if conn.login_params != self.settings:
+                ok = conn.reset(self.config.reset_query, self.config.server_connect_timeout)
+            self.proxy.pool.checkin(self.key, conn, reset_ok=ok)
         try:
             self.client.settimeout(None)
             self.client.sendall(b"".join(welcome))
@@ -455,10 +462,15 @@ class ClientSession:
     def relay(self) -> None:
         """Copy bytes both ways until one side leaves.
 
-        Only message headers are looked at.  A server connection is released in
-        transaction and statement mode when every request sent has been answered
-        (one ReadyForQuery per Query, Sync and FunctionCall), nothing extended is
-        unsynced, the client is between messages, and the status is idle.
+        Only message headers are looked at.  In transaction and statement mode
+        the client reaches a release point when every request sent has been
+        answered (one ReadyForQuery per Query, Sync and FunctionCall), nothing
+        extended is unsynced, the client is between messages, and the status is
+        idle.  There the server connection is released (reset, parked) if any
+        client is waiting for one of its key; otherwise the client keeps it
+        "lingering", at no cost, until its next transaction or until a waiter
+        wakes it to let go (see BackendIdlePool.linger).  Either way no other
+        client can see this client's session state.
         """
         client = self.client
         cfd = client.fileno()
@@ -470,10 +482,14 @@ class ClientSession:
         sview = None
         cscan = pq.ClientScanner()
         sscan = pq.ServerScanner()
+        pool = self.proxy.pool
+        key = self.key
         pooled = self.mode != "session"
         statement_mode = self.mode == "statement"
         idle_status = pq.IDLE[0]
         pending = 0
+        lingering = False
+        wakefd = -1
         conn = self.server
         ssock = None
         sfd = -1
@@ -499,7 +515,11 @@ class ClientSession:
                             n = cbuf.rfind(pq.TERMINATE_MESSAGE, 0, n)
                             if n <= 0:
                                 raise ClientGone()
-                        if conn is None:
+                        if lingering:
+                            lingering = False
+                            if not pool.unlinger(key, self):
+                                self._drain_wake()     # claimed meanwhile; we keep it this time
+                        elif conn is None:
                             conn = self.obtain_server()
                             with self.server_lock:
                                 self.server = conn
@@ -521,6 +541,15 @@ class ClientSession:
                             n = ssock.recv_into(sbuf)
                         except OSError:
                             n = 0
+                        if lingering:
+                            if self._lingering_server_spoke(sscan, sview, n):
+                                continue
+                            lingering = False          # it closed or failed while idle: dropped
+                            pool.unlinger(key, self)
+                            poller.unregister(sfd)
+                            sfd = -1
+                            ssock = conn = None
+                            continue
                         if not n:
                             self._server_lost()
                         sscan.feed(sview, n)
@@ -540,15 +569,92 @@ class ClientSession:
                                 pending = 0
                             if (pooled and pending == 0 and not cscan.unsynced and cscan.at_boundary
                                     and sscan.status == idle_status):
+                                if wakefd < 0:
+                                    wakefd = self._make_wake_fd()
+                                    poller.register(wakefd, _POLLIN)
+                                if pool.linger(key, self):
+                                    lingering = True
+                                    continue
                                 poller.unregister(sfd)
                                 sfd = -1
-                                ssock = None
-                                conn = None
+                                ssock = conn = None
                                 self.release_server()
+                    elif fd == wakefd:
+                        self._drain_wake()
+                        if lingering:                  # a waiter wants our connection
+                            lingering = False
+                            poller.unregister(sfd)
+                            sfd = -1
+                            ssock = conn = None
+                            self.release_server()
                     # else: an event of a server connection released earlier in this batch
         except BaseException as exc:
+            if lingering:
+                pool.unlinger(key, self)
             self._leave(pending, cscan, sscan, clean=isinstance(exc, ClientGone))
             raise
+
+    # -- lingering helpers ----------------------------------------------------------
+
+    _wakefd = -1
+
+    def _make_wake_fd(self) -> int:
+        """An eventfd (a pipe where there is none) that waiters write to, to reclaim our connection."""
+        if hasattr(os, "eventfd"):
+            self._wakefd = self._wake_write_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:
+            self._wakefd, self._wake_write_fd = os.pipe()
+            os.set_blocking(self._wakefd, False)
+            os.set_blocking(self._wake_write_fd, False)
+        return self._wakefd
+
+    def wake(self) -> None:
+        """Called by a waiting thread (holding the pool lock): let go of the lingering connection."""
+        try:
+            os.write(self._wake_write_fd, b"\1\0\0\0\0\0\0\0")
+        except OSError:
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self._wakefd, 64)
+        except OSError:
+            pass
+
+    def _close_wake_fd(self) -> None:
+        if self._wakefd >= 0:
+            for fd in {self._wakefd, self._wake_write_fd}:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._wakefd = -1
+
+    def _lingering_server_spoke(self, sscan, view, n) -> bool:
+        """A lingering (idle) server connection sent something: True if it is still good.
+
+        NOTIFY, NOTICE and ParameterStatus belong to this client's session and
+        are passed on; end of file or an ErrorResponse (pg_terminate_backend's
+        FATAL) means it is gone, and the client, which is between transactions,
+        is not bothered with it: its next transaction gets another connection.
+        """
+        if n:
+            errors = sscan.errors
+            sscan.feed(view, n)
+            if sscan.errors == errors and not sscan.ready and sscan.at_boundary:
+                if sscan.parameters:
+                    self._note_parameters(self.server, sscan.parameters, True)
+                try:
+                    self.client.sendall(view[:n])
+                except OSError:
+                    raise ClientGone() from None
+                return True
+            sscan.__init__()
+        with self.server_lock:
+            conn, self.server = self.server, None
+        log.info("server connection %r closed while idle; the client %s will get another", conn, self._who())
+        self.proxy.pool.discard(self.key, conn)
+        return False
 
     def _refuse_transaction_block(self, view, n) -> None:
         """Statement mode: the server entered a transaction block; end the client like PgBouncer.
