@@ -214,14 +214,7 @@ class BackendIdlePool:
                 elif self._open[key] < limit:
                     self._open[key] += 1
                     return None
-                if deadline is None:
-                    deadline = time.monotonic() + timeout
-                    self.stats["waits"] += 1
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.stats["wait_timeouts"] += 1
-                    raise PoolTimeout()
-                self._wait_locked(key, remaining)
+                deadline = self._wait_locked(key, deadline, timeout)
 
     def acquire_login_slot(self, key: str, limit: int, timeout: float) -> None:
         """Get the right to dial a *new* connection of ``key`` (a pass-through login).
@@ -244,14 +237,7 @@ class BackendIdlePool:
                     self._total_idle -= 1
                     self.stats["evicted_for_login"] += 1
                 else:
-                    if deadline is None:
-                        deadline = time.monotonic() + timeout
-                        self.stats["waits"] += 1
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        self.stats["wait_timeouts"] += 1
-                        raise PoolTimeout()
-                    self._wait_locked(key, remaining)
+                    deadline = self._wait_locked(key, deadline, timeout)
             if victim is not None:
                 _close_quietly(victim)   # its slot is now ours
                 return
@@ -283,8 +269,19 @@ class BackendIdlePool:
                 return True
             return False
 
-    def _wait_locked(self, key: str, remaining: float) -> None:
-        """Wait for a release of ``key``, first asking one lingering holder to let go."""
+    def _wait_locked(self, key: str, deadline: Optional[float], timeout: float) -> float:
+        """Wait for a release of ``key``, first asking one lingering holder to let go.
+
+        ``deadline`` is None on a caller's first wait (it is computed once, here,
+        and returned); raises PoolTimeout once it has passed.
+        """
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+            self.stats["waits"] += 1
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            self.stats["wait_timeouts"] += 1
+            raise PoolTimeout()
         held = self._lingering.get(key)
         if held:
             holder = next(iter(held))
@@ -295,6 +292,7 @@ class BackendIdlePool:
             self._cond_locked(key).wait(remaining)
         finally:
             self._waiting[key] -= 1
+        return deadline
 
     def waiting(self, key: str) -> int:
         return self._waiting.get(key, 0)
