@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             proxy.start()
+        except config_mod.ConfigError as exc:      # e.g. an auth file others can read
+            print(f"threadpool-proxy: configuration error: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:
             print(f"threadpool-proxy: cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}",
                   file=sys.stderr)
