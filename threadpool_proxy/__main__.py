@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import subprocess
 import sys
 import threading
 
@@ -45,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         if demo:
             demo.stop()
         return 2
+    except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
+        detail = getattr(exc, "stderr", None)
+        detail = detail.decode(errors="replace").strip().splitlines()[-1:] if isinstance(detail, bytes) else []
+        print(f"threadpool-proxy: --demo could not start PostgreSQL: {exc}"
+              + (f" ({detail[0]})" if detail else ""), file=sys.stderr)
+        if demo:
+            demo.stop()
+        return 1
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(logging, config.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

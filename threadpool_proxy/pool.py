@@ -365,12 +365,16 @@ class BackendIdlePool:
         return conn
 
     def _forget_locked(self, key: str) -> None:
-        """One connection of ``key`` is gone: free its slot and wake one waiter."""
+        """One connection of ``key`` is gone: free its slot and wake its waiters.
+
+        All of them: a free slot is of use only to a waiter that may dial (a
+        pass-through login); a woken query waiter would go back to sleep with it.
+        """
         if self._open[key] > 0:
             self._open[key] -= 1
         cond = self._key_conds.get(key)
         if cond is not None:
-            cond.notify()
+            cond.notify_all()
 
     def _cond_locked(self, key: str) -> threading.Condition:
         cond = self._key_conds.get(key)

@@ -350,5 +350,5 @@ class ClientScanner(_Scanner):
             self.unsynced = False
         elif t == 88:
             self.terminated = True
-        elif t in b"PBDECH":
+        elif t in b"PBDEC":       # not Flush (H): it leaves no state behind (psycopg sends Sync+Flush)
             self.unsynced = True

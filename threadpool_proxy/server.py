@@ -63,6 +63,7 @@ class CancelKeys:
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         session = ClientSession(self.server, self.request, self.client_address)
+        session.refusal = self.server.refusal_for(self.request)
         self.server.track(session, True)
         try:
             session.run()
@@ -91,6 +92,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._sessions_lock = threading.Lock()
         self._sessions_empty = threading.Condition(self._sessions_lock)
         self._stopping = False
+        self._admitted = 0                      # accepted and not yet closed
+        self._refusals: dict = {}               # socket -> why it is refused
         if config.auth_type != "passthrough" or any(
                 d.auth_type != "passthrough" for d in config.databases.values()):
             # Before binding: a bad auth file (ConfigError) must not leave a listening socket behind.
@@ -133,18 +136,31 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     # -- socketserver overrides ---------------------------------------------------
 
     def verify_request(self, request, client_address) -> bool:
+        """Count the connection in; one over max_client_conn is refused after its startup packet.
+
+        The refusal must wait for the startup packet: libpq first sends an
+        SSLRequest (sslmode=prefer), and an ErrorResponse in place of the 'N'
+        would reach the user as "server sent an error response during SSL
+        exchange" instead of the reason.
+        """
         with self._sessions_lock:
-            full = len(self._sessions) >= self.config.max_client_conn
-        if full or self._stopping:
-            try:
-                text = ("the proxy is shutting down" if self._stopping else
-                        f"no more connections allowed (max_client_conn {self.config.max_client_conn})")
-                request.settimeout(1.0)
-                request.sendall(pq.error_response(pq.SQLSTATE_TOO_MANY_CONNECTIONS, text))
-            except OSError:
-                pass
-            return False
+            self._admitted += 1
+            if self._stopping:
+                self._refusals[request] = "the proxy is shutting down"
+            elif self._admitted > self.config.max_client_conn:
+                self._refusals[request] = (f"no more connections allowed "
+                                           f"(max_client_conn {self.config.max_client_conn})")
         return True
+
+    def refusal_for(self, request) -> str | None:
+        with self._sessions_lock:
+            return self._refusals.pop(request, None)
+
+    def shutdown_request(self, request) -> None:
+        with self._sessions_lock:
+            self._admitted -= 1
+            self._refusals.pop(request, None)
+        super().shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:
         log.exception("unhandled error serving %s", client_address)

@@ -112,6 +112,7 @@ class ClientSession:
         self.mode = "session"
         self._login_deadline = 0.0
         self._cbuf = bytearray()                 # client bytes read during startup/login
+        self.refusal = None                      # set when the server refuses this client
 
     # -- life cycle -------------------------------------------------------------
 
@@ -222,6 +223,8 @@ class ClientSession:
                                   f"unsupported frontend protocol {major}.{minor}: "
                                   f"server supports 3.0 to 3.0")
             params = pq.parse_startup_params(packet[4:])
+            if self.refusal:
+                raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS, self.refusal)
             self._take_startup(params, minor)
             return True
 
@@ -489,6 +492,7 @@ class ClientSession:
         idle_status = pq.IDLE[0]
         pending = 0
         lingering = False
+        linger_ms = int(self.config.server_idle_timeout * 1000)
         wakefd = -1
         conn = self.server
         ssock = None
@@ -501,7 +505,17 @@ class ClientSession:
             sview = memoryview(sbuf)
         try:
             while True:
-                for fd, ev in poller.poll():
+                events = poller.poll(linger_ms if lingering else None)
+                if not events and lingering:
+                    # Idle past server_idle_timeout: park it, so the janitor may close it.
+                    lingering = False
+                    if pool.unlinger(key, self):
+                        poller.unregister(sfd)
+                        sfd = -1
+                        ssock = conn = None
+                        self.release_server()
+                    continue
+                for fd, ev in events:
                     if fd == cfd:
                         try:
                             n = client.recv_into(cbuf)

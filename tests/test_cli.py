@@ -1,0 +1,296 @@
+"""The command line: ``python -m threadpool_proxy -c FILE`` and ``--demo``, as a real subprocess."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import yaml
+
+from helpers import psql, psql_path, wait_until
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for var in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE"):
+        env.pop(var, None)
+    env.update(extra)
+    return env
+
+
+def spawn(*args, **env):
+    return subprocess.Popen([sys.executable, "-m", "threadpool_proxy", *args], cwd=REPO, env=cli_env(**env),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_cli(*args, timeout=30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "threadpool_proxy", *args], cwd=REPO, env=cli_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+def kill(proc) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def port_open(host, port) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class Target:
+    def __init__(self, host, port):
+        self.host, self.port = host, port
+
+
+# -- 1. a config file, psql through it, SIGTERM ---------------------------------
+
+def test_config_file_serves_psql_and_sigterm_exits_zero(pg, tmp_path):
+    port = free_port()
+    conf = tmp_path / "proxy.yaml"
+    conf.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": port},
+        "pool_mode": "transaction",
+        "pool_size": 3,
+        "databases": {"*": {"host": pg.host, "port": pg.port}},
+    }))
+    proc = spawn("-c", str(conf))
+    try:
+        assert wait_until(lambda: port_open("127.0.0.1", port) or proc.poll() is not None, timeout=20)
+        assert proc.poll() is None, proc.communicate()
+        res = psql(Target("127.0.0.1", port), sql="SELECT current_user || '@' || current_database()")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == "app@appdb"
+        res = psql(Target("127.0.0.1", port), sql="SELECT 1", password="wrong")
+        assert res.returncode != 0 and "password authentication failed" in res.stderr
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        print(f"\nCLI stopped {time.monotonic() - t0:.2f}s after SIGTERM")
+        assert proc.returncode == 0, err
+        assert not port_open("127.0.0.1", port)
+        assert "Traceback" not in err, err
+    finally:
+        kill(proc)
+
+
+def test_sigterm_with_a_connected_client_exits_zero(pg, tmp_path):
+    port = free_port()
+    conf = tmp_path / "proxy.yaml"
+    conf.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": port},
+        "databases": {"*": {"host": pg.host, "port": pg.port}},
+    }))
+    proc = spawn("-c", str(conf))
+    client = None
+    try:
+        assert wait_until(lambda: port_open("127.0.0.1", port) or proc.poll() is not None, timeout=20)
+        assert proc.poll() is None, proc.communicate()
+        env = dict(os.environ, PGPASSWORD="app-secret", PGCONNECT_TIMEOUT="10")
+        client = subprocess.Popen([psql_path(), "-X", "-h", "127.0.0.1", "-p", str(port), "-U", "app",
+                                   "-d", "appdb", "-At"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+        client.stdin.write("SELECT 'in';\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "in"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        client.stdin.close()
+        client.wait(10)
+    finally:
+        kill(proc)
+        if client is not None:
+            kill(client)
+
+
+# -- 2. bad configurations: exit status 2, one line naming the key ---------------
+
+@pytest.mark.parametrize("raw, key", [
+    ({"pool_size": 5, "bogus_key": 1, "databases": {"*": {"host": "127.0.0.1"}}}, "bogus_key"),
+    ({"pool_size": "five", "databases": {"*": {"host": "127.0.0.1"}}}, "pool_size"),
+    ({"pool_mode": "sometimes", "databases": {"*": {"host": "127.0.0.1"}}}, "pool_mode"),
+    ({"databases": {"app": {"host": "127.0.0.1", "port": "x"}}}, "databases.app.port"),
+    ({"listen": {"port": 70000}, "databases": {"*": {"host": "127.0.0.1"}}}, "listen.port"),
+    ({"databases": {"app": {"host": "127.0.0.1", "pool_mode": "nope"}}}, "databases.app.pool_mode"),
+    ({"pool_size": 5}, "databases"),
+])
+def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, raw, key):
+    conf = tmp_path / "bad.yaml"
+    conf.write_text(yaml.safe_dump(raw))
+    res = run_cli("-c", str(conf))
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert key in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+    assert res.stdout == ""
+
+
+def test_missing_and_unparsable_config_files(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    res = run_cli("-c", str(missing))
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0], res.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("pool_size: [1,\n")
+    res = run_cli("-c", str(broken))
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and str(broken) in lines[0], res.stderr
+
+
+def test_no_arguments_is_a_usage_error():
+    res = run_cli()
+    assert res.returncode == 2
+    assert "-c CONFIG or --demo" in res.stderr
+
+
+def test_port_already_in_use_exits_nonzero_with_one_line(pg, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        conf = tmp_path / "proxy.yaml"
+        conf.write_text(yaml.safe_dump({"listen": {"host": "127.0.0.1", "port": port},
+                                        "databases": {"*": {"host": pg.host, "port": pg.port}}}))
+        res = run_cli("-c", str(conf))
+    assert res.returncode == 1, res.stderr
+    assert len(res.stderr.splitlines()) == 1 and str(port) in res.stderr, res.stderr
+
+
+# -- 3. the shipped example configuration loads ------------------------------------
+
+def test_shipped_conf_proxy_yaml_loads():
+    path = os.path.join(REPO, "conf", "proxy.yaml")
+    if not os.path.exists(path):
+        pytest.skip("conf/proxy.yaml does not exist yet")
+    from threadpool_proxy import config as config_mod
+    config = config_mod.load(path)
+    assert config.databases, "conf/proxy.yaml defines no databases"
+    defaults = config_mod.Config()
+    # "Every key is shown with its default": the values match the dataclass defaults
+    for field in ("pool_mode", "pool_size", "max_client_conn", "max_idle_per_key", "max_total_idle",
+                  "server_idle_timeout", "query_wait_timeout", "server_connect_timeout",
+                  "client_login_timeout", "reset_query", "auth_type", "log_level",
+                  "listen_host", "listen_port"):
+        assert getattr(config, field) == getattr(defaults, field), field
+
+
+# -- 4. --demo ---------------------------------------------------------------------
+
+def test_demo_starts_prints_a_working_psql_command_and_cleans_up():
+    # The demo cluster lives under TMPDIR; as root it runs as the postgres OS
+    # user, so the directory must be traversable by it.
+    tmpdir = tempfile.mkdtemp(prefix="tpp-cli-", dir="/tmp")
+    os.chmod(tmpdir, 0o755)
+    proc = spawn("--demo", "-p", "0", TMPDIR=tmpdir)
+    lines = []
+    try:
+        deadline = time.monotonic() + 90
+        command = None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "psql" in line and "connect with" in line:
+                command = line.split("connect with:", 1)[1].strip()
+                break
+        assert command, (lines, proc.poll(), proc.poll() is not None and proc.stderr.read())
+        demo_dirs = glob.glob(os.path.join(tmpdir, "threadpool_proxy_demo_*"))
+        assert len(demo_dirs) == 1, demo_dirs
+        # "PGPASSWORD=demo psql -h 127.0.0.1 -p PORT -U demo demo"
+        words = shlex.split(command)
+        env = dict(os.environ, PGCONNECT_TIMEOUT="10")
+        while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+            name, value = words.pop(0).split("=", 1)
+            env[name] = value
+        assert env.get("PGPASSWORD") == "demo" and words[0] == "psql", command
+        with open(os.path.join(demo_dirs[0], "data", "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        res = subprocess.run(words + ["-X", "-w", "-At", "-c", "SELECT current_user || '@' || current_database()"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == "demo@demo"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        print(f"\ndemo stopped {time.monotonic() - t0:.2f}s after SIGTERM")
+        assert proc.returncode == 0, err
+        assert not os.path.exists(demo_dirs[0]), os.listdir(demo_dirs[0])
+        assert wait_until(lambda: not _alive(postmaster), timeout=10), "the demo's postmaster is still running"
+    finally:
+        kill(proc)
+        for leftover in glob.glob(os.path.join(tmpdir, "threadpool_proxy_demo_*", "data")):
+            # a killed demo leaves its postmaster behind: stop it
+            pidfile = os.path.join(leftover, "postmaster.pid")
+            try:
+                with open(pidfile) as f:
+                    os.kill(int(f.readline()), signal.SIGQUIT)
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:   # a zombie child of someone else counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_demo_that_cannot_initdb_fails_cleanly(tmp_path):
+    """initdb failing: a one-line error, non-zero exit, and no temporary directory left behind."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("initdb", "pg_ctl", "psql"):
+        script = bindir / tool
+        script.write_text("#!/bin/sh\necho 'initdb: simulated failure' >&2\nexit 1\n")
+        script.chmod(0o755)
+    tmpdir = tempfile.mkdtemp(prefix="tpp-cli-", dir="/tmp")
+    os.chmod(tmpdir, 0o755)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "threadpool_proxy", "--demo", "-p", "0"], cwd=REPO,
+                              env=cli_env(PG_BINDIR=str(bindir), TMPDIR=tmpdir), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        assert glob.glob(os.path.join(tmpdir, "threadpool_proxy_demo_*")) == [], "the demo's temp dir was left behind"
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
