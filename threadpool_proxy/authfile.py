@@ -33,7 +33,10 @@ from types import MappingProxyType
 from typing import Mapping
 
 import yaml
-from scramp.utils import saslprep  # RFC 4013, the same tables PostgreSQL uses
+try:  # RFC 4013, the same tables PostgreSQL uses: scramp >= 1.5 keeps it in utils,
+    from scramp.utils import saslprep
+except ImportError:  # scramp 1.4 (the newest for Python 3.10) in core
+    from scramp.core import saslprep
 
 log = logging.getLogger(__name__)
 

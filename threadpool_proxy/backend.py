@@ -63,7 +63,7 @@ class ServerConnection:
 
     __slots__ = ("sock", "raw_socket", "node", "host", "port", "key", "pid", "secret",
                  "params", "param_names", "login_params", "unreported", "created_at",
-                 "_buf", "_poller", "__weakref__")
+                 "_buf", "_poller", "reset_pending", "reset_timeout", "__weakref__")
 
     def __init__(self, sock: socket.socket, host: str, port: int, key: str) -> None:
         self.sock = sock
@@ -81,6 +81,8 @@ class ServerConnection:
         self.created_at = time.monotonic()
         self._buf = bytearray()
         self._poller = None
+        self.reset_pending = False    # a reset query was sent and its answer not read yet
+        self.reset_timeout = 15.0
 
     @classmethod
     def dial(cls, host: str, port: int, key: str, timeout: float) -> "ServerConnection":
@@ -197,11 +199,34 @@ class ServerConnection:
             raise ServerGone("server left idle state after SET")
 
     def reset(self, reset_query: str, timeout: float) -> bool:
-        """Run the reset query before parking; True if it left the connection clean."""
+        """Run the reset query and wait for it; True if it left the connection clean."""
+        return self.start_reset(reset_query, timeout) and self.finish_reset()
+
+    def start_reset(self, reset_query: str, timeout: float) -> bool:
+        """Send the reset query without waiting for its answer (False if the send failed).
+
+        The releasing client goes on at once; whoever takes the connection next
+        reads the answer with ``finish_reset`` before using it, so the round
+        trip costs no thread a blocking wait of its own.
+        """
+        self.reset_timeout = timeout
         if not reset_query:
+            self.reset_pending = False
             return True
         try:
-            status = self.run_simple(reset_query, timeout)
+            self.send(pq.query(reset_query))
+        except ServerGone:
+            return False
+        self.reset_pending = True
+        return True
+
+    def finish_reset(self) -> bool:
+        """Read the reset query's answer; True if it was ReadyForQuery 'I' with no error and nothing after."""
+        if not self.reset_pending:
+            return True
+        self.reset_pending = False
+        try:
+            status = self.read_until_ready(self.reset_timeout)
         except ServerError as exc:
             log.warning("reset query failed on %r, closing it: %s", self, exc)
             return False

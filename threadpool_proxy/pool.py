@@ -127,6 +127,13 @@ class BackendIdlePool:
                 conn = self._pop_locked(key, prefer)
             if conn is None:
                 return None
+            if getattr(conn, "reset_pending", False) and not conn.finish_reset():
+                log.info("dropping parked server connection whose reset failed (%s)", _show(key))
+                _close_quietly(conn)
+                with self._lock:
+                    self.stats["reset_failed"] += 1
+                    self._forget_locked(key)
+                continue
             if probe_alive(conn):
                 with self._lock:
                     self.stats["reuses"] += 1
@@ -138,7 +145,12 @@ class BackendIdlePool:
                 self._forget_locked(key)
 
     def checkin(self, key: str, conn: Any, reset_ok: bool = True) -> bool:
-        """Park ``conn`` (already reset by the caller) or close it; True if parked.
+        """Park ``conn`` (reset by the caller) or close it; True if parked.
+
+        A connection may arrive with its reset query sent but not yet answered
+        (``reset_pending``, see ServerConnection.start_reset): ``checkout``
+        reads and checks that answer before handing it out, in place of the
+        probe, and closes it if the reset failed.
 
         ``reset_ok`` is the caller's verdict on the reset query (answered with
         ReadyForQuery 'I' and no error).  A connection that failed its reset,

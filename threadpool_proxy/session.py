@@ -457,7 +457,7 @@ class ClientSession:
         if not clean:
             pool.discard(self.key, conn)
             return
-        ok = conn.reset(self.config.reset_query, self.config.server_connect_timeout)
+        ok = conn.start_reset(self.config.reset_query, self.config.server_connect_timeout)
         pool.checkin(self.key, conn, reset_ok=ok)
 
     # -- the relay --------------------------------------------------------------
