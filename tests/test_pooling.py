@@ -917,3 +917,20 @@ def test_no_thread_or_fd_leak(pg, proxy_factory):
     proxy.stop()
     assert wait_until(lambda: threading.active_count() <= threads0, timeout=10)
     assert wait_until(lambda: _fd_count() <= fds0, timeout=10), (fds0, _fd_count())
+
+
+def test_connection_whose_reset_fails_is_closed_not_handed_on(pg, proxy_factory):
+    """The reset is sent on release and its answer checked on checkout: a failed
+    reset closes the connection there, and the client gets a fresh one."""
+    proxy = proxy_factory(pool_size=1, auth_type="trust", reset_query="SELECT 1/0")
+    first = psycopg.connect(pg.dsn(user="trustuser", host=proxy.host, port=proxy.port),
+                            autocommit=True, prepare_threshold=None)
+    first_pid = first.execute("SELECT pg_backend_pid()").fetchone()[0]
+    first.close()                      # release: reset sent, connection parked unverified
+    assert wait_until(lambda: proxy.pool.idle_count() == 1)
+    with psycopg.connect(pg.dsn(user="trustuser", host=proxy.host, port=proxy.port),
+                         autocommit=True, prepare_threshold=None) as second:
+        second_pid = second.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert second_pid != first_pid
+    assert proxy.pool.stats["reset_failed"] >= 1
+    assert first_pid not in pg.backend_pids()
