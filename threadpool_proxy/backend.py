@@ -135,14 +135,22 @@ class ServerConnection:
                     body = bytes(buf[5:length + 1])
                     del buf[:length + 1]
                     return t, body
+            size = 262144 if len(buf) > 8192 else 16384
             try:
+                chunk = None
                 if timeout is not None:
-                    if self._poller is None:
-                        self._poller = select.poll()
-                        self._poller.register(self.sock.fileno(), select.POLLIN)
-                    if not self._poller.poll(timeout * 1000):
-                        raise ServerGone("server did not answer in time")
-                chunk = self.sock.recv(262144 if len(buf) > 8192 else 16384)
+                    # Usually the answer is already here: one non-blocking recv,
+                    # and poll() only when it is not.
+                    try:
+                        chunk = self.sock.recv(size, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        if self._poller is None:
+                            self._poller = select.poll()
+                            self._poller.register(self.sock.fileno(), select.POLLIN)
+                        if not self._poller.poll(timeout * 1000):
+                            raise ServerGone("server did not answer in time") from None
+                if chunk is None:
+                    chunk = self.sock.recv(size)
             except OSError as exc:
                 raise ServerGone(f"server connection failed: {exc}") from None
             if not chunk:

@@ -303,7 +303,7 @@ class ServerScanner(_Scanner):
     and ``parameters`` collects (name, value) of every ParameterStatus seen.
     """
 
-    __slots__ = ("ready", "status", "parameters", "errors")
+    __slots__ = ("ready", "status", "parameters", "errors", "copy_in")
     WANTED = b"ZSE"
 
     def __init__(self) -> None:
@@ -312,11 +312,17 @@ class ServerScanner(_Scanner):
         self.status = IDLE[0]
         self.parameters: list[tuple[str, str]] = []
         self.errors = 0
+        self.copy_in = False      # CopyInResponse/CopyBothResponse seen, no ReadyForQuery since
+
+    def _header(self, t):
+        if t == 71 or t == 87:    # 'G' CopyInResponse, 'W' CopyBothResponse
+            self.copy_in = True
 
     def _message(self, t, buf, start, end):
         if t == 90:       # 'Z' ReadyForQuery
             self.ready += 1
             self.status = buf[start]
+            self.copy_in = False
         elif t == 83:     # 'S' ParameterStatus
             self.parameters.append(parse_parameter_status(buf[start:end]))
         else:             # 'E' ErrorResponse

@@ -184,10 +184,14 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             self._stopping = True
             sessions = list(self._sessions)
         for session in sessions:
-            try:
-                session.client.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            # The client socket wakes a thread waiting in poll(); the server
+            # socket one blocked reading a long query's answer.
+            for sock in (session.client, getattr(session.server, "sock", None)):
+                try:
+                    if sock is not None:
+                        sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         deadline = time.monotonic() + wait
         with self._sessions_lock:
             while self._sessions and time.monotonic() < deadline:

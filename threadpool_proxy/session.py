@@ -492,6 +492,7 @@ class ClientSession:
         idle_status = pq.IDLE[0]
         pending = 0
         lingering = False
+        expect_server = False
         linger_ms = int(self.config.server_idle_timeout * 1000)
         wakefd = -1
         conn = self.server
@@ -505,7 +506,13 @@ class ClientSession:
             sview = memoryview(sbuf)
         try:
             while True:
-                events = poller.poll(linger_ms if lingering else None)
+                if expect_server:
+                    # A whole request went out and nothing came back yet: the
+                    # server owes an answer, so read it without a poll() first.
+                    expect_server = False
+                    events = ((sfd, _POLLIN),)
+                else:
+                    events = poller.poll(linger_ms if lingering else None)
                 if not events and lingering:
                     # Idle past server_idle_timeout: park it, so the janitor may close it.
                     lingering = False
@@ -550,7 +557,10 @@ class ClientSession:
                             self._server_lost()
                         if cscan.terminated:
                             raise ClientGone()
+                        expect_server = (cscan.requests > before and cscan.at_boundary
+                                         and not cscan.unsynced and not sscan.copy_in)
                     elif fd == sfd:
+                        expect_server = False
                         try:
                             n = ssock.recv_into(sbuf)
                         except OSError:
