@@ -251,50 +251,32 @@ def test_login_churn_while_others_work_stays_within_pool_size(pg, proxy_factory)
 
 # -- 2. parked connections that die are evicted at checkout --------------------
 
+def trust_connect(pg, proxy):
+    """A client that the proxy itself authenticates (auth_type trust), so the
+    proxy may log in to the server for it and clients share parked connections."""
+    return psycopg.connect(pg.dsn(user="trustuser", host=proxy.host, port=proxy.port),
+                           autocommit=True, prepare_threshold=None)
+
+
 def test_parked_connection_killed_while_idle_is_evicted(pg, proxy_factory):
-    wait_no_app_backends(pg)
-    proxy = proxy_factory(pool_size=5)
-    key = app_key(pg)
-    a = connect(pg, proxy)          # login: backend 1, parked
-    b = connect(pg, proxy)          # login: backend 2, parked (the newest: checked out first)
-    try:
-        assert proxy.pool.idle_count(key) == 2
-        with pg.superuser_conn() as su:
-            older, newest = [r[0] for r in su.execute(
-                "SELECT pid FROM pg_stat_activity WHERE usename = 'app' AND datname = 'appdb'"
-                " ORDER BY backend_start").fetchall()]
-            assert su.execute("SELECT pg_terminate_backend(%s)", (newest,)).fetchone() == (True,)
-        assert wait_until(lambda: newest not in pg.backend_pids(user="app", dbname="appdb"))
-        before = proxy.pool.stats["stale_evicted"]
-
-        # the dead one is met first, dropped, and the live one used instead
-        assert pid_of(a) == older
-        assert proxy.pool.stats["stale_evicted"] == before + 1
-        assert proxy.pool.open_count(key) == 1
-        assert pid_of(b) == older       # claimed from A (idle between transactions)
-        with b.transaction():
-            assert b.execute("SELECT 40 + 2").fetchone() == (42,)
-        assert pid_of(a) == older
-
-        # now the last one dies too: the clients get a clear error at once, not a hang
-        with pg.superuser_conn() as su:
-            su.execute("SELECT pg_terminate_backend(%s)", (older,))
-        assert wait_until(lambda: not pg.backend_pids(user="app", dbname="appdb"))
-        assert wait_until(lambda: proxy.pool.open_count(key) == 0)
-        for conn in (a, b):
-            t0 = time.monotonic()
-            with pytest.raises(psycopg.OperationalError, match="no server connection is left for this login"):
-                conn.execute("SELECT 1")
-            assert time.monotonic() - t0 < 3
-            assert conn.closed
-
-        # a reconnect (a new login) gets a new backend and works
-        with connect(pg, proxy) as c:
-            assert c.execute("SELECT 7").fetchone() == (7,)
-            assert pid_of(c) not in (newest, older)
-    finally:
-        a.close()
-        b.close()
+    proxy = proxy_factory(pool_size=5, auth_type="trust")
+    key = app_key(pg, user="trustuser")
+    first, second = trust_connect(pg, proxy), trust_connect(pg, proxy)
+    older, newest = pid_of(first), pid_of(second)      # each keeps its own while idle
+    assert older != newest
+    first.close()                                       # reset and parked, in this order:
+    assert wait_until(lambda: proxy.pool.idle_count(key) == 1)
+    second.close()                                      # the newest is on top (LIFO)
+    assert wait_until(lambda: proxy.pool.idle_count(key) == 2)
+    with pg.superuser_conn() as su:
+        assert su.execute("SELECT pg_terminate_backend(%s)", (newest,)).fetchone() == (True,)
+    assert wait_until(lambda: newest not in pg.backend_pids(user="trustuser"))
+    before = proxy.pool.stats["stale_evicted"]
+    with trust_connect(pg, proxy) as third:             # checkout meets the dead one first
+        assert pid_of(third) == older
+        assert third.execute("SELECT 40 + 2").fetchone() == (42,)
+    assert proxy.pool.stats["stale_evicted"] == before + 1, proxy.pool.snapshot()
+    assert proxy.pool.open_count(key) == 1
 
 
 def test_kept_connection_killed_between_transactions_is_replaced_quietly(pg, proxy_factory):
@@ -320,25 +302,43 @@ def test_kept_connection_killed_between_transactions_is_replaced_quietly(pg, pro
         b.close()
 
 
-def test_parked_connections_all_dead_gives_a_clear_error(pg, proxy_factory):
-    """Every parked connection of the key died while idle: checkout evicts them all, then errors."""
+def test_parked_connections_all_dead_are_all_evicted(pg, proxy_factory):
+    """Every parked connection of the key died while idle: checkout evicts them all and dials."""
+    proxy = proxy_factory(pool_size=5, auth_type="trust")
+    key = app_key(pg, user="trustuser")
+    conns = [trust_connect(pg, proxy) for _ in range(3)]
+    pids = {pid_of(c) for c in conns}
+    for c in conns:
+        c.close()
+    assert wait_until(lambda: proxy.pool.idle_count(key) == 3)
+    assert pg.terminate_backends(user="trustuser") == 3
+    assert wait_until(lambda: not pg.backend_pids(user="trustuser"))
+    before = proxy.pool.stats["stale_evicted"]
+    with trust_connect(pg, proxy) as c:
+        assert pid_of(c) not in pids
+    assert proxy.pool.stats["stale_evicted"] == before + 3
+    assert proxy.pool.open_count(key) == 1
+
+
+def test_passthrough_client_whose_connections_all_died_gets_a_clear_error(pg, proxy_factory):
+    """With pass-through auth only logins open server connections: when all of a
+    key's connections died, an idle client is told to reconnect, at once."""
     wait_no_app_backends(pg)
     proxy = proxy_factory(pool_size=5)
-    conns = [connect(pg, proxy) for _ in range(3)]      # three logins, three parked backends
+    a, b = connect(pg, proxy), connect(pg, proxy)
     try:
-        assert proxy.pool.idle_count(app_key(pg)) == 3
-        assert pg.terminate_backends(user="app", dbname="appdb") == 3
-        assert wait_until(lambda: not pg.backend_pids(user="app", dbname="appdb"))
-        before = proxy.pool.stats["stale_evicted"]
-        t0 = time.monotonic()
-        with pytest.raises(psycopg.OperationalError, match="no server connection is left for this login; reconnect"):
-            conns[0].execute("SELECT 1")
-        assert time.monotonic() - t0 < 3
-        assert proxy.pool.stats["stale_evicted"] == before + 3
-        assert proxy.pool.open_count(app_key(pg)) == 0
+        assert pg.terminate_backends(user="app", dbname="appdb") == 2
+        assert wait_until(lambda: proxy.pool.open_count(app_key(pg)) == 0)
+        for conn in (a, b):
+            t0 = time.monotonic()
+            with pytest.raises(psycopg.OperationalError, match="no server connection is left for this login; reconnect"):
+                conn.execute("SELECT 1")
+            assert time.monotonic() - t0 < 3
+        with connect(pg, proxy) as c:                   # a new login works
+            assert c.execute("SELECT 7").fetchone() == (7,)
     finally:
-        for c in conns:
-            c.close()
+        a.close()
+        b.close()
 
 
 def test_session_mode_login_after_parked_death(pg, proxy_factory):

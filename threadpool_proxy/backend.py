@@ -230,18 +230,28 @@ class ServerConnection:
 
     def finish_reset(self) -> bool:
         """Read the reset query's answer; True if it was ReadyForQuery 'I' with no error and nothing after."""
+        return self.finish_reset_verdict() == "ok"
+
+    def finish_reset_verdict(self) -> str:
+        """"ok"; "failed" (the reset query erred or left a transaction open); or
+        "dead" (the server closed, or spoke after answering: e.g. the FATAL of
+        pg_terminate_backend on a parked connection)."""
         if not self.reset_pending:
-            return True
+            return "ok"
         self.reset_pending = False
         try:
             status = self.read_until_ready(self.reset_timeout)
         except ServerError as exc:
+            if exc.fields.get("V", exc.fields.get("S")) in ("FATAL", "PANIC"):
+                return "dead"
             log.warning("reset query failed on %r, closing it: %s", self, exc)
-            return False
+            return "failed"
         except ServerGone as exc:
-            log.info("server connection lost during reset (%r): %s", self, exc)
-            return False
-        if status != pq.IDLE or self._buf:
-            return False
+            log.info("server connection lost while parked (%r): %s", self, exc)
+            return "dead"
+        if self._buf:
+            return "dead"
+        if status != pq.IDLE:
+            return "failed"
         self.unreported = {k: v for k, v in self.login_params.items() if k not in self.params}
-        return True
+        return "ok"

@@ -127,13 +127,16 @@ class BackendIdlePool:
                 conn = self._pop_locked(key, prefer)
             if conn is None:
                 return None
-            if getattr(conn, "reset_pending", False) and not conn.finish_reset():
-                log.info("dropping parked server connection whose reset failed (%s)", _show(key))
-                _close_quietly(conn)
-                with self._lock:
-                    self.stats["reset_failed"] += 1
-                    self._forget_locked(key)
-                continue
+            if getattr(conn, "reset_pending", False):
+                verdict = conn.finish_reset_verdict()
+                if verdict != "ok":
+                    log.info("dropping parked server connection: %s (%s)",
+                             "reset failed" if verdict == "failed" else "closed while idle", _show(key))
+                    _close_quietly(conn)
+                    with self._lock:
+                        self.stats["reset_failed" if verdict == "failed" else "stale_evicted"] += 1
+                        self._forget_locked(key)
+                    continue
             if probe_alive(conn):
                 with self._lock:
                     self.stats["reuses"] += 1

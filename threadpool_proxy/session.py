@@ -273,22 +273,17 @@ class ClientSession:
         welcome = [pq.parameter_status(conn.param_names[n], v) for n, v in conn.params.items()]
         welcome.append(pq.backend_key_data(self.cancel_pid, self.cancel_secret))
         welcome.append(pq.ready_for_query(pq.IDLE))
-        if self.mode != "session":
-            # SETs made for this client's startup settings must not follow the
-            # connection to the next client: reset unless it is as logged in.
-            ok = True
-            if conn.login_params != self.settings:
-                ok = conn.reset(self.config.reset_query, self.config.server_connect_timeout)
-            self.proxy.pool.checkin(self.key, conn, reset_ok=ok)
         try:
             self.client.settimeout(None)
             self.client.sendall(b"".join(welcome))
         except OSError:
-            if self.mode == "session":
-                self.proxy.pool.checkin(self.key, conn)
+            # Idle, but it may carry SETs made for this client: reset before parking.
+            self.proxy.pool.checkin(self.key, conn, reset_ok=conn.start_reset(
+                self.config.reset_query, self.config.server_connect_timeout))
             raise ClientGone() from None
-        if self.mode == "session":
-            self.server = conn
+        # The client keeps its login connection; in transaction and statement
+        # mode the relay lets it go as soon as another client waits for one.
+        self.server = conn
         log.debug("client %s logged in (%s mode)", self._who(), self.mode)
 
     def server_startup_params(self) -> dict:
@@ -504,6 +499,16 @@ class ClientSession:
             poller.register(sfd, _POLLIN)
             sbuf = bytearray(SERVER_BUFFER_SIZE)
             sview = memoryview(sbuf)
+            if pooled:      # the login connection: keep it while nobody waits
+                wakefd = self._make_wake_fd()
+                poller.register(wakefd, _POLLIN)
+                if pool.linger(key, self):
+                    lingering = True
+                else:
+                    poller.unregister(sfd)
+                    sfd = -1
+                    ssock = conn = None
+                    self.release_server()
         try:
             while True:
                 if expect_server:
