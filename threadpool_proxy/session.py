@@ -21,8 +21,12 @@ from .pool import PoolClosed, PoolTimeout
 
 log = logging.getLogger(__name__)
 
-CLIENT_BUFFER_SIZE = 64 * 1024
-SERVER_BUFFER_SIZE = 256 * 1024
+# Buffers are per client thread, so they decide the memory of many idle clients:
+# requests are small (16 KiB, COPY IN just takes more reads); the server buffer
+# is allocated on the first answer, and grows once if a read fills it.
+CLIENT_BUFFER_SIZE = 16 * 1024
+SERVER_BUFFER_SIZE = 64 * 1024
+SERVER_BUFFER_MAX = 256 * 1024
 MAX_AUTH_MESSAGE = 65535
 
 _POLLIN = select.POLLIN
@@ -497,8 +501,6 @@ class ClientSession:
             ssock = conn.sock
             sfd = ssock.fileno()
             poller.register(sfd, _POLLIN)
-            sbuf = bytearray(SERVER_BUFFER_SIZE)
-            sview = memoryview(sbuf)
             if pooled:      # the login connection: keep it while nobody waits
                 wakefd = self._make_wake_fd()
                 poller.register(wakefd, _POLLIN)
@@ -552,9 +554,6 @@ class ClientSession:
                             ssock = conn.sock
                             sfd = ssock.fileno()
                             poller.register(sfd, _POLLIN)
-                            if sbuf is None:
-                                sbuf = bytearray(SERVER_BUFFER_SIZE)
-                                sview = memoryview(sbuf)
                         pending += cscan.requests - before
                         try:
                             ssock.sendall(cview[:n])
@@ -566,10 +565,19 @@ class ClientSession:
                                          and not cscan.unsynced and not sscan.copy_in)
                     elif fd == sfd:
                         expect_server = False
+                        if sbuf is None:
+                            sbuf = bytearray(SERVER_BUFFER_SIZE)
+                            sview = memoryview(sbuf)
                         try:
                             n = ssock.recv_into(sbuf)
                         except OSError:
                             n = 0
+                        if n == len(sbuf) and n < SERVER_BUFFER_MAX:
+                            # A big answer: carry on with the larger buffer (after this chunk).
+                            grown = bytearray(SERVER_BUFFER_MAX)
+                            grown[:n] = sbuf
+                            sbuf = grown
+                            sview = memoryview(sbuf)
                         if lingering:
                             if self._lingering_server_spoke(sscan, sview, n):
                                 continue
