@@ -521,13 +521,14 @@ class ClientSession:
                 else:
                     events = poller.poll(linger_ms if lingering else None)
                 if not events and lingering:
-                    # Idle past server_idle_timeout: park it, so the janitor may close it.
+                    # Idle past server_idle_timeout: park it, so the janitor may close
+                    # it (or hand it to a waiter that claimed it meanwhile).
                     lingering = False
-                    if pool.unlinger(key, self):
-                        poller.unregister(sfd)
-                        sfd = -1
-                        ssock = conn = None
-                        self.release_server()
+                    pool.unlinger(key, self)
+                    poller.unregister(sfd)
+                    sfd = -1
+                    ssock = conn = None
+                    self.release_server()
                     continue
                 for fd, ev in events:
                     if fd == cfd:
@@ -618,6 +619,7 @@ class ClientSession:
                                 self.release_server()
                     elif fd == wakefd:
                         self._drain_wake()
+
                         if lingering:                  # a waiter wants our connection
                             lingering = False
                             poller.unregister(sfd)
