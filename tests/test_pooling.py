@@ -934,3 +934,29 @@ def test_connection_whose_reset_fails_is_closed_not_handed_on(pg, proxy_factory)
     assert second_pid != first_pid
     assert proxy.pool.stats["reset_failed"] >= 1
     assert first_pid not in pg.backend_pids()
+
+
+def test_lone_flush_between_transactions_does_not_pin_the_connection(pg, proxy_factory):
+    """A client that sends a Flush (no answer comes) while idle between transactions
+    must still let a waiting client have the connection (psycopg ends pipelines with
+    Sync then Flush, sometimes in separate packets)."""
+    proxy = proxy_factory(pool_size=1, auth_type="trust", query_wait_timeout=10)
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as raw:
+        body = struct.pack("!i", 196608) + b"user\0trustuser\0database\0appdb\0\0"
+        raw.sendall(struct.pack("!i", len(body) + 4) + body)
+        while read_message(raw)[0] != "Z":
+            pass
+        raw.sendall(_message(b"Q", b"SELECT 1\0"))
+        while read_message(raw)[0] != "Z":
+            pass
+        raw.sendall(_message(b"H", b""))          # Flush: the server sends nothing back
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        with trust_connect(pg, proxy) as other:
+            assert other.execute("SELECT 2").fetchone() == (2,)
+        assert time.monotonic() - t0 < 5
+        raw.sendall(_message(b"Q", b"SELECT 3\0"))   # and the first client still works
+        kinds = []
+        while not kinds or kinds[-1] != "Z":
+            kinds.append(read_message(raw)[0])
+        assert "D" in kinds and "E" not in kinds

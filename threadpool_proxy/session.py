@@ -491,6 +491,7 @@ class ClientSession:
         idle_status = pq.IDLE[0]
         pending = 0
         lingering = False
+        check_release = False
         expect_server = False
         linger_ms = int(self.config.server_idle_timeout * 1000)
         wakefd = -1
@@ -564,6 +565,9 @@ class ClientSession:
                             raise ClientGone()
                         expect_server = (cscan.requests > before and cscan.at_boundary
                                          and not cscan.unsynced and not sscan.copy_in)
+                        # A chunk with no request in it (a lone Flush) gets no answer:
+                        # check the release point now, not at a ReadyForQuery that never comes.
+                        check_release = pooled and cscan.requests == before and pending == 0
                     elif fd == sfd:
                         expect_server = False
                         if sbuf is None:
@@ -605,18 +609,7 @@ class ClientSession:
                             pending -= ready
                             if pending < 0:
                                 pending = 0
-                            if (pooled and pending == 0 and not cscan.unsynced and cscan.at_boundary
-                                    and sscan.status == idle_status):
-                                if wakefd < 0:
-                                    wakefd = self._make_wake_fd()
-                                    poller.register(wakefd, _POLLIN)
-                                if pool.linger(key, self):
-                                    lingering = True
-                                    continue
-                                poller.unregister(sfd)
-                                sfd = -1
-                                ssock = conn = None
-                                self.release_server()
+                        check_release = pooled and pending == 0
                     elif fd == wakefd:
                         self._drain_wake()
 
@@ -627,6 +620,21 @@ class ClientSession:
                             ssock = conn = None
                             self.release_server()
                     # else: an event of a server connection released earlier in this batch
+                    if check_release:
+                        check_release = False
+                        if (conn is not None and not cscan.unsynced and cscan.at_boundary
+                                and sscan.at_boundary and sscan.status == idle_status and not sscan.copy_in):
+                            # The release point: keep it while nobody waits, else hand it on.
+                            if wakefd < 0:
+                                wakefd = self._make_wake_fd()
+                                poller.register(wakefd, _POLLIN)
+                            if pool.linger(key, self):
+                                lingering = True
+                            else:
+                                poller.unregister(sfd)
+                                sfd = -1
+                                ssock = conn = None
+                                self.release_server()
         except BaseException as exc:
             if lingering:
                 pool.unlinger(key, self)
