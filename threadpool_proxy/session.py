@@ -502,18 +502,24 @@ class ClientSession:
             ssock = conn.sock
             sfd = ssock.fileno()
             poller.register(sfd, _POLLIN)
-            if pooled:      # the login connection: keep it while nobody waits
-                wakefd = self._make_wake_fd()
-                poller.register(wakefd, _POLLIN)
-                if pool.linger(key, self):
-                    lingering = True
-                else:
-                    poller.unregister(sfd)
-                    sfd = -1
-                    ssock = conn = None
-                    self.release_server()
+            check_release = pooled      # the login connection: keep it while nobody waits
         try:
             while True:
+                if check_release:
+                    check_release = False
+                    if (conn is not None and not cscan.unsynced and cscan.at_boundary
+                            and sscan.at_boundary and sscan.status == idle_status and not sscan.copy_in):
+                        # The release point: keep it while nobody waits, else hand it on.
+                        if wakefd < 0:
+                            wakefd = self._make_wake_fd()
+                            poller.register(wakefd, _POLLIN)
+                        if pool.linger(key, self):
+                            lingering = True
+                        else:
+                            poller.unregister(sfd)
+                            sfd = -1
+                            ssock = conn = None
+                            self.release_server()
                 if expect_server:
                     # A whole request went out and nothing came back yet: the
                     # server owes an answer, so read it without a poll() first.
@@ -620,21 +626,6 @@ class ClientSession:
                             ssock = conn = None
                             self.release_server()
                     # else: an event of a server connection released earlier in this batch
-                    if check_release:
-                        check_release = False
-                        if (conn is not None and not cscan.unsynced and cscan.at_boundary
-                                and sscan.at_boundary and sscan.status == idle_status and not sscan.copy_in):
-                            # The release point: keep it while nobody waits, else hand it on.
-                            if wakefd < 0:
-                                wakefd = self._make_wake_fd()
-                                poller.register(wakefd, _POLLIN)
-                            if pool.linger(key, self):
-                                lingering = True
-                            else:
-                                poller.unregister(sfd)
-                                sfd = -1
-                                ssock = conn = None
-                                self.release_server()
         except BaseException as exc:
             if lingering:
                 pool.unlinger(key, self)
