@@ -239,3 +239,17 @@ def test_cancel_with_a_wrong_key_does_nothing(pg, proxy_factory):
         assert conn.execute("SELECT pg_sleep(1), 7").fetchone()[1] == 7
         t.join()
         assert done.is_set()
+
+
+def test_newer_minor_protocol_is_negotiated_down_to_3_0(pg, proxy_factory):
+    """Like PostgreSQL: a 3.2 client with _pq_ options gets NegotiateProtocolVersion, then goes on in 3.0."""
+    proxy = proxy_factory()
+    with socket.create_connection((proxy.host, proxy.port), timeout=5) as s:
+        body = struct.pack("!i", (3 << 16) | 2) + b"user\0app\0database\0appdb\0_pq_.fancy\0on\0\0"
+        s.sendall(struct.pack("!i", len(body) + 4) + body)
+        kind, payload = read_message(s)
+        assert kind == "v"
+        newest_minor, count = struct.unpack("!ii", payload[:8])
+        assert (newest_minor, count) == (0, 1) and payload[8:] == b"_pq_.fancy\0"
+        kind, payload = read_message(s)
+        assert kind == "R" and struct.unpack("!i", payload[:4])[0] == 10   # the server's SASL request
