@@ -157,9 +157,6 @@ class ServerConnection:
                 raise ServerGone("server closed the connection")
             buf += chunk
 
-    def has_buffered(self) -> bool:
-        return bool(self._buf)
-
     def note_parameter(self, name: str, value: str) -> None:
         lower = name.lower()
         self.params[lower] = value

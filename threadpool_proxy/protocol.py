@@ -76,9 +76,6 @@ SQLSTATE_QUERY_CANCELED = "57014"
 
 _int32 = struct.Struct("!i")
 _uint32 = struct.Struct("!I")
-_header = struct.Struct("!cI")
-_two_int32 = struct.Struct("!ii")
-int32_unpack_from = _int32.unpack_from
 
 
 class ProtocolError(Exception):

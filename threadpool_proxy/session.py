@@ -30,7 +30,6 @@ SERVER_BUFFER_MAX = 256 * 1024
 MAX_AUTH_MESSAGE = 65535
 
 _POLLIN = select.POLLIN
-_POLLERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 class ClientFatal(Exception):
@@ -270,7 +269,7 @@ class ClientSession:
         auth_type = self.db.auth_type
         if auth_type != "passthrough":
             self.proxy.authenticate(self)          # proxy-terminated auth (auth.py)
-            conn = self.obtain_server(first=True)
+            conn = self.obtain_server()
         else:
             conn = self.passthrough_login()
         self.cancel_pid, self.cancel_secret = self.proxy.cancel_keys.register(self)
@@ -406,7 +405,7 @@ class ClientSession:
                     wanted[name] = defaults[name]
         return wanted
 
-    def obtain_server(self, first: bool = False) -> ServerConnection:
+    def obtain_server(self) -> ServerConnection:
         """Check out a server connection of this client's identity, dialing if allowed."""
         pool, db, config = self.proxy.pool, self.db, self.config
         settings = self.settings
