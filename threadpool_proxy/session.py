@@ -276,17 +276,15 @@ class ClientSession:
         welcome = [pq.parameter_status(conn.param_names[n], v) for n, v in conn.params.items()]
         welcome.append(pq.backend_key_data(self.cancel_pid, self.cancel_secret))
         welcome.append(pq.ready_for_query(pq.IDLE))
+        # The client keeps its login connection; in transaction and statement
+        # mode the relay lets it go as soon as another client waits for one.
+        self.server = conn
         try:
             self.client.settimeout(None)
             self.client.sendall(b"".join(welcome))
         except OSError:
-            # Idle, but it may carry SETs made for this client: reset before parking.
-            self.proxy.pool.checkin(self.key, conn, reset_ok=conn.start_reset(
-                self.config.reset_query, self.config.server_connect_timeout))
+            self.release_server()     # idle, but it may carry SETs made for this client
             raise ClientGone() from None
-        # The client keeps its login connection; in transaction and statement
-        # mode the relay lets it go as soon as another client waits for one.
-        self.server = conn
         log.debug("client %s logged in (%s mode)", self._who(), self.mode)
 
     def server_startup_params(self) -> dict:
@@ -438,7 +436,7 @@ class ClientSession:
                 pool.discard(self.key, conn)
                 continue
             except ServerError as exc:
-                pool.checkin(self.key, conn, reset_ok=conn.reset(config.reset_query, config.server_connect_timeout))
+                self._park(conn)
                 self._send_quietly(exc.raw.replace(b"SERROR\0VERROR\0", b"SFATAL\0VFATAL\0", 1))
                 raise _Done() from None
             return conn
@@ -451,12 +449,15 @@ class ClientSession:
             conn, self.server = self.server, None
         if conn is None:
             return
-        pool = self.proxy.pool
-        if not clean:
-            pool.discard(self.key, conn)
-            return
+        if clean:
+            self._park(conn)
+        else:
+            self.proxy.pool.discard(self.key, conn)
+
+    def _park(self, conn: ServerConnection) -> None:
+        """Send the reset query and park ``conn``; the next checkout checks the answer."""
         ok = conn.start_reset(self.config.reset_query, self.config.server_connect_timeout)
-        pool.checkin(self.key, conn, reset_ok=ok)
+        self.proxy.pool.checkin(self.key, conn, reset_ok=ok)
 
     # -- the relay --------------------------------------------------------------
 
@@ -687,10 +688,8 @@ class ClientSession:
                     raise ClientGone() from None
                 return True
             sscan.__init__()
-        with self.server_lock:
-            conn, self.server = self.server, None
-        log.info("server connection %r closed while idle; the client %s will get another", conn, self._who())
-        self.proxy.pool.discard(self.key, conn)
+        log.info("server connection %r closed while idle; the client %s will get another", self.server, self._who())
+        self.release_server(clean=False)
         return False
 
     def _refuse_transaction_block(self, view, n) -> None:
@@ -727,10 +726,7 @@ class ClientSession:
         parameters.clear()
 
     def _server_lost(self):
-        with self.server_lock:
-            conn, self.server = self.server, None
-        if conn is not None:
-            self.proxy.pool.discard(self.key, conn)
+        self.release_server(clean=False)
         raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE,
                           "server connection lost; the client's transaction, if any, was rolled back",
                           hint="The PostgreSQL server closed the connection or was restarted.")
