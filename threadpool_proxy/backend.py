@@ -203,15 +203,11 @@ class ServerConnection:
         if status != pq.IDLE:
             raise ServerGone("server left idle state after SET")
 
-    def reset(self, reset_query: str, timeout: float) -> bool:
-        """Run the reset query and wait for it; True if it left the connection clean."""
-        return self.start_reset(reset_query, timeout) and self.finish_reset()
-
     def start_reset(self, reset_query: str, timeout: float) -> bool:
         """Send the reset query without waiting for its answer (False if the send failed).
 
         The releasing client goes on at once; whoever takes the connection next
-        reads the answer with ``finish_reset`` before using it, so the round
+        reads the answer with ``finish_reset_verdict`` before using it, so the round
         trip costs no thread a blocking wait of its own.
         """
         self.reset_timeout = timeout
@@ -224,10 +220,6 @@ class ServerConnection:
             return False
         self.reset_pending = True
         return True
-
-    def finish_reset(self) -> bool:
-        """Read the reset query's answer; True if it was ReadyForQuery 'I' with no error and nothing after."""
-        return self.finish_reset_verdict() == "ok"
 
     def finish_reset_verdict(self) -> str:
         """"ok"; "failed" (the reset query erred or left a transaction open); or
