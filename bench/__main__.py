@@ -1,4 +1,5 @@
-"""python -m bench: PostgreSQL direct vs PgBouncer vs threadpool_proxy with pgbench.
+"""python -m bench: PostgreSQL direct vs PgBouncer (plain and with server_reset_query_always)
+vs threadpool_proxy (this tree, and optionally a base tree for before/after) with pgbench.
 
 Everything runs on loopback in a throwaway temp dir; every process started is
 stopped (and the temp dir removed) on exit, failure, SIGINT or SIGTERM.
@@ -17,8 +18,9 @@ import yaml
 
 from . import report
 from .cluster import PgCluster, ensure_packages, ensure_pg_user, server_version_string
-from .scenarios import DEFAULT_SCENARIOS, QUICK_SCENARIOS, SCENARIOS, bigresult_bytes, run_idle, run_pgbench, write_scripts
-from .targets import TARGET_NAMES, DirectTarget, PgBouncerTarget, ProxyTarget, Target
+from .scenarios import (DEFAULT_SCENARIOS, QUICK_SCENARIOS, SCENARIOS, bigresult_bytes, expected_to_fail, run_idle,
+                        run_pgbench, write_scripts)
+from .targets import PGBOUNCER_TARGETS, REPO_ROOT, TARGET_NAMES, DirectTarget, PgBouncerTarget, ProxyTarget, Target
 from .util import BenchError, become_subreaper, log, raise_nofile
 
 
@@ -41,13 +43,33 @@ def _kv(value: str) -> tuple[str, str]:
     return key.strip(), val
 
 
+def _target_scenario(value: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in _csv(value):
+        t, sep, sc = item.partition(":")
+        if not sep or not t.strip() or not sc.strip():
+            raise argparse.ArgumentTypeError(f"expected TARGET:SCENARIO, got {item!r}")
+        pairs.append((t.strip(), sc.strip()))
+    return pairs
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/run",
         description="Benchmark PostgreSQL direct vs PgBouncer vs threadpool_proxy with pgbench "
                     "(throwaway cluster on loopback; all started processes are cleaned up).")
-    p.add_argument("--targets", type=_csv, default=list(TARGET_NAMES),
-                   help=f"comma list from {','.join(TARGET_NAMES)} (default: all)")
+    p.add_argument("--targets", type=_csv, default=None,
+                   help=f"comma list from {','.join(TARGET_NAMES)} (default: all; proxy-base only "
+                        f"with --proxy-base-src)")
+    p.add_argument("--proxy-base-src", metavar="DIR", default=None,
+                   help="source tree of an older threadpool_proxy (e.g. `git worktree add /tmp/tpp-base HEAD~1`): "
+                        "adds target proxy-base, run with DIR on PYTHONPATH and the same config as proxy, "
+                        "for before/after comparisons in one run")
+    p.add_argument("--expect-fail", type=_target_scenario, action="append", default=[],
+                   metavar="TARGET:SCENARIO",
+                   help="a failure of SCENARIO through TARGET is expected (reported, exit status stays 0); "
+                        "comma list, repeatable; e.g. proxy:prepared-c20 while the proxy lacks a feature. "
+                        "Built in: prepared-c20 through pgbouncer and pgbouncer-reset")
     p.add_argument("--scenarios", type=_csv, default=None,
                    help=f"comma list from {','.join(SCENARIOS)} or 'all' (default: all)")
     p.add_argument("--duration", type=float, default=None, help="seconds per pgbench run (default 10)")
@@ -72,9 +94,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
     a = p.parse_args(argv)
 
+    if a.proxy_base_src is not None:
+        a.proxy_base_src = os.path.realpath(a.proxy_base_src)
+        if not os.path.isfile(os.path.join(a.proxy_base_src, "threadpool_proxy", "__init__.py")):
+            p.error(f"--proxy-base-src: {a.proxy_base_src} has no threadpool_proxy/__init__.py "
+                    f"(give the root of a source tree)")
+    if a.targets is None:
+        a.targets = [t for t in TARGET_NAMES if t != "proxy-base" or a.proxy_base_src]
     bad = [t for t in a.targets if t not in TARGET_NAMES]
     if bad or not a.targets:
         p.error(f"--targets: unknown {','.join(bad) or '(empty)'}; choose from {','.join(TARGET_NAMES)}")
+    if "proxy-base" in a.targets and not a.proxy_base_src:
+        p.error("--targets: proxy-base needs --proxy-base-src DIR")
     a.targets = [t for t in TARGET_NAMES if t in a.targets]      # canonical order
     if a.scenarios is None or a.scenarios == ["all"]:
         a.scenarios = list(QUICK_SCENARIOS if a.quick else DEFAULT_SCENARIOS)
@@ -90,6 +121,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.rounds = 3 if a.rounds is None else a.rounds
     if a.duration < 1 or a.rounds < 1 or a.scale < 1:
         p.error("--duration, --rounds and --scale must be >= 1")
+    pairs = {pair for group in a.expect_fail for pair in group}
+    bad = [f"{t}:{s}" for t, s in sorted(pairs) if t not in TARGET_NAMES or s not in SCENARIOS]
+    if bad:
+        p.error(f"--expect-fail: unknown target or scenario in {','.join(bad)}; targets {','.join(TARGET_NAMES)}, "
+                f"scenarios {','.join(SCENARIOS)}")
+    a.expect_fail = sorted(pairs)
     try:
         a.proxy_config_extra = [(k, yaml.safe_load(v) if v != "" else "") for k, v in a.proxy_config_extra]
     except yaml.YAMLError as exc:
@@ -102,7 +139,8 @@ def main(argv=None) -> int:
     if args.list:
         for sc in SCENARIOS.values():
             what = " ".join(sc.args) if sc.kind == "pgbench" else "idle connections"
-            print(f"{sc.name:20} {what} {'-f script' if sc.script else ''} {sc.note}")
+            fails = f" [expected to fail through {', '.join(sc.expect_fail)}]" if sc.expect_fail else ""
+            print(f"{sc.name:20} {what} {'-f script' if sc.script else ''} {sc.note}{fails}")
         return 0
 
     # SIGINT explicitly too: a shell starting us in the background leaves it ignored
@@ -116,7 +154,7 @@ def main(argv=None) -> int:
     workdir = None
     exit_code = 0
     try:
-        bindir, bouncer_exe = ensure_packages("pgbouncer" in args.targets)
+        bindir, bouncer_exe = ensure_packages(any(t in PGBOUNCER_TARGETS for t in args.targets))
         os_user = ensure_pg_user()
         workdir = tempfile.mkdtemp(prefix="tpbench-", dir=args.tmpdir)
         os.chmod(workdir, 0o755)          # the postgres OS user must reach its subdirectories
@@ -130,12 +168,14 @@ def main(argv=None) -> int:
         for name in args.targets:
             if name == "direct":
                 t: Target = DirectTarget(cluster)
-            elif name == "pgbouncer":
+            elif name in PGBOUNCER_TARGETS:
                 t = PgBouncerTarget(cluster, bouncer_exe, workdir, os_user, args.pool_size,
-                                    args.max_client_conn, args.pgbouncer_config_extra)
+                                    args.max_client_conn, args.pgbouncer_config_extra,
+                                    name=name, reset_always=(name == "pgbouncer-reset"))
             else:
                 t = ProxyTarget(cluster, workdir, args.proxy_auth, args.pool_size, args.max_client_conn,
-                                args.proxy_config_extra)
+                                args.proxy_config_extra, name=name,
+                                src=args.proxy_base_src if name == "proxy-base" else REPO_ROOT)
             targets.append(t)
             try:
                 t.start()
@@ -144,12 +184,14 @@ def main(argv=None) -> int:
                 exit_code = 1
                 log(f"target {name} unavailable: {exc}")
 
-        info = report.machine_info(cluster.version, targets_by(targets, "pgbouncer", lambda t: t.version()),
+        bouncer_t = next((t for t in targets if t.name in PGBOUNCER_TARGETS), None)
+        info = report.machine_info(cluster.version, bouncer_t.version() if bouncer_t else None,
                                    cluster.bin("pgbench"))
         info["postgres"] = server_version_string(bindir)
         proxy_t = next((t for t in targets if t.name == "proxy"), None)
-        if proxy_t is not None:
-            info["proxy"] = proxy_t.version() + (" [UNAVAILABLE]" if proxy_t.failed else "")
+        for t in targets:
+            if isinstance(t, ProxyTarget):
+                info[t.name] = t.version() + (" [UNAVAILABLE]" if t.failed else "")
         settings = {
             "targets": ", ".join(f"{t.name}:{t.port}" if not t.failed else f"{t.name}:UNAVAILABLE"
                                  for t in targets),
@@ -158,6 +200,10 @@ def main(argv=None) -> int:
             "pgbench scale": args.scale,
             "postgres": "fsync=off synchronous_commit=off full_page_writes=off max_connections=300 (NOT durable)",
             "poolers": f"transaction mode, pool size {args.pool_size}, max_client_conn {args.max_client_conn}",
+            "resets": "pgbouncer: none (transaction mode); pgbouncer-reset: server_reset_query_always=1 "
+                      "(DISCARD ALL on every release); proxy: reset_query "
+                      f"{proxy_reset_query(args.proxy_config_extra)!r} when a server connection passes "
+                      "to another client",
             "proxy auth": args.proxy_auth + (f"; extra {args.proxy_config_extra}" if args.proxy_config_extra else ""),
             "pgbench": "-n (no vacuum), -j 2, sslmode=disable, SCRAM password login",
             "shared CPU": f"pgbench, pooler and postgres all share these {info['nproc']} CPUs",
@@ -166,6 +212,12 @@ def main(argv=None) -> int:
         }
         if args.pgbouncer_config_extra:
             settings["pgbouncer extra"] = args.pgbouncer_config_extra
+        if args.proxy_base_src:
+            settings["proxy-base src"] = f"{args.proxy_base_src} (same config as proxy)"
+        exp = [f"{t}:{s}" for s in args.scenarios for t in args.targets
+               if SCENARIOS[s].kind == "pgbench" and expected_to_fail(SCENARIOS[s], t, set(args.expect_fail))]
+        if exp:
+            settings["expected to fail"] = ", ".join(exp)
         report.print_machine(info, settings)
 
         big = None
@@ -202,13 +254,14 @@ def main(argv=None) -> int:
                         continue
                     rec = run_pgbench(cluster, t, sc, args.duration, scripts.get(sc.name))
                     rec["round"] = rnd + 1
+                    rec["expected_to_fail"] = expected_to_fail(sc, t.name, set(args.expect_fail))
                     runs.append(rec)
                     progress(rec, args.rounds)
                     if not t.alive():
                         t.failed = t.death_note()
                         log(t.failed)
                         exit_code = 1
-                    elif rec["status"] != "ok" and not (sc.expect_errors_through_pooler and t.is_pooler):
+                    elif rec["status"] != "ok" and not rec["expected_to_fail"]:
                         exit_code = 1
 
         with open("/proc/loadavg") as f:
@@ -218,6 +271,7 @@ def main(argv=None) -> int:
         rows = report.summarize(runs, [s for s in args.scenarios if SCENARIOS[s].kind == "pgbench"],
                                 [t.name for t in targets], big)
         report.print_table(rows)
+        report.print_comparison(rows)
         report.print_idle_table(idle)
         unavailable = [t for t in targets if t.failed]
         for t in unavailable:
@@ -248,15 +302,15 @@ def usable(t: Target) -> bool:
     return not t.failed and t.alive()
 
 
-def targets_by(targets, name, fn):
-    for t in targets:
-        if t.name == name:
-            return fn(t)
-    return None
+def proxy_reset_query(extra: list[tuple[str, object]]) -> str:
+    for key, value in extra:
+        if key == "reset_query":
+            return str(value)
+    return "DISCARD ALL"
 
 
 def progress(rec: dict, rounds: int) -> None:
-    bits = [f"{rec['scenario']} r{rec['round']}/{rounds} {rec['target']:9}"]
+    bits = [f"{rec['scenario']} r{rec['round']}/{rounds} {rec['target']:15}"]
     if "tps" in rec:
         bits.append(f"tps {rec['tps']:9.1f}")
     if "latency_ms" in rec:
@@ -266,7 +320,7 @@ def progress(rec: dict, rounds: int) -> None:
     if "server_us_per_txn" in rec:
         bits.append(f"server {rec['server_us_per_txn']:.1f} us/tx")
     if rec["status"] != "ok":
-        bits.append(f"FAILED: {rec.get('error')}")
+        bits.append(f"FAILED{' (expected)' if rec.get('expected_to_fail') else ''}: {rec.get('error')}")
     log("  ".join(bits))
 
 

@@ -1,4 +1,5 @@
-"""Benchmark targets: PostgreSQL directly, PgBouncer, threadpool_proxy."""
+"""Benchmark targets: PostgreSQL directly, PgBouncer (plain, and with server_reset_query_always),
+threadpool_proxy from this repo, and (optionally) threadpool_proxy from another source tree."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from .util import (BenchError, chown_to, free_port, log, make_preexec, proc_cpu_
                    stop_process, tail, wait_port)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGET_NAMES = ("direct", "pgbouncer", "proxy")
+# canonical (report) order; proxy-base exists only with --proxy-base-src
+TARGET_NAMES = ("direct", "pgbouncer", "pgbouncer-reset", "proxy-base", "proxy")
+PGBOUNCER_TARGETS = ("pgbouncer", "pgbouncer-reset")
+PROXY_TARGETS = ("proxy-base", "proxy")
 
 
 class Target:
@@ -77,16 +81,23 @@ class DirectTarget(Target):
 
 
 class PgBouncerTarget(Target):
-    name = "pgbouncer"
+    """PgBouncer in transaction mode.  reset_always (target `pgbouncer-reset`) adds
+    server_reset_query_always = 1 with server_reset_query DISCARD ALL (its default),
+    so every server connection is reset when a client releases it, as the proxy
+    resets one before it passes to another client; plain `pgbouncer` runs no reset
+    in transaction mode."""
 
     def __init__(self, cluster: PgCluster, exe: str, workdir: str, os_user: str | None,
-                 pool_size: int, max_client_conn: int, extra: list[tuple[str, str]]):
+                 pool_size: int, max_client_conn: int, extra: list[tuple[str, str]],
+                 name: str = "pgbouncer", reset_always: bool = False):
         super().__init__()
+        self.name, self.reset_always = name, reset_always
         self.cluster, self.exe, self.os_user = cluster, exe, os_user
-        self.dir = os.path.join(workdir, "pgbouncer")
+        self.dir = os.path.join(workdir, name)
         self.pool_size, self.max_client_conn, self.extra = pool_size, max_client_conn, extra
         self.logfile = os.path.join(self.dir, "pgbouncer.log")
         self.ini = os.path.join(self.dir, "pgbouncer.ini")
+        self.settings: dict[str, str] = {}
 
     def start(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -111,9 +122,16 @@ class PgBouncerTarget(Target):
             "log_connections": "0",
             "log_disconnections": "0",
             "log_pooler_errors": "1",
+            "server_reset_query": "DISCARD ALL",
+            "server_reset_query_always": "0",
         }
         for key, value in self.extra:
             settings[key] = value
+        if self.reset_always:                 # what makes this target what it is: not overridable
+            settings["server_reset_query_always"] = "1"
+            if not settings.get("server_reset_query"):
+                settings["server_reset_query"] = "DISCARD ALL"
+        self.settings = settings
         with open(self.ini, "w") as f:
             f.write("[databases]\n")
             f.write(f"{BENCH_DB} = host=127.0.0.1 port={self.cluster.port} dbname={BENCH_DB}\n\n")
@@ -122,14 +140,15 @@ class PgBouncerTarget(Target):
                 f.write(f"{k} = {v}\n")
         for p in (userlist, self.ini):
             chown_to(p, self.os_user)
-        log(f"starting pgbouncer on 127.0.0.1:{self.port}")
+        log(f"starting {self.name} on 127.0.0.1:{self.port}"
+            f" (server_reset_query_always={settings['server_reset_query_always']})")
         out = open(os.path.join(self.dir, "stdout.log"), "wb")
         self.proc = subprocess.Popen([self.exe, self.ini], stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.dir, start_new_session=True,
                                      preexec_fn=make_preexec(self.os_user))
         out.close()
         try:
-            wait_port(self.port, 20, self.proc, "pgbouncer")
+            wait_port(self.port, 20, self.proc, self.name)
         except BenchError as exc:
             raise BenchError(f"{exc}\n{tail(self.logfile)}\n{tail(os.path.join(self.dir, 'stdout.log'))}")
 
@@ -145,24 +164,34 @@ class PgBouncerTarget(Target):
             return "?"
 
 
-def proxy_runnable() -> tuple[bool, str]:
-    """Whether `python -m threadpool_proxy --help` works yet, and why not."""
-    env = dict(os.environ, PYTHONPATH=_pythonpath())
+def proxy_runnable(src: str = REPO_ROOT) -> tuple[bool, str]:
+    """Whether `python -m threadpool_proxy --help` works from source tree src (and
+    really imports the package from there), and why not."""
+    env = dict(os.environ, PYTHONPATH=_pythonpath(src))
     try:
         r = subprocess.run([sys.executable, "-m", "threadpool_proxy", "--help"], capture_output=True,
-                           text=True, cwd=REPO_ROOT, env=env, timeout=30, stdin=subprocess.DEVNULL)
+                           text=True, cwd=src, env=env, timeout=30, stdin=subprocess.DEVNULL)
+        if r.returncode == 0:
+            # PYTHONPATH must win over an installed (e.g. editable) copy of the package
+            w = subprocess.run([sys.executable, "-c", "import threadpool_proxy; print(threadpool_proxy.__file__)"],
+                               capture_output=True, text=True, cwd=src, env=env, timeout=30,
+                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return False, "`python -m threadpool_proxy --help` did not finish within 30 s"
-    if r.returncode == 0:
-        return True, ""
-    lines = (r.stderr or r.stdout).strip().splitlines()
-    return False, (f"`python -m threadpool_proxy --help` failed (status {r.returncode}): "
-                   f"{lines[-1] if lines else 'no output'}")
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        return False, (f"`python -m threadpool_proxy --help` failed (status {r.returncode}) in {src}: "
+                       f"{lines[-1] if lines else 'no output'}")
+    where = w.stdout.strip()
+    want = os.path.join(os.path.realpath(src), "threadpool_proxy") + os.sep
+    if not where or not os.path.realpath(where).startswith(want):
+        return False, f"with PYTHONPATH={src} threadpool_proxy is imported from {where or '?'}, not {want}"
+    return True, ""
 
 
-def _pythonpath() -> str:
+def _pythonpath(src: str = REPO_ROOT) -> str:
     old = os.environ.get("PYTHONPATH")
-    return REPO_ROOT + (os.pathsep + old if old else "")
+    return src + (os.pathsep + old if old else "")
 
 
 def _set_dotted(cfg: dict, dotted: str, value) -> None:
@@ -175,21 +204,39 @@ def _set_dotted(cfg: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+def source_version(src: str) -> str:
+    """`<short rev>[ + uncommitted changes]` of the git checkout at src, or a note."""
+    try:
+        r = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if r.returncode != 0:
+            return "not a git checkout"
+        rev = r.stdout.strip() or "no commit"
+        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "threadpool_proxy"],
+                               capture_output=True, text=True).stdout.strip()
+        return f"{rev}{' + uncommitted changes' if dirty else ''}"
+    except OSError:
+        return "?"
+
+
 class ProxyTarget(Target):
-    name = "proxy"
+    """`python -m threadpool_proxy -c proxy.yaml` with src (default: this repo) first on
+    PYTHONPATH and as the working directory.  Target `proxy-base` is the same with
+    another source tree (--proxy-base-src) and the identical config."""
 
     def __init__(self, cluster: PgCluster, workdir: str, auth: str, pool_size: int,
-                 max_client_conn: int, extra: list[tuple[str, object]]):
+                 max_client_conn: int, extra: list[tuple[str, object]],
+                 name: str = "proxy", src: str = REPO_ROOT):
         super().__init__()
+        self.name, self.src = name, src
         self.cluster = cluster
-        self.dir = os.path.join(workdir, "proxy")
+        self.dir = os.path.join(workdir, name)
         self.auth, self.pool_size, self.max_client_conn, self.extra = auth, pool_size, max_client_conn, extra
         self.logfile = os.path.join(self.dir, "proxy.log")
         self.config_path = os.path.join(self.dir, "proxy.yaml")
         self.config: dict = {}
 
     def start(self) -> None:
-        ok, why = proxy_runnable()
+        ok, why = proxy_runnable(self.src)
         if not ok:
             raise BenchError(f"threadpool_proxy is not runnable yet: {why}")
         os.makedirs(self.dir, exist_ok=True)
@@ -215,26 +262,21 @@ class ProxyTarget(Target):
         self.config = cfg
         with open(self.config_path, "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
-        log(f"starting threadpool_proxy on 127.0.0.1:{self.port} (auth {cfg['auth_type']})")
+        log(f"starting {self.name} (threadpool_proxy from {self.src}) on 127.0.0.1:{self.port} "
+            f"(auth {cfg['auth_type']})")
         out = open(self.logfile, "wb")
-        env = dict(os.environ, PYTHONPATH=_pythonpath())
+        env = dict(os.environ, PYTHONPATH=_pythonpath(self.src))
+        # cwd = src too: `python -m` puts the working directory first on sys.path
         self.proc = subprocess.Popen([sys.executable, "-m", "threadpool_proxy", "-c", self.config_path],
                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=REPO_ROOT, env=env, start_new_session=True,
+                                     cwd=self.src, env=env, start_new_session=True,
                                      preexec_fn=make_preexec(None))
         out.close()
         try:
-            wait_port(self.port, 30, self.proc, "threadpool_proxy")
+            wait_port(self.port, 30, self.proc, self.name)
         except BenchError as exc:
             raise BenchError(f"{exc}; log tail ({self.logfile}):\n{tail(self.logfile)}")
 
     def version(self) -> str:
-        try:
-            r = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"],
-                               capture_output=True, text=True)
-            rev = r.stdout.strip() or "no commit"
-            dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "threadpool_proxy"],
-                                   capture_output=True, text=True).stdout.strip()
-            return f"threadpool_proxy @ {rev}{' + uncommitted changes' if dirty else ''}"
-        except OSError:
-            return "threadpool_proxy"
+        v = f"threadpool_proxy @ {source_version(self.src)}"
+        return v if self.src == REPO_ROOT else f"{v} ({self.src})"
