@@ -25,7 +25,7 @@ import yaml
 
 from helpers import PASSWORDS, psql, raw_login, read_message, wait_until
 from threadpool_proxy import ConfigError
-from threadpool_proxy.authenticator import FAILURE_DELAY
+from threadpool_proxy.login import FAILURE_DELAY
 from threadpool_proxy.authfile import format_scram_verifier, scram_secret_from_password
 
 FAILED = 'password authentication failed for user "{}"'
@@ -72,7 +72,7 @@ def connect(pg, proxy, user="app", dbname="appdb", **kw):
 
 
 def authenticator(proxy):
-    return proxy.server.authenticator
+    return proxy.server.logins
 
 
 def msg(kind: bytes, body: bytes = b"") -> bytes:
@@ -452,17 +452,15 @@ def test_trust_logs_in_without_a_password(pg, proxy_factory):
 
 
 def test_trust_refuses_clients_that_are_not_on_loopback(pg, proxy_factory):
-    from threadpool_proxy.session import ClientFatal
+    from threadpool_proxy.errors import ClientFatal
+    from threadpool_proxy.login import LoginRequest
 
     proxy = proxy_factory(auth_type="trust")
-
-    class Session:
-        user, database, address = "trustuser", "appdb", ("192.0.2.7", 40000)
-        db = proxy.config.databases["appdb"]
-        client = None
+    request = LoginRequest(user="trustuser", database="appdb", db=proxy.config.databases["appdb"],
+                           key="unused", address=("192.0.2.7", 40000))
 
     with pytest.raises(ClientFatal, match="loopback"):
-        authenticator(proxy).authenticate(Session())
+        authenticator(proxy).authenticate(None, request)     # refused before any I/O with the client
 
 
 @pytest.fixture

@@ -20,12 +20,6 @@ import pytest
 from scramp import ScramClient, ScramMechanism
 
 from threadpool_proxy.auth import (
-    AUTH_REQ_MD5,
-    AUTH_REQ_OK,
-    AUTH_REQ_PASSWORD,
-    AUTH_REQ_SASL,
-    AUTH_REQ_SASL_CONT,
-    AUTH_REQ_SASL_FIN,
     AuthFailed,
     ScramServerExchange,
     ServerLogin,
@@ -34,6 +28,12 @@ from threadpool_proxy.auth import (
     parse_sasl_initial_response,
     sasl_mechanisms_payload,
 )
+from threadpool_proxy.protocol import AUTH_CLEARTEXT_PASSWORD as AUTH_REQ_PASSWORD
+from threadpool_proxy.protocol import AUTH_MD5_PASSWORD as AUTH_REQ_MD5
+from threadpool_proxy.protocol import AUTH_OK as AUTH_REQ_OK
+from threadpool_proxy.protocol import AUTH_SASL as AUTH_REQ_SASL
+from threadpool_proxy.protocol import AUTH_SASL_CONTINUE as AUTH_REQ_SASL_CONT
+from threadpool_proxy.protocol import AUTH_SASL_FINAL as AUTH_REQ_SASL_FIN
 from threadpool_proxy.authfile import (
     AuthFile,
     AuthFileError,

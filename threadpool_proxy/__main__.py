@@ -85,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reload(proxy: Proxy) -> None:
-    auth = proxy.server.authenticator if proxy.server else None
-    if auth is None:
+    logins = proxy.server.logins if proxy.server else None
+    if logins is None or logins.auth_file is None:
         log.info("SIGHUP: nothing to reload (no auth file in use)")
+        if logins is not None:
+            logins.reload()          # still forget cached auth_query results
         return
     try:
-        auth.reload()
+        logins.reload()
         log.info("SIGHUP: auth file reloaded")
     except Exception as exc:   # keep running with the old contents
         log.error("SIGHUP: auth file not reloaded: %s", exc)

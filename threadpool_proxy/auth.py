@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import enum
 import hashlib
 import hmac
 import secrets
-import struct
 
-from threadpool_proxy.authfile import (
+from . import protocol as pq
+from .authfile import (
     DEFAULT_ITERATIONS,
     DEFAULT_SALT_LEN,
     SCRAM_KEY_LEN,
@@ -49,30 +50,13 @@ from threadpool_proxy.authfile import (
     Secret,
     scram_keys,
 )
+from .errors import ProxyError
 
-# Authentication request codes (the Int32 after 'R' in an Authentication message).
-AUTH_REQ_OK = 0
-AUTH_REQ_KRB5 = 2
-AUTH_REQ_PASSWORD = 3       # AuthenticationCleartextPassword
-AUTH_REQ_MD5 = 5            # AuthenticationMD5Password; payload: Byte4 salt
-AUTH_REQ_GSS = 7
-AUTH_REQ_GSS_CONT = 8
-AUTH_REQ_SSPI = 9
-AUTH_REQ_SASL = 10          # payload: String mechanism, ..., terminated by an empty String
-AUTH_REQ_SASL_CONT = 11     # payload: SCRAM server-first
-AUTH_REQ_SASL_FIN = 12      # payload: SCRAM server-final
-
-PASSWORD_MESSAGE = "p"      # PasswordMessage, SASLInitialResponse and SASLResponse share it
-
-SQLSTATE_INVALID_PASSWORD = "28P01"
-SQLSTATE_INVALID_AUTHORIZATION = "28000"
-SQLSTATE_PROTOCOL_VIOLATION = "08P01"
-
-_i32 = struct.Struct("!i")
+_PASSWORD_MESSAGE_TYPE = pq.PASSWORD_MESSAGE.decode("ascii")   # what ServerLogin.step returns as the type
 _NONCE_BYTES = 18    # nonces as PostgreSQL makes them: 18 random bytes, 24 base64 characters
 
 
-class AuthFailed(Exception):
+class AuthFailed(ProxyError):
     """Authentication cannot succeed.  str(exc) is a reason for the proxy's log.
 
     The message never holds secret material, but it may name the user and say
@@ -80,13 +64,13 @@ class AuthFailed(Exception):
     "password authentication failed for user ..." with ``sqlstate``.
     """
 
-    def __init__(self, reason: str, sqlstate: str = SQLSTATE_INVALID_PASSWORD):
+    def __init__(self, reason: str, sqlstate: str = pq.SQLSTATE_INVALID_PASSWORD):
         super().__init__(reason)
         self.sqlstate = sqlstate
 
 
 def _protocol_error(reason: str) -> AuthFailed:
-    return AuthFailed(reason, SQLSTATE_PROTOCOL_VIOLATION)
+    return AuthFailed(reason, pq.SQLSTATE_PROTOCOL_VIOLATION)
 
 
 def _b64e(data: bytes) -> str:
@@ -146,7 +130,7 @@ def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
     if nul < 0 or len(body) < nul + 5:
         raise _protocol_error("malformed SASLInitialResponse: truncated")
     mechanism = body[:nul].decode("ascii", "replace")
-    (length,) = _i32.unpack_from(body, nul + 1)
+    (length,) = pq.INT32.unpack_from(body, nul + 1)
     data = body[nul + 5:]
     if length == -1:
         length = 0
@@ -297,7 +281,7 @@ class ScramServerExchange:
             raise _protocol_error("SCRAM channel-binding data does not match the client-first gs2 header")
         if attrs[1][1] != self._nonce:
             raise AuthFailed("SCRAM nonce mismatch: client-final is not for this exchange "
-                             "(stale or replayed)", SQLSTATE_PROTOCOL_VIOLATION)
+                             "(stale or replayed)", pq.SQLSTATE_PROTOCOL_VIOLATION)
         proof = _b64d(proof_b64, "proof (p=)")
         if len(proof) != SCRAM_KEY_LEN:
             raise _protocol_error(f"malformed SCRAM client-final: proof must be "
@@ -342,7 +326,7 @@ def md5_server_check(secret: Secret, username: str, salt: bytes, response: bytes
         md5_hash = secret.md5
     else:
         raise AuthFailed(f"md5 authentication is impossible for user {username!r}: "
-                         "the auth file holds only a SCRAM verifier", SQLSTATE_INVALID_AUTHORIZATION)
+                         "the auth file holds only a SCRAM verifier", pq.SQLSTATE_INVALID_AUTHORIZATION)
     response = bytes(response)
     if response.endswith(b"\0"):
         response = response[:-1]
@@ -402,9 +386,14 @@ class ServerLogin:
     def done(self) -> bool:
         return self._stage == _LoginStage.DONE
 
-    def _fail(self, reason: str, sqlstate: str = SQLSTATE_INVALID_AUTHORIZATION) -> AuthFailed:
+    def _fail(self, reason: str, sqlstate: str = pq.SQLSTATE_INVALID_AUTHORIZATION) -> AuthFailed:
         self._stage = _LoginStage.FAILED
         return AuthFailed(reason, sqlstate)
+
+    def answer(self, auth_code: int, payload: bytes = b"") -> bytes | None:
+        """``step`` for the I/O layer: the framed PasswordMessage to send, or None."""
+        reply = self.step(auth_code, payload)
+        return None if reply is None else pq.password_message(reply[1])
 
     def step(self, auth_code: int, payload: bytes = b"") -> tuple[str, bytes] | None:
         """Consume one Authentication request; return ('p', body) to send, or None."""
@@ -413,24 +402,24 @@ class ServerLogin:
         if stage in (_LoginStage.DONE, _LoginStage.FAILED):
             raise self._fail(f"authentication request {auth_code} after the login "
                              f"{'finished' if stage == _LoginStage.DONE else 'failed'}",
-                             SQLSTATE_PROTOCOL_VIOLATION)
-        if auth_code == AUTH_REQ_OK:
+                             pq.SQLSTATE_PROTOCOL_VIOLATION)
+        if auth_code == pq.AUTH_OK:
             return self._on_ok(stage)
-        if stage != _LoginStage.START and auth_code not in (AUTH_REQ_SASL_CONT, AUTH_REQ_SASL_FIN):
+        if stage != _LoginStage.START and auth_code not in (pq.AUTH_SASL_CONTINUE, pq.AUTH_SASL_FINAL):
             raise self._fail(f"server sent authentication request {auth_code} in the middle "
-                             "of another authentication", SQLSTATE_PROTOCOL_VIOLATION)
-        if auth_code == AUTH_REQ_PASSWORD:
+                             "of another authentication", pq.SQLSTATE_PROTOCOL_VIOLATION)
+        if auth_code == pq.AUTH_CLEARTEXT_PASSWORD:
             return self._on_cleartext()
-        if auth_code == AUTH_REQ_MD5:
+        if auth_code == pq.AUTH_MD5_PASSWORD:
             return self._on_md5(payload)
-        if auth_code == AUTH_REQ_SASL:
+        if auth_code == pq.AUTH_SASL:
             return self._on_sasl(payload)
-        if auth_code == AUTH_REQ_SASL_CONT:
+        if auth_code == pq.AUTH_SASL_CONTINUE:
             return self._on_sasl_continue(payload)
-        if auth_code == AUTH_REQ_SASL_FIN:
+        if auth_code == pq.AUTH_SASL_FINAL:
             return self._on_sasl_final(payload)
-        names = {AUTH_REQ_KRB5: "Kerberos V5", AUTH_REQ_GSS: "GSSAPI",
-                 AUTH_REQ_GSS_CONT: "GSSAPI", AUTH_REQ_SSPI: "SSPI"}
+        names = {pq.AUTH_KERBEROS_V5: "Kerberos V5", pq.AUTH_GSS: "GSSAPI",
+                 pq.AUTH_GSS_CONTINUE: "GSSAPI", pq.AUTH_SSPI: "SSPI"}
         raise self._fail(f"server requests an unsupported authentication method "
                          f"({names.get(auth_code, f'code {auth_code}')}) for user {self.username!r}")
 
@@ -440,7 +429,7 @@ class ServerLogin:
             # never proved it knows the verifier.
             raise self._fail("server sent AuthenticationOk before completing SCRAM "
                              "(no server signature): the server is not who it claims to be",
-                             SQLSTATE_PROTOCOL_VIOLATION)
+                             pq.SQLSTATE_PROTOCOL_VIOLATION)
         if stage == _LoginStage.START:
             self.method = "trust"
         self._stage = _LoginStage.DONE
@@ -453,12 +442,12 @@ class ServerLogin:
                              "or md5 hash); use scram-sha-256 on the server")
         self.method = "password"
         self._stage = _LoginStage.PASSWORD_SENT
-        return PASSWORD_MESSAGE, self._password.encode("utf-8") + b"\0"
+        return _PASSWORD_MESSAGE_TYPE, self._password.encode("utf-8") + b"\0"
 
     def _on_md5(self, salt: bytes) -> tuple[str, bytes]:
         if len(salt) != 4:
             raise self._fail("malformed AuthenticationMD5Password: salt must be 4 bytes",
-                             SQLSTATE_PROTOCOL_VIOLATION)
+                             pq.SQLSTATE_PROTOCOL_VIOLATION)
         if self._password is not None:
             md5_hash = md5_hash_of(self._password, self.username)
         elif self._md5_hash is not None:
@@ -469,7 +458,7 @@ class ServerLogin:
                              "use scram-sha-256 on the server")
         self.method = "md5"
         self._stage = _LoginStage.PASSWORD_SENT
-        return PASSWORD_MESSAGE, md5_response(md5_hash, salt) + b"\0"
+        return _PASSWORD_MESSAGE_TYPE, md5_response(md5_hash, salt) + b"\0"
 
     def _on_sasl(self, payload: bytes) -> tuple[str, bytes]:
         offered = [m.decode("ascii", "replace") for m in payload.split(b"\0") if m]
@@ -487,12 +476,12 @@ class ServerLogin:
         data = ("n,," + self._client_first_bare).encode("utf-8")
         self._stage = _LoginStage.SASL_CONTINUE
         # SASLInitialResponse: String mechanism; Int32 data length; Byte[n] data.
-        body = SCRAM_SHA_256.encode("ascii") + b"\0" + _i32.pack(len(data)) + data
-        return PASSWORD_MESSAGE, body
+        body = SCRAM_SHA_256.encode("ascii") + b"\0" + pq.INT32.pack(len(data)) + data
+        return _PASSWORD_MESSAGE_TYPE, body
 
     def _on_sasl_continue(self, payload: bytes) -> tuple[str, bytes]:
         if self._stage != _LoginStage.SASL_CONTINUE:
-            raise self._fail("unexpected AuthenticationSASLContinue", SQLSTATE_PROTOCOL_VIOLATION)
+            raise self._fail("unexpected AuthenticationSASLContinue", pq.SQLSTATE_PROTOCOL_VIOLATION)
         try:
             server_first = _decode(payload, "server-first")
             nonce, salt, iterations = self._parse_server_first(server_first)
@@ -514,11 +503,11 @@ class ServerLogin:
         proof = _xor(client_key, _hmac(stored_key, auth_message))
         self._server_signature = _hmac(server_key, auth_message)
         self._stage = _LoginStage.SASL_FINAL
-        return PASSWORD_MESSAGE, f"{without_proof},p={_b64e(proof)}".encode("ascii")
+        return _PASSWORD_MESSAGE_TYPE, f"{without_proof},p={_b64e(proof)}".encode("ascii")
 
     def _parse_server_first(self, text: str) -> tuple[str, bytes, int]:
         if text.startswith("e="):
-            raise AuthFailed(f"server rejected SCRAM: {text[2:]}", SQLSTATE_INVALID_AUTHORIZATION)
+            raise AuthFailed(f"server rejected SCRAM: {text[2:]}", pq.SQLSTATE_INVALID_AUTHORIZATION)
         attrs = _attributes(text.split(","), "server-first")
         if len(attrs) < 3 or [k for k, _ in attrs[:3]] != ["r", "s", "i"]:
             raise _protocol_error("malformed SCRAM server-first: expected r=...,s=...,i=...")
@@ -535,11 +524,11 @@ class ServerLogin:
 
     def _on_sasl_final(self, payload: bytes) -> None:
         if self._stage != _LoginStage.SASL_FINAL:
-            raise self._fail("unexpected AuthenticationSASLFinal", SQLSTATE_PROTOCOL_VIOLATION)
+            raise self._fail("unexpected AuthenticationSASLFinal", pq.SQLSTATE_PROTOCOL_VIOLATION)
         try:
             text = _decode(payload, "server-final")
             if text.startswith("e="):
-                raise AuthFailed(f"server rejected SCRAM: {text[2:]}", SQLSTATE_INVALID_AUTHORIZATION)
+                raise AuthFailed(f"server rejected SCRAM: {text[2:]}", pq.SQLSTATE_INVALID_AUTHORIZATION)
             signature = dict(_attributes(text.split(","), "server-final")).get("v") if text else None
             if signature is None:
                 raise _protocol_error("malformed SCRAM server-final: no server signature (v=)")
@@ -551,3 +540,54 @@ class ServerLogin:
                              f"to be (or its verifier for user {self.username!r} changed)")
         self._stage = _LoginStage.SASL_VERIFIED
         return None
+
+
+# --- how the proxy logs in to PostgreSQL for one user --------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ServerCredentials:
+    """How the proxy logs in to PostgreSQL as one user (any one field set, or none for trust)."""
+
+    password: str | None = None
+    md5_hash: str | None = None
+    client_key: bytes | None = None
+    scram_secret: Secret | None = None
+
+    def login(self, user: str) -> ServerLogin | None:
+        """A ServerLogin for these credentials; None when there are none (trusting server)."""
+        if self.password is not None:
+            return ServerLogin(user, password=self.password)
+        if self.client_key is not None:
+            return ServerLogin(user, client_key=self.client_key, scram_secret=self.scram_secret)
+        if self.md5_hash is not None:
+            return ServerLogin(user, md5_hash=self.md5_hash)
+        return None
+
+    @property
+    def kind(self) -> str:
+        if self.password is not None:
+            return "password"
+        if self.client_key is not None:
+            return "scram-client-key"
+        if self.md5_hash is not None:
+            return "md5-hash"
+        return "none"
+
+    def __repr__(self) -> str:        # never show the secret parts
+        return f"ServerCredentials({self.kind})"
+
+    __str__ = __repr__
+
+
+NO_CREDENTIALS = ServerCredentials()
+
+
+def credentials_from_secret(secret: Secret | None) -> ServerCredentials:
+    """Server credentials a stored secret gives by itself (a SCRAM verifier gives none)."""
+    if secret is None:
+        return NO_CREDENTIALS
+    if secret.kind == "password":
+        return ServerCredentials(password=secret.password)
+    if secret.kind == "md5":
+        return ServerCredentials(md5_hash=secret.md5)
+    return NO_CREDENTIALS

@@ -137,6 +137,17 @@ def parse_scram_verifier(text: str) -> Secret:
                   stored_key=stored_key, server_key=server_key)
 
 
+def secret_from_rolpassword(text: str) -> Secret:
+    """A Secret from what pg_shadow.passwd / pg_authid.rolpassword holds; ValueError if unusable."""
+    if text.startswith("SCRAM-SHA-256$"):
+        return parse_scram_verifier(text)
+    if _MD5_RE.fullmatch(text):
+        return Secret("md5", md5=text.lower())
+    if not text:
+        raise ValueError("empty password")
+    return Secret("password", password=text)
+
+
 def saslprep_password(password: str) -> bytes:
     """The bytes SCRAM hashes for a password, normalised as PostgreSQL does.
 

@@ -1,5 +1,5 @@
-"""Handling of server connections: dialing, reading whole messages off the
-hot path (login, reset, parameter changes), and the reset before parking.
+"""Server connections: dialing, the login loop, reading whole messages off
+the hot path (login, reset, parameter changes), and the reset before parking.
 
 The relay reads and writes a ServerConnection's socket directly; everything
 here is for the moments when the proxy itself talks to the server.  Those
@@ -16,23 +16,11 @@ import socket
 import time
 
 from . import protocol as pq
+from .errors import ProtocolError, ServerError, ServerGone
 
 log = logging.getLogger(__name__)
 
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
-
-
-class ServerError(Exception):
-    """The server answered with an ErrorResponse; ``fields`` holds its fields."""
-
-    def __init__(self, fields: dict, raw: bytes) -> None:
-        super().__init__(fields.get("M", "server error"))
-        self.fields = fields
-        self.raw = raw          # the framed ErrorResponse, to forward as is
-
-
-class ServerGone(Exception):
-    """The server connection closed or failed."""
 
 
 def valid_guc_name(name: str) -> bool:
@@ -61,31 +49,29 @@ class ServerConnection:
     does not report (from the login or set by the proxy since the last reset).
     """
 
-    __slots__ = ("sock", "raw_socket", "node", "host", "port", "key", "pid", "secret",
-                 "params", "param_names", "login_params", "unreported", "created_at",
+    __slots__ = ("sock", "raw_socket", "node", "host", "port", "pid", "secret",
+                 "params", "param_names", "login_params", "unreported",
                  "_buf", "_poller", "reset_pending", "reset_timeout", "__weakref__")
 
-    def __init__(self, sock: socket.socket, host: str, port: int, key: str) -> None:
+    def __init__(self, sock: socket.socket, host: str, port: int) -> None:
         self.sock = sock
         self.raw_socket = sock        # the plain socket under any future TLS layer
         self.host = host
         self.port = port
         self.node = f"{host}:{port}"
-        self.key = key
         self.pid = 0
         self.secret = b""
         self.params: dict[str, str] = {}
         self.param_names: dict[str, str] = {}
         self.login_params: dict[str, str] = {}
         self.unreported: dict[str, str] = {}
-        self.created_at = time.monotonic()
         self._buf = bytearray()
         self._poller = None
         self.reset_pending = False    # a reset query was sent and its answer not read yet
         self.reset_timeout = 15.0
 
     @classmethod
-    def dial(cls, host: str, port: int, key: str, timeout: float) -> "ServerConnection":
+    def dial(cls, host: str, port: int, timeout: float) -> "ServerConnection":
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
@@ -95,12 +81,12 @@ class ServerConnection:
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        return cls(sock, host, port, key)
+        return cls(sock, host, port)
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
+    def close(self, reason: str | None = None) -> None:
+        """Close the socket; ``reason`` (when given) is logged, so every closed connection says why."""
+        if reason:
+            log.info("closing server connection %r: %s", self, reason)
         try:
             self.sock.close()
         except OSError:
@@ -127,7 +113,7 @@ class ServerConnection:
         buf = self._buf
         while True:
             if len(buf) >= 5:
-                length = pq._uint32.unpack_from(buf, 1)[0]
+                length = pq.UINT32.unpack_from(buf, 1)[0]
                 if length < 4:
                     raise ServerGone("server sent an invalid message length")
                 if len(buf) > length:
@@ -157,6 +143,51 @@ class ServerConnection:
                 raise ServerGone("server closed the connection")
             buf += chunk
 
+    # -- login -------------------------------------------------------------------
+
+    def complete_login(self, startup: bytes, answer_auth, deadline: float, on_notice=None) -> None:
+        """Send the StartupMessage and log in up to ReadyForQuery.
+
+        The one login loop, for both ways of logging in: ``answer_auth(code,
+        body)`` gets each Authentication request (``body`` after the 'R'
+        header) and returns the framed answer to send, or None; in pass-through
+        it relays the request to the client and returns the client's answer, in
+        the proxy's own login it answers from the stored secret.  It may raise
+        to stop the login.  NoticeResponses go to ``on_notice(framed)`` if given.
+        BackendKeyData goes to ``pid``/``secret``, ParameterStatus to ``params``.
+        Raises ServerError (the server refused), ServerGone (closed, timed out,
+        or spoke nonsense).
+        """
+        def remaining() -> float:
+            return max(0.05, deadline - time.monotonic())
+
+        def on_message(t, body):
+            if t == pq.BACKEND_KEY_DATA:
+                self.pid, self.secret = pq.parse_backend_key_data(body)
+            elif t == pq.NOTICE_RESPONSE and on_notice is not None:
+                on_notice(pq.message(t, body))
+
+        self.send(startup)
+        try:
+            while True:
+                t, body = self.read_message(remaining())
+                if t == pq.AUTHENTICATION:
+                    code = pq.parse_auth_code(body)
+                    reply = answer_auth(code, body)
+                    if reply is not None:
+                        self.send(reply)
+                    if code == pq.AUTH_OK:
+                        break
+                elif t == pq.ERROR_RESPONSE:
+                    raise ServerError(pq.parse_error_fields(body), pq.message(t, body))
+                elif t == pq.NOTICE_RESPONSE:
+                    on_message(t, body)
+                elif t != pq.NEGOTIATE_PROTOCOL_VERSION:
+                    raise ServerGone(f"unexpected message {t!r} from the server during authentication")
+            self.read_until_ready(remaining(), on_message=on_message)
+        except ProtocolError as exc:
+            raise ServerGone(f"server sent an invalid message: {exc}") from None
+
     def note_parameter(self, name: str, value: str) -> None:
         lower = name.lower()
         self.params[lower] = value
@@ -180,7 +211,7 @@ class ServerConnection:
                 self.note_parameter(*pq.parse_parameter_status(body))
             elif t == pq.ERROR_RESPONSE:
                 error = ServerError(pq.parse_error_fields(body), pq.message(t, body))
-                if error.fields.get("V", error.fields.get("S")) in ("FATAL", "PANIC"):
+                if pq.ends_connection(error.fields):
                     raise error       # the server closes the connection after these
             elif on_message is not None:
                 on_message(t, body)
@@ -231,7 +262,7 @@ class ServerConnection:
         try:
             status = self.read_until_ready(self.reset_timeout)
         except ServerError as exc:
-            if exc.fields.get("V", exc.fields.get("S")) in ("FATAL", "PANIC"):
+            if pq.ends_connection(exc.fields):
                 return "dead"
             log.warning("reset query failed on %r, closing it: %s", self, exc)
             return "failed"

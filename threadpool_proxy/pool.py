@@ -29,17 +29,13 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
+from .errors import PoolClosed, PoolTimeout
+
+__all__ = ["BackendIdlePool", "PoolClosed", "PoolTimeout", "pool_key", "probe_alive"]
+
 log = logging.getLogger(__name__)
 
 _PROBE_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
-
-
-class PoolTimeout(Exception):
-    """No server connection became free within the wait limit."""
-
-
-class PoolClosed(Exception):
-    """The pool was closed (the proxy is shutting down)."""
 
 
 def pool_key(node: str, user: str, database: str) -> str:
@@ -81,7 +77,9 @@ def probe_alive(conn: Any) -> bool:
     return False  # b"" is EOF; any byte is unsolicited
 
 
-def _close_quietly(conn: Any) -> None:
+def _close(conn: Any, key: str, reason: str) -> None:
+    """Close a server connection the pool let go of, saying why in the log."""
+    log.info("closing server connection %r of %s: %s", conn, _show(key), reason)
     try:
         conn.close()
     except OSError:
@@ -94,20 +92,23 @@ class BackendIdlePool:
     Caller API: ``checkout``, ``checkin``, ``reap_idle`` (the idle structure);
     ``acquire``, ``acquire_login_slot``, ``release_slot``, ``discard`` (the
     ``pool_size`` accounting, which blocks callers when a key is full);
-    ``close`` at shutdown; ``stats`` and ``snapshot`` for observation.
+    ``linger``/``unlinger`` (clients keeping an idle connection while nobody
+    waits); ``learn_defaults``/``defaults`` (the server's default settings per
+    key, learned from fresh logins); ``close`` at shutdown; ``stats`` and
+    ``snapshot`` for observation.
     """
 
     def __init__(self, max_idle_per_key: int, max_total_idle: int) -> None:
         self.max_idle_per_key = max_idle_per_key
         self.max_total_idle = max_total_idle
         self._lock = threading.Lock()
-        self.cond = threading.Condition(self._lock)  # notified on close()
         self._idle: Dict[str, Deque[Tuple[Any, float]]] = {}
         self._total_idle = 0
         self._open: Dict[str, int] = collections.Counter()
         self._key_conds: Dict[str, threading.Condition] = {}
         self._waiting: Dict[str, int] = {}
         self._lingering: Dict[str, Dict[Any, None]] = {}
+        self._defaults: Dict[str, Dict[str, str]] = {}
         self._closed = False
         self.stats = collections.Counter(
             reuses=0, parked=0, over_capacity=0, stale_evicted=0, reaped=0,
@@ -130,9 +131,8 @@ class BackendIdlePool:
             if getattr(conn, "reset_pending", False):
                 verdict = conn.finish_reset_verdict()
                 if verdict != "ok":
-                    log.info("dropping parked server connection: %s (%s)",
-                             "reset failed" if verdict == "failed" else "closed while idle", _show(key))
-                    _close_quietly(conn)
+                    _close(conn, key, "its reset query failed" if verdict == "failed"
+                           else "it closed or spoke while parked")
                     with self._lock:
                         self.stats["reset_failed" if verdict == "failed" else "stale_evicted"] += 1
                         self._forget_locked(key)
@@ -141,8 +141,7 @@ class BackendIdlePool:
                 with self._lock:
                     self.stats["reuses"] += 1
                 return conn
-            log.info("dropping parked server connection that closed while idle (%s)", _show(key))
-            _close_quietly(conn)
+            _close(conn, key, "it closed while parked (liveness probe)")
             with self._lock:
                 self.stats["stale_evicted"] += 1
                 self._forget_locked(key)
@@ -161,6 +160,7 @@ class BackendIdlePool:
         closed, and its pool_size slot is freed.
         """
         with self._lock:
+            reason = "the proxy is shutting down"
             if reset_ok and not self._closed:
                 dq = self._idle.get(key)
                 if dq is None:
@@ -174,10 +174,12 @@ class BackendIdlePool:
                         cond.notify()
                     return True
                 self.stats["over_capacity"] += 1
+                reason = "max_idle_per_key or max_total_idle reached"
             elif not reset_ok:
                 self.stats["reset_failed"] += 1
+                reason = "its reset query could not be sent"
             self._forget_locked(key)
-        _close_quietly(conn)
+        _close(conn, key, reason)
         return False
 
     def reap_idle(self, max_age: float) -> int:
@@ -187,14 +189,12 @@ class BackendIdlePool:
         with self._lock:
             for key, dq in self._idle.items():
                 while dq and dq[0][1] <= cutoff:
-                    victims.append(dq.popleft()[0])
+                    victims.append((dq.popleft()[0], key))
                     self._total_idle -= 1
                     self.stats["reaped"] += 1
                     self._forget_locked(key)
-        for conn in victims:
-            _close_quietly(conn)
-        if victims:
-            log.info("reaped %d idle server connection(s) older than %.0fs", len(victims), max_age)
+        for conn, key in victims:
+            _close(conn, key, f"parked for longer than server_idle_timeout ({max_age:g} s)")
         return len(victims)
 
     # -- pool_size accounting -----------------------------------------------
@@ -254,7 +254,7 @@ class BackendIdlePool:
                 else:
                     deadline = self._wait_locked(key, deadline, timeout)
             if victim is not None:
-                _close_quietly(victim)   # its slot is now ours
+                _close(victim, key, "its slot is taken by a new pass-through login")   # the slot is now ours
                 return
 
     # -- lingering: connections kept by their last client until someone needs them
@@ -309,18 +309,34 @@ class BackendIdlePool:
             self._waiting[key] -= 1
         return deadline
 
-    def waiting(self, key: str) -> int:
-        return self._waiting.get(key, 0)
-
     def release_slot(self, key: str) -> None:
         """Give back a slot whose connection was never made or is already closed."""
         with self._lock:
             self._forget_locked(key)
 
-    def discard(self, key: str, conn: Any) -> None:
+    def discard(self, key: str, conn: Any, reason: str = "its state is unknown") -> None:
         """Close an in-use connection instead of parking it, freeing its slot."""
-        _close_quietly(conn)
+        _close(conn, key, reason)
         self.release_slot(key)
+
+    def give_back(self, key: str, conn: Any, reason: str) -> None:
+        """A connection attempt failed: close ``conn`` if it got that far, and free the slot."""
+        if conn is None:
+            self.release_slot(key)
+        else:
+            self.discard(key, conn, reason)
+
+    # -- the server's defaults per key -------------------------------------------
+
+    def learn_defaults(self, key: str, params: Dict[str, str]) -> None:
+        """Remember settings a fresh login of ``key`` reported that its client did not ask for."""
+        with self._lock:
+            self._defaults.setdefault(key, {}).update(params)
+
+    def defaults(self, key: str) -> Dict[str, str]:
+        """What the server's settings of ``key`` are when nobody changed them (a copy)."""
+        with self._lock:
+            return dict(self._defaults.get(key, ()))
 
     def open_count(self, key: str) -> int:
         with self._lock:
@@ -346,7 +362,7 @@ class BackendIdlePool:
         """Close every parked connection and wake every waiter (shutdown)."""
         with self._lock:
             self._closed = True
-            victims = [c for dq in self._idle.values() for c, _ in dq]
+            victims = [(c, key) for key, dq in self._idle.items() for c, _ in dq]
             for key, dq in self._idle.items():
                 for _ in dq:
                     self._forget_locked(key)
@@ -358,9 +374,8 @@ class BackendIdlePool:
             self._lingering.clear()
             for holder in holders:
                 holder.wake()
-            self.cond.notify_all()
-        for conn in victims:
-            _close_quietly(conn)
+        for conn, key in victims:
+            _close(conn, key, "the proxy is shutting down")
 
     # -- helpers (lock held) ------------------------------------------------
 

@@ -15,23 +15,39 @@ from __future__ import annotations
 
 import struct
 
+from .errors import ProtocolError
+
 # -- startup packet codes (Int32 length, Int32 code, ...) -----------------------
 PROTOCOL_3_0 = 196608          # (3 << 16) | 0
 CANCEL_REQUEST_CODE = 80877102
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 MAX_STARTUP_PACKET_LENGTH = 10000   # as PostgreSQL's MAX_STARTUP_PACKET_LENGTH
+MAX_AUTH_MESSAGE = 65535            # longest password/SASL message (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH)
 
 # -- backend (server -> client) message types -----------------------------------
 AUTHENTICATION = b"R"
 BACKEND_KEY_DATA = b"K"
+BIND_COMPLETE = b"2"
+CLOSE_COMPLETE = b"3"
 COMMAND_COMPLETE = b"C"
+COPY_IN_RESPONSE = b"G"
+COPY_OUT_RESPONSE = b"H"
+COPY_BOTH_RESPONSE = b"W"
+DATA_ROW = b"D"
+EMPTY_QUERY_RESPONSE = b"I"
 ERROR_RESPONSE = b"E"
+FUNCTION_CALL_RESPONSE = b"V"
+NEGOTIATE_PROTOCOL_VERSION = b"v"
+NO_DATA = b"n"
 NOTICE_RESPONSE = b"N"
 NOTIFICATION_RESPONSE = b"A"
+PARAMETER_DESCRIPTION = b"t"
 PARAMETER_STATUS = b"S"
+PARSE_COMPLETE = b"1"
+PORTAL_SUSPENDED = b"s"
 READY_FOR_QUERY = b"Z"
-NEGOTIATE_PROTOCOL_VERSION = b"v"
+ROW_DESCRIPTION = b"T"
 
 # -- frontend (client -> server) message types ----------------------------------
 QUERY = b"Q"
@@ -49,20 +65,35 @@ COPY_FAIL = b"f"
 PASSWORD_MESSAGE = b"p"   # also SASLInitialResponse and SASLResponse
 TERMINATE = b"X"
 
+# Describe/Close targets
+STATEMENT = b"S"
+PORTAL = b"P"
+
 # -- ReadyForQuery transaction status -------------------------------------------
 IDLE = b"I"
 IN_TRANSACTION = b"T"
 IN_FAILED_TRANSACTION = b"E"
 
-# -- authentication request codes (Int32 after 'R') -----------------------------
+# -- authentication request codes (the Int32 after 'R') -------------------------
 AUTH_OK = 0
+AUTH_KERBEROS_V5 = 2
 AUTH_CLEARTEXT_PASSWORD = 3
-AUTH_MD5_PASSWORD = 5
-AUTH_SASL = 10
-AUTH_SASL_CONTINUE = 11
-AUTH_SASL_FINAL = 12
+AUTH_MD5_PASSWORD = 5          # payload: Byte4 salt
+AUTH_GSS = 7
+AUTH_GSS_CONTINUE = 8
+AUTH_SSPI = 9
+AUTH_SASL = 10                 # payload: String mechanism, ..., terminated by an empty String
+AUTH_SASL_CONTINUE = 11        # payload: SCRAM server-first
+AUTH_SASL_FINAL = 12           # payload: SCRAM server-final
 
-# -- SQLSTATE codes used by the proxy ------------------------------------------
+#: the requests a client answers with a PasswordMessage/SASLResponse
+AUTH_NEEDS_ANSWER = (AUTH_CLEARTEXT_PASSWORD, AUTH_MD5_PASSWORD, AUTH_SASL, AUTH_SASL_CONTINUE)
+
+# -- error severities and SQLSTATE codes used by the proxy ----------------------
+FATAL = "FATAL"
+ERROR = "ERROR"
+SEVERITIES_ENDING_THE_CONNECTION = ("FATAL", "PANIC")
+
 SQLSTATE_PROTOCOL_VIOLATION = "08P01"
 SQLSTATE_CONNECTION_FAILURE = "08006"
 SQLSTATE_CANNOT_CONNECT = "08001"
@@ -73,20 +104,19 @@ SQLSTATE_FEATURE_NOT_SUPPORTED = "0A000"
 SQLSTATE_TOO_MANY_CONNECTIONS = "53300"
 SQLSTATE_ADMIN_SHUTDOWN = "57P01"
 SQLSTATE_QUERY_CANCELED = "57014"
+SQLSTATE_UNDEFINED_OBJECT = "42704"
+SQLSTATE_INTERNAL_ERROR = "XX000"
 
-_int32 = struct.Struct("!i")
-_uint32 = struct.Struct("!I")
-
-
-class ProtocolError(Exception):
-    """The peer sent bytes that are not valid PostgreSQL protocol."""
-
+# -- integer fields (network byte order) ----------------------------------------
+INT16 = struct.Struct("!h")
+INT32 = struct.Struct("!i")
+UINT32 = struct.Struct("!I")
 
 # -- builders -------------------------------------------------------------------
 
 def message(type_byte: bytes, body: bytes = b"") -> bytes:
     """Frame a body: type byte, Int32 length (including itself), body."""
-    return type_byte + _uint32.pack(len(body) + 4) + body
+    return type_byte + UINT32.pack(len(body) + 4) + body
 
 
 def _cstr(text: str) -> bytes:
@@ -95,14 +125,14 @@ def _cstr(text: str) -> bytes:
 
 def startup_message(params: dict) -> bytes:
     """StartupMessage: Int32 len, Int32 196608, (name NUL value NUL)*, NUL."""
-    body = _int32.pack(PROTOCOL_3_0) + b"".join(
+    body = INT32.pack(PROTOCOL_3_0) + b"".join(
         _cstr(k) + _cstr(v) for k, v in params.items()) + b"\0"
-    return _int32.pack(len(body) + 4) + body
+    return INT32.pack(len(body) + 4) + body
 
 
 def cancel_request(pid: int, secret: bytes) -> bytes:
     """CancelRequest: Int32 16, Int32 80877102, Int32 pid, Int32 secret key."""
-    return _int32.pack(16) + _int32.pack(CANCEL_REQUEST_CODE) + _int32.pack(pid) + secret
+    return INT32.pack(16) + INT32.pack(CANCEL_REQUEST_CODE) + INT32.pack(pid) + secret
 
 
 def error_response(sqlstate: str, text: str, severity: str = "FATAL",
@@ -121,7 +151,7 @@ def parameter_status(name: str, value: str) -> bytes:
 
 
 def backend_key_data(pid: int, secret: bytes) -> bytes:
-    return message(BACKEND_KEY_DATA, _int32.pack(pid) + secret)
+    return message(BACKEND_KEY_DATA, INT32.pack(pid) + secret)
 
 
 def ready_for_query(status: bytes = IDLE) -> bytes:
@@ -129,7 +159,7 @@ def ready_for_query(status: bytes = IDLE) -> bytes:
 
 
 def authentication(code: int, payload: bytes = b"") -> bytes:
-    return message(AUTHENTICATION, _int32.pack(code) + payload)
+    return message(AUTHENTICATION, INT32.pack(code) + payload)
 
 
 AUTHENTICATION_OK = authentication(AUTH_OK)
@@ -139,12 +169,47 @@ def query(sql: str) -> bytes:
     return message(QUERY, _cstr(sql))
 
 
+def password_message(body: bytes) -> bytes:
+    """PasswordMessage / SASLInitialResponse / SASLResponse: the body is the caller's."""
+    return message(PASSWORD_MESSAGE, body)
+
+
+def extended_query(sql: str, params: list[str]) -> bytes:
+    """Parse/Bind/Execute/Sync of the unnamed statement with text parameters.
+
+    Parse: String name, String query, Int16 n types.  Bind: String portal,
+    String statement, Int16 n formats, Int16 n params, (Int32 len, bytes)*,
+    Int16 n result formats.  Execute: String portal, Int32 max rows (0: all).
+    """
+    parse = message(PARSE, b"\0" + _cstr(sql) + INT16.pack(0))
+    values = b"".join(INT32.pack(len(v)) + v for v in (p.encode("utf-8") for p in params))
+    bind = message(BIND, b"\0\0" + INT16.pack(0) + INT16.pack(len(params)) + values + INT16.pack(0))
+    return parse + bind + message(EXECUTE, b"\0" + INT32.pack(0)) + SYNC_MESSAGE
+
+
 def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes:
-    body = _int32.pack(newest_minor) + _int32.pack(len(unsupported)) + b"".join(_cstr(o) for o in unsupported)
+    body = INT32.pack(newest_minor) + INT32.pack(len(unsupported)) + b"".join(_cstr(o) for o in unsupported)
     return message(NEGOTIATE_PROTOCOL_VERSION, body)
 
 
+def error_response_from_fields(fields: dict, severity: str) -> bytes:
+    """An ErrorResponse with every field of ``fields`` (as parse_error_fields gives them),
+    but with severity ``severity``: e.g. a server's ERROR that ends the client's connection."""
+    fields = dict(fields, S=severity, V=severity) if "V" in fields else dict(fields, S=severity)
+    return message(ERROR_RESPONSE, b"".join(k.encode("ascii") + _cstr(v) for k, v in fields.items()) + b"\0")
+
+
 TERMINATE_MESSAGE = message(TERMINATE)
+SYNC_MESSAGE = message(SYNC)
+READY_FOR_QUERY_SIZE = 6          # 'Z', Int32 5, status byte
+
+
+def trailing_ready_for_query(buf, n: int) -> int:
+    """Where a ReadyForQuery that ends ``buf[:n]`` starts; ``n`` if the chunk does not end with one."""
+    start = n - READY_FOR_QUERY_SIZE
+    if start >= 0 and buf[start] == _READY_FOR_QUERY and UINT32.unpack_from(buf, start + 1)[0] == 5:
+        return start
+    return n
 
 
 # -- parsers (take a message body) ----------------------------------------------
@@ -176,19 +241,39 @@ def parse_error_fields(body: bytes) -> dict:
     return fields
 
 
+def ends_connection(fields: dict) -> bool:
+    """True for an error the server closes the connection after (FATAL, PANIC)."""
+    return fields.get("V", fields.get("S")) in SEVERITIES_ENDING_THE_CONNECTION
+
+
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    """DataRow: Int16 n columns, then (Int32 length or -1 for NULL, Byte[length]) per column."""
+    (n,) = INT16.unpack_from(body, 0)
+    pos, values = 2, []
+    for _ in range(n):
+        (length,) = INT32.unpack_from(body, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(bytes(body[pos:pos + length]))
+            pos += length
+    return values
+
+
 def parse_parameter_status(body: bytes) -> tuple[str, str]:
     name, value, _ = bytes(body).split(b"\0", 2)
     return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
 
 
 def parse_backend_key_data(body: bytes) -> tuple[int, bytes]:
-    return _int32.unpack_from(body, 0)[0], bytes(body[4:])
+    return INT32.unpack_from(body, 0)[0], bytes(body[4:])
 
 
 def parse_auth_code(body: bytes) -> int:
     if len(body) < 4:
         raise ProtocolError("truncated Authentication message")
-    return _int32.unpack_from(body, 0)[0]
+    return INT32.unpack_from(body, 0)[0]
 
 
 # -- stream scanners --------------------------------------------------------------
@@ -198,6 +283,18 @@ def parse_auth_code(body: bytes) -> int:
 # ``_skip`` bytes of a message body still to pass over, or ``_carry``, the start
 # of a message that straddles the chunk edge and whose bytes we need (a header
 # cut in two, or the body of a message type the scanner looks into).
+
+# Message types as the ints a scanner sees when it indexes a buffer.
+_READY_FOR_QUERY = READY_FOR_QUERY[0]
+_PARAMETER_STATUS = PARAMETER_STATUS[0]
+_COPY_IN_RESPONSE = COPY_IN_RESPONSE[0]
+_COPY_BOTH_RESPONSE = COPY_BOTH_RESPONSE[0]
+_QUERY = QUERY[0]
+_FUNCTION_CALL = FUNCTION_CALL[0]
+_SYNC = SYNC[0]
+_TERMINATE = TERMINATE[0]
+_LEAVES_UNSYNCED_STATE = frozenset(PARSE + BIND + DESCRIBE + EXECUTE + CLOSE)   # not Flush: see ClientScanner
+
 
 class _Scanner:
     __slots__ = ("_skip", "_carry")
@@ -228,7 +325,7 @@ class _Scanner:
             pos = self._skip
             self._skip = 0
         wanted = self.WANTED
-        unpack = _uint32.unpack_from
+        unpack = UINT32.unpack_from
         while True:
             if pos + 5 > n:
                 if pos < n:
@@ -265,7 +362,7 @@ class _Scanner:
         else:
             pos = 0
         t = carry[0]
-        total = 1 + _uint32.unpack_from(carry, 1)[0]
+        total = 1 + UINT32.unpack_from(carry, 1)[0]
         if total < 5:
             raise ProtocolError("invalid message length")
         if t not in self.WANTED:
@@ -301,7 +398,7 @@ class ServerScanner(_Scanner):
     """
 
     __slots__ = ("ready", "status", "parameters", "errors", "copy_in")
-    WANTED = b"ZSE"
+    WANTED = READY_FOR_QUERY + PARAMETER_STATUS + ERROR_RESPONSE
 
     def __init__(self) -> None:
         super().__init__()
@@ -312,17 +409,17 @@ class ServerScanner(_Scanner):
         self.copy_in = False      # CopyInResponse/CopyBothResponse seen, no ReadyForQuery since
 
     def _header(self, t):
-        if t == 71 or t == 87:    # 'G' CopyInResponse, 'W' CopyBothResponse
+        if t == _COPY_IN_RESPONSE or t == _COPY_BOTH_RESPONSE:
             self.copy_in = True
 
     def _message(self, t, buf, start, end):
-        if t == 90:       # 'Z' ReadyForQuery
+        if t == _READY_FOR_QUERY:
             self.ready += 1
             self.status = buf[start]
             self.copy_in = False
-        elif t == 83:     # 'S' ParameterStatus
+        elif t == _PARAMETER_STATUS:
             self.parameters.append(parse_parameter_status(buf[start:end]))
-        else:             # 'E' ErrorResponse
+        else:             # ErrorResponse
             self.errors += 1
 
 
@@ -338,7 +435,6 @@ class ClientScanner(_Scanner):
     __slots__ = ("requests", "unsynced", "terminated")
     WANTED = b""
 
-    # Q=81 S=83 F=70 ; extended: P=80 B=66 D=68 E=69 C=67 H=72 ; X=88
     def __init__(self) -> None:
         super().__init__()
         self.requests = 0
@@ -346,12 +442,12 @@ class ClientScanner(_Scanner):
         self.terminated = False
 
     def _header(self, t):
-        if t == 81 or t == 70:
+        if t == _QUERY or t == _FUNCTION_CALL:
             self.requests += 1
-        elif t == 83:
+        elif t == _SYNC:
             self.requests += 1
             self.unsynced = False
-        elif t == 88:
+        elif t == _TERMINATE:
             self.terminated = True
-        elif t in b"PBDEC":       # not Flush (H): it leaves no state behind (psycopg sends Sync+Flush)
+        elif t in _LEAVES_UNSYNCED_STATE:   # not Flush: it leaves no state behind (psycopg sends Sync+Flush)
             self.unsynced = True

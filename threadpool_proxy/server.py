@@ -1,4 +1,4 @@
-"""The listening server, its janitor thread, cancel keys and clean shutdown.
+"""The listening server: admission, cancel keys, the janitor thread, clean shutdown.
 
 ``Proxy`` is the embedding API: build it from a config, ``start()`` it (it
 serves from background threads), read ``port``, ``stop()`` it.  ``serve()`` is
@@ -17,8 +17,9 @@ import time
 
 from . import config as config_mod
 from . import protocol as pq
+from .login import Logins
 from .pool import BackendIdlePool, pool_key
-from .session import ClientFatal, ClientSession
+from .session import ClientSession
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ class CancelKeys:
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        session = ClientSession(self.server, self.request, self.client_address)
-        session.refusal = self.server.refusal_for(self.request)
+        session = ClientSession(self.server, self.request, self.client_address,
+                                refusal=self.server.refusal_for(self.request))
         self.server.track(session, True)
         try:
             session.run()
@@ -75,7 +76,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 class ProxyServer(socketserver.ThreadingTCPServer):
-    """One thread per client; shared pool, cancel keys and per-key defaults."""
+    """One thread per client; the shared pool, logins and cancel keys."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -86,19 +87,14 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.config = config
         self.pool = BackendIdlePool(config.max_idle_per_key, config.max_total_idle)
         self.cancel_keys = CancelKeys()
-        self.key_defaults: dict[str, dict[str, str]] = {}
-        self.authenticator = None
         self._sessions: set[ClientSession] = set()
         self._sessions_lock = threading.Lock()
         self._sessions_empty = threading.Condition(self._sessions_lock)
         self._stopping = False
         self._admitted = 0                      # accepted and not yet closed
         self._refusals: dict = {}               # socket -> why it is refused
-        if config.auth_type != "passthrough" or any(
-                d.auth_type != "passthrough" for d in config.databases.values()):
-            # Before binding: a bad auth file (ConfigError) must not leave a listening socket behind.
-            from .authenticator import Authenticator   # proxy-terminated auth
-            self.authenticator = Authenticator(self)
+        # Before binding: a bad auth file (ConfigError) must not leave a listening socket behind.
+        self.logins = Logins(config, self.pool)
         super().__init__((config.listen_host, config.listen_port), _Handler)
 
     # -- hooks used by sessions ---------------------------------------------------
@@ -106,32 +102,27 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def key_for(self, db, user: str, database: str) -> str:
         return pool_key(db.node, user, db.server_dbname(database))
 
-    def authenticate(self, session: ClientSession) -> None:
-        if self.authenticator is None:
-            raise ClientFatal(pq.SQLSTATE_FEATURE_NOT_SUPPORTED,
-                              f"auth_type {session.db.auth_type} is not available")
-        self.authenticator.authenticate(session)
-
-    def dial_for(self, session: ClientSession):
-        return self.authenticator.dial_for(session)
-
     def forward_cancel(self, pid: int, secret: bytes) -> None:
-        """Send a client's CancelRequest on to the server connection its session holds now."""
+        """Send a client's CancelRequest on to the server connection its session holds now.
+
+        The target is copied under the session's lock and the cancel sent after
+        it, so a slow server never stalls that client's relay.
+        """
         session = self.cancel_keys.lookup(pid, secret)
         if session is None:
             log.info("ignoring a cancel request with an unknown key")
             return
-        with session.server_lock:
-            conn = session.server
-            if conn is None:
-                return            # nothing is running for that client
-            try:
-                with socket.create_connection((conn.host, conn.port), timeout=self.config.server_connect_timeout) as s:
-                    s.sendall(pq.cancel_request(conn.pid, conn.secret))
-                    s.settimeout(self.config.server_connect_timeout)
-                    s.recv(1)     # the server closes it when done
-            except OSError as exc:
-                log.warning("could not forward a cancel request to %s: %s", conn.node, exc)
+        target = session.cancel_target()
+        if target is None:
+            return            # nothing is running for that client
+        host, port, server_pid, server_secret = target
+        timeout = self.config.server_connect_timeout
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as s:
+                s.sendall(pq.cancel_request(server_pid, server_secret))
+                s.recv(1)     # the server closes it when done
+        except OSError as exc:
+            log.warning("could not forward a cancel request to %s:%d: %s", host, port, exc)
 
     # -- socketserver overrides ---------------------------------------------------
 
@@ -184,14 +175,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             self._stopping = True
             sessions = list(self._sessions)
         for session in sessions:
-            # The client socket wakes a thread waiting in poll(); the server
-            # socket one blocked reading a long query's answer.
-            for sock in (session.client, getattr(session.server, "sock", None)):
-                try:
-                    if sock is not None:
-                        sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            session.interrupt()
         deadline = time.monotonic() + wait
         with self._sessions_lock:
             while self._sessions and time.monotonic() < deadline:

@@ -1,0 +1,93 @@
+"""The client's socket during startup and login, before the relay takes over.
+
+Login code (the session's startup packet, SCRAM with the client, relaying a
+pass-through exchange) talks to the client only through a ClientChannel: whole
+messages in, framed bytes out, and one deadline, ``client_login_timeout``, for
+the whole login, so a client that stalls anywhere in it is let go in time.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from . import protocol as pq
+from .errors import ClientFatal, ClientGone
+
+
+class ClientChannel:
+    """Blocking reads with a deadline and sends on a client socket; bytes read ahead are kept."""
+
+    __slots__ = ("sock", "deadline", "_buf")
+
+    def __init__(self, sock: socket.socket, login_timeout: float) -> None:
+        self.sock = sock
+        self.deadline = time.monotonic() + login_timeout
+        self._buf = bytearray()
+
+    @property
+    def has_buffered(self) -> bool:
+        """Bytes arrived beyond what was read (e.g. sent right after an SSLRequest)."""
+        return bool(self._buf)
+
+    def remaining(self) -> float:
+        """Seconds left of the login deadline (at least a little, to read an answer already sent)."""
+        return max(0.05, self.deadline - time.monotonic())
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            raise ClientGone() from None
+
+    def send_quietly(self, data: bytes) -> None:
+        """A last word before closing: never blocks long, never raises."""
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    def read_exact(self, n: int) -> bytes:
+        buf = self._buf
+        while len(buf) < n:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
+                                  "client_login_timeout: the client did not complete its login in time")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                raise ClientGone() from None
+            if not chunk:
+                raise ClientGone()
+            buf += chunk
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data
+
+    def read_message(self, max_length: int) -> tuple[bytes, bytes]:
+        """One whole message: (type byte, body); a length beyond ``max_length`` is a FATAL."""
+        head = self.read_exact(5)
+        length = pq.UINT32.unpack_from(head, 1)[0]
+        if length < 4 or length - 4 > max_length:
+            raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
+                              f"invalid message length {length} for message type {head[:1]!r}")
+        return head[:1], self.read_exact(length - 4)
+
+    def read_password_message(self, what: str) -> bytes:
+        """The body of the client's answer to an Authentication request (PasswordMessage/SASL)."""
+        t, body = self.read_message(pq.MAX_AUTH_MESSAGE)
+        if t == pq.TERMINATE:
+            raise ClientGone()
+        if t != pq.PASSWORD_MESSAGE:
+            raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
+                              f"expected {what} response, got message type {t!r}")
+        return body
+
+    def ready_for_relay(self) -> None:
+        """Login is over: back to blocking mode for the relay."""
+        self.sock.settimeout(None)

@@ -1,0 +1,418 @@
+"""Logging clients in, and getting logged-in server connections for them.
+
+Two ways, side by side, by the database entry's ``auth_type``:
+
+  passthrough    ``passthrough_login``: a new server connection is dialed and
+                 the client's own exchange with PostgreSQL is relayed over it;
+                 PostgreSQL checks the password.
+  scram-sha-256, md5, auth_query, trust
+                 ``authenticate`` checks the client in the proxy, then
+                 ``proxy_login`` opens server connections as that user on the
+                 client's behalf whenever the pool has none parked.
+
+The sans-I/O steps live in auth.py (SCRAM and md5, both directions) and
+authfile.py (the user list); both logins run through the one login loop,
+``ServerConnection.complete_login``, which differs only in who answers the
+server's Authentication requests: the client, or the stored secret.
+
+Where a user's secret comes from, by ``auth_type``:
+
+  scram-sha-256  the auth file; always SCRAM (an md5-only entry cannot do SCRAM,
+                 so it fails like a wrong password, as in PostgreSQL)
+  md5            the auth file; md5 challenge, or SCRAM if only a SCRAM
+                 verifier is stored (what PostgreSQL's "md5" method does)
+  auth_query     PostgreSQL itself, asked as ``auth_user`` with ``auth_query``;
+                 SCRAM or md5 by what is stored; results cached per user
+  trust          nothing is checked (loopback clients only)
+
+How the proxy logs in to the server for a client: with the plain password if
+the auth file has one, else with the md5 hash, else with the ClientKey the
+client proved during SCRAM (SCRAM pass-through, as PgBouncer does; it works
+when the server's verifier has the same salt and iterations as the proxy's).
+Those credentials are kept in memory per user, never logged.
+
+An unknown user goes through the same exchange as a known one and fails at the
+same step; every password failure is answered after the same fixed delay with
+PostgreSQL's own 28P01 message, so neither the wording nor the timing tells
+whether the user exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import secrets
+import struct
+import threading
+import time
+
+from . import protocol as pq
+from .auth import (
+    NO_CREDENTIALS,
+    AuthFailed,
+    ScramServerExchange,
+    ServerCredentials,
+    ServerLogin,
+    credentials_from_secret,
+    md5_server_check,
+    parse_sasl_initial_response,
+    sasl_mechanisms_payload,
+)
+from .authfile import AuthFile, AuthFileError, Secret, secret_from_rolpassword
+from .backend import ServerConnection
+from .channel import ClientChannel
+from .config import Config, ConfigError, DatabaseConfig
+from .errors import ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone
+from .pool import BackendIdlePool, pool_key
+
+log = logging.getLogger(__name__)
+
+#: Seconds from the client's last authentication message to the 28P01 answer,
+#: whatever the reason (unknown user, wrong password, user without password).
+FAILURE_DELAY = 0.3
+
+#: Server connections auth_query may hold open per (node, database).
+AUTH_QUERY_POOL_SIZE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class LoginRequest:
+    """Who is logging in, from where, to which database entry: everything a login needs."""
+
+    user: str
+    database: str             # the name the client asked for
+    db: DatabaseConfig        # the entry that name resolved to
+    key: str                  # the pool key: node, user, server-side database name
+    address: tuple            # the client's (host, port)
+
+    @property
+    def who(self) -> str:
+        return f"{self.user}@{self.database} from {self.address[0]}:{self.address[1]}"
+
+
+def is_loopback(address) -> bool:
+    try:
+        ip = ipaddress.ip_address(address[0])
+    except (ValueError, TypeError, IndexError):
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+class Logins:
+    """Authenticates clients and opens logged-in server connections for them.
+
+    For callers: ``passthrough_login``; ``authenticate`` then ``proxy_login``;
+    ``reload``.  Counters for tests and logs: ``server_logins`` (server
+    connections the proxy opened for clients), ``server_login_failures``,
+    ``auth_queries`` (auth_query round trips).
+    """
+
+    failure_delay = FAILURE_DELAY
+
+    def __init__(self, config: Config, pool: BackendIdlePool) -> None:
+        self.config = config
+        self.pool = pool
+        self._lock = threading.Lock()
+        self._credentials: dict[str, ServerCredentials] = {}   # user -> how to log in for them
+        self._query_cache: dict[tuple[str, str], tuple[Secret | None, float]] = {}
+        self.server_logins = 0
+        self.server_login_failures = 0
+        self.auth_queries = 0
+        self.auth_file: AuthFile | None = None
+        if config.auth_file:
+            try:
+                self.auth_file = AuthFile(config.auth_file)
+            except AuthFileError as exc:
+                raise ConfigError(f"auth_file: {exc}") from None
+            log.info("auth file %s: %d users", config.auth_file, len(self.auth_file))
+        types = {config.auth_type} | {d.auth_type for d in config.databases.values()}
+        if "trust" in types:
+            log.warning("auth_type trust: clients from loopback addresses log in without a password")
+
+    def reload(self) -> int:
+        """Re-read the auth file (SIGHUP) and forget cached auth_query results.
+
+        On error the old contents stay and AuthFileError is raised.  Users no
+        longer in the file lose their stored server credentials.
+        """
+        with self._lock:
+            self._query_cache.clear()
+        if self.auth_file is None:
+            return 0
+        count = self.auth_file.reload()
+        with self._lock:
+            for user in [u for u in self._credentials if u not in self.auth_file]:
+                del self._credentials[user]
+        return count
+
+    # -- pass-through: PostgreSQL checks the client --------------------------------
+
+    def passthrough_login(self, channel: ClientChannel, request: LoginRequest, startup: dict) -> ServerConnection:
+        """Dial a new server connection and relay the client's authentication over it.
+
+        The proxy only carries the Authentication requests and the client's
+        answers.  The connection counts against pool_size from the start, so a
+        full key makes the login wait.  ``startup`` is the server's StartupMessage
+        parameters.  Returns after the server's ReadyForQuery.
+        """
+        db, key = request.db, request.key
+        try:
+            self.pool.acquire_login_slot(key, db.pool_size, self.config.query_wait_timeout)
+        except PoolTimeout:
+            raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS,
+                              f"query_wait_timeout: no server connection slot for user \"{request.user}\" "
+                              f"became free within {self.config.query_wait_timeout:g} s "
+                              f"(pool_size {db.pool_size})") from None
+
+        def relay_request(code: int, body: bytes) -> bytes | None:
+            channel.send(pq.message(pq.AUTHENTICATION, body))
+            if code in pq.AUTH_NEEDS_ANSWER:
+                return pq.password_message(channel.read_password_message("a password"))
+            if code not in (pq.AUTH_OK, pq.AUTH_SASL_FINAL):
+                raise ClientFatal(pq.SQLSTATE_FEATURE_NOT_SUPPORTED,
+                                  f"the server asked for authentication method {code}, "
+                                  f"which threadpool_proxy cannot relay")
+            return None
+
+        try:
+            return self._open(db, key, startup, relay_request, channel.deadline, on_notice=channel.send)
+        except ServerError as exc:
+            channel.send_quietly(exc.raw)        # PostgreSQL's own words: wrong password, no such role...
+            raise ErrorAlreadySent() from None
+        except ServerGone as exc:
+            raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT, f"threadpool_proxy: {exc}") from None
+
+    # -- proxy-terminated: the proxy checks the client -----------------------------
+
+    def authenticate(self, channel: ClientChannel, request: LoginRequest) -> None:
+        """Check the client's password; return after AuthenticationOk, else raise ClientFatal."""
+        auth_type, user = request.db.auth_type, request.user
+        if auth_type == "trust":
+            if not is_loopback(request.address):
+                raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION,
+                                  f'auth_type trust refuses user "{user}" from {request.address[0]}: '
+                                  f"only loopback clients may log in without a password")
+            channel.send(pq.AUTHENTICATION_OK)
+            creds = credentials_from_secret(self._file_secret(user))
+            if creds is not NO_CREDENTIALS:
+                self._remember(user, creds)
+            return
+        if auth_type == "auth_query":
+            secret = self._query_secret(request)
+            use_scram = secret is None or secret.kind == "scram"
+        else:
+            secret = self._file_secret(user)
+            if auth_type == "md5":
+                use_scram = secret is not None and secret.kind == "scram"
+            else:
+                use_scram = True
+                if secret is not None and secret.kind == "md5":
+                    secret = None    # no SCRAM from an md5 hash: fails like PostgreSQL's mock exchange
+        if use_scram:
+            self._scram(channel, request, secret)
+        else:
+            self._md5(channel, request, secret)
+
+    def _file_secret(self, user: str) -> Secret | None:
+        return self.auth_file.lookup(user) if self.auth_file is not None else None
+
+    def _scram(self, channel: ClientChannel, request: LoginRequest, secret: Secret | None) -> None:
+        user = request.user
+        verifier = None
+        if secret is not None:
+            verifier = secret if secret.kind == "scram" else (
+                self.auth_file.scram_secret(user) if secret.kind == "password" and self.auth_file else None)
+        exchange = (ScramServerExchange(verifier, user) if verifier is not None
+                    else ScramServerExchange.for_unknown_user(user))
+        mechanisms = exchange.mechanisms()
+        channel.send(pq.authentication(pq.AUTH_SASL, sasl_mechanisms_payload(mechanisms)))
+        answered = time.monotonic()
+        try:
+            body = channel.read_password_message("SASL")
+            mechanism, client_first = parse_sasl_initial_response(body)
+            if mechanism not in mechanisms:
+                raise AuthFailed(f"client selected an invalid SASL authentication mechanism "
+                                 f"({mechanism[:64]!r})", pq.SQLSTATE_PROTOCOL_VIOLATION)
+            server_first = exchange.handle_client_first(client_first)
+            channel.send(pq.authentication(pq.AUTH_SASL_CONTINUE, server_first))
+            body = channel.read_password_message("SASL")
+            answered = time.monotonic()
+            server_final = exchange.handle_client_final(body)
+        except AuthFailed as exc:
+            if exc.sqlstate == pq.SQLSTATE_INVALID_PASSWORD:
+                self._reject(request, str(exc), answered)
+            log.info("client %s: SCRAM protocol violation: %s", request.who, exc)
+            raise ClientFatal(exc.sqlstate, str(exc)) from None
+        if secret.kind == "scram":
+            creds = ServerCredentials(client_key=exchange.client_key, scram_secret=verifier)
+        else:
+            creds = credentials_from_secret(secret)
+        self._remember(user, creds)
+        channel.send(pq.authentication(pq.AUTH_SASL_FINAL, server_final) + pq.AUTHENTICATION_OK)
+
+    def _md5(self, channel: ClientChannel, request: LoginRequest, secret: Secret | None) -> None:
+        salt = secrets.token_bytes(4)
+        channel.send(pq.authentication(pq.AUTH_MD5_PASSWORD, salt))
+        body = channel.read_password_message("password")
+        answered = time.monotonic()
+        if secret is None:
+            self._reject(request, "user is unknown or has no password", answered)
+        if not md5_server_check(secret, request.user, salt, body):
+            self._reject(request, "md5 answer is wrong (wrong password)", answered)
+        self._remember(request.user, credentials_from_secret(secret))
+        channel.send(pq.AUTHENTICATION_OK)
+
+    def _reject(self, request: LoginRequest, reason: str, since: float):
+        """Answer a failed password check, always the same way and after the same delay."""
+        log.info("client %s: password authentication failed: %s", request.who, reason)
+        wait = self.failure_delay - (time.monotonic() - since)
+        if wait > 0:
+            time.sleep(wait)
+        raise ClientFatal(pq.SQLSTATE_INVALID_PASSWORD,
+                          f'password authentication failed for user "{request.user}"')
+
+    def _remember(self, user: str, creds: ServerCredentials) -> None:
+        with self._lock:
+            self._credentials[user] = creds
+
+    def credentials_for(self, user: str) -> ServerCredentials:
+        with self._lock:
+            return self._credentials.get(user, NO_CREDENTIALS)
+
+    def proxy_login(self, request: LoginRequest, startup: dict) -> ServerConnection:
+        """A new server connection for an authenticated client, logged in as its user.
+
+        Called with a pool_size slot of the request's key already taken; on
+        failure the slot is given back and ClientFatal raised.
+        """
+        user, db = request.user, request.db
+        creds = self.credentials_for(user)
+        timeout = self.config.server_connect_timeout
+        try:
+            conn = self._open(db, request.key, startup, _answer_from(creds.login(user), user),
+                              time.monotonic() + timeout)
+        except (ServerError, AuthFailed, ServerGone) as exc:
+            with self._lock:
+                self.server_login_failures += 1
+            raise _login_failed(user, db.node, exc) from None
+        with self._lock:
+            self.server_logins += 1
+        log.debug("logged in to %s as %s (pid %d, %s)", db.node, user, conn.pid, creds.kind)
+        return conn
+
+    def _open(self, db: DatabaseConfig, key: str, startup: dict, answer_auth, deadline: float,
+              on_notice=None) -> ServerConnection:
+        """Dial ``db``'s server and log in; on any failure the slot of ``key`` is given back."""
+        conn = None
+        try:
+            conn = ServerConnection.dial(db.host, db.port, self.config.server_connect_timeout)
+            conn.complete_login(pq.startup_message(startup), answer_auth, deadline, on_notice)
+        except BaseException as exc:
+            self.pool.give_back(key, conn, f"the login failed: {exc}")
+            raise
+        return conn
+
+    # -- auth_query --------------------------------------------------------------
+
+    def _query_secret(self, request: LoginRequest) -> Secret | None:
+        """The user's secret as PostgreSQL stores it, from the cache or auth_query."""
+        db, user = request.db, request.user
+        cache_key = (db.node, user)
+        ttl = self.config.auth_query_cache_seconds
+        now = time.monotonic()
+        with self._lock:
+            hit = self._query_cache.get(cache_key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        secret = self._run_auth_query(db, db.server_dbname(request.database), user)
+        if ttl > 0:
+            with self._lock:
+                self._query_cache[cache_key] = (secret, now + ttl)
+        return secret
+
+    def _run_auth_query(self, db: DatabaseConfig, dbname: str, user: str) -> Secret | None:
+        """Run auth_query for ``user`` on a dedicated server connection of auth_user.
+
+        Those connections are parked in the proxy's pool under their own key
+        (never a client's), so the janitor and shutdown close them like any other.
+        """
+        config, pool = self.config, self.pool
+        auth_user = config.auth_user
+        key = pool_key(db.node, auth_user, dbname) + "\0auth_query"
+        timeout = config.server_connect_timeout
+        try:
+            conn = pool.acquire(key, AUTH_QUERY_POOL_SIZE, timeout)
+        except PoolTimeout:
+            raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT,
+                              "threadpool_proxy: no auth_query connection became free in time") from None
+        rows: list[list[bytes | None]] = []
+
+        def on_message(t, body):
+            if t == pq.DATA_ROW:
+                rows.append(pq.parse_data_row(body))
+
+        try:
+            if conn is None:
+                params = {"user": auth_user, "database": dbname, "application_name": "threadpool_proxy auth_query"}
+                conn = self._open(db, key, params, _answer_from(self._auth_user_credentials().login(auth_user),
+                                                                auth_user), time.monotonic() + timeout)
+            conn.send(pq.extended_query(config.auth_query, [user]))
+            status = conn.read_until_ready(timeout, on_message=on_message)
+        except BaseException as exc:
+            if conn is not None:          # (a failed login gave its slot back already)
+                pool.discard(key, conn, f"auth_query failed: {exc}")
+            if not isinstance(exc, (ServerError, AuthFailed, ServerGone, pq.ProtocolError, struct.error)):
+                raise
+            log.error("auth_query as %s on %s/%s failed: %s", auth_user, db.node, dbname, exc)
+            raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT,
+                              f"threadpool_proxy could not look up the user with auth_query: {exc}") from None
+        pool.checkin(key, conn, reset_ok=status == pq.IDLE)
+        with self._lock:
+            self.auth_queries += 1
+        if not rows or len(rows[0]) < 2 or rows[0][1] is None:
+            return None            # unknown user or no password: fails like a wrong password
+        try:
+            return secret_from_rolpassword(rows[0][1].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            log.warning("auth_query: the stored password of user %r is unusable: %s", user, exc)
+            return None
+
+    def _auth_user_credentials(self) -> ServerCredentials:
+        config = self.config
+        if config.auth_password is not None:
+            return ServerCredentials(password=config.auth_password)
+        return credentials_from_secret(self._file_secret(config.auth_user))
+
+
+def _answer_from(login: ServerLogin | None, user: str):
+    """``answer_auth`` for ServerConnection.complete_login, answering from stored credentials."""
+    def answer(code: int, body: bytes) -> bytes | None:
+        if login is not None:
+            return login.answer(code, body[4:])
+        if code == pq.AUTH_OK:
+            return None
+        raise AuthFailed(f"the server asks for a password (authentication request {code}), "
+                         f"but the proxy holds none for user {user!r}", pq.SQLSTATE_INVALID_AUTHORIZATION)
+    return answer
+
+
+def _login_failed(user: str, node: str, exc: Exception) -> ClientFatal:
+    """The client's FATAL when the proxy could not log in to the server for it."""
+    if isinstance(exc, ServerError):
+        f = exc.fields
+        code = f.get("C", pq.SQLSTATE_CONNECTION_FAILURE)
+        if code.startswith("28"):
+            log.warning("server %s refused the proxy's login as %s: %s", node, user, exc)
+            return ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION,
+                               f'threadpool_proxy could not log in to the server for user "{user}": '
+                               f'{f.get("M", "authentication failed")}',
+                               hint="The server's password for this user differs from the proxy's auth file.")
+        # Anything else (no such database, too many connections...) as PostgreSQL said it.
+        return ClientFatal(code, f.get("M", "server error"), f.get("D"), f.get("H"))
+    if isinstance(exc, AuthFailed):
+        log.warning("cannot log in to %s as %s: %s", node, user, exc)
+        return ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION,
+                           f'threadpool_proxy could not log in to the server for user "{user}": {exc}')
+    return ClientFatal(pq.SQLSTATE_CANNOT_CONNECT, f"threadpool_proxy: {exc}")

@@ -1,0 +1,342 @@
+"""The relay: one client's bytes to its server connection and back, driven by poll().
+
+Only message headers are looked at (protocol.ClientScanner/ServerScanner).  In
+transaction and statement mode the client reaches a release point when every
+request sent has been answered (one ReadyForQuery per Query, Sync and
+FunctionCall), nothing extended is unsynced, both streams are between
+messages, and the status is idle.  There the server connection is released
+(reset, parked) if any client is waiting for one of its key; otherwise the
+client keeps it "lingering", at no cost, until its next transaction or until a
+waiter wakes it to let go (see BackendIdlePool.linger).  Either way no other
+client can see this client's session state.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+
+from . import protocol as pq
+from .backend import ServerConnection
+from .checkout import ClientSettings, ServerCheckout
+from .errors import ClientFatal, ClientGone
+
+# Buffers are per client thread, so they decide the memory of many idle clients:
+# requests are small (16 KiB, COPY IN just takes more reads); the server buffer
+# is allocated on the first answer, and grows once if a read fills it.
+CLIENT_BUFFER_SIZE = 16 * 1024
+SERVER_BUFFER_SIZE = 64 * 1024
+SERVER_BUFFER_MAX = 256 * 1024
+
+_POLLIN = select.POLLIN
+_IDLE = pq.IDLE[0]
+
+
+class Relay:
+    """Relays one logged-in client until either side leaves; ``run()`` raises when it ends.
+
+    Owns the poller, the two scanners, the count of unanswered requests, the
+    lingering state and the attached server connection (``backend``), which a
+    concurrent CancelRequest reads through ``cancel_target()``.
+    """
+
+    __slots__ = ("client", "cfd", "checkout", "pool", "key", "settings", "pooled", "statement_mode",
+                 "linger_ms", "poller", "cbuf", "cview", "sbuf", "sview", "cscan", "sscan",
+                 "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "check_release",
+                 "expect_server", "wake_rfd", "wake_wfd")
+
+    def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
+                 pool_mode: str, linger_timeout: float) -> None:
+        self.client = client
+        self.cfd = client.fileno()
+        self.checkout = checkout
+        self.pool = checkout.pool
+        self.key = checkout.key
+        self.settings = settings
+        self.pooled = pool_mode != "session"
+        self.statement_mode = pool_mode == "statement"
+        self.linger_ms = int(linger_timeout * 1000)
+        self.poller = select.poll()
+        self.poller.register(self.cfd, _POLLIN)
+        self.cbuf = bytearray(CLIENT_BUFFER_SIZE)
+        self.cview = memoryview(self.cbuf)
+        self.sbuf = None
+        self.sview = None
+        self.cscan = pq.ClientScanner()
+        self.sscan = pq.ServerScanner()
+        self.backend: ServerConnection | None = None
+        self.ssock = None
+        self.sfd = -1
+        self.backend_lock = threading.Lock()     # guards ``backend`` against a concurrent cancel
+        self.pending = 0                  # requests sent that have not had their ReadyForQuery
+        self.lingering = False            # keeping an idle backend that a waiter may claim
+        self.check_release = False        # look for a release point at the top of the loop
+        self.expect_server = False        # a whole request went out: read the answer without a poll()
+        self.wake_rfd = -1
+        self.wake_wfd = -1
+
+    # -- the loop -------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Copy bytes both ways until one side leaves: ClientGone, ClientFatal... end it."""
+        poll = self.poller.poll
+        cfd = self.cfd
+        on_client_readable = self.on_client_readable
+        on_server_readable = self.on_server_readable
+        try:
+            while True:
+                if self.check_release:
+                    self.check_release = False
+                    if self.backend is not None and self.at_release_point():
+                        self._keep_or_hand_on()
+                if self.expect_server:
+                    # A whole request went out and nothing came back yet: the
+                    # server owes an answer, so read it without a poll() first.
+                    self.expect_server = False
+                    events = ((self.sfd, _POLLIN),)
+                else:
+                    events = poll(self.linger_ms if self.lingering else None)
+                    if not events:
+                        self._linger_expired()
+                        continue
+                for fd, _ in events:
+                    if fd == cfd:
+                        on_client_readable()
+                    elif fd == self.sfd:
+                        on_server_readable()
+                    elif fd == self.wake_rfd:
+                        self.on_wake()
+                    # else: an event of a server connection released earlier in this batch
+        except BaseException as exc:
+            self.leave(clean=isinstance(exc, ClientGone))
+            raise
+
+    def at_release_point(self) -> bool:
+        """Every request answered, nothing extended unsynced, both streams between messages, idle."""
+        cscan, sscan = self.cscan, self.sscan
+        return (self.pending == 0 and not cscan.unsynced and cscan.at_boundary and sscan.at_boundary
+                and sscan.status == _IDLE and not sscan.copy_in)
+
+    def on_client_readable(self) -> None:
+        cscan = self.cscan
+        try:
+            n = self.client.recv_into(self.cbuf)
+        except OSError:
+            n = 0
+        if not n:
+            raise ClientGone()
+        requests_before = cscan.requests
+        cscan.feed(self.cview, n)
+        if cscan.terminated:
+            n = self.cbuf.rfind(pq.TERMINATE_MESSAGE, 0, n)    # forward what came before it
+            if n <= 0:
+                raise ClientGone()
+        if self.lingering:
+            self.lingering = False
+            if not self.pool.unlinger(self.key, self):
+                self._drain_wake()     # claimed meanwhile; we keep it this time
+        elif self.backend is None:
+            self.attach(self.checkout.obtain())
+        new_requests = cscan.requests - requests_before
+        self.pending += new_requests
+        try:
+            self.ssock.sendall(self.cview[:n])
+        except OSError:
+            self._server_lost()
+        if cscan.terminated:
+            raise ClientGone()
+        self.expect_server = (new_requests > 0 and cscan.at_boundary and not cscan.unsynced
+                              and not self.sscan.copy_in)
+        # A chunk with no request in it (a lone Flush) gets no answer:
+        # check the release point now, not at a ReadyForQuery that never comes.
+        self.check_release = self.pooled and new_requests == 0 and self.pending == 0
+
+    def on_server_readable(self) -> None:
+        self.expect_server = False
+        sbuf = self.sbuf
+        if sbuf is None:
+            sbuf = self.sbuf = bytearray(SERVER_BUFFER_SIZE)
+            self.sview = memoryview(sbuf)
+        try:
+            n = self.ssock.recv_into(sbuf)
+        except OSError:
+            n = 0
+        if n == len(sbuf) and n < SERVER_BUFFER_MAX:
+            # A big answer: carry on with the larger buffer (after this chunk).
+            grown = bytearray(SERVER_BUFFER_MAX)
+            grown[:n] = sbuf
+            self.sbuf = grown
+            self.sview = memoryview(grown)
+        view = self.sview
+        if self.lingering:
+            self._lingering_backend_spoke(view, n)
+            return
+        if not n:
+            self._server_lost()
+        sscan = self.sscan
+        sscan.feed(view, n)
+        ready = sscan.ready
+        if ready and self.statement_mode and sscan.status != _IDLE:
+            self._refuse_transaction_block(view, n)
+        try:
+            self.client.sendall(view[:n])
+        except OSError:
+            raise ClientGone() from None
+        if sscan.parameters:
+            self._note_parameters()
+        if ready:
+            sscan.ready = 0
+            self.pending = max(0, self.pending - ready)
+        self.check_release = self.pooled and self.pending == 0
+
+    def on_wake(self) -> None:
+        """A waiter wants our lingering connection: reset and park it for them."""
+        self._drain_wake()
+        if self.lingering:
+            self.lingering = False
+            self.detach(park=True)
+
+    # -- the attached server connection -------------------------------------------
+
+    def attach(self, conn: ServerConnection) -> None:
+        with self.backend_lock:
+            self.backend = conn
+        self.ssock = conn.sock
+        self.sfd = conn.sock.fileno()
+        self.poller.register(self.sfd, _POLLIN)
+        # The login connection of a pooled client: keep it while nobody waits.
+        self.check_release = self.pooled
+
+    def detach(self, park: bool, reason: str = "its state is unknown") -> None:
+        """Let go of the server connection: reset and park it, or close it (``reason`` is logged)."""
+        with self.backend_lock:
+            conn, self.backend = self.backend, None
+        if conn is None:
+            return
+        self.poller.unregister(self.sfd)
+        self.sfd = -1
+        self.ssock = None
+        if park:
+            self.checkout.park(conn)
+        else:
+            self.checkout.discard(conn, reason)
+
+    def cancel_target(self) -> tuple[str, int, int, bytes] | None:
+        """(host, port, pid, secret) of the server connection held now, for a CancelRequest."""
+        with self.backend_lock:
+            conn = self.backend
+            return None if conn is None else (conn.host, conn.port, conn.pid, conn.secret)
+
+    def leave(self, clean: bool) -> None:
+        """The client is leaving: park the server connection only if it is idle and in sync."""
+        if self.lingering:
+            self.lingering = False
+            self.pool.unlinger(self.key, self)
+        self.detach(park=clean and self.at_release_point(), reason="the client left mid-transaction"
+                    if clean else "the client's connection ended abnormally")
+
+    def _keep_or_hand_on(self) -> None:
+        """At a release point: keep the connection while nobody waits, else hand it on."""
+        if self.wake_rfd < 0:
+            self._make_wake_fd()
+        if self.pool.linger(self.key, self):
+            self.lingering = True
+        else:
+            self.detach(park=True)
+
+    def _linger_expired(self) -> None:
+        """Idle past server_idle_timeout: park it, so the janitor may close it (or a waiter take it)."""
+        self.lingering = False
+        self.pool.unlinger(self.key, self)
+        self.detach(park=True)
+
+    def _lingering_backend_spoke(self, view, n: int) -> None:
+        """A lingering (idle) server connection sent something.
+
+        NOTIFY, NOTICE and ParameterStatus belong to this client's session and
+        are passed on; end of file or an ErrorResponse (pg_terminate_backend's
+        FATAL) means it is gone, and the client, which is between transactions,
+        is not bothered with it: its next transaction gets another connection.
+        """
+        sscan = self.sscan
+        if n:
+            errors = sscan.errors
+            sscan.feed(view, n)
+            if sscan.errors == errors and not sscan.ready and sscan.at_boundary:
+                if sscan.parameters:
+                    self._note_parameters()
+                try:
+                    self.client.sendall(view[:n])
+                except OSError:
+                    raise ClientGone() from None
+                return
+            sscan.__init__()
+        self.lingering = False
+        self.pool.unlinger(self.key, self)
+        self.detach(park=False, reason="it closed or failed while idle; the client will get another")
+
+    def _refuse_transaction_block(self, view, n: int) -> None:
+        """Statement mode: the server entered a transaction block; end the client like PgBouncer.
+
+        The chunk's closing ReadyForQuery is replaced by the error, so the
+        client sees the error as the result of the statement that opened it.
+        """
+        try:
+            self.client.sendall(view[:pq.trailing_ready_for_query(view, n)])
+        except OSError:
+            raise ClientGone() from None
+        raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
+                          "transaction blocks not allowed in statement pooling mode",
+                          hint="Use pool_mode transaction or session for this database, or autocommit.")
+
+    def _note_parameters(self) -> None:
+        parameters = self.sscan.parameters
+        backend = self.backend
+        for name, value in parameters:
+            backend.note_parameter(name, value)
+            if self.pooled:
+                self.settings.follow(name, value)
+        parameters.clear()
+
+    def _server_lost(self):
+        self.detach(park=False, reason="the server closed the connection")
+        raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE,
+                          "server connection lost; the client's transaction, if any, was rolled back",
+                          hint="The PostgreSQL server closed the connection or was restarted.")
+
+    # -- waking a lingering holder ---------------------------------------------------
+
+    def _make_wake_fd(self) -> None:
+        """An eventfd (a pipe where there is none) that waiters write to, to reclaim our connection."""
+        if hasattr(os, "eventfd"):
+            self.wake_rfd = self.wake_wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:
+            self.wake_rfd, self.wake_wfd = os.pipe()
+            os.set_blocking(self.wake_rfd, False)
+            os.set_blocking(self.wake_wfd, False)
+        self.poller.register(self.wake_rfd, _POLLIN)
+
+    def wake(self) -> None:
+        """Called by a waiting thread (holding the pool lock): let go of the lingering connection."""
+        try:
+            os.write(self.wake_wfd, b"\1\0\0\0\0\0\0\0")
+        except OSError:
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self.wake_rfd, 64)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Release the wake-up descriptors (the sockets belong to the session and the pool)."""
+        if self.wake_rfd >= 0:
+            for fd in {self.wake_rfd, self.wake_wfd}:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self.wake_rfd = self.wake_wfd = -1
