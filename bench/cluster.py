@@ -1,22 +1,22 @@
-"""A throwaway PostgreSQL cluster in a temp dir, plus package installation."""
+"""The benchmark's PostgreSQL (a threadpool_proxy.pgcluster cluster in the work dir), plus package installation."""
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 
-from .util import BenchError, children_of, chown_to, free_port, is_root, log, raise_nofile, reap, tail, tree_cpu_seconds, wait_port
+from threadpool_proxy import pgcluster
 
-PG_USER = "postgres"          # OS user PostgreSQL runs as when we are root
+from .util import BenchError, children_of, is_root, log, raise_nofile, tail, tree_cpu_seconds, wait_port
+
+PG_USER = pgcluster.OS_USER   # OS user PostgreSQL runs as when we are root
 BENCH_ROLE = "bench"
 BENCH_DB = "bench"
+PG_PROGRAMS = ("initdb", "pg_ctl", "postgres", "pgbench")
 
 _apt_updated = False
 
@@ -36,15 +36,12 @@ def _apt_install(package: str) -> None:
 
 
 def pg_bindir() -> str | None:
-    """The newest /usr/lib/postgresql/N/bin that has initdb, pg_ctl, postgres and pgbench."""
-    found = []
-    for d in glob.glob("/usr/lib/postgresql/*/bin"):
-        if all(os.access(os.path.join(d, b), os.X_OK) for b in ("initdb", "pg_ctl", "postgres", "pgbench")):
-            try:
-                found.append((int(d.split("/")[-2]), d))
-            except ValueError:
-                pass
-    return max(found)[1] if found else None
+    """The PostgreSQL programs' directory, as pgcluster.find_bindir finds it (PG_BINDIR,
+    pg_config, newest /usr/lib/postgresql/N/bin, PATH), but one with pgbench too; None if none."""
+    try:
+        return pgcluster.find_bindir(need=PG_PROGRAMS)
+    except RuntimeError:
+        return None
 
 
 def pgbouncer_path() -> str | None:
@@ -59,7 +56,7 @@ def ensure_packages(need_pgbouncer: bool) -> tuple[str, str | None]:
         _apt_install("postgresql")
         bindir = pg_bindir()
         if bindir is None:
-            raise BenchError("postgresql installed but no /usr/lib/postgresql/*/bin with initdb/pgbench found")
+            raise BenchError(f"postgresql installed but no directory with {'/'.join(PG_PROGRAMS)} found")
     bouncer = pgbouncer_path()
     if need_pgbouncer and bouncer is None:
         _apt_install("pgbouncer")
@@ -71,57 +68,45 @@ def ensure_packages(need_pgbouncer: bool) -> tuple[str, str | None]:
 
 def ensure_pg_user() -> str | None:
     """As root: the OS user to run servers as (created if missing). Else None (run as ourselves)."""
-    if not is_root():
-        return None
-    try:
-        pwd.getpwnam(PG_USER)
-    except KeyError:
-        log(f"creating OS user {PG_USER}")
-        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                        "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", PG_USER], check=True)
-    return PG_USER
+    return pgcluster.ensure_os_user(PG_USER) if is_root() else None
 
 
-class PgCluster:
-    """initdb + pg_ctl start in <workdir>/pg; stop() is idempotent."""
+class PgCluster(pgcluster.PgCluster):
+    """The cluster in <workdir>/pg-XXXX (left for the caller to remove with the work dir,
+    or to keep with --keep).  stop() (pgcluster's) is idempotent: pg_ctl stop -m fast, or
+    SIGQUIT/SIGKILL to the postmaster PID if that fails; as the postmaster's subreaper
+    (bench/__main__ makes us one) we also collect it, so no zombie is left behind."""
+
+    SETTINGS = {
+        "max_connections": 300,
+        "shared_buffers": "256MB",
+        "log_min_messages": "warning",
+        "log_connections": "off",
+        "log_disconnections": "off",
+    }
 
     def __init__(self, workdir: str, bindir: str, os_user: str | None, scale: int):
-        self.bindir = bindir
-        self.os_user = os_user
+        super().__init__(bindir=bindir, settings=self.SETTINGS, prefix="pg-", parent=workdir, keep_dir=True)
+        self.os_user = os_user        # pgcluster runs server commands as PG_USER when root, as ensure_pg_user says
         self.scale = scale
-        self.base = os.path.join(workdir, "pg")
-        self.datadir = os.path.join(self.base, "data")
-        self.sockdir = os.path.join(self.base, "sock")
-        self.logfile = os.path.join(self.base, "postgres.log")
-        self.port = None
         self.password = secrets.token_hex(12)
         self.verifier = None          # SCRAM secret of the bench role, from pg_authid
         self.version = None
-        self.postmaster_pid = None
-        self._started = False
 
     # -- helpers
-    def _as_pg(self, argv: list[str]) -> list[str]:
-        if self.os_user:
-            return ["runuser", "-u", self.os_user, "--"] + argv
-        return argv
-
     def _run(self, argv, what, **kw):
-        r = subprocess.run(argv, capture_output=True, text=True, cwd=self.base, **kw)
+        r = subprocess.run(argv, capture_output=True, text=True, cwd=self.tmpdir, **kw)
         if r.returncode != 0:
             raise BenchError(f"{what} failed (status {r.returncode}): "
                              f"{(r.stderr or r.stdout).strip().splitlines()[-1:] or ''}")
         return r
 
-    def bin(self, name: str) -> str:
-        return os.path.join(self.bindir, name)
-
     def admin_sql(self, sql: str) -> str:
         """Run SQL as the superuser over the unix socket (trust). Returns stdout (-At)."""
-        r = self._run([self.bin("psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",
-                       "-h", self.sockdir, "-p", str(self.port), "-U", PG_USER, "-d", "postgres",
-                       "-c", sql], f"psql {sql[:40]!r}")
-        return r.stdout.strip()
+        try:
+            return self.sql(sql)
+        except pgcluster.PgClusterError as exc:
+            raise BenchError(str(exc)) from None
 
     def client_env(self) -> dict:
         """Environment for libpq clients logging in as the bench role over TCP."""
@@ -135,44 +120,14 @@ class PgCluster:
 
     # -- lifecycle
     def start(self) -> None:
-        os.makedirs(self.sockdir)
-        for d in (self.base, self.sockdir):
-            chown_to(d, self.os_user)
-        self.port = free_port()
-        log(f"initdb in {self.datadir}")
-        self._run(self._as_pg([self.bin("initdb"), "-D", self.datadir, "-U", PG_USER, "-E", "UTF8",
-                               "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256",
-                               "--no-sync"]), "initdb")
-        with open(os.path.join(self.datadir, "pg_hba.conf"), "w") as f:
-            f.write("local all all trust\n"
-                    "host all all 127.0.0.1/32 scram-sha-256\n")
-        with open(os.path.join(self.datadir, "postgresql.auto.conf"), "a") as f:
-            f.write(f"""
-listen_addresses = '127.0.0.1'
-port = {self.port}
-unix_socket_directories = '{self.sockdir}'
-max_connections = 300
-password_encryption = 'scram-sha-256'
-fsync = off
-synchronous_commit = off
-full_page_writes = off
-shared_buffers = 256MB
-log_min_messages = warning
-log_connections = off
-log_disconnections = off
-""")
-        chown_to(os.path.join(self.datadir, "pg_hba.conf"), self.os_user)
-        log(f"starting postgres on 127.0.0.1:{self.port}")
-        self._started = True
-        # new session: a Ctrl-C at the terminal must not reach the postmaster; we stop it ourselves
-        r = subprocess.run(self._as_pg([self.bin("pg_ctl"), "-D", self.datadir, "-l", self.logfile,
-                                        "-w", "-t", "60", "start"]),
-                           capture_output=True, text=True, cwd=self.base, start_new_session=True,
-                           preexec_fn=raise_nofile)
-        if r.returncode != 0:
-            raise BenchError(f"pg_ctl start failed: {r.stderr.strip() or r.stdout.strip()}\n{tail(self.logfile)}")
-        with open(os.path.join(self.datadir, "postmaster.pid")) as f:
-            self.postmaster_pid = int(f.readline())
+        """initdb and start (with a raised RLIMIT_NOFILE for 300 connections); pg_ctl runs
+        in a new session, so a Ctrl-C at the terminal does not reach the postmaster: we stop it."""
+        log(f"initdb and start postgres in {self.parent}")
+        try:
+            super().start(preexec_fn=raise_nofile)
+        except pgcluster.PgClusterError as exc:
+            raise BenchError(f"{exc}\n{tail(self.logfile)}") from None
+        log(f"postgres in {self.datadir} on 127.0.0.1:{self.port}")
         wait_port(self.port, 30, what="postgres")
         self.version = self.admin_sql("SHOW server_version")
 
@@ -212,45 +167,6 @@ log_disconnections = off
             if stable >= 3:
                 return
             last = n
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if not self._started:
-            return
-        self._started = False
-        r = subprocess.run(self._as_pg([self.bin("pg_ctl"), "-D", self.datadir, "-m", "fast",
-                                        "-w", "-t", "30", "stop"]),
-                           capture_output=True, text=True, cwd=self.base)
-        if r.returncode == 0 or self.postmaster_pid is None:
-            self._reap_postmaster()
-            return
-        # pg_ctl failed: fall back to the postmaster PID (SIGQUIT = immediate shutdown)
-        pid = self.postmaster_pid
-        for sig, wait in ((signal.SIGQUIT, 10), (signal.SIGKILL, 5)):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                reap(pid)
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    return
-                time.sleep(0.1)
-        log(f"could not stop postgres (pid {pid})")
-
-    def _reap_postmaster(self) -> None:
-        """If we are its subreaper, collect the exited postmaster (no zombie left)."""
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                got, _ = os.waitpid(self.postmaster_pid, os.WNOHANG)
-            except ChildProcessError:
-                return          # not our child (no subreaper): nothing to collect
-            if got:
-                return
             time.sleep(0.05)
 
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+from threadpool_proxy.pgcluster import free_port  # noqa: F401 - the one free_port, re-exported for bench
+
 NOFILE_TARGET = 65536
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -20,13 +22,6 @@ class BenchError(RuntimeError):
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (tiny race window; fine for a bench)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None,
@@ -71,17 +66,6 @@ def become_subreaper() -> bool:
         return libc.prctl(36, 1, 0, 0, 0) == 0      # 36 = PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
         return False
-
-
-def reap(pid: int | None = None) -> None:
-    """Collect exited children (a given one, or any) without blocking."""
-    while True:
-        try:
-            got, _ = os.waitpid(pid if pid else -1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if got == 0 or pid:
-            return
 
 
 def is_root() -> bool:

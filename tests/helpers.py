@@ -81,6 +81,53 @@ def psql(target: Any, *args: str, sql: Optional[str] = None, user: str = "app",
                           timeout=timeout, env=run_env, check=check)
 
 
+def connect(pg, proxy, user: str = "app", dbname: str = "appdb", autocommit: bool = True,
+            prepare_threshold: Optional[int] = 5, **params):
+    """A psycopg connection through ``proxy`` (anything with .host, .port) as ``user`` to ``dbname``.
+
+    The conninfo comes from ``pg.dsn`` (the role's password unless ``password``
+    is given); other keyword arguments are conninfo parameters too
+    (``connect_timeout=120``, ``sslmode="prefer"``).  ``prepare_threshold`` is
+    psycopg's (5, its default; None: never use server-side prepared statements).
+    """
+    import psycopg
+
+    return psycopg.connect(pg.dsn(user=user, dbname=dbname, host=proxy.host, port=proxy.port, **params),
+                           autocommit=autocommit, prepare_threshold=prepare_threshold)
+
+
+# -- the protocol by hand -----------------------------------------------------
+#
+# Built here, not with threadpool_proxy.protocol, so that the tests do not
+# trust the code they check.  Startup-phase packets have no type byte: Int32
+# length (including itself), Int32 code, payload.
+
+PROTOCOL_V3 = 196608            # 3.0
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+
+def startup_packet(params: Dict[str, str], version: int = PROTOCOL_V3) -> bytes:
+    """A StartupMessage: ``version`` then each ``name\\0value\\0``, ended by a \\0."""
+    body = struct.pack("!I", version) + b"".join(
+        k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def ssl_request() -> bytes:
+    return struct.pack("!II", 8, SSL_REQUEST_CODE)
+
+
+def gssenc_request() -> bytes:
+    return struct.pack("!II", 8, GSSENC_REQUEST_CODE)
+
+
+def cancel_packet(pid: int, key: int) -> bytes:
+    """A CancelRequest for the backend ``pid`` with secret ``key`` (sent on a new connection)."""
+    return struct.pack("!IIII", 16, CANCEL_REQUEST_CODE, pid, key)
+
+
 # -- a bare-bones protocol client: psycopg/libpq give no SQLSTATE for login errors --
 
 @dataclasses.dataclass
@@ -136,11 +183,9 @@ def raw_login(host: str, port: int, user: str, dbname: str, password: Optional[s
     import scramp
 
     params = {"user": user, "database": dbname, **(options or {})}
-    body = struct.pack("!I", 196608) + b"".join(
-        k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
     result = LoginResult(ok=False, auth_requests=[])
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(struct.pack("!I", len(body) + 4) + body)
+        sock.sendall(startup_packet(params))
         scram = None
         while True:
             kind, msg = read_message(sock)

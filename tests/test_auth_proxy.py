@@ -18,12 +18,11 @@ import subprocess
 import threading
 import time
 
-import psycopg
 import pytest
 import scramp
 import yaml
 
-from helpers import PASSWORDS, psql, raw_login, read_message, wait_until
+from helpers import PASSWORDS, connect, psql, raw_login, read_message, startup_packet, wait_until
 from threadpool_proxy import ConfigError
 from threadpool_proxy.login import FAILURE_DELAY
 from threadpool_proxy.authfile import format_scram_verifier, scram_secret_from_password
@@ -66,11 +65,6 @@ def scram_proxy(proxy_factory, auth_file):
     return proxy_factory(auth_type="scram-sha-256", auth_file=auth_file)
 
 
-def connect(pg, proxy, user="app", dbname="appdb", **kw):
-    return psycopg.connect(pg.dsn(user=user, dbname=dbname, host=proxy.host, port=proxy.port, **kw),
-                           autocommit=True)
-
-
 def authenticator(proxy):
     return proxy.server.logins
 
@@ -86,8 +80,7 @@ def sasl_initial(data: bytes, mechanism: bytes = b"SCRAM-SHA-256") -> bytes:
 def open_login(proxy, user="app", dbname="appdb") -> socket.socket:
     """A socket whose StartupMessage was sent; the caller reads the Authentication request."""
     sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
-    body = struct.pack("!i", 196608) + f"user\0{user}\0database\0{dbname}\0\0".encode()
-    sock.sendall(struct.pack("!i", len(body) + 4) + body)
+    sock.sendall(startup_packet({"user": user, "database": dbname}))
     return sock
 
 

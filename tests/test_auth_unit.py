@@ -8,11 +8,9 @@ PostgreSQL with only a ClientKey (SCRAM pass-through).
 from __future__ import annotations
 
 import base64
-import glob
 import hashlib
 import hmac
 import os
-import shutil
 import socket
 import struct
 
@@ -43,6 +41,9 @@ from threadpool_proxy.authfile import (
     scram_keys,
     scram_secret_from_password,
 )
+from threadpool_proxy.pgcluster import find_bindir
+
+from helpers import startup_packet
 
 PASSWORD = "correct horse"
 SALT = b"0123456789abcdef"
@@ -468,13 +469,15 @@ def test_server_login_refuses_plus_only_and_bad_arguments(alice_secret):
 # --- integration: ClientKey pass-through to a real PostgreSQL -------------------------
 
 def _have_postgres() -> bool:
-    if os.environ.get("PG_BINDIR"):
-        return os.access(os.path.join(os.environ["PG_BINDIR"], "initdb"), os.X_OK)
-    return bool(glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb"))
+    """Whether the ``pg`` fixture will find server programs (it looks the same way)."""
+    try:
+        find_bindir()
+    except RuntimeError:
+        return False
+    return True
 
 
 # Minimal v3 framing, for this test only: Byte1 type, Int32 length (including itself), body.
-PROTOCOL_V3 = 196608
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -504,9 +507,7 @@ def _error_text(body: bytes) -> str:
 
 def _login_and_ask_current_user(host: str, port: int, user: str, dbname: str, login: ServerLogin) -> str:
     with socket.create_connection((host, port), timeout=10) as sock:
-        params = f"user\0{user}\0database\0{dbname}\0\0".encode()
-        body = struct.pack("!i", PROTOCOL_V3) + params
-        sock.sendall(struct.pack("!i", len(body) + 4) + body)   # StartupMessage: no type byte
+        sock.sendall(startup_packet({"user": user, "database": dbname}))
         while True:
             kind, body = _recv_message(sock)
             if kind == b"E":

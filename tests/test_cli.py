@@ -18,14 +18,9 @@ import pytest
 import yaml
 
 from helpers import psql, psql_path, wait_until
+from threadpool_proxy.pgcluster import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_env(**extra) -> dict:

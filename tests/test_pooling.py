@@ -20,6 +20,7 @@ transaction-mode pool (like with PgBouncer), so every connection here uses
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
@@ -29,16 +30,15 @@ import time
 import psycopg
 import pytest
 
-from helpers import _message, psql, raw_login, read_message, wait_until
+import helpers
+from helpers import _message, psql, raw_login, read_message, startup_packet, wait_until
 from threadpool_proxy.pool import pool_key
 
 
 # -- helpers ------------------------------------------------------------------
 
-def connect(pg, proxy, autocommit=True, **kw):
-    """A psycopg connection to ``appdb`` as ``app`` through ``proxy``."""
-    return psycopg.connect(pg.dsn(host=proxy.host, port=proxy.port, **kw),
-                           autocommit=autocommit, prepare_threshold=None)
+# A psycopg connection to ``appdb`` as ``app`` through ``proxy``, never preparing statements.
+connect = functools.partial(helpers.connect, prepare_threshold=None)
 
 
 def app_key(pg, user="app", dbname="appdb"):
@@ -79,9 +79,8 @@ def make_table(pg, name, rows=1):
 
 def start_login(host, port, user="app", dbname="appdb") -> socket.socket:
     """Open a raw connection and send a StartupMessage; the caller reads the answer."""
-    body = struct.pack("!I", 196608) + f"user\0{user}\0database\0{dbname}\0\0".encode()
     s = socket.create_connection((host, port), timeout=10)
-    s.sendall(struct.pack("!I", len(body) + 4) + body)
+    s.sendall(startup_packet({"user": user, "database": dbname}))
     return s
 
 
@@ -254,8 +253,7 @@ def test_login_churn_while_others_work_stays_within_pool_size(pg, proxy_factory)
 def trust_connect(pg, proxy):
     """A client that the proxy itself authenticates (auth_type trust), so the
     proxy may log in to the server for it and clients share parked connections."""
-    return psycopg.connect(pg.dsn(user="trustuser", host=proxy.host, port=proxy.port),
-                           autocommit=True, prepare_threshold=None)
+    return connect(pg, proxy, user="trustuser")
 
 
 def test_parked_connection_killed_while_idle_is_evicted(pg, proxy_factory):
@@ -942,8 +940,7 @@ def test_lone_flush_between_transactions_does_not_pin_the_connection(pg, proxy_f
     Sync then Flush, sometimes in separate packets)."""
     proxy = proxy_factory(pool_size=1, auth_type="trust", query_wait_timeout=10)
     with socket.create_connection((proxy.host, proxy.port), timeout=10) as raw:
-        body = struct.pack("!i", 196608) + b"user\0trustuser\0database\0appdb\0\0"
-        raw.sendall(struct.pack("!i", len(body) + 4) + body)
+        raw.sendall(startup_packet({"user": "trustuser", "database": "appdb"}))
         while read_message(raw)[0] != "Z":
             pass
         raw.sendall(_message(b"Q", b"SELECT 1\0"))

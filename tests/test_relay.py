@@ -11,15 +11,10 @@ import time
 import psycopg
 import pytest
 
-from helpers import psql, raw_login, read_message, wait_until
+from helpers import (cancel_packet, connect, gssenc_request, psql, raw_login, read_message, ssl_request,
+                     startup_packet, wait_until)
 
 MODES = ["session", "transaction", "statement"]
-
-
-def connect(pg, proxy, **kw):
-    kw.setdefault("autocommit", True)
-    autocommit = kw.pop("autocommit")
-    return psycopg.connect(pg.dsn(host=proxy.host, port=proxy.port, **kw), autocommit=autocommit)
 
 
 @pytest.fixture(params=MODES)
@@ -61,12 +56,11 @@ def test_unknown_database_gets_3D000(pg, proxy_factory):
 def test_ssl_and_gssenc_requests_are_declined_then_startup_continues(pg, proxy_factory):
     proxy = proxy_factory()
     with socket.create_connection((proxy.host, proxy.port), timeout=5) as s:
-        s.sendall(struct.pack("!ii", 8, 80877104))      # GSSENCRequest
+        s.sendall(gssenc_request())
         assert s.recv(1) == b"N"
-        s.sendall(struct.pack("!ii", 8, 80877103))      # SSLRequest
+        s.sendall(ssl_request())
         assert s.recv(1) == b"N"
-        body = struct.pack("!i", 196608) + b"user\0app\0database\0appdb\0\0"
-        s.sendall(struct.pack("!i", len(body) + 4) + body)
+        s.sendall(startup_packet({"user": "app", "database": "appdb"}))
         kind, payload = read_message(s)
         assert kind == "R" and struct.unpack("!i", payload[:4])[0] == 10
     # libpq's default sslmode=prefer goes through the same path
@@ -77,8 +71,7 @@ def test_ssl_and_gssenc_requests_are_declined_then_startup_continues(pg, proxy_f
 def test_bad_protocol_version_and_garbage_get_error_responses(pg, proxy_factory):
     proxy = proxy_factory()
     with socket.create_connection((proxy.host, proxy.port), timeout=5) as s:
-        body = struct.pack("!i", 2 << 16) + b"user\0app\0\0"
-        s.sendall(struct.pack("!i", len(body) + 4) + body)
+        s.sendall(startup_packet({"user": "app"}, version=2 << 16))
         kind, payload = read_message(s)
         assert kind == "E" and b"C0A000\0" in payload and b"unsupported frontend protocol 2.0" in payload
     with socket.create_connection((proxy.host, proxy.port), timeout=5) as s:
@@ -86,8 +79,7 @@ def test_bad_protocol_version_and_garbage_get_error_responses(pg, proxy_factory)
         kind, payload = read_message(s)
         assert kind == "E" and b"C08P01\0" in payload
     with socket.create_connection((proxy.host, proxy.port), timeout=5) as s:
-        body = struct.pack("!i", 196608) + b"database\0appdb\0\0"
-        s.sendall(struct.pack("!i", len(body) + 4) + body)
+        s.sendall(startup_packet({"database": "appdb"}))
         kind, payload = read_message(s)
         assert kind == "E" and b"C28000\0" in payload
     # the proxy still serves others
@@ -231,7 +223,7 @@ def test_cancel_with_a_wrong_key_does_nothing(pg, proxy_factory):
         def bad_cancel():
             time.sleep(0.3)
             with socket.create_connection((proxy.host, proxy.port)) as s:
-                s.sendall(struct.pack("!iiii", 16, 80877102, pid, 12345))
+                s.sendall(cancel_packet(pid, 12345))
             done.set()
 
         t = threading.Thread(target=bad_cancel)
@@ -245,8 +237,7 @@ def test_newer_minor_protocol_is_negotiated_down_to_3_0(pg, proxy_factory):
     """Like PostgreSQL: a 3.2 client with _pq_ options gets NegotiateProtocolVersion, then goes on in 3.0."""
     proxy = proxy_factory()
     with socket.create_connection((proxy.host, proxy.port), timeout=5) as s:
-        body = struct.pack("!i", (3 << 16) | 2) + b"user\0app\0database\0appdb\0_pq_.fancy\0on\0\0"
-        s.sendall(struct.pack("!i", len(body) + 4) + body)
+        s.sendall(startup_packet({"user": "app", "database": "appdb", "_pq_.fancy": "on"}, version=(3 << 16) | 2))
         kind, payload = read_message(s)
         assert kind == "v"
         newest_minor, count = struct.unpack("!ii", payload[:8])
