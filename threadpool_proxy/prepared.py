@@ -1,0 +1,982 @@
+"""Protocol-level named prepared statements across pooled server connections (sans I/O).
+
+In transaction pooling a client's next transaction may run on another server
+connection, where a statement it prepared (psycopg's ``_pg3_0``, pgbench -M
+prepared, asyncpg, JDBC, pgx) does not exist or names another query.  This
+module rewrites the client's extended-protocol stream so that does not matter,
+as PgBouncer's ``max_prepared_statements`` does:
+
+* Every statement text (query plus parameter type OIDs) gets a proxy-chosen
+  server name, ``tpp_`` and a hash of the text, so a statement is prepared once
+  per server connection however many clients prepare it (``ServerStatements``).
+* Each client keeps a map from its own names to those statements
+  (``ClientStatements``).  Parse, Bind, Describe and Close of a named statement
+  are rewritten to the server name; a Bind or Describe on a server connection
+  that lacks the statement gets the Parse injected in front of it.
+* ``PreparedRelay`` follows which request every server reply answers, so that
+  the replies of injected messages are removed, the replies of messages not sent
+  (a Parse the server already has, a client's Close) are synthesised in their
+  place, and an ErrorResponse makes everything up to the next Sync count as
+  skipped, exactly as the server treats it.
+
+Nothing here does I/O or starts threads: the relay feeds chunks of each stream
+and sends what comes back.  A ``ServerStatements`` belongs to one server
+connection and a ``ClientStatements``/``PreparedRelay`` to one client; the pool's
+hand-over of a connection orders their use, so none of them takes a lock.
+
+Known limits:
+
+* SQL-level ``PREPARE``/``EXECUTE``/``DEALLOCATE name`` pass untouched, so
+  ``DEALLOCATE name`` of a protocol-level name fails with 26000 (psycopg uses it
+  only with libpq older than 17; newer ones send Close).  ``DEALLOCATE ALL`` and
+  ``DISCARD ALL`` are recognised by their CommandComplete tag (psycopg sends
+  DEALLOCATE ALL after every ROLLBACK, DROP or ALTER): they empty the client's
+  map and the connection's cache, and other clients' statements are prepared
+  again on their next use.
+* A Parse of a text whose Parse (by this client) is still unanswered in an
+  earlier Sync batch is answered ParseComplete at once; should that earlier
+  Parse fail, the error shows at the next Bind or Describe instead.
+* Statements are shared by text, so after DDL changes a result type, every
+  client sharing it gets PostgreSQL's "cached plan must not change result type"
+  once, as with PgBouncer.
+* A named Parse is held until it has arrived whole; a Bind only up to the end of
+  its statement name.
+"""
+
+from __future__ import annotations
+
+import struct
+import weakref
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from functools import partial
+from hashlib import blake2b
+
+from . import protocol as pq
+
+#: Prefix of the names the proxy gives statements on servers.  Clients must not
+#: use it themselves (their own names are rewritten, so only SQL-level
+#: ``EXECUTE``/``DEALLOCATE`` or a Bind of a name they never prepared could).
+SERVER_NAME_PREFIX = b"tpp_"
+
+#: What the proxy sends instead of ``DISCARD ALL`` when it keeps statements.
+#:
+#: PostgreSQL 15 documents DISCARD ALL as CLOSE ALL; SET SESSION AUTHORIZATION
+#: DEFAULT; RESET ALL; DEALLOCATE ALL; UNLISTEN *; SELECT
+#: pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; DISCARD SEQUENCES.
+#: This is that list with two changes:
+#:
+#: * DEALLOCATE ALL becomes a DO block that deallocates only the statements
+#:   created by SQL ``PREPARE`` (``pg_prepared_statements.from_sql``): the
+#:   protocol-level ones are the proxy's own ``tpp_`` statements, which the next
+#:   client may reuse.  (Needs PL/pgSQL, which every database has unless an
+#:   administrator dropped it.)
+#: * DISCARD PLANS is left out.  It would force every kept statement to be
+#:   analysed and planned again at its next use after each release, which under
+#:   contention (a release per transaction) throws away most of what keeping them
+#:   buys; and cached plans carry no state the next client could observe, since
+#:   PostgreSQL re-plans by itself when search_path, the role or a referenced
+#:   object changes.
+#:
+#: DISCARD ALL itself refuses to run in a transaction block, and a simple Query
+#: holding several statements is one implicit transaction, so it could not be
+#: part of this string; the commands used here all run there (checked on
+#: PostgreSQL 15 by tests/test_prepared_unit.py).
+RESET_QUERY = (
+    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; "
+    "SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; "
+    "DO $tpp$DECLARE s text; BEGIN "
+    "FOR s IN SELECT name FROM pg_prepared_statements WHERE from_sql LOOP "
+    "EXECUTE format('DEALLOCATE %I', s); END LOOP; END$tpp$")
+
+_uint32 = struct.Struct("!I")
+
+# Message type bytes as ints (a memoryview or bytearray indexes to int).
+_PARSE, _BIND, _DESCRIBE, _CLOSE = b"P"[0], b"B"[0], b"D"[0], b"C"[0]
+_QUERY, _SYNC, _EXECUTE, _FUNCTION_CALL = b"Q"[0], b"S"[0], b"E"[0], b"F"[0]
+_PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE = b"1"[0], b"2"[0], b"3"[0]
+_ROW_DESCRIPTION, _NO_DATA = b"T"[0], b"n"[0]
+_COMMAND_COMPLETE, _EMPTY_QUERY, _PORTAL_SUSPENDED = b"C"[0], b"I"[0], b"s"[0]
+_ERROR, _READY = b"E"[0], b"Z"[0]
+_COPY_IN, _COPY_BOTH = b"G"[0], b"W"[0]
+
+#: Client messages whose handling needs more than the header; the rest (CopyData,
+#: Flush, Terminate, ...) pass with header-only cost.
+_CLIENT_ACTIVE = b"PBDCQSEFcf"
+#: Server messages that answer (part of) a request; DataRow, CopyData,
+#: NoticeResponse, ParameterStatus, ... pass with header-only cost.
+_SERVER_ACTIVE = b"123TnCIsEZGW"
+
+_PARSE_COMPLETE_MESSAGE = pq.message(b"1")
+_CLOSE_COMPLETE_MESSAGE = pq.message(b"3")
+
+_UNDEFINED_COLUMN = "42703"
+_UNDEFINED_STATEMENT = "26000"
+#: CommandComplete tags after which the session has no prepared statements left.
+_DEALLOCATING_TAGS = (b"DEALLOCATE ALL\0", b"DISCARD ALL\0")
+_DEALLOCATING_LENGTHS = {4 + len(tag) for tag in _DEALLOCATING_TAGS}
+
+#: Sent instead of a Parse the proxy refuses, so that the server itself raises an
+#: error at that point of the pipeline (aborting the transaction and skipping to
+#: Sync as for any error); the proxy swaps the error for its own.  The query is
+#: valid syntax that always fails analysis (42703), which keeps PostgreSQL's
+#: order of checks: in an aborted transaction the client sees 25P02 first.  A
+#: named statement, so the client's unnamed statement is not dropped.
+_REFUSAL_PARSE = pq.message(b"P", SERVER_NAME_PREFIX + b"refused\0"
+                            b'SELECT "threadpool_proxy refused this Parse"\0\0\0')
+
+
+class PreparedStatement:
+    """A statement text as the proxy prepares it on servers, shared by all clients.
+
+    ``server_name`` is derived from the text, and ``parse_message`` is the
+    client's Parse rewritten to that name, ready to send or inject.
+    """
+
+    __slots__ = ("server_name", "parse_message", "__weakref__")
+
+    def __init__(self, server_name: bytes, parse_message: bytes) -> None:
+        self.server_name = server_name
+        self.parse_message = parse_message
+
+    def __repr__(self) -> str:
+        return f"PreparedStatement({self.server_name.decode()})"
+
+
+# One object per distinct text while any client holds it: a thousand clients
+# preparing the same 5 kB query keep one copy of it, as PgBouncer's global cache.
+# Shared by all client threads without a lock: get and set are atomic under the
+# GIL, and two threads creating the same text at once only cost a duplicate.
+_shared_statements: "weakref.WeakValueDictionary[bytes, PreparedStatement]" = weakref.WeakValueDictionary()
+
+
+def statement_for(parse_tail: bytes) -> PreparedStatement:
+    """The shared statement for a Parse body after its name (query, parameter types).
+
+    The name hashes the query text together with the parameter type OIDs, since
+    the same text with other declared types is another statement.
+    """
+    server_name = SERVER_NAME_PREFIX + blake2b(parse_tail, digest_size=16).hexdigest().encode()
+    statement = _shared_statements.get(server_name)
+    if statement is None:
+        statement = PreparedStatement(server_name, pq.message(b"P", server_name + b"\0" + parse_tail))
+        _shared_statements[server_name] = statement
+    return statement
+
+
+class _NameMap:
+    """A map keyed by statement name, bounded by ``limit`` (what both kinds of cache share)."""
+
+    def __init__(self, limit: int, items: dict) -> None:
+        if limit < 1:
+            raise ValueError(f"{type(self).__name__} needs a limit of at least one statement")
+        self.limit = limit
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, name: bytes) -> bool:
+        return name in self._items
+
+    def names(self) -> list[bytes]:
+        """The names, oldest (for a server: least recently used) first."""
+        return list(self._items)
+
+
+# -- per server connection --------------------------------------------------------
+
+class CachedStatement:
+    """A statement one server connection holds (or will, once its Parse is answered)."""
+
+    __slots__ = ("name", "confirmed")
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.confirmed = False      # False while the Parse that creates it is unanswered
+
+
+class ServerStatements(_NameMap):
+    """The statements one server connection holds: an LRU of at most ``limit``.
+
+    Entries are added when a Parse is sent, so that later messages of the same
+    pipeline can count on them, and stay *tentative* until its ParseComplete:
+    if the Parse fails or is skipped the relay removes them again.  Removal and
+    restoring go by entry identity, so that an older request cannot remove a
+    newer entry of the same name.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit, OrderedDict())
+        self._entries: OrderedDict[bytes, CachedStatement] = self._items
+
+    def use(self, name: bytes) -> CachedStatement | None:
+        """The entry for ``name``, marked most recently used; None if absent."""
+        entry = self._entries.get(name)
+        if entry is not None:
+            self._entries.move_to_end(name)
+        return entry
+
+    def add(self, name: bytes) -> tuple[CachedStatement, list[CachedStatement]]:
+        """Add a tentative entry; return it and the entries evicted to stay within the limit.
+
+        The caller closes the evicted statements on the server, after the Parse.
+        """
+        entry = self._entries[name] = CachedStatement(name)
+        evicted = []
+        while len(self._entries) > self.limit:
+            evicted.append(self._entries.popitem(last=False)[1])
+        return entry, evicted
+
+    def discard(self, entry: CachedStatement) -> None:
+        """Remove ``entry`` (if it is still the one under its name)."""
+        if self._entries.get(entry.name) is entry:
+            del self._entries[entry.name]
+
+    def restore(self, entry: CachedStatement) -> None:
+        """Put an evicted entry back (its Close was skipped), as the next to evict."""
+        if entry.name not in self._entries:
+            self._entries[entry.name] = entry
+            self._entries.move_to_end(entry.name, last=False)
+
+    def forget_confirmed(self) -> None:
+        """The session deallocated its statements: keep only those whose Parse is still on its way."""
+        for name in [name for name, entry in self._entries.items() if entry.confirmed]:
+            del self._entries[name]
+
+    def clear(self) -> None:
+        """The server connection lost every statement (DISCARD ALL as reset query, or a new connection)."""
+        self._entries.clear()
+
+
+# -- per client ---------------------------------------------------------------------
+
+class ClientStatements(_NameMap):
+    """One client's named statements: its name -> the shared ``PreparedStatement``.
+
+    This outlives server connections: it is what lets the relay prepare a
+    statement again on whichever connection the client gets next.  ``limit``
+    bounds it; a Parse over the limit is refused with an error (see
+    ``PreparedRelay``) rather than silently forgetting an older statement, which
+    would surface later as a baffling "does not exist".
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit, {})
+        self._statements: dict[bytes, PreparedStatement] = self._items
+
+    @property
+    def full(self) -> bool:
+        return len(self._statements) >= self.limit
+
+    def get(self, name: bytes) -> PreparedStatement | None:
+        return self._statements.get(name)
+
+    def add(self, name: bytes, statement: PreparedStatement) -> None:
+        self._statements[name] = statement
+
+    def remove(self, name: bytes) -> PreparedStatement | None:
+        return self._statements.pop(name, None)
+
+    def discard(self, name: bytes, statement: PreparedStatement) -> None:
+        """Undo a Parse: remove ``name`` if it still means ``statement``."""
+        if self._statements.get(name) is statement:
+            del self._statements[name]
+
+    def restore(self, name: bytes, statement: PreparedStatement) -> None:
+        """Undo a Close: map ``name`` again unless it was defined anew since."""
+        self._statements.setdefault(name, statement)
+
+    def retain(self, names: set[bytes]) -> None:
+        """Keep only ``names`` (the session deallocated everything else)."""
+        for name in [name for name in self._statements if name not in names]:
+            del self._statements[name]
+
+
+@dataclass
+class PreparedStats:
+    """What one client's relay did; add them up per pool for SHOW-style output."""
+
+    prepared: int = 0   # Parses sent to create a statement on a server (rewritten or injected)
+    reused: int = 0     # Parses answered without a round trip, Binds that needed no injected Parse
+    injected: int = 0   # Parses injected before a Bind or Describe
+    evicted: int = 0    # Closes injected to keep a server connection within its limit
+    refused: int = 0    # Parses answered with an error: name already in use, or client limit
+
+
+# -- the outstanding-request queue --------------------------------------------------
+
+# What a request expects back, which decides which reply completes it.
+_K_PARSE, _K_BIND, _K_DESCRIBE, _K_EXECUTE, _K_CLOSE = range(5)
+_K_SYNC = 5        # completed by ReadyForQuery; ends skipping after an error
+_K_QUERY = 6       # Query or FunctionCall: completed by ReadyForQuery, errors inside do not skip
+_K_NONE = 7        # CopyDone/CopyFail: a marker with no reply of its own
+
+# What to do with the reply.
+_FORWARD = 0       # pass it to the client
+_SWALLOW = 1       # the proxy sent the request: drop the reply
+_SYNTH = 2         # not sent: give the client ``reply`` when the request's turn comes
+_REFUSE = 3        # a refusal Parse: replace its error with ``reply``
+
+
+class _Request:
+    """One request the server will answer, or the client is owed an answer for.
+
+    ``created`` is the server cache entry a Parse creates (confirmed by its
+    ParseComplete); ``undo(sqlstate)`` runs when the request did not take effect
+    (sqlstate of its error, or None when skipped); ``name`` is the client name a
+    client Parse defines.
+    """
+
+    __slots__ = ("kind", "action", "reply", "created", "undo", "name")
+
+    def __init__(self, kind, action=_FORWARD, reply=b"", created=None, undo=None, name=None):
+        self.kind = kind
+        self.action = action
+        self.reply = reply
+        self.created = created
+        self.undo = undo
+        self.name = name
+
+
+# Requests needing no bookkeeping of their own are shared, so the hot path allocates nothing.
+_PLAIN = {kind: _Request(kind) for kind in (_K_PARSE, _K_BIND, _K_DESCRIBE, _K_EXECUTE,
+                                            _K_CLOSE, _K_SYNC, _K_QUERY, _K_NONE)}
+
+
+class _Requests:
+    """Requests in the order the server answers them, with PostgreSQL's error rule.
+
+    After an ErrorResponse to an extended-protocol message the server skips
+    every message up to the next Sync: those requests are undone in reverse
+    order (so a Close followed by a re-Parse of the same name restores the
+    first meaning), and synthesised replies among them are never given.
+    Synthesised replies reaching the head are collected for the client.
+    """
+
+    __slots__ = ("_queue", "skipping", "copy_from_client", "_replies")
+
+    def __init__(self) -> None:
+        self._queue: deque[_Request] = deque()
+        self.skipping = False            # the server ignores messages until a Sync
+        self.copy_from_client = False    # in COPY FROM STDIN: the client's Syncs go unanswered
+        self._replies: list[bytes] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def __iter__(self):
+        return iter(self._queue)
+
+    def head(self) -> _Request | None:
+        return self._queue[0] if self._queue else None
+
+    def append(self, request: _Request) -> None:
+        if self.skipping and not self._queue and request.kind != _K_SYNC:
+            # The server is skipping to Sync and nothing is ahead: it will ignore this one.
+            _undo(request, None)
+        else:
+            self._queue.append(request)
+
+    def advance(self, can_reply: bool) -> None:
+        """Settle the requests at the head that the server will not answer.
+
+        ``can_reply`` is False while a server message is half passed to the
+        client: a synthesised reply must wait for its end.
+        """
+        queue = self._queue
+        while queue:
+            request = queue[0]
+            if request.kind == _K_SYNC:
+                return
+            if self.skipping:
+                _undo(queue.popleft(), None)
+            elif request.action == _SYNTH and can_reply:
+                self._replies.append(queue.popleft().reply)
+            elif request.kind == _K_NONE:
+                queue.popleft()
+            else:
+                return
+
+    def take_replies(self) -> bytes:
+        if not self._replies:
+            return b""
+        replies = b"".join(self._replies)
+        self._replies.clear()
+        return replies
+
+    def answered(self, kind: int) -> None:
+        """A reply completing a ``kind`` request arrived: it must be the head."""
+        request = self.head()
+        if request is None or request.kind != kind:
+            raise pq.ProtocolError(f"server reply out of step with the requests sent ({kind}, {request and request.kind})")
+        self._queue.popleft()
+        if request.created is not None:
+            request.created.confirmed = True
+
+    def answered_if(self, kind: int) -> None:
+        """A reply that completes a ``kind`` request, or is part of a Query's answer."""
+        request = self.head()
+        if request is not None and request.kind == kind:
+            self._queue.popleft()
+
+    def error(self, sqlstate: str | None) -> None:
+        """An ErrorResponse: it answers the head; extended-protocol errors skip to Sync."""
+        request = self.head()
+        if request is None or request.kind in (_K_SYNC, _K_QUERY):
+            return        # ReadyForQuery still follows; no skipping outside extended protocol
+        queue = self._queue
+        failed = [queue.popleft()]
+        while queue and queue[0].kind != _K_SYNC:
+            failed.append(queue.popleft())
+        for skipped in reversed(failed[1:]):
+            _undo(skipped, None)
+        _undo(request, sqlstate)
+        self.skipping = True
+
+    def ready(self) -> None:
+        """ReadyForQuery: completes the Sync, Query or FunctionCall at the head."""
+        queue = self._queue
+        unanswered = []
+        while queue:
+            request = queue.popleft()
+            if request.kind in (_K_SYNC, _K_QUERY):
+                break
+            unanswered.append(request)
+        for request in reversed(unanswered):
+            _undo(request, None)
+        self.skipping = False
+        self.copy_from_client = False
+
+    def copy_in_started(self) -> None:
+        """CopyInResponse: the server now reads the client's messages up to CopyDone/CopyFail
+        as COPY data and ignores the Syncs among them (libpq sends one right after Execute)."""
+        queue = self._queue
+        if not queue:
+            return
+        kept = [queue.popleft()]
+        while queue and queue[0].kind != _K_NONE:
+            request = queue.popleft()
+            if request.kind != _K_SYNC:
+                kept.append(request)
+        if queue:
+            queue.popleft()                   # the client already ended its data
+        else:
+            self.copy_from_client = True      # its coming Syncs, until CopyDone, get no answer
+        queue.extendleft(reversed(kept))
+
+    def copy_end(self) -> None:
+        """The client sent CopyDone or CopyFail."""
+        if self.copy_from_client:
+            self.copy_from_client = False
+        else:
+            self.append(_PLAIN[_K_NONE])
+
+    def sync(self) -> None:
+        if not self.copy_from_client:
+            self.append(_PLAIN[_K_SYNC])
+
+    def clear(self) -> None:
+        self._queue.clear()
+        self._replies.clear()
+        self.skipping = False
+        self.copy_from_client = False
+
+
+def _undo(request: _Request, sqlstate: str | None) -> None:
+    if request.undo is not None:
+        request.undo(sqlstate)
+
+
+# -- following messages through chunks ----------------------------------------------
+
+_KEEP = "keep"     # the whole message passes
+_DROP = "drop"     # the whole message is removed
+# otherwise a verdict is (n, replacement): the first n bytes become replacement, the rest passes
+
+
+class _Splice:
+    """The output of one chunk: runs of the input with replacements in between.
+
+    Returns the input object itself when nothing was cut, so untouched traffic
+    costs no copy.
+    """
+
+    __slots__ = ("data", "view", "pieces", "start")
+
+    def __init__(self, data, view) -> None:
+        self.data = data
+        self.view = view
+        self.pieces = None
+        self.start = 0
+
+    def cut(self, begin: int, end: int, replacement) -> None:
+        """Output the input up to ``begin``, then ``replacement``; resume at ``end``."""
+        pieces = self.pieces
+        if pieces is None:
+            pieces = self.pieces = []
+        if begin > self.start:
+            pieces.append(self.view[self.start:begin])
+        if replacement:
+            pieces.append(replacement)
+        self.start = end
+
+    def result(self, n: int):
+        if self.pieces is None:
+            return self.data
+        if n > self.start:
+            self.pieces.append(self.view[self.start:n])
+        return b"".join(self.pieces)
+
+
+class _MessageStream:
+    """Follows message boundaries through the chunks of one direction and splices them.
+
+    For every message of a type in ``active`` it asks ``verdict(t, buf, start,
+    available, end)`` -- the message is ``buf[start:end]``, of which
+    ``buf[start:available]`` is at hand -- for _KEEP, _DROP, ``(n,
+    replacement)``, or None for "not enough yet", in which case the message is
+    held back until it is.  ``after(t)``, if given, runs when such a message has
+    fully passed and returns bytes to insert after it.  Other messages pass with
+    header-only cost, and the rest of a long message streams through without
+    being held; ``after`` runs for such a message only if it was split across
+    chunks (the one place where a reply may have been held back meanwhile).
+    """
+
+    __slots__ = ("_active", "_verdict", "_after", "_remaining", "_drop_rest", "_after_type", "_carry")
+
+    def __init__(self, active: bytes, verdict, after=None) -> None:
+        self._active = active
+        self._verdict = verdict
+        self._after = after
+        self._remaining = 0         # bytes of the current message still to come
+        self._drop_rest = False     # ... and whether they are dropped
+        self._after_type = None     # its type, if ``after`` must run at its end
+        self._carry = None          # a message held back: bytes so far
+
+    @property
+    def at_boundary(self) -> bool:
+        return self._remaining == 0 and self._carry is None
+
+    @property
+    def mid_message(self) -> bool:
+        """Part of a message has been passed on and the rest has not."""
+        return self._remaining != 0
+
+    def reset(self) -> None:
+        self._remaining = 0
+        self._drop_rest = False
+        self._after_type = None
+        self._carry = None
+
+    def feed(self, data):
+        view = data if type(data) is memoryview else memoryview(data)
+        n = len(view)
+        out = _Splice(data, view)
+        pos = 0
+        if self._carry is not None:
+            pos = self._resume_carry(view, n, out)
+        if self._remaining and pos < n:
+            pos = self._finish_message(view, pos, n, out)
+        if pos < n:
+            self._scan(view, pos, n, out)
+        return out.result(n)
+
+    def _scan(self, view, pos: int, n: int, out: _Splice) -> None:
+        active = self._active
+        verdict_of = self._verdict
+        unpack = _uint32.unpack_from
+        while pos < n:
+            if n - pos < 5:
+                self._hold(view, pos, n, out)
+                return
+            t = view[pos]
+            end = pos + 1 + unpack(view, pos + 1)[0]
+            if end < pos + 5:
+                raise pq.ProtocolError("invalid message length")
+            if t not in active:
+                if end > n:
+                    # ``after`` runs at its end too: the end of any message is a
+                    # point where replies held back meanwhile may go out.
+                    self._expect_rest(end - n, False, t if self._after is not None else None)
+                    return
+                pos = end
+                continue
+            available = end if end <= n else n
+            verdict = verdict_of(t, view, pos, available, end)
+            if verdict is None:
+                self._hold(view, pos, n, out)
+                return
+            if verdict is _DROP:
+                out.cut(pos, available, None)
+            elif verdict is not _KEEP:
+                out.cut(pos, pos + verdict[0], verdict[1])
+            if end > n:
+                self._expect_rest(end - n, verdict is _DROP, t)
+                return
+            self._message_done(t, end, out)
+            pos = end
+
+    def _hold(self, view, pos: int, n: int, out: _Splice) -> None:
+        self._carry = bytearray(view[pos:n])
+        out.cut(pos, n, None)
+
+    def _expect_rest(self, remaining: int, drop: bool, after_type) -> None:
+        self._remaining = remaining
+        self._drop_rest = drop
+        self._after_type = after_type
+
+    def _message_done(self, t: int, pos: int, out: _Splice) -> None:
+        if self._after is not None:
+            inserted = self._after(t)
+            if inserted:
+                out.cut(pos, pos, inserted)
+
+    def _finish_message(self, view, pos: int, n: int, out: _Splice) -> int:
+        stop = pos + self._remaining
+        if stop > n:
+            self._remaining = stop - n
+            if self._drop_rest:
+                out.cut(pos, n, None)
+            return n
+        self._remaining = 0
+        if self._drop_rest:
+            out.cut(pos, stop, None)
+        t, self._after_type = self._after_type, None
+        if t is not None:
+            self._message_done(t, stop, out)
+        return stop
+
+    def _resume_carry(self, view, n: int, out: _Splice) -> int:
+        """Add this chunk's bytes to the held message; pass it on once a verdict is possible."""
+        carry = self._carry
+        pos = 0
+        if len(carry) < 5:
+            pos = min(5 - len(carry), n)
+            carry += view[:pos]
+            if len(carry) < 5:
+                out.cut(0, pos, None)
+                return pos
+        t = carry[0]
+        total = 1 + _uint32.unpack_from(carry, 1)[0]
+        if total < 5:
+            raise pq.ProtocolError("invalid message length")
+        active = t in self._active
+        verdict = self._verdict(t, carry, 0, len(carry), total) if active else _KEEP
+        if verdict is None:
+            take = min(total - len(carry), n - pos)
+            carry += view[pos:pos + take]
+            pos += take
+            verdict = self._verdict(t, carry, 0, len(carry), total)
+            if verdict is None:
+                out.cut(0, pos, None)
+                return pos
+        self._carry = None
+        if verdict is _KEEP:
+            released = bytes(carry)
+        elif verdict is _DROP:
+            released = None
+        else:
+            released = verdict[1] + carry[verdict[0]:]
+        out.cut(0, pos, released)
+        if total > len(carry):
+            self._expect_rest(total - len(carry), verdict is _DROP, t)
+        else:
+            self._message_done(t, pos, out)
+        return pos
+
+
+def _find_nul(buf, start: int, stop: int) -> int:
+    """Index of the first NUL in ``buf[start:stop]``, or -1.
+
+    Looks at a small window first: names are short, and a Bind's parameters
+    (maybe megabytes) must not be copied to find the end of its names.
+    """
+    window = 128
+    while start < stop:
+        end = min(stop, start + window)
+        found = bytes(buf[start:end]).find(0)
+        if found >= 0:
+            return start + found
+        start = end
+        window *= 8
+    return -1
+
+
+def _sqlstate(error_body: bytes) -> str | None:
+    return pq.parse_error_fields(error_body).get("C")
+
+
+def _error(sqlstate: str, text: str, hint: str | None = None) -> bytes:
+    return pq.error_response(sqlstate, text, "ERROR", hint=hint)
+
+
+# -- the relay helper ----------------------------------------------------------------
+
+class PreparedRelay:
+    """One client's side of prepared-statement pooling; see the module docstring.
+
+    Feed it every chunk of both streams, in the order they travel:
+
+    * ``from_client(data, server)`` -> ``(to_server, to_client_now)``: send
+      ``to_server`` to the server connection whose ``ServerStatements`` is
+      ``server``, then ``to_client_now`` (synthesised replies with nothing
+      before them) to the client, before handling more server bytes.
+    * ``from_server(data)`` -> bytes for the client.
+
+    Either returns its input object unchanged when nothing needed rewriting (a
+    view of the caller's buffer, then: send it before reusing the buffer).
+    The server connection may change only when ``idle()``; after it was lost,
+    ``reset()``.  ``statements`` (the client's names) survives both.
+    """
+
+    def __init__(self, statements: ClientStatements) -> None:
+        self.statements = statements
+        self.stats = PreparedStats()
+        self._server: ServerStatements | None = None
+        self._requests = _Requests()
+        self._client = _MessageStream(_CLIENT_ACTIVE, self._client_verdict)
+        self._replies = _MessageStream(_SERVER_ACTIVE, self._reply_verdict, self._reply_done)
+        self._error_sqlstate: str | None = None     # of the ErrorResponse being passed
+        self._deallocated = False                   # the CommandComplete being passed is DEALLOCATE/DISCARD ALL
+
+    # -- the relay's interface ------------------------------------------------------
+
+    def from_client(self, data, server: ServerStatements):
+        if server is not self._server:
+            if self._server is not None and not self.idle():
+                raise RuntimeError("the server connection changed while requests were in flight")
+            self._server = server
+        to_server = self._client.feed(data)
+        self._requests.advance(not self._replies.mid_message)
+        return to_server, self._requests.take_replies()
+
+    def from_server(self, data):
+        return self._replies.feed(data)
+
+    def idle(self) -> bool:
+        """Every request answered, no skipping pending, both streams between messages."""
+        return (not self._requests and not self._requests.skipping
+                and self._client.at_boundary and self._replies.at_boundary)
+
+    def reset(self) -> None:
+        """The server connection is gone: forget what was in flight on it.
+
+        The client's names stay (they are prepared again where needed), and so
+        does the position in the client's stream, so the relay must not move a
+        client that is in the middle of a message.
+        """
+        self._requests.clear()
+        self._replies.reset()
+        self._server = None
+        self._error_sqlstate = None
+        self._deallocated = False
+
+    # -- client messages ------------------------------------------------------------
+
+    def _client_verdict(self, t, buf, start, available, end):
+        if t == _PARSE:
+            return self._parse_verdict(buf, start, available, end)
+        if t == _BIND:
+            return self._bind_verdict(buf, start, available, end)
+        if t == _DESCRIBE or t == _CLOSE:
+            if available < end:
+                return None
+            body = bytes(buf[start + 5:end])
+            if body[:1] == b"S" and len(body) > 2 and body[1:-1] in self.statements:
+                handle = self._describe_statement if t == _DESCRIBE else self._close_statement
+                return end - start, handle(body[1:-1])
+            self._requests.append(_PLAIN[_K_DESCRIBE if t == _DESCRIBE else _K_CLOSE])
+        elif t == _SYNC:
+            self._requests.sync()
+        elif t == _EXECUTE:
+            self._requests.append(_PLAIN[_K_EXECUTE])
+        elif t == _QUERY or t == _FUNCTION_CALL:
+            self._requests.append(_PLAIN[_K_QUERY])
+        else:                                   # CopyDone, CopyFail
+            self._requests.copy_end()
+        return _KEEP
+
+    def _parse_verdict(self, buf, start, available, end):
+        if available < start + 6:
+            return None
+        if buf[start + 5] == 0:                 # the unnamed statement: untouched
+            self._requests.append(_PLAIN[_K_PARSE])
+            return _KEEP
+        if available < end:
+            return None
+        body = bytes(buf[start + 5:end])
+        name, _, tail = body.partition(b"\0")
+        return end - start, self._named_parse(name, tail)
+
+    def _named_parse(self, name: bytes, tail: bytes) -> bytes:
+        """Record the client's statement; returns what goes to the server instead of its Parse."""
+        statements = self.statements
+        if name in statements:
+            # PostgreSQL's answer (PgBouncer closes the connection instead).
+            return self._refuse(_error("42P05", f'prepared statement "{_text(name)}" already exists'))
+        if statements.full:
+            return self._refuse(_error(
+                "53400", f"too many prepared statements on this connection (at most {statements.limit})",
+                hint="Close or DEALLOCATE statements no longer needed, or raise the proxy's limit."))
+        statement = statement_for(tail)
+        statements.add(name, statement)
+        forget = partial(_forget_parse, statements, name, statement)
+        if self._server.use(statement.server_name) is not None:
+            self.stats.reused += 1
+            self._requests.append(_Request(_K_PARSE, _SYNTH, _PARSE_COMPLETE_MESSAGE, undo=forget, name=name))
+            return b""
+        return self._prepare(statement, _FORWARD, forget, name)[1]
+
+    def _refuse(self, error: bytes) -> bytes:
+        self.stats.refused += 1
+        self._requests.append(_Request(_K_PARSE, _REFUSE, error))
+        return _REFUSAL_PARSE
+
+    def _bind_verdict(self, buf, start, available, end):
+        portal_end = _find_nul(buf, start + 5, available)
+        name_end = _find_nul(buf, portal_end + 1, available) if portal_end >= 0 else -1
+        if name_end < 0:
+            if available < end:
+                return None
+            self._requests.append(_PLAIN[_K_BIND])   # malformed: the server will say so
+            return _KEEP
+        name = bytes(buf[portal_end + 1:name_end])
+        statement = self.statements.get(name) if name else None
+        if statement is None:
+            # Unnamed, or never prepared by this client: the server answers as it would directly.
+            self._requests.append(_PLAIN[_K_BIND])
+            return _KEEP
+        entry, injected = self._ensure_prepared(statement)
+        if not injected:
+            self.stats.reused += 1
+        self._requests.append(_Request(_K_BIND, undo=partial(_heal, self._server, entry)))
+        server_name = statement.server_name
+        length = end - start - 1 - len(name) + len(server_name)
+        head = (b"B" + _uint32.pack(length) + bytes(buf[start + 5:portal_end + 1])
+                + server_name + b"\0")
+        return name_end + 1 - start, injected + head
+
+    def _describe_statement(self, name: bytes) -> bytes:
+        statement = self.statements.get(name)
+        entry, injected = self._ensure_prepared(statement)
+        self._requests.append(_Request(_K_DESCRIBE, undo=partial(_heal, self._server, entry)))
+        return injected + pq.message(b"D", b"S" + statement.server_name + b"\0")
+
+    def _close_statement(self, name: bytes) -> bytes:
+        """Only the client's name goes: the server statement stays for other clients."""
+        statement = self.statements.remove(name)
+        undo = partial(_restore_name, self.statements, name, statement)
+        self._requests.append(_Request(_K_CLOSE, _SYNTH, _CLOSE_COMPLETE_MESSAGE, undo=undo))
+        return b""
+
+    def _ensure_prepared(self, statement: PreparedStatement) -> tuple[CachedStatement, bytes]:
+        """The server's entry for ``statement``, and the Parse to inject first if it has none."""
+        entry = self._server.use(statement.server_name)
+        if entry is not None:
+            return entry, b""
+        self.stats.injected += 1
+        return self._prepare(statement, _SWALLOW)
+
+    def _prepare(self, statement: PreparedStatement, action: int, client_undo=None,
+                 name=None) -> tuple[CachedStatement, bytes]:
+        """Send a Parse creating ``statement`` on the server, closing what the limit evicts.
+
+        Returns the new cache entry and the messages to send.
+        """
+        server = self._server
+        entry, evicted = server.add(statement.server_name)
+        self.stats.prepared += 1
+        undo = partial(_forget_prepare, server, entry, client_undo)
+        self._requests.append(_Request(_K_PARSE, action, created=entry, undo=undo, name=name))
+        messages = [statement.parse_message]
+        for old in evicted:
+            self.stats.evicted += 1
+            self._requests.append(_Request(_K_CLOSE, _SWALLOW, undo=partial(_restore_entry, server, old)))
+            messages.append(pq.message(b"C", b"S" + old.name + b"\0"))
+        return entry, b"".join(messages)
+
+    # -- server replies -------------------------------------------------------------
+
+    def _reply_verdict(self, t, buf, start, available, end):
+        if t == _ERROR:
+            if available < end:
+                return None
+            self._error_sqlstate = _sqlstate(bytes(buf[start + 5:end]))
+            request = self._requests.head()
+            if (request is not None and request.action == _REFUSE
+                    and self._error_sqlstate == _UNDEFINED_COLUMN):
+                return end - start, request.reply
+            return _KEEP
+        if t == _COMMAND_COMPLETE:
+            if end - start - 1 in _DEALLOCATING_LENGTHS:
+                if available < end:
+                    return None
+                self._deallocated = bytes(buf[start + 5:end]) in _DEALLOCATING_TAGS
+            return _KEEP
+        if t == _PARSE_COMPLETE or t == _CLOSE_COMPLETE:
+            request = self._requests.head()
+            if request is not None and request.action == _SWALLOW:
+                return _DROP
+        return _KEEP
+
+    def _reply_done(self, t) -> bytes:
+        requests = self._requests
+        if t == _READY:
+            requests.ready()
+        elif t == _ERROR:
+            requests.error(self._error_sqlstate)
+        elif t == _PARSE_COMPLETE:
+            requests.answered(_K_PARSE)
+        elif t == _BIND_COMPLETE:
+            requests.answered(_K_BIND)
+        elif t == _CLOSE_COMPLETE:
+            requests.answered(_K_CLOSE)
+        elif t == _ROW_DESCRIPTION or t == _NO_DATA:
+            requests.answered_if(_K_DESCRIBE)
+        elif t == _COPY_IN or t == _COPY_BOTH:
+            requests.copy_in_started()
+        elif t == _COMMAND_COMPLETE or t == _EMPTY_QUERY or t == _PORTAL_SUSPENDED:
+            if self._deallocated:
+                self._deallocated = False
+                self._forget_all()
+            requests.answered_if(_K_EXECUTE)
+        requests.advance(True)
+        return requests.take_replies()
+
+    def _forget_all(self) -> None:
+        """DEALLOCATE ALL or DISCARD ALL ran: the session has no statements left,
+        except those whose Parse comes later in the pipeline."""
+        self._server.forget_confirmed()
+        self.statements.retain({request.name for request in self._requests if request.name})
+
+
+# Undo actions (module functions, bound with partial: no reference cycle to the relay).
+
+def _forget_parse(statements: ClientStatements, name: bytes, statement: PreparedStatement, _sqlstate) -> None:
+    statements.discard(name, statement)
+
+
+def _forget_prepare(server: ServerStatements, entry: CachedStatement, client_undo, sqlstate) -> None:
+    server.discard(entry)
+    if client_undo is not None:
+        client_undo(sqlstate)
+
+
+def _restore_name(statements: ClientStatements, name: bytes, statement: PreparedStatement, _sqlstate) -> None:
+    statements.restore(name, statement)
+
+
+def _restore_entry(server: ServerStatements, entry: CachedStatement, _sqlstate) -> None:
+    server.restore(entry)
+
+
+def _heal(server: ServerStatements, entry: CachedStatement, sqlstate) -> None:
+    """A Bind or Describe found the statement missing on the server (someone ran
+    DEALLOCATE behind the proxy's back): forget it, so the next use prepares it again."""
+    if sqlstate == _UNDEFINED_STATEMENT:
+        server.discard(entry)
+
+
+def _text(name: bytes) -> str:
+    return name.decode("utf-8", "replace")
