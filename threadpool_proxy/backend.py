@@ -9,6 +9,7 @@ here when the relay takes over.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import select
@@ -16,7 +17,7 @@ import socket
 import time
 
 from . import protocol as pq
-from .errors import ProtocolError, ServerError, ServerGone
+from .errors import ClientFatal, ProtocolError, ServerError, ServerGone
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,15 @@ def quote_literal(value: str) -> str:
 def set_statements(settings: dict) -> str:
     """``SET a TO 'x'; SET b TO 'y'`` for {name: value} (names already validated)."""
     return ";".join(f"SET {name} TO {quote_literal(value)}" for name, value in settings.items())
+
+
+def out_of_descriptors(exc: OSError) -> ClientFatal:
+    """The client's error when the proxy has no file descriptor left for it (EMFILE/ENFILE)."""
+    log.warning("out of file descriptors (%s): raise the open files limit or lower max_client_conn",
+                exc.strerror or exc)
+    return ClientFatal(pq.SQLSTATE_INSUFFICIENT_RESOURCES,
+                       "threadpool_proxy is out of file descriptors; try again later",
+                       hint="The proxy's open files limit (ulimit -n) is too low for its clients.")
 
 
 class ServerConnection:
@@ -75,6 +85,8 @@ class ServerConnection:
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise out_of_descriptors(exc) from None
             raise ServerGone(f"cannot connect to server {host}:{port}: {exc.strerror or exc}") from None
         # Blocking mode from here on: with a timeout set, every recv/send in
         # the relay would cost an extra poll() inside the socket module.
@@ -145,7 +157,8 @@ class ServerConnection:
 
     # -- login -------------------------------------------------------------------
 
-    def complete_login(self, startup: bytes, answer_auth, deadline: float, on_notice=None) -> None:
+    def complete_login(self, startup: bytes, answer_auth, deadline: float, on_notice=None,
+                       ready_timeout: float | None = None) -> None:
         """Send the StartupMessage and log in up to ReadyForQuery.
 
         The one login loop, for both ways of logging in: ``answer_auth(code,
@@ -155,6 +168,9 @@ class ServerConnection:
         the proxy's own login it answers from the stored secret.  It may raise
         to stop the login.  NoticeResponses go to ``on_notice(framed)`` if given.
         BackendKeyData goes to ``pid``/``secret``, ParameterStatus to ``params``.
+        ``deadline`` bounds the whole login, or, with ``ready_timeout``, only
+        the part up to AuthenticationOk: the rest then gets ``ready_timeout``
+        seconds from there (``answer_auth`` may wait before accepting it).
         Raises ServerError (the server refused), ServerGone (closed, timed out,
         or spoke nonsense).
         """
@@ -177,6 +193,8 @@ class ServerConnection:
                     if reply is not None:
                         self.send(reply)
                     if code == pq.AUTH_OK:
+                        if ready_timeout is not None:
+                            deadline = time.monotonic() + ready_timeout
                         break
                 elif t == pq.ERROR_RESPONSE:
                     raise ServerError(pq.parse_error_fields(body), pq.message(t, body))

@@ -18,12 +18,18 @@ from .errors import ClientFatal, ClientGone
 class ClientChannel:
     """Blocking reads with a deadline and sends on a client socket; bytes read ahead are kept."""
 
-    __slots__ = ("sock", "deadline", "_buf")
+    __slots__ = ("sock", "deadline", "deadline_name", "_buf")
 
     def __init__(self, sock: socket.socket, login_timeout: float) -> None:
         self.sock = sock
         self.deadline = time.monotonic() + login_timeout
+        self.deadline_name = "client_login_timeout"
         self._buf = bytearray()
+
+    def shorten(self, deadline: float, name: str) -> None:
+        """A stricter deadline for what is left of the login, named by the setting behind it."""
+        if deadline < self.deadline:
+            self.deadline, self.deadline_name = deadline, name
 
     @property
     def has_buffered(self) -> bool:
@@ -54,7 +60,7 @@ class ClientChannel:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
-                                  "client_login_timeout: the client did not complete its login in time")
+                                  f"{self.deadline_name}: the client did not complete its login in time")
             self.sock.settimeout(remaining)
             try:
                 chunk = self.sock.recv(65536)

@@ -60,3 +60,24 @@ class PoolTimeout(ProxyError):
 
 class PoolClosed(ProxyError):
     """The pool was closed (the proxy is shutting down)."""
+
+
+class ServerUnavailable(ClientFatal):
+    """The server cannot take a new connection now (down, restarting, shutting down).
+
+    Worth trying again later: a client between transactions waits for the
+    server (``server_login_retry`` paces the attempts) instead of failing.
+    """
+
+
+class QueryCanceled(ProxyError):
+    """A CancelRequest ended the client's wait for a server connection.
+
+    Nothing of the request was sent: the relay drops it, answers it with
+    ``raw`` (ErrorResponse 57014 and ReadyForQuery, what PostgreSQL answers a
+    canceled query) and the client stays connected.
+    """
+
+    def __init__(self, raw: bytes = b"") -> None:
+        super().__init__("canceling statement due to user request")
+        self.raw = raw
