@@ -194,7 +194,8 @@ def test_shipped_conf_proxy_yaml_loads():
     # "Every key is shown with its default": the values match the dataclass defaults
     for field in ("pool_mode", "pool_size", "max_client_conn", "max_idle_per_key", "max_total_idle",
                   "server_idle_timeout", "query_wait_timeout", "server_connect_timeout",
-                  "client_login_timeout", "reset_query", "auth_type", "log_level",
+                  "client_login_timeout", "max_pending_logins", "pending_login_timeout",
+                  "server_login_retry", "reset_query", "auth_type", "log_level",
                   "listen_host", "listen_port"):
         assert getattr(config, field) == getattr(defaults, field), field
 

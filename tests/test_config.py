@@ -47,6 +47,18 @@ def test_listen_and_timeouts_become_floats():
     assert c.server_idle_timeout == 1.5
 
 
+def test_login_and_retry_limits_defaults_and_validation():
+    c = load()
+    assert (c.max_pending_logins, c.pending_login_timeout, c.server_login_retry) == (3, 10.0, 1.0)
+    c = load(max_pending_logins=1, pending_login_timeout=2, server_login_retry=0.5)
+    assert (c.max_pending_logins, c.pending_login_timeout, c.server_login_retry) == (1, 2.0, 0.5)
+    assert isinstance(c.pending_login_timeout, float) and isinstance(c.server_login_retry, float)
+    for key, bad in (("max_pending_logins", 0), ("max_pending_logins", 1.5), ("pending_login_timeout", 0),
+                     ("server_login_retry", -1), ("server_login_retry", "soon")):
+        with pytest.raises(ConfigError, match=f"^{key}: expected "):
+            load(**{key: bad})
+
+
 def test_config_instance_passes_through():
     c = load()
     assert cfg.load(c) is c
@@ -199,3 +211,4 @@ def test_unknown_key_in_yaml_is_named(tmp_path):
     path.write_text("databases: {appdb: {host: h}}\npool_sizee: 3\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"^pool_sizee: unknown key"):
         cfg.load(str(path))
+

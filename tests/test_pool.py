@@ -9,7 +9,8 @@ import time
 import pytest
 
 from threadpool_proxy import pool as pool_mod
-from threadpool_proxy.pool import BackendIdlePool, PoolClosed, PoolTimeout, pool_key, probe_alive
+from threadpool_proxy.errors import ClientGone, QueryCanceled
+from threadpool_proxy.pool import BackendIdlePool, PoolClosed, PoolTimeout, Waiter, pool_key, probe_alive
 
 from helpers import wait_until
 
@@ -428,47 +429,143 @@ def test_many_waiters_all_served(pairs):
     assert p.idle_count(K) <= limit
 
 
-def test_acquire_login_slot(pairs):
+def test_pending_logins_have_their_own_allowance_and_never_evict(pairs):
+    """Pass-through logins not yet authenticated take no pool_size slot and close no parked connection."""
     p = BackendIdlePool(5, 10)
-    p.acquire_login_slot(K, limit=2, timeout=1)
-    p.acquire_login_slot(K, limit=2, timeout=1)
-    assert p.open_count(K) == 2
+    parked, _ = pairs()
+    assert p.acquire(K, limit=2, timeout=1) is None
+    assert p.acquire(K, limit=2, timeout=1) is None
+    p.checkin(K, parked)                               # key full: one in use, one parked
+    p.acquire_pending(K, allowance=2, timeout=1)
+    p.acquire_pending(K, allowance=2, timeout=1)
+    assert p.pending_count(K) == 2 and p.open_count(K) == 2
+    assert not closed(parked) and p.idle_count(K) == 1
+    with pytest.raises(PoolTimeout):                   # the allowance is full: a third waits, then gives up
+        p.acquire_pending(K, allowance=2, timeout=0.2)
+    assert p.stats["pending_timeouts"] == 1
+    assert p.acquire(K, limit=2, timeout=1) is parked  # authenticated clients are not affected
+    p.checkin(K, parked)
+    p.give_back_pending(K, None, "the client stalled")
+    assert p.pending_count(K) == 1
+    p.acquire_pending(K, allowance=2, timeout=0.2)     # its place is free again
+    assert p.snapshot()["pending"] == {K: 2}
+
+
+def test_pending_login_waits_for_a_free_place_first_come_first_served():
+    p = BackendIdlePool(5, 10)
+    p.acquire_pending(K, allowance=1, timeout=1)
+    t, out = run_thread(p.acquire_pending, K, 1, 10)
+    time.sleep(0.1)
+    assert t.is_alive()
+    p.give_back_pending(K, None, "failed")
+    t.join(5)
+    assert out == {"result": None}
+    assert p.pending_count(K) == 1
+    p.acquire_pending(K2, allowance=1, timeout=0.1)    # per key
+
+
+def test_promote_moves_a_login_into_a_slot_evicting_a_parked_one_when_full(pairs):
+    p = BackendIdlePool(5, 10)
+    p.acquire_pending(K, allowance=3, timeout=1)
+    p.promote(K, limit=2, timeout=1)                   # a free slot: taken
+    assert (p.pending_count(K), p.open_count(K)) == (0, 1)
+    assert p.acquire(K, limit=2, timeout=1) is None
     oldest, newest = pairs()[0], pairs()[0]
     p.checkin(K, oldest)
     p.checkin(K, newest)
-    # full, but a connection of the key is parked: the oldest is closed and its slot taken over
-    p.acquire_login_slot(K, limit=2, timeout=1)
+    p.acquire_pending(K, allowance=3, timeout=1)
+    p.promote(K, limit=2, timeout=1)                   # full: the oldest parked one makes room
     assert closed(oldest) and not closed(newest)
     assert p.stats["evicted_for_login"] == 1
-    assert p.open_count(K) == 2
-    assert p.idle_count(K) == 1
+    assert (p.pending_count(K), p.open_count(K), p.idle_count(K)) == (0, 2, 1)
     assert p.checkout(K) is newest
-    # full and nothing parked: waits, then times out
-    with pytest.raises(PoolTimeout):
-        p.acquire_login_slot(K, limit=2, timeout=0.2)
-    assert p.stats["wait_timeouts"] == 1
+    p.acquire_pending(K, allowance=3, timeout=1)
+    with pytest.raises(PoolTimeout):                   # full, nothing parked: waits, then times out
+        p.promote(K, limit=2, timeout=0.2)
+    assert p.pending_count(K) == 1                     # still pending: the caller gives it back
+    p.give_back_pending(K, None, "timed out")
+    assert (p.pending_count(K), p.open_count(K)) == (0, 2)
 
 
-def test_acquire_login_slot_does_not_evict_other_keys(pairs):
+def test_promote_does_not_evict_other_keys_and_wakes_on_release(pairs):
     p = BackendIdlePool(5, 10)
     s, _ = pairs()
     p.acquire(K2, limit=1, timeout=1)
     p.checkin(K2, s)
-    p.acquire_login_slot(K, limit=1, timeout=1)
-    with pytest.raises(PoolTimeout):
-        p.acquire_login_slot(K, limit=1, timeout=0.1)
-    assert not closed(s)
-
-
-def test_acquire_login_slot_wakes_on_release():
-    p = BackendIdlePool(5, 10)
-    p.acquire_login_slot(K, limit=1, timeout=1)
-    t, out = run_thread(p.acquire_login_slot, K, 1, 10)
+    p.acquire(K, limit=1, timeout=1)
+    p.acquire_pending(K, allowance=1, timeout=1)
+    t, out = run_thread(p.promote, K, 1, 10)
     assert wait_until(lambda: p.stats["waits"] == 1)
     p.release_slot(K)
     t.join(5)
     assert out == {"result": None}
-    assert p.open_count(K) == 1
+    assert not closed(s)
+    assert (p.pending_count(K), p.open_count(K)) == (0, 1)
+
+
+def test_cancel_wait_ends_a_waiting_acquire_and_only_while_it_waits(pairs):
+    p = BackendIdlePool(5, 10)
+    waiter = Waiter()
+    assert p.cancel_wait(waiter) is False              # not waiting: nothing to cancel, nothing remembered
+    assert p.acquire(K, limit=1, timeout=1, waiter=waiter) is None
+    t, out = run_thread(lambda: p.acquire(K, 1, 30, waiter=waiter))
+    assert wait_until(lambda: waiter.waiting)
+    start = time.monotonic()
+    assert p.cancel_wait(waiter) is True
+    t.join(5)
+    assert time.monotonic() - start < 1
+    assert isinstance(out.get("error"), QueryCanceled)
+    assert not waiter.waiting and not waiter.canceled
+    assert p.stats["waits_canceled"] == 1
+    s, _ = pairs()
+    p.checkin(K, s)
+    assert p.acquire(K, limit=1, timeout=1, waiter=waiter) is s     # the next acquire is not canceled
+
+
+def test_a_waiter_whose_client_left_is_handed_nothing(pairs):
+    p = BackendIdlePool(5, 10)
+    there = {"alive": True}
+    waiter = Waiter(alive=lambda: there["alive"])
+    assert p.acquire(K, limit=1, timeout=1) is None
+    t, out = run_thread(lambda: p.acquire(K, 1, 30, waiter=waiter))
+    assert wait_until(lambda: p.stats["waits"] == 1)
+    there["alive"] = False
+    s, _ = pairs()
+    p.checkin(K, s)                                    # wakes the waiter: its client is gone
+    t.join(5)
+    assert isinstance(out.get("error"), ClientGone)
+    assert p.idle_count(K) == 1 and not closed(s)      # the connection stays parked, unused
+    assert p.stats["waiters_gone"] == 1
+    # a waiter notices its client leaving within WAIT_SLICE even with nothing released
+    there["alive"] = True
+    p.checkout(K)
+    t, out = run_thread(lambda: p.acquire(K, 1, 30, waiter=waiter))
+    assert wait_until(lambda: p.stats["waits"] == 2)
+    there["alive"] = False
+    t.join(pool_mod.WAIT_SLICE + 2)
+    assert isinstance(out.get("error"), ClientGone)
+
+
+def test_dials_of_a_down_server_are_paced_one_at_a_time(monkeypatch):
+    p = BackendIdlePool(5, 10)
+    assert p.acquire(K, limit=5, timeout=1, paced=True) is None    # dial...
+    p.release_slot(K)
+    p.dial_failed(K, retry_after=0.5)                                # ...the server is down
+    assert p.snapshot()["servers_down"] == ["127.0.0.1:5432"]
+    start = time.monotonic()
+    assert p.acquire(K2, limit=5, timeout=5, paced=True) is None     # same server, other key: waits
+    assert 0.4 <= time.monotonic() - start < 2
+    # one probe under way: others wait for its outcome, not for the retry time
+    t, out = run_thread(lambda: p.acquire(K, 5, 10, paced=True))
+    assert wait_until(lambda: p.stats["waits"] == 2)
+    time.sleep(0.2)
+    assert t.is_alive()
+    p.dial_succeeded(K2)                                             # the server is back: everyone may dial
+    t.join(5)
+    assert out == {"result": None}
+    assert p.snapshot()["servers_down"] == []
+    assert p.acquire(K, limit=5, timeout=1, paced=True) is None      # no pause any more
+    assert p.acquire(K, limit=5, timeout=1) is None                  # unpaced callers never wait for it
 
 
 # -- close --------------------------------------------------------------------
@@ -480,8 +577,9 @@ def test_close_wakes_waiters_and_closes_parked(pairs):
     p.checkin(K2, parked)
     assert p.acquire(K, limit=1, timeout=1) is None
     t1, out1 = run_thread(p.acquire, K, 1, 30)
-    t2, out2 = run_thread(p.acquire_login_slot, K, 1, 30)
-    assert wait_until(lambda: p.stats["waits"] == 2)
+    p.acquire_pending(K, allowance=1, timeout=1)
+    t2, out2 = run_thread(p.acquire_pending, K, 1, 30)
+    assert wait_until(lambda: p.stats["waits"] == 1)
     start = time.monotonic()
     p.close()
     t1.join(5)
@@ -494,7 +592,7 @@ def test_close_wakes_waiters_and_closes_parked(pairs):
     with pytest.raises(PoolClosed):
         p.acquire(K2, limit=5, timeout=1)
     with pytest.raises(PoolClosed):
-        p.acquire_login_slot(K2, limit=5, timeout=1)
+        p.acquire_pending(K2, allowance=5, timeout=1)
     late, _ = pairs()
     assert p.checkin(K, late) is False      # nothing parks after close
     assert closed(late)

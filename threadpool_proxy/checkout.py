@@ -12,14 +12,22 @@ unknown.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
 from . import protocol as pq
 from .backend import ServerConnection
 from .config import Config, DatabaseConfig
-from .errors import ClientFatal, PoolTimeout, ServerError, ServerGone
-from .pool import BackendIdlePool
+from .errors import ClientFatal, PoolTimeout, QueryCanceled, ServerError, ServerGone, ServerUnavailable
+from .pool import BackendIdlePool, Waiter
+
+log = logging.getLogger(__name__)
+
+#: What PostgreSQL answers a query canceled by a CancelRequest (the client is between transactions).
+CANCELED_ANSWER = (pq.error_response(pq.SQLSTATE_QUERY_CANCELED, "canceling statement due to user request",
+                                     pq.ERROR)
+                   + pq.ready_for_query(pq.IDLE))
 
 
 class ClientSettings:
@@ -56,11 +64,15 @@ class ServerCheckout:
     ``dial(startup_params)`` opens a new logged-in connection when the pool
     allows one (proxy-terminated auth); with None (pass-through) only the
     client's own login could open one, so only parked connections are taken.
+    ``client_alive()`` says whether the client is still connected (a waiting
+    client that left is handed nothing); ``cancel_wait()`` (a CancelRequest)
+    ends a wait in ``obtain``.
     """
 
     def __init__(self, pool: BackendIdlePool, config: Config, db: DatabaseConfig, key: str, user: str,
                  dbname: str, settings: ClientSettings,
-                 dial: Callable[[dict], ServerConnection] | None) -> None:
+                 dial: Callable[[dict], ServerConnection] | None,
+                 client_alive: Callable[[], bool] | None = None) -> None:
         self.pool = pool
         self.config = config
         self.db = db
@@ -69,6 +81,8 @@ class ServerCheckout:
         self.dbname = dbname          # the server-side database name
         self.settings = settings
         self.dial = dial
+        self.waiter = Waiter(client_alive)
+        self.cancelable = False          # obtain() is waiting for a request that a cancel may drop
 
     def startup_params(self) -> dict:
         return self.settings.startup_params(self.user, self.dbname)
@@ -91,47 +105,92 @@ class ServerCheckout:
                 defaults[name] = value
         self.pool.learn_defaults(self.key, defaults)
 
-    def obtain(self) -> ServerConnection:
-        """A server connection of this client's identity with its settings, dialing if allowed."""
+    def obtain(self, cancelable: bool = False) -> ServerConnection:
+        """A server connection of this client's identity with its settings, dialing if allowed.
+
+        Waits up to ``query_wait_timeout`` for a free one, also while the
+        server is down (dials paced by ``server_login_retry``).  With
+        ``cancelable`` (the request waiting for it can be answered and dropped
+        whole) a CancelRequest ends the wait with QueryCanceled, whose ``raw``
+        is the answer to send.  ClientGone if the client left while waiting.
+        """
         pool, db, config = self.pool, self.db, self.config
         settings = self.settings.values
         deadline = time.monotonic() + config.query_wait_timeout
-        for _ in range(db.pool_size + 3):
-            remaining = deadline - time.monotonic()
-            try:
-                conn = pool.acquire(self.key, db.pool_size, max(remaining, 0.0),
-                                    prefer=lambda c: c.login_params == settings, dial=self.dial is not None)
-            except PoolTimeout:
-                raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
-                                  f"query_wait_timeout: no server connection for user \"{self.user}\" "
-                                  f"database \"{self.dbname}\" became free within "
-                                  f"{config.query_wait_timeout:g} s (pool_size {db.pool_size})") from None
-            if conn is None:
-                if self.dial is None:
-                    raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE,
-                                      "no server connection is left for this login; reconnect",
-                                      detail="With auth_type passthrough only a client's own login opens "
-                                             "server connections, and all of this user's have closed.")
-                conn = self.dial(self.startup_params())
-                self.adopt(conn)
+        unfit = 0                      # parked connections closed for carrying settings we cannot undo
+        self.cancelable = cancelable
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    conn = pool.acquire(self.key, db.pool_size, max(remaining, 0.0),
+                                        prefer=lambda c: c.login_params == settings, dial=self.dial is not None,
+                                        waiter=self.waiter, paced=True)
+                except PoolTimeout:
+                    raise self._wait_timed_out(pool.server_down(self.key)) from None
+                except QueryCanceled:
+                    raise QueryCanceled(CANCELED_ANSWER) from None
+                if conn is None:
+                    if self.dial is None:
+                        raise ClientFatal(
+                            pq.SQLSTATE_CONNECTION_FAILURE,
+                            "no server connection is left for this login (the server closed them, "
+                            "e.g. it restarted); with auth_type passthrough the proxy cannot log in "
+                            "without the client: reconnect",
+                            detail="With auth_type passthrough only a client's own login opens server "
+                                   "connections (the proxy never learns the password), and all of this "
+                                   "user's have closed.",
+                            hint="Reconnect to go on. With auth_type scram-sha-256 (auth_file) or auth_query "
+                                 "the proxy logs in again by itself and clients wait for the server.")
+                    try:
+                        conn = self.dial(self.startup_params())
+                    except ServerUnavailable as exc:
+                        pool.dial_failed(self.key, config.server_login_retry, exc)
+                        log.info("user %s: %s; waiting for the server", self.user, exc)
+                        continue
+                    except BaseException:
+                        pool.dial_abandoned(self.key)
+                        raise
+                    pool.dial_succeeded(self.key)
+                    self.adopt(conn)
+                    return conn
+                needed = self._needed_settings(conn)
+                if needed is None:
+                    pool.discard(self.key, conn, "it carries a setting that cannot be put back for this client")
+                    unfit += 1
+                    if unfit > db.pool_size + 2:
+                        raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE, "no compatible server connection "
+                                          "could be found for this client's settings")
+                    continue
+                try:
+                    conn.apply_settings(needed, config.server_connect_timeout)
+                except ServerGone as exc:
+                    pool.discard(self.key, conn, f"applying the client's settings failed: {exc}")
+                    continue
+                except ServerError as exc:
+                    self.park(conn)
+                    # The server refused a setting the client asked for: end the client with those words.
+                    raise ClientFatal(exc.fields.get("C", pq.SQLSTATE_CONNECTION_FAILURE), str(exc),
+                                      raw=pq.error_response_from_fields(exc.fields, pq.FATAL)) from None
                 return conn
-            needed = self._needed_settings(conn)
-            if needed is None:
-                pool.discard(self.key, conn, "it carries a setting that cannot be put back for this client")
-                continue
-            try:
-                conn.apply_settings(needed, config.server_connect_timeout)
-            except ServerGone as exc:
-                pool.discard(self.key, conn, f"applying the client's settings failed: {exc}")
-                continue
-            except ServerError as exc:
-                self.park(conn)
-                # The server refused a setting the client asked for: end the client with those words.
-                raise ClientFatal(exc.fields.get("C", pq.SQLSTATE_CONNECTION_FAILURE), str(exc),
-                                  raw=pq.error_response_from_fields(exc.fields, pq.FATAL)) from None
-            return conn
-        raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE,
-                          "no compatible server connection could be found for this client's settings")
+        finally:
+            self.cancelable = False
+
+    def _wait_timed_out(self, server_down: ServerUnavailable | None) -> ClientFatal:
+        """The client's FATAL after query_wait_timeout: the server is down, or every connection was busy."""
+        config, db = self.config, self.db
+        if server_down is not None:
+            return ClientFatal(server_down.sqlstate,
+                               f"query_wait_timeout: the server did not accept connections for "
+                               f"{config.query_wait_timeout:g} s: {server_down}")
+        return ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
+                           f"query_wait_timeout: no server connection for user \"{self.user}\" "
+                           f"database \"{self.dbname}\" became free within "
+                           f"{config.query_wait_timeout:g} s (pool_size {db.pool_size})")
+
+    def cancel_wait(self) -> bool:
+        """A CancelRequest: end a cancelable wait in ``obtain`` (False if there is none)."""
+        return self.cancelable and self.pool.cancel_wait(self.waiter)
 
     def _needed_settings(self, conn: ServerConnection) -> dict | None:
         """SETs that make ``conn`` look like this client's session, or None if it cannot."""

@@ -56,6 +56,9 @@ class Config:
     query_wait_timeout: float = 120.0
     server_connect_timeout: float = 15.0
     client_login_timeout: float = 60.0
+    max_pending_logins: int = 3
+    pending_login_timeout: float = 10.0
+    server_login_retry: float = 1.0
     reset_query: str = "DISCARD ALL"
     auth_type: str = "passthrough"
     auth_file: str | None = None
@@ -105,16 +108,23 @@ def _choice(choices):
     return check
 
 
+_COUNT = (_positive_int, "a positive integer")
+_COUNT_OR_ZERO = (_non_negative_int, "an integer >= 0")
+_SECONDS = (_positive_number, "a number of seconds > 0")
+
 _TOP_LEVEL = {
     "pool_mode": (_choice(POOL_MODES), "one of " + ", ".join(POOL_MODES)),
-    "pool_size": (_positive_int, "a positive integer"),
-    "max_client_conn": (_positive_int, "a positive integer"),
-    "max_idle_per_key": (_non_negative_int, "an integer >= 0"),
-    "max_total_idle": (_non_negative_int, "an integer >= 0"),
-    "server_idle_timeout": (_positive_number, "a number of seconds > 0"),
-    "query_wait_timeout": (_positive_number, "a number of seconds > 0"),
-    "server_connect_timeout": (_positive_number, "a number of seconds > 0"),
-    "client_login_timeout": (_positive_number, "a number of seconds > 0"),
+    "pool_size": _COUNT,
+    "max_client_conn": _COUNT,
+    "max_idle_per_key": _COUNT_OR_ZERO,
+    "max_total_idle": _COUNT_OR_ZERO,
+    "server_idle_timeout": _SECONDS,
+    "query_wait_timeout": _SECONDS,
+    "server_connect_timeout": _SECONDS,
+    "client_login_timeout": _SECONDS,
+    "max_pending_logins": _COUNT,
+    "pending_login_timeout": _SECONDS,
+    "server_login_retry": _SECONDS,
     "reset_query": (_str, "a string (empty for no reset)"),
     "auth_type": (_choice(AUTH_TYPES), "one of " + ", ".join(AUTH_TYPES)),
     "auth_file": (_nonempty_str, "a file path"),
@@ -170,7 +180,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
 
     kwargs: dict[str, Any] = {}
     for key, value in top.items():
-        kwargs[key] = float(value) if key.endswith(("_timeout", "_seconds")) else value
+        kwargs[key] = float(value) if key.endswith(("_timeout", "_seconds", "_retry")) else value
     if "host" in listen:
         kwargs["listen_host"] = listen["host"]
     if "port" in listen:

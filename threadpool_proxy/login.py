@@ -63,7 +63,7 @@ from .authfile import AuthFile, AuthFileError, Secret, secret_from_rolpassword
 from .backend import ServerConnection
 from .channel import ClientChannel
 from .config import Config, ConfigError, DatabaseConfig
-from .errors import ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone
+from .errors import ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone, ServerUnavailable
 from .pool import BackendIdlePool, pool_key
 
 log = logging.getLogger(__name__)
@@ -153,20 +153,46 @@ class Logins:
         """Dial a new server connection and relay the client's authentication over it.
 
         The proxy only carries the Authentication requests and the client's
-        answers.  The connection counts against pool_size from the start, so a
-        full key makes the login wait.  ``startup`` is the server's StartupMessage
-        parameters.  Returns after the server's ReadyForQuery.
+        answers.  Until the server accepts the client (AuthenticationOk) the
+        login is *pending*: it holds one of the key's ``max_pending_logins``
+        places, not a pool_size slot, so it cannot take anything from
+        authenticated clients, and it must get there within
+        ``pending_login_timeout``.  Then it moves into a pool_size slot (closing
+        a parked connection of the key, or waiting, when the key is full).
+        ``startup`` is the server's StartupMessage parameters.  Returns after
+        the server's ReadyForQuery.
         """
-        db, key = request.db, request.key
+        db, key, config, pool = request.db, request.key, self.config, self.pool
         try:
-            self.pool.acquire_login_slot(key, db.pool_size, self.config.query_wait_timeout)
+            pool.acquire_pending(key, config.max_pending_logins, channel.remaining())
         except PoolTimeout:
             raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS,
-                              f"query_wait_timeout: no server connection slot for user \"{request.user}\" "
-                              f"became free within {self.config.query_wait_timeout:g} s "
-                              f"(pool_size {db.pool_size})") from None
+                              f"too many logins of user \"{request.user}\" are in progress "
+                              f"(max_pending_logins {config.max_pending_logins}); try again",
+                              hint="Logins that have not finished authenticating are limited per user "
+                                   "and database.") from None
+        channel.shorten(time.monotonic() + config.pending_login_timeout, "pending_login_timeout")
+        promoted = False
+
+        def release(conn: ServerConnection | None, reason: str) -> None:
+            if promoted:
+                pool.give_back(key, conn, reason)
+            else:
+                pool.give_back_pending(key, conn, reason)
 
         def relay_request(code: int, body: bytes) -> bytes | None:
+            nonlocal promoted
+            if code == pq.AUTH_OK:
+                # PostgreSQL accepted the client: from here on the login is an
+                # authenticated connection like any other, in a pool_size slot.
+                try:
+                    pool.promote(key, db.pool_size, config.query_wait_timeout)
+                except PoolTimeout:
+                    raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS,
+                                      f"query_wait_timeout: no server connection slot for user "
+                                      f"\"{request.user}\" became free within {config.query_wait_timeout:g} s "
+                                      f"(pool_size {db.pool_size})") from None
+                promoted = True
             channel.send(pq.message(pq.AUTHENTICATION, body))
             if code in pq.AUTH_NEEDS_ANSWER:
                 return pq.password_message(channel.read_password_message("a password"))
@@ -177,7 +203,8 @@ class Logins:
             return None
 
         try:
-            return self._open(db, key, startup, relay_request, channel.deadline, on_notice=channel.send)
+            return self._open(db, startup, relay_request, channel.deadline, release, on_notice=channel.send,
+                              ready_timeout=config.server_connect_timeout)
         except ServerError as exc:
             channel.send_quietly(exc.raw)        # PostgreSQL's own words: wrong password, no such role...
             raise ErrorAlreadySent() from None
@@ -290,9 +317,10 @@ class Logins:
         user, db = request.user, request.db
         creds = self.credentials_for(user)
         timeout = self.config.server_connect_timeout
+        key = request.key
         try:
-            conn = self._open(db, request.key, startup, _answer_from(creds.login(user), user),
-                              time.monotonic() + timeout)
+            conn = self._open(db, startup, _answer_from(creds.login(user), user), time.monotonic() + timeout,
+                              lambda conn, reason: self.pool.give_back(key, conn, reason))
         except (ServerError, AuthFailed, ServerGone) as exc:
             with self._lock:
                 self.server_login_failures += 1
@@ -302,15 +330,16 @@ class Logins:
         log.debug("logged in to %s as %s (pid %d, %s)", db.node, user, conn.pid, creds.kind)
         return conn
 
-    def _open(self, db: DatabaseConfig, key: str, startup: dict, answer_auth, deadline: float,
-              on_notice=None) -> ServerConnection:
-        """Dial ``db``'s server and log in; on any failure the slot of ``key`` is given back."""
+    def _open(self, db: DatabaseConfig, startup: dict, answer_auth, deadline: float, release,
+              on_notice=None, ready_timeout: float | None = None) -> ServerConnection:
+        """Dial ``db``'s server and log in; on any failure ``release(conn or None, reason)``
+        closes what was opened and gives back the place the login held."""
         conn = None
         try:
             conn = ServerConnection.dial(db.host, db.port, self.config.server_connect_timeout)
-            conn.complete_login(pq.startup_message(startup), answer_auth, deadline, on_notice)
+            conn.complete_login(pq.startup_message(startup), answer_auth, deadline, on_notice, ready_timeout)
         except BaseException as exc:
-            self.pool.give_back(key, conn, f"the login failed: {exc}")
+            release(conn, f"the login failed: {exc}")
             raise
         return conn
 
@@ -356,8 +385,9 @@ class Logins:
         try:
             if conn is None:
                 params = {"user": auth_user, "database": dbname, "application_name": "threadpool_proxy auth_query"}
-                conn = self._open(db, key, params, _answer_from(self._auth_user_credentials().login(auth_user),
-                                                                auth_user), time.monotonic() + timeout)
+                conn = self._open(db, params, _answer_from(self._auth_user_credentials().login(auth_user),
+                                                           auth_user), time.monotonic() + timeout,
+                                  lambda conn, reason: pool.give_back(key, conn, reason))
             conn.send(pq.extended_query(config.auth_query, [user]))
             status = conn.read_until_ready(timeout, on_message=on_message)
         except BaseException as exc:
@@ -398,6 +428,10 @@ def _answer_from(login: ServerLogin | None, user: str):
     return answer
 
 
+#: Errors of a server that is starting up, shutting down or restarting: a login may work later.
+_SERVER_DOWN_STATES = (pq.SQLSTATE_ADMIN_SHUTDOWN, pq.SQLSTATE_CRASH_SHUTDOWN, pq.SQLSTATE_CANNOT_CONNECT_NOW)
+
+
 def _login_failed(user: str, node: str, exc: Exception) -> ClientFatal:
     """The client's FATAL when the proxy could not log in to the server for it."""
     if isinstance(exc, ServerError):
@@ -409,10 +443,12 @@ def _login_failed(user: str, node: str, exc: Exception) -> ClientFatal:
                                f'threadpool_proxy could not log in to the server for user "{user}": '
                                f'{f.get("M", "authentication failed")}',
                                hint="The server's password for this user differs from the proxy's auth file.")
+        if code in _SERVER_DOWN_STATES:
+            return ServerUnavailable(code, f"server {node} is not accepting connections: {f.get('M', '')}")
         # Anything else (no such database, too many connections...) as PostgreSQL said it.
         return ClientFatal(code, f.get("M", "server error"), f.get("D"), f.get("H"))
     if isinstance(exc, AuthFailed):
         log.warning("cannot log in to %s as %s: %s", node, user, exc)
         return ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION,
                            f'threadpool_proxy could not log in to the server for user "{user}": {exc}')
-    return ClientFatal(pq.SQLSTATE_CANNOT_CONNECT, f"threadpool_proxy: {exc}")
+    return ServerUnavailable(pq.SQLSTATE_CANNOT_CONNECT, f"threadpool_proxy: {exc}")

@@ -17,6 +17,23 @@ Design notes
 * A connection is anything with ``close()`` whose ``raw_socket`` attribute (or
   itself) is a plain socket: the liveness probe uses ``MSG_PEEK`` which a TLS
   socket cannot do, so it always looks at the raw socket.
+
+Accounting per key, under the lock:
+
+* ``_open``: authenticated connections, in use or parked: at most ``pool_size``.
+* ``_pending``: pass-through logins dialed but not yet accepted by the server
+  (no AuthenticationOk yet): at most ``max_pending_logins``, a separate
+  allowance, so a login that has proved nothing never takes a slot, never
+  evicts a parked connection and never makes an authenticated client wait.
+  Once PostgreSQL accepts it, ``promote`` moves it into a slot (closing a
+  parked connection of the key, or waiting, when the key is full).  So
+  PostgreSQL sees at most ``pool_size + max_pending_logins`` connections of a key.
+
+Waiting clients (``acquire`` with a ``Waiter``) are woken at least every
+``WAIT_SLICE`` seconds to check that their client is still connected, can be
+canceled (a CancelRequest), and are never handed a connection once their client
+left.  After a failed dial of a server (down, restarting), new dials of that
+server are paced: one attempt per ``server_login_retry``, one at a time.
 """
 
 from __future__ import annotations
@@ -29,13 +46,19 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
-from .errors import PoolClosed, PoolTimeout
+from .errors import ClientGone, PoolClosed, PoolTimeout, QueryCanceled
 
-__all__ = ["BackendIdlePool", "PoolClosed", "PoolTimeout", "pool_key", "probe_alive"]
+__all__ = ["BackendIdlePool", "PoolClosed", "PoolTimeout", "Waiter", "pool_key", "probe_alive"]
 
 log = logging.getLogger(__name__)
 
 _PROBE_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+#: Longest a waiting client sleeps before checking that it is still connected.
+WAIT_SLICE = 1.0
+
+#: A dial of a down server not reported back within this long no longer blocks others.
+PROBE_STALE = 120.0
 
 
 def pool_key(node: str, user: str, database: str) -> str:
@@ -77,6 +100,36 @@ def probe_alive(conn: Any) -> bool:
     return False  # b"" is EOF; any byte is unsolicited
 
 
+class Waiter:
+    """One client's handle while it waits in ``acquire``: cancelable, and asked whether its client is there.
+
+    ``alive()`` (no I/O beyond a non-blocking peek) says whether the client is
+    still connected; ``waiting`` and ``canceled`` are guarded by the pool's lock.
+    """
+
+    __slots__ = ("alive", "key", "waiting", "canceled")
+
+    def __init__(self, alive: Optional[Callable[[], bool]] = None) -> None:
+        self.alive = alive
+        self.key: Optional[str] = None      # what it waits for
+        self.waiting = False
+        self.canceled = False
+
+    def client_gone(self) -> bool:
+        return self.alive is not None and not self.alive()
+
+
+class _NodeDown:
+    """A server whose last dial failed: no new dial before ``retry_at``, one at a time."""
+
+    __slots__ = ("retry_at", "probing_since", "error")
+
+    def __init__(self, retry_at: float) -> None:
+        self.retry_at = retry_at
+        self.probing_since: Optional[float] = None
+        self.error: Any = None          # what the last dial said
+
+
 def _close(conn: Any, key: str, reason: str) -> None:
     """Close a server connection the pool let go of, saying why in the log."""
     log.info("closing server connection %r of %s: %s", conn, _show(key), reason)
@@ -90,8 +143,11 @@ class BackendIdlePool:
     """Parked server connections in a dict of deques keyed by ``pool_key``.
 
     Caller API: ``checkout``, ``checkin``, ``reap_idle`` (the idle structure);
-    ``acquire``, ``acquire_login_slot``, ``release_slot``, ``discard`` (the
-    ``pool_size`` accounting, which blocks callers when a key is full);
+    ``acquire``, ``release_slot``, ``discard`` (the ``pool_size`` accounting,
+    which blocks callers when a key is full); ``cancel_wait`` (end a waiter's
+    wait); ``dial_failed``/``dial_succeeded``/``dial_abandoned`` (pacing dials of
+    a down server); ``acquire_pending``, ``promote``, ``give_back_pending`` (the
+    allowance of pass-through logins not yet authenticated);
     ``linger``/``unlinger`` (clients keeping an idle connection while nobody
     waits); ``learn_defaults``/``defaults`` (the server's default settings per
     key, learned from fresh logins); ``close`` at shutdown; ``stats`` and
@@ -105,14 +161,18 @@ class BackendIdlePool:
         self._idle: Dict[str, Deque[Tuple[Any, float]]] = {}
         self._total_idle = 0
         self._open: Dict[str, int] = collections.Counter()
+        self._pending: Dict[str, int] = collections.Counter()
         self._key_conds: Dict[str, threading.Condition] = {}
+        self._pending_conds: Dict[str, threading.Condition] = {}
+        self._down: Dict[str, _NodeDown] = {}
         self._waiting: Dict[str, int] = {}
         self._lingering: Dict[str, Dict[Any, None]] = {}
         self._defaults: Dict[str, Dict[str, str]] = {}
         self._closed = False
         self.stats = collections.Counter(
             reuses=0, parked=0, over_capacity=0, stale_evicted=0, reaped=0,
-            reset_failed=0, evicted_for_login=0, waits=0, wait_timeouts=0)
+            reset_failed=0, evicted_for_login=0, waits=0, wait_timeouts=0,
+            pending_timeouts=0, waits_canceled=0, waiters_gone=0, dials_failed=0)
 
     # -- the idle structure -------------------------------------------------
 
@@ -200,7 +260,8 @@ class BackendIdlePool:
     # -- pool_size accounting -----------------------------------------------
 
     def acquire(self, key: str, limit: int, timeout: float,
-                prefer: Optional[Callable[[Any], bool]] = None, dial: bool = True) -> Any:
+                prefer: Optional[Callable[[Any], bool]] = None, dial: bool = True,
+                waiter: Optional[Waiter] = None, paced: bool = False) -> Any:
         """Get a parked connection of ``key`` or the right to dial a new one.
 
         Returns a connection, or None meaning "a slot is yours, dial" (the
@@ -211,31 +272,156 @@ class BackendIdlePool:
         With ``dial=False`` (the proxy cannot log in by itself) it only waits
         for a parked connection, and returns None at once, taking no slot, when
         the key has no connection open at all.
+
+        With a ``waiter``: ``cancel_wait(waiter)`` ends the wait with
+        QueryCanceled, and a caller that waited is handed nothing once its
+        client has gone (ClientGone; the connection or slot stays in the pool).
+        With ``paced`` the caller reports its dial back (``dial_failed``,
+        ``dial_succeeded`` or ``dial_abandoned``), and while the server is
+        down dials wait for ``retry_at``, one at a time.
         """
         deadline = None
-        while True:
-            conn = self.checkout(key, prefer)
-            if conn is not None:
-                return conn
-            with self._lock:
-                # Decide here: a parked connection appeared, a slot is free, or wait.
+        try:
+            while True:
+                if deadline is not None and waiter is not None and waiter.client_gone():
+                    self._count("waiters_gone")
+                    raise ClientGone()
+                conn = self.checkout(key, prefer)
+                if conn is not None:
+                    if deadline is not None and waiter is not None and waiter.client_gone():
+                        self.checkin(key, conn)          # untouched: parked again for the next one
+                        self._count("waiters_gone")
+                        raise ClientGone()
+                    return conn
+                with self._lock:
+                    # Decide here: a parked connection appeared, a slot is free, or wait.
+                    if self._closed:
+                        raise PoolClosed()
+                    self._check_canceled_locked(waiter)
+                    if self._idle.get(key):
+                        continue
+                    wake_at = None
+                    if not dial:
+                        if self._open[key] == 0:
+                            return None
+                    elif self._open[key] < limit:
+                        wake_at = self._dial_pause_locked(key) if paced else None
+                        if wake_at is None:
+                            self._open[key] += 1
+                            return None
+                    deadline = self._wait_locked(key, deadline, timeout, waiter, wake_at)
+        finally:
+            if waiter is not None and waiter.waiting:
+                with self._lock:
+                    waiter.waiting = False
+                    waiter.canceled = False
+
+    def cancel_wait(self, waiter: Waiter) -> bool:
+        """End ``waiter``'s wait in ``acquire`` with QueryCanceled; False if it is not waiting."""
+        with self._lock:
+            if not waiter.waiting:
+                return False
+            waiter.canceled = True
+            self._cond_locked(waiter.key).notify_all()
+            return True
+
+    def _check_canceled_locked(self, waiter: Optional[Waiter]) -> None:
+        if waiter is not None and waiter.canceled:
+            waiter.canceled = waiter.waiting = False
+            self.stats["waits_canceled"] += 1
+            raise QueryCanceled()
+
+    # -- pacing the dials of a server that is down -------------------------------
+
+    def _dial_pause_locked(self, key: str) -> Optional[float]:
+        """None if the caller may dial ``key``'s server now, else when to look again."""
+        down = self._down.get(_node_of(key))
+        if down is None:
+            return None
+        now = time.monotonic()
+        if now < down.retry_at:
+            return down.retry_at
+        if down.probing_since is not None and now - down.probing_since < PROBE_STALE:
+            return now + WAIT_SLICE        # another client's dial is under way: its outcome wakes us
+        down.probing_since = now           # this caller's dial tells whether the server is back
+        return None
+
+    def dial_failed(self, key: str, retry_after: float, error: Any = None) -> None:
+        """A dial of ``key``'s server failed because the server is down (``error``): pause its dials."""
+        with self._lock:
+            self.stats["dials_failed"] += 1
+            node = _node_of(key)
+            down = self._down.get(node)
+            if down is None:
+                log.warning("server %s is not accepting connections; clients wait for it "
+                            "(a new attempt every %g s)", node, retry_after)
+                down = self._down[node] = _NodeDown(0.0)
+            down.retry_at = time.monotonic() + retry_after
+            down.probing_since = None
+            down.error = error
+            self._notify_node_locked(node)
+
+    def dial_succeeded(self, key: str) -> None:
+        """A dial of ``key``'s server worked: it is up, every waiter may dial again."""
+        if not self._down:
+            return
+        with self._lock:
+            node = _node_of(key)
+            if self._down.pop(node, None) is not None:
+                log.warning("server %s accepts connections again", node)
+                self._notify_node_locked(node)
+
+    def server_down(self, key: str) -> Any:
+        """The error of the last failed dial of ``key``'s server if it is down now, else None."""
+        with self._lock:
+            down = self._down.get(_node_of(key))
+            return None if down is None else down.error
+
+    def dial_abandoned(self, key: str) -> None:
+        """A paced dial ended for another reason (the client left, a password was refused)."""
+        if not self._down:
+            return
+        with self._lock:
+            down = self._down.get(_node_of(key))
+            if down is not None and down.probing_since is not None:
+                down.probing_since = None
+                self._notify_node_locked(_node_of(key))
+
+    def _notify_node_locked(self, node: str) -> None:
+        prefix = node + "\0"
+        for key, cond in self._key_conds.items():
+            if key.startswith(prefix):
+                cond.notify_all()
+
+    # -- pass-through logins not yet authenticated ------------------------------
+
+    def acquire_pending(self, key: str, allowance: int, timeout: float) -> None:
+        """Let a pass-through login of ``key`` dial: one of its ``allowance`` places.
+
+        Takes no ``pool_size`` slot and evicts nothing.  Waits (first come,
+        first served) while ``allowance`` logins of the key are pending; raises
+        PoolTimeout after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
                 if self._closed:
                     raise PoolClosed()
-                if self._idle.get(key):
-                    continue
-                if not dial:
-                    if self._open[key] == 0:
-                        return None
-                elif self._open[key] < limit:
-                    self._open[key] += 1
-                    return None
-                deadline = self._wait_locked(key, deadline, timeout)
+                if self._pending[key] < allowance:
+                    self._pending[key] += 1
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.stats["pending_timeouts"] += 1
+                    raise PoolTimeout()
+                self._cond_locked(key, self._pending_conds).wait(remaining)
 
-    def acquire_login_slot(self, key: str, limit: int, timeout: float) -> None:
-        """Get the right to dial a *new* connection of ``key`` (a pass-through login).
+    def promote(self, key: str, limit: int, timeout: float) -> None:
+        """The server accepted a pending login of ``key``: move it into a ``pool_size`` slot.
 
         When the key is full but one of its connections is parked, that one is
-        closed and its slot taken over; otherwise waits like ``acquire``.
+        closed and its slot taken over; otherwise waits like ``acquire``
+        (PoolTimeout after ``timeout``: the login is still pending then).
         """
         deadline = None
         while True:
@@ -245,17 +431,32 @@ class BackendIdlePool:
                     raise PoolClosed()
                 if self._open[key] < limit:
                     self._open[key] += 1
-                    return
-                dq = self._idle.get(key)
-                if dq:
-                    victim = dq.popleft()[0]          # the oldest parked one
+                else:
+                    dq = self._idle.get(key)
+                    if not dq:
+                        deadline = self._wait_locked(key, deadline, timeout)
+                        continue
+                    victim = dq.popleft()[0]          # the oldest parked one; its slot is ours
                     self._total_idle -= 1
                     self.stats["evicted_for_login"] += 1
-                else:
-                    deadline = self._wait_locked(key, deadline, timeout)
+                self._pending_done_locked(key)
             if victim is not None:
-                _close(victim, key, "its slot is taken by a new pass-through login")   # the slot is now ours
-                return
+                _close(victim, key, "its slot is taken by a new pass-through login")
+            return
+
+    def give_back_pending(self, key: str, conn: Any, reason: str) -> None:
+        """A pending login failed (or was never dialed): close ``conn`` if any, free its place."""
+        if conn is not None:
+            _close(conn, key, reason)
+        with self._lock:
+            self._pending_done_locked(key)
+
+    def _pending_done_locked(self, key: str) -> None:
+        if self._pending[key] > 0:
+            self._pending[key] -= 1
+        cond = self._pending_conds.get(key)
+        if cond is not None:
+            cond.notify()
 
     # -- lingering: connections kept by their last client until someone needs them
 
@@ -284,24 +485,35 @@ class BackendIdlePool:
                 return True
             return False
 
-    def _wait_locked(self, key: str, deadline: Optional[float], timeout: float) -> float:
+    def _wait_locked(self, key: str, deadline: Optional[float], timeout: float,
+                     waiter: Optional[Waiter] = None, wake_at: Optional[float] = None) -> float:
         """Wait for a release of ``key``, first asking one lingering holder to let go.
 
         ``deadline`` is None on a caller's first wait (it is computed once, here,
-        and returned); raises PoolTimeout once it has passed.
+        and returned); raises PoolTimeout once it has passed.  With ``wake_at``
+        (the server is down: the next dial may happen then) nobody is asked to
+        let go, and the wait ends by then.  A ``waiter`` wakes at least every
+        WAIT_SLICE seconds, so its caller can see that its client left.
         """
+        now = time.monotonic()
         if deadline is None:
-            deadline = time.monotonic() + timeout
+            deadline = now + timeout
             self.stats["waits"] += 1
-        remaining = deadline - time.monotonic()
+        remaining = deadline - now
         if remaining <= 0:
             self.stats["wait_timeouts"] += 1
             raise PoolTimeout()
-        held = self._lingering.get(key)
-        if held:
-            holder = next(iter(held))
-            del held[holder]
-            holder.wake()          # a non-blocking eventfd write
+        if wake_at is not None:
+            remaining = min(remaining, max(0.0, wake_at - now))
+        else:
+            held = self._lingering.get(key)
+            if held:
+                holder = next(iter(held))
+                del held[holder]
+                holder.wake()          # a non-blocking eventfd write
+        if waiter is not None:
+            waiter.key, waiter.waiting = key, True
+            remaining = min(remaining, WAIT_SLICE)
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
             self._cond_locked(key).wait(remaining)
@@ -339,8 +551,14 @@ class BackendIdlePool:
             return dict(self._defaults.get(key, ()))
 
     def open_count(self, key: str) -> int:
+        """Authenticated connections of ``key`` (in use or parked): at most its pool_size."""
         with self._lock:
             return self._open[key]
+
+    def pending_count(self, key: str) -> int:
+        """Pass-through logins of ``key`` dialed and not yet accepted by the server."""
+        with self._lock:
+            return self._pending[key]
 
     def idle_count(self, key: Optional[str] = None) -> int:
         with self._lock:
@@ -355,6 +573,8 @@ class BackendIdlePool:
                 "stats": dict(self.stats),
                 "idle": {k: len(v) for k, v in self._idle.items() if v},
                 "open": {k: v for k, v in self._open.items() if v},
+                "pending": {k: v for k, v in self._pending.items() if v},
+                "servers_down": sorted(self._down),
                 "total_idle": self._total_idle,
             }
 
@@ -368,7 +588,7 @@ class BackendIdlePool:
                     self._forget_locked(key)
                 dq.clear()
             self._total_idle = 0
-            for cond in self._key_conds.values():
+            for cond in (*self._key_conds.values(), *self._pending_conds.values()):
                 cond.notify_all()
             holders = [h for held in self._lingering.values() for h in held]
             self._lingering.clear()
@@ -406,11 +626,21 @@ class BackendIdlePool:
         if cond is not None:
             cond.notify_all()
 
-    def _cond_locked(self, key: str) -> threading.Condition:
-        cond = self._key_conds.get(key)
+    def _count(self, stat: str) -> None:
+        with self._lock:
+            self.stats[stat] += 1
+
+    def _cond_locked(self, key: str, table: Optional[Dict[str, threading.Condition]] = None
+                     ) -> threading.Condition:
+        table = self._key_conds if table is None else table
+        cond = table.get(key)
         if cond is None:
-            cond = self._key_conds[key] = threading.Condition(self._lock)
+            cond = table[key] = threading.Condition(self._lock)
         return cond
+
+
+def _node_of(key: str) -> str:
+    return key.split("\0", 1)[0]
 
 
 def _show(key: str) -> str:

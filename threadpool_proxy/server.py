@@ -114,7 +114,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             return
         target = session.cancel_target()
         if target is None:
-            return            # nothing is running for that client
+            if session.cancel_wait():
+                log.debug("client %s: cancel request ended its wait for a server connection", session.who)
+            return            # else nothing is running for that client
         host, port, server_pid, server_secret = target
         timeout = self.config.server_connect_timeout
         try:

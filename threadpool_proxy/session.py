@@ -10,6 +10,7 @@ place what the client is told.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 
 from . import protocol as pq
@@ -21,6 +22,29 @@ from .login import LoginRequest
 from .relay import Relay
 
 log = logging.getLogger(__name__)
+
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+def client_connected(sock: socket.socket) -> bool:
+    """False once the client has closed its end (end of file, or an error); never blocks.
+
+    Bytes waiting to be read mean it is there (its next requests).  poll()
+    first: on a socket with a timeout Python's recv() would wait for data.
+    """
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(0):
+            return True
+        return sock.recv(1, _PEEK) != b""
+    except BlockingIOError:
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def parse_options(options: str) -> dict:
@@ -86,6 +110,7 @@ class ClientSession:
         self.channel = ClientChannel(sock, self.config.client_login_timeout)
         self.settings = ClientSettings()
         self.request: LoginRequest | None = None
+        self.checkout: ServerCheckout | None = None
         self.relay: Relay | None = None
         self.cancel_pid = 0
 
@@ -149,6 +174,11 @@ class ClientSession:
         """Where this client's CancelRequest goes now: (host, port, pid, secret), or None."""
         relay = self.relay
         return None if relay is None else relay.cancel_target()
+
+    def cancel_wait(self) -> bool:
+        """A CancelRequest while no query runs: end a wait for a server connection, if any."""
+        checkout = self.checkout
+        return checkout is not None and checkout.cancel_wait()
 
     def interrupt(self) -> None:
         """Wake this client's thread wherever it waits (shutdown): shut its sockets down."""
@@ -230,9 +260,11 @@ class ClientSession:
         request, logins, channel = self.request, self.server.logins, self.channel
         db = request.db
         passthrough = db.auth_type == "passthrough"
-        checkout = ServerCheckout(
+        client = self.client
+        checkout = self.checkout = ServerCheckout(
             self.server.pool, self.config, db, request.key, request.user, db.server_dbname(request.database),
-            self.settings, dial=None if passthrough else lambda params: logins.proxy_login(request, params))
+            self.settings, dial=None if passthrough else lambda params: logins.proxy_login(request, params),
+            client_alive=lambda: client_connected(client))
         if passthrough:
             conn = logins.passthrough_login(channel, request, checkout.startup_params())
             checkout.adopt(conn)
