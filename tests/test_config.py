@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
+import yaml
 
 from threadpool_proxy import config as cfg
 from threadpool_proxy.config import Config, ConfigError
@@ -212,3 +216,20 @@ def test_unknown_key_in_yaml_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"^pool_sizee: unknown key"):
         cfg.load(str(path))
 
+
+def test_config_file_with_auth_password_must_not_be_readable_by_others(tmp_path):
+    conf = tmp_path / "proxy.yaml"
+    conf.write_text(yaml.safe_dump({"auth_type": "auth_query", "auth_user": "pgbouncer",
+                                    "auth_password": "secret", "databases": {"*": {"host": "127.0.0.1"}}}))
+    for mode in (0o644, 0o640, 0o604):
+        os.chmod(conf, mode)
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(conf))}: holds auth_password but mode {mode:04o} "
+                                              f"allows access by group or others; "
+                                              f"run 'chmod 600 {re.escape(str(conf))}'$"):
+            cfg.load(str(conf))
+    os.chmod(conf, 0o600)
+    assert cfg.load(str(conf)).auth_password == "secret"
+    plain = tmp_path / "plain.yaml"                     # no secret in it: any mode will do
+    plain.write_text(yaml.safe_dump({"databases": {"*": {"host": "127.0.0.1"}}}))
+    os.chmod(plain, 0o644)
+    cfg.load(str(plain))

@@ -1,8 +1,11 @@
-"""Faults and hostile clients (issue 9, items 1-3), on the real ``pg`` cluster.
+"""Faults and hostile clients (issue 9, items 1-4 and 7), on the real ``pg`` cluster.
 
 1. Pass-through logins that have not authenticated cannot starve a user.
 2. A queued request dies with its client; a CancelRequest ends a wait.
 3. A server restart costs only the transactions in flight.
+4. File descriptors and threads are bounded from the moment of accept.
+7. Stable fake SCRAM salts, junk logged in summary, clients told when the
+   proxy shuts down (the auth_password file mode: test_config.py).
 
 psycopg's automatic server-side prepared statements do not survive a
 transaction-mode pool (like with PgBouncer), so the connections that run in
@@ -11,23 +14,33 @@ transaction mode here use ``prepare_threshold=None``.
 
 from __future__ import annotations
 
+import base64
 import inspect
+import logging
 import os
 import re
+import resource
 import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
+import types
 
 import psycopg
 import pytest
+import scramp
 import yaml
 
 import helpers
-from helpers import _message, parse_error_fields, raw_login, read_message, startup_packet, \
+from helpers import _message, cancel_packet, parse_error_fields, psql, raw_login, read_message, startup_packet, \
     wait_until
 from threadpool_proxy import relay as relay_mod
 from threadpool_proxy.pgcluster import free_port
 from threadpool_proxy.pool import pool_key
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def connect(pg, proxy, **kw):
@@ -450,3 +463,220 @@ def test_idle_client_whose_connection_is_terminated_is_told_nothing(pg, proxy_fa
         assert int([b for k, b in messages if k == "D"][0][6:]) != pid
     finally:
         sock.close()
+
+
+# -- 4. threads and file descriptors ------------------------------------------------
+
+def test_silent_connections_beyond_max_client_conn_hold_no_thread_for_long(pg, proxy_factory):
+    """max_client_conn bounds threads from accept: over-limit sockets are turned away within seconds."""
+    from threadpool_proxy.server import MAX_REFUSING
+    from threadpool_proxy.session import REFUSAL_TIMEOUT
+    threads0 = threading.active_count()
+    proxy = proxy_factory(max_client_conn=3, client_login_timeout=30)
+    threads1 = threading.active_count()
+    admitted = [silent_socket(proxy) for _ in range(3)]
+    over = []
+    try:
+        assert wait_until(lambda: proxy.server.session_count() == 3)
+        t0 = time.monotonic()
+        over = [silent_socket(proxy) for _ in range(60)]
+        time.sleep(0.3)
+        peak = threading.active_count() - threads1
+        assert peak <= 3 + MAX_REFUSING + 2, peak
+        ended = []
+        for s in over:
+            s.settimeout(REFUSAL_TIMEOUT + 3)
+            data = b""
+            try:
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            except (ConnectionResetError, socket.timeout):
+                pass
+            ended.append((time.monotonic() - t0, data))
+        slowest = max(t for t, _ in ended)
+        told = sum(1 for _, d in ended if b"C53300\0" in d)
+        print(f"\n60 silent sockets over max_client_conn 3: at most {peak} client threads, all closed "
+              f"within {slowest:.2f}s, {told} of them told 53300 at once")
+        assert slowest < REFUSAL_TIMEOUT + 2, slowest
+        assert told >= 60 - MAX_REFUSING - 2, told
+        assert wait_until(lambda: threading.active_count() <= threads1 + 3, timeout=5)
+        for s in admitted:                              # the admitted ones still get client_login_timeout
+            assert nothing_to_read(s, 0.01)
+    finally:
+        for s in admitted + over:
+            s.close()
+    assert threads0 <= threads1
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _low_fd_limit(soft: int, hard: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return apply
+
+
+def test_out_of_file_descriptors_backs_off_refuses_clearly_and_recovers(pg, tmp_path):
+    """The proxy under RLIMIT_NOFILE 64/128 with max_client_conn 1000, flooded by 200 silent sockets.
+
+    At start-up it raises the soft limit to the hard one and warns that
+    max_client_conn does not fit; out of descriptors it logs once, does not
+    spin, refuses new clients with 53300, and serves again once they leave.
+    """
+    port = free_port()
+    conf = tmp_path / "proxy.yaml"
+    conf.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": port},
+        "pool_mode": "transaction",
+        "auth_type": "trust",
+        "max_client_conn": 1000,
+        "client_login_timeout": 60,
+        "databases": {"*": {"host": pg.host, "port": pg.port}},
+    }))
+    log_path = tmp_path / "proxy.log"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "threadpool_proxy", "-c", str(conf)], cwd=REPO, env=env,
+                                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                preexec_fn=_low_fd_limit(64, 128))
+    flood = []
+    try:
+        def up():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return True
+            except OSError:
+                return proc.poll() is not None
+        assert wait_until(up, timeout=20) and proc.poll() is None, log_path.read_text()
+        with open(f"/proc/{proc.pid}/limits") as f:
+            limits = [line for line in f if line.startswith("Max open files")][0].split()
+        assert limits[3:5] == ["128", "128"], limits            # soft raised to the hard limit
+        target = types.SimpleNamespace(host="127.0.0.1", port=port)
+        res = psql(target, sql="SELECT 'before'", user="trustuser")
+        assert res.stdout.strip() == "before", res.stderr
+        for _ in range(200):
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(0.5)
+        cpu0 = _cpu_seconds(proc.pid)
+        time.sleep(2)
+        cpu = _cpu_seconds(proc.pid) - cpu0
+        res = raw_login("127.0.0.1", port, "trustuser", "appdb", timeout=10)
+        assert res.sqlstate == "53300" and "out of file descriptors" in res.error["M"], res
+        for s in flood:
+            s.close()
+        flood = []
+        assert wait_until(lambda: raw_login("127.0.0.1", port, "trustuser", "appdb", timeout=10).ok, timeout=15)
+        res = psql(target, sql="SELECT 'after'", user="trustuser")
+        assert res.stdout.strip() == "after", res.stderr
+        log_text = log_path.read_text()
+        print(f"\nRLIMIT_NOFILE 64/128, 200 silent sockets: {cpu:.2f}s CPU in 2 s while out of descriptors; "
+              f"{log_text.count('out of file descriptors at accept')} log line(s) about it")
+        assert cpu < 0.5, cpu
+        assert "RLIMIT_NOFILE) is 128, but max_client_conn 1000" in log_text, log_text
+        assert log_text.count("out of file descriptors at accept") == 1, log_text
+        assert "accepting clients again" in log_text, log_text
+    finally:
+        for s in flood:
+            s.close()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+# -- 7. smaller ones -------------------------------------------------------------------
+
+def _server_first_salt(proxy, user: str) -> bytes:
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    try:
+        sock.sendall(startup_packet({"user": user, "database": "appdb"}))
+        kind, body = read_message(sock)
+        assert kind == "R" and struct.unpack("!i", body[:4])[0] == 10
+        client = scramp.ScramClient(["SCRAM-SHA-256"], user, "whatever")
+        first = client.get_client_first().encode()
+        sock.sendall(_message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first))
+        kind, body = read_message(sock)
+        assert kind == "R" and struct.unpack("!i", body[:4])[0] == 11
+        fields = dict(part.split("=", 1) for part in body[4:].decode().split(","))
+        return base64.b64decode(fields["s"])
+    finally:
+        sock.close()
+
+
+def test_scram_salts_of_unknown_and_plain_password_users_survive_a_restart(pg, proxy_factory, app_auth_file):
+    settings = dict(auth_type="scram-sha-256", auth_file=app_auth_file)
+    first = proxy_factory(**settings)
+    salts = {u: _server_first_salt(first, u) for u in ("app", "plain", "nobody", "mallory")}
+    first.stop()
+    second = proxy_factory(**settings)
+    again = {u: _server_first_salt(second, u) for u in salts}
+    assert again == salts
+    assert len(set(salts.values())) == 4
+
+
+def test_junk_connections_and_bogus_cancels_are_logged_in_summary(pg, proxy_factory, caplog):
+    proxy = proxy_factory()
+    caplog.set_level(logging.INFO, logger="threadpool_proxy")
+    for i in range(100):
+        with socket.create_connection((proxy.host, proxy.port), timeout=10) as s:
+            s.sendall(os.urandom(32) if i % 2 else struct.pack("!I", 2**31))
+            try:
+                s.recv(1024)
+            except OSError:
+                pass
+    for i in range(100):
+        with socket.create_connection((proxy.host, proxy.port), timeout=10) as s:
+            s.sendall(cancel_packet(12345 + i, 678))
+            try:
+                s.recv(1)
+            except OSError:
+                pass
+    assert wait_until(lambda: proxy.server.junk_log.total["cancel requests with an unknown key"] == 100)
+    assert proxy.server.junk_log.total["bad startup"] == 100
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("threadpool_proxy")]
+    startup_lines = [m for m in lines if "startup packet" in m or "protocol" in m]
+    cancel_lines = [m for m in lines if "cancel request" in m]
+    print(f"\n100 junk startups and 100 bogus cancels: {len(startup_lines)} + {len(cancel_lines)} log lines")
+    assert 1 <= len(startup_lines) <= 3, startup_lines
+    assert 1 <= len(cancel_lines) <= 3, cancel_lines
+
+
+def test_clients_are_told_when_the_proxy_shuts_down(pg, proxy_factory):
+    proxy = proxy_factory(pool_size=1, auth_type="trust", query_wait_timeout=30)
+    idle = trust_session(proxy)
+    busy = trust_session(proxy)
+    waiting = trust_session(proxy)
+    try:
+        query(busy, "BEGIN; SELECT pg_sleep(30)")
+        time.sleep(0.3)
+        waits = proxy.pool.stats["waits"]
+        query(waiting, "SELECT 1")
+        assert wait_until(lambda: proxy.pool.stats["waits"] == waits + 1)
+        t0 = time.monotonic()
+        proxy.stop()
+        assert time.monotonic() - t0 < 5
+        for name, sock in (("idle", idle), ("busy", busy), ("waiting", waiting)):
+            sock.settimeout(5)
+            messages = []
+            while True:
+                try:
+                    messages.append(read_message(sock))
+                except (ConnectionError, OSError):
+                    break
+            errors = [parse_error_fields(b) for k, b in messages if k == "E"]
+            assert errors, (name, messages)
+            assert errors[-1]["S"] == "FATAL" and errors[-1]["C"] == "57P01", (name, errors)
+            assert "the proxy is shutting down" in errors[-1]["M"], (name, errors)
+    finally:
+        for s in (idle, busy, waiting):
+            s.close()

@@ -148,7 +148,7 @@ class _ServerStage(enum.IntEnum):
     FAILED = 4          # any failure is final
 
 
-_MOCK_KEY = secrets.token_bytes(32)   # per process: stable fake salts for unknown users
+_MOCK_KEY = secrets.token_bytes(32)   # fallback when the caller has no key that survives a restart
 
 
 class ScramServerExchange:
@@ -173,15 +173,18 @@ class ScramServerExchange:
         self._client_key: bytes | None = None
 
     @classmethod
-    def for_unknown_user(cls, username: str, iterations: int = DEFAULT_ITERATIONS) -> "ScramServerExchange":
+    def for_unknown_user(cls, username: str, iterations: int = DEFAULT_ITERATIONS,
+                         key: bytes | None = None) -> "ScramServerExchange":
         """An exchange that looks like a real one and always fails at the final step.
 
-        The salt is HMAC(process-random key, username): the same for the same
-        name within this process, different between names, so server-first
-        does not reveal whether the user exists.  Pass the iteration count your
+        The salt is HMAC(key, username): the same for the same name, different
+        between names, so server-first does not reveal whether the user exists.
+        ``key`` should be a secret that survives restarts (real users' salts do
+        not change when the proxy restarts; fake ones must not either); without
+        it a per-process random key is used.  Pass the iteration count your
         real verifiers use so that does not stand out either.
         """
-        salt = _hmac(_MOCK_KEY, username.encode("utf-8"))[:DEFAULT_SALT_LEN]
+        salt = _hmac(key or _MOCK_KEY, username.encode("utf-8"))[:DEFAULT_SALT_LEN]
         fake = Secret("scram", iterations=iterations, salt=salt,
                       stored_key=secrets.token_bytes(SCRAM_KEY_LEN),
                       server_key=secrets.token_bytes(SCRAM_KEY_LEN))

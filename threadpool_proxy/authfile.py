@@ -282,7 +282,11 @@ def parse_auth_text(text: str, where: str = "auth file") -> dict[str, Secret]:
 
 def read_auth_file(path: str | os.PathLike) -> dict[str, Secret]:
     """Read and parse an auth file, refusing one that group/others can access."""
-    path = os.fspath(path)
+    return _read_auth_file(os.fspath(path))[0]
+
+
+def _read_auth_file(path: str) -> tuple[dict[str, Secret], bytes]:
+    """The parsed users and the file's bytes."""
     try:
         # Check the mode on the descriptor we read, not on a path that may change.
         with open(path, "rb") as f:
@@ -298,7 +302,7 @@ def read_auth_file(path: str | os.PathLike) -> dict[str, Secret]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise AuthFileError(f"{path}: not valid UTF-8") from None
-    return parse_auth_text(text, where=path)
+    return parse_auth_text(text, where=path), data
 
 
 class AuthFile:
@@ -312,7 +316,12 @@ class AuthFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._lock = threading.Lock()
-        self._users: Mapping[str, Secret] = MappingProxyType(read_auth_file(self.path))
+        users, data = _read_auth_file(self.path)
+        #: A secret of this proxy that does not change when it restarts (the
+        #: contents at start-up, kept across reloads): it derives the salts
+        #: that must not change either, see ``scram_secret`` and login.py.
+        self.salt_key = hmac.new(b"threadpool_proxy salt key", data, hashlib.sha256).digest()
+        self._users: Mapping[str, Secret] = MappingProxyType(users)
         # user -> (plain Secret it was derived from, derived scram Secret)
         self._derived: dict[str, tuple[Secret, Secret]] = {}
 
@@ -339,9 +348,11 @@ class AuthFile:
             cached = self._derived.get(user)
         if cached is not None and cached[0] is secret:
             return cached[1]
-        # PBKDF2 runs outside the lock; if two threads race, the first stored wins
-        # so every client of this user sees the same salt.
-        derived = scram_secret_from_password(secret.password)
+        # PBKDF2 runs outside the lock; if two threads race, the first stored wins.
+        # The salt is derived from the user name, so a restart does not change
+        # it (a changing salt would set this user apart from the others).
+        salt = hmac.new(self.salt_key, b"password\0" + user.encode("utf-8"), hashlib.sha256).digest()
+        derived = scram_secret_from_password(secret.password, salt=salt[:DEFAULT_SALT_LEN])
         with self._lock:
             cached = self._derived.get(user)
             if cached is not None and cached[0] is secret:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from typing import Any, Mapping
 
 import yaml
@@ -223,6 +224,8 @@ def load(source: str | os.PathLike | Mapping[str, Any] | Config) -> Config:
     """Build a Config from a Config, a mapping, or the path of a YAML file.
 
     Relative ``auth_file`` paths in a YAML file are taken relative to that file.
+    A file holding ``auth_password`` must not be readable by group or others
+    (like the auth file).
     """
     if isinstance(source, Config):
         return source
@@ -231,6 +234,8 @@ def load(source: str | os.PathLike | Mapping[str, Any] | Config) -> Config:
     path = os.fspath(source)
     try:
         with open(path, encoding="utf-8") as f:
+            # The mode of the file we read (not of a path that may change meanwhile).
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
             raw = yaml.safe_load(f)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
@@ -241,6 +246,9 @@ def load(source: str | os.PathLike | Mapping[str, Any] | Config) -> Config:
     if raw is not None and not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     config = from_dict(raw)
+    if config.auth_password is not None and mode & 0o077:
+        raise ConfigError(f"{path}: holds auth_password but mode {mode:04o} allows access by group or others; "
+                          f"run 'chmod 600 {path}'")
     if config.auth_file and not os.path.isabs(config.auth_file):
         config = dataclasses.replace(
             config, auth_file=os.path.join(os.path.dirname(os.path.abspath(path)), config.auth_file))

@@ -40,6 +40,8 @@ whether the user exists.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import ipaddress
 import logging
 import secrets
@@ -127,6 +129,7 @@ class Logins:
             except AuthFileError as exc:
                 raise ConfigError(f"auth_file: {exc}") from None
             log.info("auth file %s: %d users", config.auth_file, len(self.auth_file))
+        self.salt_key = _salt_key(config, self.auth_file)
         types = {config.auth_type} | {d.auth_type for d in config.databases.values()}
         if "trust" in types:
             log.warning("auth_type trust: clients from loopback addresses log in without a password")
@@ -252,7 +255,7 @@ class Logins:
             verifier = secret if secret.kind == "scram" else (
                 self.auth_file.scram_secret(user) if secret.kind == "password" and self.auth_file else None)
         exchange = (ScramServerExchange(verifier, user) if verifier is not None
-                    else ScramServerExchange.for_unknown_user(user))
+                    else ScramServerExchange.for_unknown_user(user, key=self.salt_key))
         mechanisms = exchange.mechanisms()
         channel.send(pq.authentication(pq.AUTH_SASL, sasl_mechanisms_payload(mechanisms)))
         answered = time.monotonic()
@@ -414,6 +417,21 @@ class Logins:
         if config.auth_password is not None:
             return ServerCredentials(password=config.auth_password)
         return credentials_from_secret(self._file_secret(config.auth_user))
+
+
+def _salt_key(config: Config, auth_file: AuthFile | None) -> bytes | None:
+    """The key of unknown users' fake SCRAM salts: a secret that outlives a restart.
+
+    The auth file's (its contents at start-up), else one derived from
+    ``auth_password`` (auth_query without an auth file); None (a per-process
+    key) when the configuration holds no secret at all.
+    """
+    if auth_file is not None:
+        return auth_file.salt_key
+    if config.auth_password:
+        return hmac.new(b"threadpool_proxy salt key", config.auth_password.encode("utf-8"),
+                        hashlib.sha256).digest()
+    return None
 
 
 def _answer_from(login: ServerLogin | None, user: str):

@@ -3,12 +3,23 @@
 ``Proxy`` is the embedding API: build it from a config, ``start()`` it (it
 serves from background threads), read ``port``, ``stop()`` it.  ``serve()`` is
 the same as a context manager.
+
+Admission bounds threads and file descriptors from the moment of accept: at
+most ``max_client_conn`` clients, plus at most ``MAX_REFUSING`` connections
+being turned away (each gets ``REFUSAL_TIMEOUT`` seconds to send its startup
+packet, so it can read why); beyond those a connection is answered and closed
+by the accepting thread itself.  Out of file descriptors at accept (EMFILE),
+one spare descriptor is given up to accept and refuse the client with 53300,
+and the condition is logged once, never spun on.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import hmac
 import logging
+import os
 import secrets
 import socket
 import socketserver
@@ -22,6 +33,93 @@ from .pool import BackendIdlePool, pool_key
 from .session import ClientSession
 
 log = logging.getLogger(__name__)
+
+#: Connections being refused (with a message after their startup packet) at once, at most.
+MAX_REFUSING = 16
+
+#: File descriptors a client can need: its socket, its server connection, the relay's eventfd.
+FDS_PER_CLIENT = 3
+
+#: Descriptors kept for everything else: the listening socket, logs, cancel and auth_query connections.
+FD_RESERVE = 32
+
+#: Seconds between two log lines about the same kind of junk (bad startup packets, unknown cancel keys).
+JUNK_LOG_INTERVAL = 10.0
+
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+
+
+class JunkLog:
+    """Log lines about hostile or broken connections, at most one per kind per ``interval``.
+
+    The first of a kind is logged at once; the ones after it within the
+    interval are counted, and the count is logged with the next line of that
+    kind (or by ``flush``, which the janitor calls): a flood of junk
+    connections costs a few lines, not one each.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = JUNK_LOG_INTERVAL) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._suppressed: collections.Counter = collections.Counter()
+        self.total: collections.Counter = collections.Counter()
+
+    def log(self, kind: str, msg: str, *args) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.total[kind] += 1
+            last = self._last.get(kind)
+            if last is not None and now - last < self.interval:
+                self._suppressed[kind] += 1
+                return
+            self._last[kind] = now
+            more = self._suppressed.pop(kind, 0)
+        if more:
+            msg += " (and %d more %s in the last %.0f s)"
+            args += (more, kind, now - last)
+        self.logger.info(msg, *args)
+
+    def flush(self) -> None:
+        """Log the counts of kinds that went quiet since their last line."""
+        now = time.monotonic()
+        with self._lock:
+            due = [(kind, n, now - self._last[kind]) for kind, n in self._suppressed.items()
+                   if now - self._last[kind] >= self.interval]
+            for kind, _, _ in due:
+                del self._suppressed[kind]
+        for kind, n, age in due:
+            self.logger.info("%d more %s in the last %.0f s", n, kind, age)
+
+
+def raise_fd_limit(config: config_mod.Config) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; warn when max_client_conn does not fit.
+
+    Returns the soft limit now in force (-1 where there are no rlimits).
+    """
+    try:
+        import resource
+    except ImportError:
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        for target in (hard, 1048576, 65536):
+            if target != resource.RLIM_INFINITY and target <= soft:
+                break
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+                break
+            except (ValueError, OSError):
+                continue
+    need = FDS_PER_CLIENT * config.max_client_conn + config.max_total_idle + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and need > soft:
+        log.warning("the open files limit (RLIMIT_NOFILE) is %d, but max_client_conn %d may need up to %d "
+                    "file descriptors (%d per client, plus parked server connections): raise the limit "
+                    "(ulimit -n, systemd LimitNOFILE=) or lower max_client_conn; clients beyond it are "
+                    "refused with 53300", soft, config.max_client_conn, need, FDS_PER_CLIENT)
+    return soft
 
 
 class CancelKeys:
@@ -61,6 +159,19 @@ class CancelKeys:
             return len(self._by_pid)
 
 
+def _refuse_now(sock: socket.socket, reason: str, sqlstate: str = pq.SQLSTATE_TOO_MANY_CONNECTIONS) -> None:
+    """Answer a connection we have no thread for: the error at once, never blocking."""
+    try:
+        sock.setblocking(False)
+        try:
+            sock.recv(65536)              # what it sent already: closing with unread data would reset
+        except OSError:
+            pass
+        sock.send(pq.error_response(sqlstate, reason))
+    except OSError:
+        pass
+
+
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         session = ClientSession(self.server, self.request, self.client_address,
@@ -91,11 +202,21 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._sessions_lock = threading.Lock()
         self._sessions_empty = threading.Condition(self._sessions_lock)
         self._stopping = False
-        self._admitted = 0                      # accepted and not yet closed
-        self._refusals: dict = {}               # socket -> why it is refused
+        self._admitted = 0                      # clients accepted and not yet closed
+        self._refusing = 0                      # connections being refused in a thread of their own
+        self._refusals: dict = {}               # socket -> why it is refused (until closed)
+        self._refused_now: set = set()          # refused by the accepting thread, never counted
+        self.junk_log = JunkLog(log)
+        self._spare_fd = -1                     # given up to accept (and refuse) a client when out of fds
+        self._fd_refusals = 0                   # clients refused for want of a descriptor, since the last log
         # Before binding: a bad auth file (ConfigError) must not leave a listening socket behind.
         self.logins = Logins(config, self.pool)
         super().__init__((config.listen_host, config.listen_port), _Handler)
+        self._take_spare_fd()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     # -- hooks used by sessions ---------------------------------------------------
 
@@ -110,7 +231,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         """
         session = self.cancel_keys.lookup(pid, secret)
         if session is None:
-            log.info("ignoring a cancel request with an unknown key")
+            self.junk_log.log("cancel requests with an unknown key", "ignoring a cancel request with an unknown key")
             return
         target = session.cancel_target()
         if target is None:
@@ -129,31 +250,92 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     # -- socketserver overrides ---------------------------------------------------
 
     def verify_request(self, request, client_address) -> bool:
-        """Count the connection in; one over max_client_conn is refused after its startup packet.
+        """Admit the connection, or have it refused; thread and descriptors are bounded from here.
 
-        The refusal must wait for the startup packet: libpq first sends an
-        SSLRequest (sslmode=prefer), and an ErrorResponse in place of the 'N'
-        would reach the user as "server sent an error response during SSL
-        exchange" instead of the reason.
+        A refusal waits for the startup packet (at most REFUSAL_TIMEOUT):
+        libpq first sends an SSLRequest (sslmode=prefer), and an ErrorResponse
+        in place of the 'N' reaches the user as "server sent an error response
+        during SSL exchange" instead of the reason.  Beyond MAX_REFUSING
+        refusals under way, the reason is sent at once and the socket closed.
         """
         with self._sessions_lock:
-            self._admitted += 1
             if self._stopping:
-                self._refusals[request] = "the proxy is shutting down"
-            elif self._admitted > self.config.max_client_conn:
-                self._refusals[request] = (f"no more connections allowed "
-                                           f"(max_client_conn {self.config.max_client_conn})")
-        return True
+                reason = "the proxy is shutting down"
+            elif self._admitted >= self.config.max_client_conn:
+                reason = f"no more connections allowed (max_client_conn {self.config.max_client_conn})"
+            else:
+                self._admitted += 1
+                return True
+            if self._refusing < MAX_REFUSING:
+                self._refusing += 1
+                self._refusals[request] = reason
+                return True
+            self._refused_now.add(request)
+        self.junk_log.log("connections refused at once", "refusing %s:%s at once: %s",
+                          *client_address[:2], reason)
+        _refuse_now(request, reason)
+        return False          # socketserver closes it (shutdown_request)
 
     def refusal_for(self, request) -> str | None:
         with self._sessions_lock:
-            return self._refusals.pop(request, None)
+            return self._refusals.get(request)
 
     def shutdown_request(self, request) -> None:
         with self._sessions_lock:
-            self._admitted -= 1
-            self._refusals.pop(request, None)
+            if request in self._refusals:
+                del self._refusals[request]
+                self._refusing -= 1
+            elif request in self._refused_now:
+                self._refused_now.discard(request)
+            else:
+                self._admitted -= 1
         super().shutdown_request(request)
+
+    # -- out of file descriptors at accept ---------------------------------------
+
+    def _take_spare_fd(self) -> None:
+        if self._spare_fd < 0:
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                self._spare_fd = -1
+
+    def get_request(self):
+        """accept(); out of descriptors, give up the spare one to refuse the client, never spin."""
+        try:
+            request = super().get_request()
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_FDS:
+                raise
+            self._out_of_fds(exc)
+            raise
+        if self._fd_refusals:
+            log.warning("accepting clients again; %d were refused for want of file descriptors",
+                        self._fd_refusals)
+            self._fd_refusals = 0
+        self._take_spare_fd()
+        return request
+
+    def _out_of_fds(self, exc: OSError) -> None:
+        if not self._fd_refusals:
+            log.warning("out of file descriptors at accept (%s): clients are refused with 53300 until some "
+                        "leave; raise the open files limit (ulimit -n) or lower max_client_conn",
+                        exc.strerror)
+        self._fd_refusals += 1
+        sock = None
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
+            try:
+                sock, _ = self.socket.accept()
+            except OSError:
+                sock = None
+        if sock is not None:
+            _refuse_now(sock, "the proxy is out of file descriptors; try again later", pq.SQLSTATE_TOO_MANY_CONNECTIONS)
+            sock.close()
+            self._take_spare_fd()
+        if self._spare_fd < 0 or sock is None:
+            time.sleep(0.1)           # no way to make progress now: do not spin on the ready listening socket
 
     def handle_error(self, request, client_address) -> None:
         log.exception("unhandled error serving %s", client_address)
@@ -172,16 +354,28 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             return len(self._sessions)
 
     def disconnect_all(self, wait: float) -> None:
-        """Wake every client thread by shutting its socket down, then wait for them."""
+        """Tell every client the proxy is stopping and wait for their threads.
+
+        Waiters for a server connection and lingering holders are woken by
+        closing the pool; the others by shutting their client socket down for
+        reading (their thread still sends SHUTDOWN_NOTICE) and their server
+        connection; a thread that has not finished after a second (stuck
+        writing to a client that does not read) gets its socket shut down for
+        writing too.
+        """
         with self._sessions_lock:
             self._stopping = True
-            sessions = list(self._sessions)
-        for session in sessions:
-            session.interrupt()
+        self.pool.close()
         deadline = time.monotonic() + wait
-        with self._sessions_lock:
-            while self._sessions and time.monotonic() < deadline:
-                self._sessions_empty.wait(deadline - time.monotonic())
+        for hard in (False, True):
+            with self._sessions_lock:
+                sessions = list(self._sessions)
+            for session in sessions:
+                session.interrupt(hard=hard)
+            until = min(deadline, time.monotonic() + 1.0) if not hard else deadline
+            with self._sessions_lock:
+                while self._sessions and time.monotonic() < until:
+                    self._sessions_empty.wait(until - time.monotonic())
 
 
 class Proxy:
@@ -212,6 +406,7 @@ class Proxy:
         return self.server.pool
 
     def start(self) -> "Proxy":
+        raise_fd_limit(self.config)
         self.server = ProxyServer(self.config)
         serve = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                                  name="threadpool_proxy-accept", daemon=True)
@@ -228,6 +423,7 @@ class Proxy:
         while not self._stop_janitor.wait(interval):
             try:
                 self.server.pool.reap_idle(self.config.server_idle_timeout)
+                self.server.junk_log.flush()
             except Exception:
                 log.exception("janitor failed")
 
@@ -248,6 +444,9 @@ class Proxy:
         server.server_close()
         server.disconnect_all(wait)
         server.pool.close()
+        if server._spare_fd >= 0:
+            os.close(server._spare_fd)
+            server._spare_fd = -1
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(wait)

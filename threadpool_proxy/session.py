@@ -9,12 +9,13 @@ place what the client is told.
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import socket
 
 from . import protocol as pq
-from .backend import ServerConnection, valid_guc_name
+from .backend import ServerConnection, out_of_descriptors, valid_guc_name
 from .channel import ClientChannel
 from .checkout import ClientSettings, ServerCheckout
 from .errors import ClientFatal, ClientGone, PoolClosed, ProtocolError, ProxyError, ServerError
@@ -22,6 +23,15 @@ from .login import LoginRequest
 from .relay import Relay
 
 log = logging.getLogger(__name__)
+
+#: Seconds a client turned away (max_client_conn, shutdown) gets to send its
+#: startup packet, so that it can read why; a silent one is closed after this.
+REFUSAL_TIMEOUT = 2.0
+
+#: What every client is told when the proxy stops, as PostgreSQL tells its own at a fast shutdown.
+SHUTDOWN_NOTICE = pq.error_response(pq.SQLSTATE_ADMIN_SHUTDOWN,
+                                    "terminating connection due to administrator command: "
+                                    "the proxy is shutting down")
 
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
@@ -107,7 +117,8 @@ class ClientSession:
         self.client = sock
         self.address = address
         self.refusal = refusal
-        self.channel = ClientChannel(sock, self.config.client_login_timeout)
+        login_timeout = self.config.client_login_timeout
+        self.channel = ClientChannel(sock, min(login_timeout, REFUSAL_TIMEOUT) if refusal else login_timeout)
         self.settings = ClientSettings()
         self.request: LoginRequest | None = None
         self.checkout: ServerCheckout | None = None
@@ -127,30 +138,43 @@ class ClientSession:
                 self.relay.run()
         except ProxyError as exc:
             self._goodbye(exc)
-        except Exception:
-            log.exception("client %s: internal error", self.who)
-            self.channel.send_quietly(pq.error_response(pq.SQLSTATE_INTERNAL_ERROR,
-                                                        "threadpool_proxy internal error; see the proxy log"))
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._goodbye(out_of_descriptors(exc))       # e.g. no descriptor for the relay's eventfd
+            else:
+                log.exception("client %s: internal error", self.who)
+                self.channel.send_quietly(pq.error_response(pq.SQLSTATE_INTERNAL_ERROR,
+                                                            "threadpool_proxy internal error; see the proxy log"))
         finally:
             self.finish()
 
     def _goodbye(self, exc: ProxyError) -> None:
         """What the client is told when ``exc`` ends its connection (nothing for some)."""
-        if isinstance(exc, ClientFatal):
-            log.info("client %s: %s", self.who, exc)
+        if self.server.stopping or isinstance(exc, PoolClosed):
+            # The proxy is stopping (that is why the client's socket or server
+            # connection was shut down): say so, unless a message is half sent.
+            relay = self.relay
+            if relay is None or relay.sscan.at_boundary:
+                self.channel.send_quietly(SHUTDOWN_NOTICE)
+        elif isinstance(exc, ClientFatal):
+            self._log_failure("%s", exc)
             self.channel.send_quietly(exc.raw or pq.error_response(exc.sqlstate, str(exc), pq.FATAL,
                                                                    exc.detail, exc.hint))
         elif isinstance(exc, ProtocolError):
-            log.info("client %s: protocol violation: %s", self.who, exc)
+            self._log_failure("protocol violation: %s", exc)
             self.channel.send_quietly(pq.error_response(pq.SQLSTATE_PROTOCOL_VIOLATION,
                                                         f"protocol violation: {exc}"))
-        elif isinstance(exc, PoolClosed):
-            self.channel.send_quietly(pq.error_response(pq.SQLSTATE_ADMIN_SHUTDOWN,
-                                                        "terminating connection: the proxy is shutting down"))
         elif isinstance(exc, ServerError):
             self.channel.send_quietly(exc.raw)
         # ClientGone, ErrorAlreadySent, and errors of a server connection already
         # turned into a ClientFatal where they happened: nothing more to say.
+
+    def _log_failure(self, text: str, exc: Exception) -> None:
+        """Log why a client is turned away; junk before a valid startup packet only in summary."""
+        if self.request is None:
+            self.server.junk_log.log("bad startup", "client %s: " + text, self.who, exc)
+        else:
+            log.info("client %s: " + text, self.who, exc)
 
     def finish(self) -> None:
         """Forget the cancel key, let go of any server connection, close the client."""
@@ -180,14 +204,20 @@ class ClientSession:
         checkout = self.checkout
         return checkout is not None and checkout.cancel_wait()
 
-    def interrupt(self) -> None:
-        """Wake this client's thread wherever it waits (shutdown): shut its sockets down."""
+    def interrupt(self, hard: bool = False) -> None:
+        """Wake this client's thread wherever it waits (shutdown): shut its sockets down.
+
+        The client's socket only for reading at first, so the thread can still
+        tell the client why (SHUTDOWN_NOTICE); ``hard`` also for writing, for a
+        thread stuck sending to a client that does not read.
+        """
         relay = self.relay
         backend = relay.backend if relay is not None else None
-        for sock in (self.client, backend.sock if backend is not None else None):
+        for sock, how in ((self.client, socket.SHUT_RDWR if hard else socket.SHUT_RD),
+                          (backend.sock if backend is not None else None, socket.SHUT_RDWR)):
             try:
                 if sock is not None:
-                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.shutdown(how)
             except OSError:
                 pass
 
