@@ -30,7 +30,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import PASSWORDS  # noqa: E402
+from helpers import PASSWORDS, write_auth_file  # noqa: E402
 from threadpool_proxy import pgcluster  # noqa: E402
 
 
@@ -285,6 +285,26 @@ class ProxyFactory:
                 errors.append(outcome["error"])
         if errors:
             raise errors[0]
+
+
+# -- auth files for proxy-terminated authentication ------------------------------
+
+@pytest.fixture(scope="session")
+def rolpasswords(pg):
+    """rolpassword of every role, as pg_authid stores it."""
+    with pg.superuser_conn() as conn:
+        rows = conn.execute("SELECT rolname, rolpassword FROM pg_authid WHERE rolpassword IS NOT NULL").fetchall()
+    return dict(rows)
+
+
+@pytest.fixture
+def auth_file(tmp_path, rolpasswords):
+    """An auth file with the server's verifiers of app and other, and md5user's md5 hash."""
+    return write_auth_file(tmp_path / "users.yaml", {
+        "app": {"scram": rolpasswords["app"]},
+        "other": {"scram": rolpasswords["other"]},
+        "md5user": {"md5": rolpasswords["md5user"]},
+    })
 
 
 @pytest.fixture

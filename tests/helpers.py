@@ -12,6 +12,8 @@ import subprocess
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+import yaml
+
 # The passwords the ``pg`` fixture gives its roles (trustuser logs in by
 # ``trust`` and never needs its password, but has one for auth_file tests).
 PASSWORDS = {
@@ -227,3 +229,15 @@ def raw_login(host: str, port: int, user: str, dbname: str, password: Optional[s
                 else:
                     raise ValueError(f"unsupported authentication request {code}")
             # K (BackendKeyData), N (NoticeResponse) and others: ignored
+
+
+# -- auth files ------------------------------------------------------------------
+
+def write_auth_file(path, users: dict, mode: int = 0o600) -> str:
+    """users: {name: {"scram"|"md5"|"password": text}}; written with ``mode``."""
+    path = str(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"users": users}, f)
+    os.chmod(path, mode)
+    return path

@@ -22,7 +22,7 @@ import pytest
 import scramp
 import yaml
 
-from helpers import PASSWORDS, connect, psql, raw_login, read_message, startup_packet, wait_until
+from helpers import PASSWORDS, connect, psql, raw_login, read_message, startup_packet, wait_until, write_auth_file
 from threadpool_proxy import ConfigError
 from threadpool_proxy.login import FAILURE_DELAY
 from threadpool_proxy.authfile import format_scram_verifier, scram_secret_from_password
@@ -31,34 +31,6 @@ FAILED = 'password authentication failed for user "{}"'
 
 
 # -- fixtures and helpers -------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def rolpasswords(pg):
-    """rolpassword of every role, as pg_authid stores it."""
-    with pg.superuser_conn() as conn:
-        rows = conn.execute("SELECT rolname, rolpassword FROM pg_authid WHERE rolpassword IS NOT NULL").fetchall()
-    return dict(rows)
-
-
-def write_auth_file(path, users: dict, mode: int = 0o600) -> str:
-    """users: {name: {"scram"|"md5"|"password": text}}; written with ``mode``."""
-    path = str(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        yaml.safe_dump({"users": users}, f)
-    os.chmod(path, mode)
-    return path
-
-
-@pytest.fixture
-def auth_file(tmp_path, rolpasswords):
-    """An auth file with the server's verifiers of app and other, and md5user's md5 hash."""
-    return write_auth_file(tmp_path / "users.yaml", {
-        "app": {"scram": rolpasswords["app"]},
-        "other": {"scram": rolpasswords["other"]},
-        "md5user": {"md5": rolpasswords["md5user"]},
-    })
-
 
 @pytest.fixture
 def scram_proxy(proxy_factory, auth_file):

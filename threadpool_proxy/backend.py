@@ -61,7 +61,7 @@ class ServerConnection:
 
     __slots__ = ("sock", "raw_socket", "node", "host", "port", "pid", "secret",
                  "params", "param_names", "login_params", "unreported",
-                 "_buf", "_poller", "reset_pending", "reset_timeout", "__weakref__")
+                 "_buf", "_poller", "reset_pending", "reset_timeout", "statements", "__weakref__")
 
     def __init__(self, sock: socket.socket, host: str, port: int) -> None:
         self.sock = sock
@@ -79,6 +79,7 @@ class ServerConnection:
         self._poller = None
         self.reset_pending = False    # a reset query was sent and its answer not read yet
         self.reset_timeout = 15.0
+        self.statements = None        # prepared.ServerStatements: the proxy's named statements held here
 
     @classmethod
     def dial(cls, host: str, port: int, timeout: float) -> "ServerConnection":

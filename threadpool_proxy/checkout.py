@@ -16,9 +16,10 @@ import logging
 import time
 from typing import Callable
 
+from . import prepared
 from . import protocol as pq
 from .backend import ServerConnection
-from .config import Config, DatabaseConfig
+from .config import DEFAULT_RESET_QUERY, Config, DatabaseConfig
 from .errors import ClientFatal, PoolTimeout, QueryCanceled, ServerError, ServerGone, ServerUnavailable
 from .pool import BackendIdlePool, Waiter
 
@@ -212,8 +213,21 @@ class ServerCheckout:
         return wanted
 
     def park(self, conn: ServerConnection) -> None:
-        """Send the reset query and park ``conn``; the next checkout checks the answer."""
-        ok = conn.start_reset(self.config.reset_query, self.config.server_connect_timeout)
+        """Send the reset query and park ``conn``; the next checkout checks the answer.
+
+        Where the proxy keeps prepared statements and the reset query is the
+        default ``DISCARD ALL``, the reset is ``prepared.RESET_QUERY``: all of
+        DISCARD ALL but the deallocation of the proxy's own statements (a
+        connection holding none gets the cheaper DISCARD ALL).  Any other reset
+        may have dropped them, so the connection forgets them.
+        """
+        reset_query = self.config.reset_query
+        if conn.statements:
+            if self.db.max_prepared_statements and reset_query == DEFAULT_RESET_QUERY:
+                reset_query = prepared.RESET_QUERY
+            else:
+                conn.statements.clear()
+        ok = conn.start_reset(reset_query, self.config.server_connect_timeout)
         self.pool.checkin(self.key, conn, reset_ok=ok)
 
     def discard(self, conn: ServerConnection, reason: str) -> None:

@@ -16,6 +16,7 @@ import yaml
 
 POOL_MODES = ("session", "transaction", "statement")
 AUTH_TYPES = ("passthrough", "scram-sha-256", "md5", "trust", "auth_query")
+DEFAULT_RESET_QUERY = "DISCARD ALL"
 DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
 
 
@@ -34,6 +35,7 @@ class DatabaseConfig:
     pool_mode: str
     pool_size: int
     auth_type: str
+    max_prepared_statements: int = 200   # per server connection and per client; 0: names pass through
 
     def server_dbname(self, requested: str) -> str:
         return self.dbname or requested
@@ -60,7 +62,8 @@ class Config:
     max_pending_logins: int = 3
     pending_login_timeout: float = 10.0
     server_login_retry: float = 1.0
-    reset_query: str = "DISCARD ALL"
+    reset_query: str = DEFAULT_RESET_QUERY
+    max_prepared_statements: int = 200
     auth_type: str = "passthrough"
     auth_file: str | None = None
     auth_user: str | None = None
@@ -127,6 +130,7 @@ _TOP_LEVEL = {
     "pending_login_timeout": _SECONDS,
     "server_login_retry": _SECONDS,
     "reset_query": (_str, "a string (empty for no reset)"),
+    "max_prepared_statements": (_non_negative_int, "an integer >= 0 (0: no tracking)"),
     "auth_type": (_choice(AUTH_TYPES), "one of " + ", ".join(AUTH_TYPES)),
     "auth_file": (_nonempty_str, "a file path"),
     "auth_user": (_nonempty_str, "a user name"),
@@ -149,6 +153,7 @@ _DATABASE = {
     "pool_mode": _TOP_LEVEL["pool_mode"],
     "pool_size": _TOP_LEVEL["pool_size"],
     "auth_type": _TOP_LEVEL["auth_type"],
+    "max_prepared_statements": _TOP_LEVEL["max_prepared_statements"],
 }
 
 
@@ -206,6 +211,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
             pool_mode=fields.get("pool_mode", defaults.pool_mode),
             pool_size=fields.get("pool_size", defaults.pool_size),
             auth_type=fields.get("auth_type", defaults.auth_type),
+            max_prepared_statements=fields.get("max_prepared_statements", defaults.max_prepared_statements),
         )
     config = dataclasses.replace(defaults, databases=entries)
     _check_auth(config)

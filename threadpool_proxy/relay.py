@@ -20,6 +20,7 @@ import threading
 
 from . import protocol as pq
 from .backend import ServerConnection
+from .prepared import ClientStatements, PreparedRelay, ServerStatements
 from .checkout import ClientSettings, ServerCheckout
 from .errors import ClientFatal, ClientGone
 
@@ -45,10 +46,10 @@ class Relay:
     __slots__ = ("client", "cfd", "checkout", "pool", "key", "settings", "pooled", "statement_mode",
                  "linger_ms", "poller", "cbuf", "cview", "sbuf", "sview", "cscan", "sscan",
                  "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "check_release",
-                 "expect_server", "wake_rfd", "wake_wfd")
+                 "expect_server", "wake_rfd", "wake_wfd", "prepared", "prepared_limit")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
-                 pool_mode: str, linger_timeout: float) -> None:
+                 pool_mode: str, linger_timeout: float, max_prepared_statements: int = 0) -> None:
         self.client = client
         self.cfd = client.fileno()
         self.checkout = checkout
@@ -76,6 +77,11 @@ class Relay:
         self.expect_server = False        # a whole request went out: read the answer without a poll()
         self.wake_rfd = -1
         self.wake_wfd = -1
+        # Named prepared statements follow a pooled client from one server
+        # connection to the next (prepared.py); in session mode names are the client's own.
+        self.prepared_limit = max_prepared_statements if self.pooled else 0
+        self.prepared = (PreparedRelay(ClientStatements(self.prepared_limit))
+                         if self.prepared_limit else None)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -117,7 +123,8 @@ class Relay:
         """Every request answered, nothing extended unsynced, both streams between messages, idle."""
         cscan, sscan = self.cscan, self.sscan
         return (self.pending == 0 and not cscan.unsynced and cscan.at_boundary and sscan.at_boundary
-                and sscan.status == _IDLE and not sscan.copy_in)
+                and sscan.status == _IDLE and not sscan.copy_in
+                and (self.prepared is None or self.prepared.idle()))
 
     def on_client_readable(self) -> None:
         cscan = self.cscan
@@ -141,10 +148,21 @@ class Relay:
             self.attach(self.checkout.obtain())
         new_requests = cscan.requests - requests_before
         self.pending += new_requests
+        if self.prepared is None:
+            to_server, to_client = self.cview[:n], None
+        else:
+            to_server, to_client = self.prepared.from_client(self.cview[:n], self.backend.statements)
         try:
-            self.ssock.sendall(self.cview[:n])
+            self.ssock.sendall(to_server)
         except OSError:
             self._server_lost()
+        if to_client:
+            # Replies the proxy made (ParseComplete of a statement this connection
+            # already has, CloseComplete) with nothing before them on the wire.
+            try:
+                self.client.sendall(to_client)
+            except OSError:
+                raise ClientGone() from None
         if cscan.terminated:
             raise ClientGone()
         self.expect_server = (new_requests > 0 and cscan.at_boundary and not cscan.unsynced
@@ -175,6 +193,9 @@ class Relay:
             return
         if not n:
             self._server_lost()
+        if self.prepared is not None:
+            view = self.prepared.from_server(view[:n])
+            n = len(view)
         sscan = self.sscan
         sscan.feed(view, n)
         ready = sscan.ready
@@ -206,6 +227,8 @@ class Relay:
         self.ssock = conn.sock
         self.sfd = conn.sock.fileno()
         self.poller.register(self.sfd, _POLLIN)
+        if self.prepared_limit and conn.statements is None:
+            conn.statements = ServerStatements(self.prepared_limit)
         # The login connection of a pooled client: keep it while nobody waits.
         self.check_release = self.pooled
 
@@ -218,6 +241,8 @@ class Relay:
         self.poller.unregister(self.sfd)
         self.sfd = -1
         self.ssock = None
+        if self.prepared is not None and not self.prepared.idle():
+            self.prepared.reset()        # what was in flight died with the connection
         if park:
             self.checkout.park(conn)
         else:
