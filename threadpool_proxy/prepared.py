@@ -325,18 +325,21 @@ class _Request:
     ``created`` is the server cache entry a Parse creates (confirmed by its
     ParseComplete); ``undo(sqlstate)`` runs when the request did not take effect
     (sqlstate of its error, or None when skipped); ``name`` is the client name a
-    client Parse defines.
+    client Parse defines; ``renamed`` is (server name, client name) of a Bind or
+    Describe whose statement name the proxy rewrote, so that the server's error
+    about it can speak of the client's name.
     """
 
-    __slots__ = ("kind", "action", "reply", "created", "undo", "name")
+    __slots__ = ("kind", "action", "reply", "created", "undo", "name", "renamed")
 
-    def __init__(self, kind, action=_FORWARD, reply=b"", created=None, undo=None, name=None):
+    def __init__(self, kind, action=_FORWARD, reply=b"", created=None, undo=None, name=None, renamed=None):
         self.kind = kind
         self.action = action
         self.reply = reply
         self.created = created
         self.undo = undo
         self.name = name
+        self.renamed = renamed
 
 
 # Requests needing no bookkeeping of their own are shared, so the hot path allocates nothing.
@@ -850,8 +853,9 @@ class PreparedRelay:
         entry, injected = self._ensure_prepared(statement)
         if not injected:
             self.stats.reused += 1
-        self._requests.append(_Request(_K_BIND, undo=partial(_heal, self._server, entry)))
         server_name = statement.server_name
+        self._requests.append(_Request(_K_BIND, undo=partial(_heal, self._server, entry),
+                                       renamed=(server_name, name)))
         length = end - start - 1 - len(name) + len(server_name)
         head = (b"B" + _uint32.pack(length) + bytes(buf[start + 5:portal_end + 1])
                 + server_name + b"\0")
@@ -860,7 +864,8 @@ class PreparedRelay:
     def _describe_statement(self, name: bytes) -> bytes:
         statement = self.statements.get(name)
         entry, injected = self._ensure_prepared(statement)
-        self._requests.append(_Request(_K_DESCRIBE, undo=partial(_heal, self._server, entry)))
+        self._requests.append(_Request(_K_DESCRIBE, undo=partial(_heal, self._server, entry),
+                                       renamed=(statement.server_name, name)))
         return injected + pq.message(b"D", b"S" + statement.server_name + b"\0")
 
     def _close_statement(self, name: bytes) -> bytes:
@@ -907,6 +912,13 @@ class PreparedRelay:
             if (request is not None and request.action == _REFUSE
                     and self._error_sqlstate == _UNDEFINED_COLUMN):
                 return end - start, request.reply
+            if (request is not None and request.renamed is not None
+                    and self._error_sqlstate == _UNDEFINED_STATEMENT):
+                # e.g. the client's own Parse of it failed earlier in the pipeline:
+                # PostgreSQL would name the client's statement, not the proxy's.
+                server_name, client_name = request.renamed
+                body = bytes(buf[start + 5:end]).replace(b'"' + server_name + b'"', b'"' + client_name + b'"')
+                return end - start, pq.message(b"E", body)
             return _KEEP
         if t == _COMMAND_COMPLETE:
             if end - start - 1 in _DEALLOCATING_LENGTHS:

@@ -31,6 +31,12 @@ CLIENT_BUFFER_SIZE = 16 * 1024
 SERVER_BUFFER_SIZE = 64 * 1024
 SERVER_BUFFER_MAX = 256 * 1024
 
+#: A client may hold this many times max_prepared_statements names (beyond, its
+#: Parse gets 53400): the server-side limit evicts least recently used
+#: statements, the client-side one only guards the proxy's memory against a
+#: client that never closes what it prepares.
+CLIENT_STATEMENTS_FACTOR = 10
+
 _POLLIN = select.POLLIN
 _IDLE = pq.IDLE[0]
 
@@ -80,7 +86,7 @@ class Relay:
         # Named prepared statements follow a pooled client from one server
         # connection to the next (prepared.py); in session mode names are the client's own.
         self.prepared_limit = max_prepared_statements if self.pooled else 0
-        self.prepared = (PreparedRelay(ClientStatements(self.prepared_limit))
+        self.prepared = (PreparedRelay(ClientStatements(self.prepared_limit * CLIENT_STATEMENTS_FACTOR))
                          if self.prepared_limit else None)
 
     # -- the loop -------------------------------------------------------------------
