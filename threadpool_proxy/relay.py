@@ -55,7 +55,7 @@ class Relay:
                  "expect_server", "wake_rfd", "wake_wfd", "prepared", "prepared_limit")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
-                 pool_mode: str, linger_timeout: float, max_prepared_statements: int = 0) -> None:
+                 pool_mode: str, linger_timeout: float) -> None:
         self.client = client
         self.cfd = client.fileno()
         self.checkout = checkout
@@ -85,7 +85,7 @@ class Relay:
         self.wake_wfd = -1
         # Named prepared statements follow a pooled client from one server
         # connection to the next (prepared.py); in session mode names are the client's own.
-        self.prepared_limit = max_prepared_statements if self.pooled else 0
+        self.prepared_limit = checkout.db.max_prepared_statements if self.pooled else 0
         self.prepared = (PreparedRelay(ClientStatements(self.prepared_limit * CLIENT_STATEMENTS_FACTOR))
                          if self.prepared_limit else None)
 

@@ -303,8 +303,7 @@ class ClientSession:
             conn = checkout.obtain()
         # The client keeps its login connection; in transaction and statement
         # mode the relay lets it go as soon as another client waits for one.
-        relay = Relay(self.client, checkout, self.settings, db.pool_mode, self.config.server_idle_timeout,
-                      db.max_prepared_statements)
+        relay = Relay(self.client, checkout, self.settings, db.pool_mode, self.config.server_idle_timeout)
         relay.attach(conn)
         self.relay = relay
         self.cancel_pid, cancel_secret = self.server.cancel_keys.register(self)
