@@ -293,6 +293,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     # -- out of file descriptors at accept ---------------------------------------
 
+    def server_close(self) -> None:
+        super().server_close()
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
+
     def _take_spare_fd(self) -> None:
         if self._spare_fd < 0:
             try:
@@ -444,9 +450,6 @@ class Proxy:
         server.server_close()
         server.disconnect_all(wait)
         server.pool.close()
-        if server._spare_fd >= 0:
-            os.close(server._spare_fd)
-            server._spare_fd = -1
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(wait)

@@ -137,6 +137,8 @@ class ClientSession:
                 self.relay = self.login()
                 self.relay.run()
         except ProxyError as exc:
+            if self.refusal and self.request is None and isinstance(exc, (ClientFatal, ProtocolError)):
+                exc = ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS, self.refusal)   # silent or garbled: the real reason
             self._goodbye(exc)
         except Exception as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
