@@ -45,7 +45,6 @@ Known limits:
 
 from __future__ import annotations
 
-import struct
 import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -89,29 +88,32 @@ RESET_QUERY = (
     "FOR s IN SELECT name FROM pg_prepared_statements WHERE from_sql LOOP "
     "EXECUTE format('DEALLOCATE %I', s); END LOOP; END$tpp$")
 
-_uint32 = struct.Struct("!I")
 
 # Message type bytes as ints (a memoryview or bytearray indexes to int).
-_PARSE, _BIND, _DESCRIBE, _CLOSE = b"P"[0], b"B"[0], b"D"[0], b"C"[0]
-_QUERY, _SYNC, _EXECUTE, _FUNCTION_CALL = b"Q"[0], b"S"[0], b"E"[0], b"F"[0]
-_PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE = b"1"[0], b"2"[0], b"3"[0]
-_ROW_DESCRIPTION, _NO_DATA = b"T"[0], b"n"[0]
-_COMMAND_COMPLETE, _EMPTY_QUERY, _PORTAL_SUSPENDED = b"C"[0], b"I"[0], b"s"[0]
-_ERROR, _READY = b"E"[0], b"Z"[0]
-_COPY_IN, _COPY_BOTH = b"G"[0], b"W"[0]
+_PARSE, _BIND, _DESCRIBE, _CLOSE = pq.PARSE[0], pq.BIND[0], pq.DESCRIBE[0], pq.CLOSE[0]
+_QUERY, _SYNC, _EXECUTE, _FUNCTION_CALL = pq.QUERY[0], pq.SYNC[0], pq.EXECUTE[0], pq.FUNCTION_CALL[0]
+_PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE = pq.PARSE_COMPLETE[0], pq.BIND_COMPLETE[0], pq.CLOSE_COMPLETE[0]
+_ROW_DESCRIPTION, _NO_DATA = pq.ROW_DESCRIPTION[0], pq.NO_DATA[0]
+_COMMAND_COMPLETE, _EMPTY_QUERY, _PORTAL_SUSPENDED = (pq.COMMAND_COMPLETE[0], pq.EMPTY_QUERY_RESPONSE[0],
+                                                      pq.PORTAL_SUSPENDED[0])
+_ERROR, _READY = pq.ERROR_RESPONSE[0], pq.READY_FOR_QUERY[0]
+_COPY_IN, _COPY_BOTH = pq.COPY_IN_RESPONSE[0], pq.COPY_BOTH_RESPONSE[0]
 
 #: Client messages whose handling needs more than the header; the rest (CopyData,
 #: Flush, Terminate, ...) pass with header-only cost.
-_CLIENT_ACTIVE = b"PBDCQSEFcf"
+_CLIENT_ACTIVE = (pq.PARSE + pq.BIND + pq.DESCRIBE + pq.CLOSE + pq.QUERY + pq.SYNC + pq.EXECUTE
+                  + pq.FUNCTION_CALL + pq.COPY_DONE + pq.COPY_FAIL)
 #: Server messages that answer (part of) a request; DataRow, CopyData,
 #: NoticeResponse, ParameterStatus, ... pass with header-only cost.
-_SERVER_ACTIVE = b"123TnCIsEZGW"
+_SERVER_ACTIVE = (pq.PARSE_COMPLETE + pq.BIND_COMPLETE + pq.CLOSE_COMPLETE + pq.ROW_DESCRIPTION + pq.NO_DATA
+                  + pq.COMMAND_COMPLETE + pq.EMPTY_QUERY_RESPONSE + pq.PORTAL_SUSPENDED + pq.ERROR_RESPONSE
+                  + pq.READY_FOR_QUERY + pq.COPY_IN_RESPONSE + pq.COPY_BOTH_RESPONSE)
 
-_PARSE_COMPLETE_MESSAGE = pq.message(b"1")
-_CLOSE_COMPLETE_MESSAGE = pq.message(b"3")
+_PARSE_COMPLETE_MESSAGE = pq.message(pq.PARSE_COMPLETE)
+_CLOSE_COMPLETE_MESSAGE = pq.message(pq.CLOSE_COMPLETE)
 
-_UNDEFINED_COLUMN = "42703"
-_UNDEFINED_STATEMENT = "26000"
+_UNDEFINED_COLUMN = pq.SQLSTATE_UNDEFINED_COLUMN
+_UNDEFINED_STATEMENT = pq.SQLSTATE_INVALID_SQL_STATEMENT_NAME
 #: CommandComplete tags after which the session has no prepared statements left.
 _DEALLOCATING_TAGS = (b"DEALLOCATE ALL\0", b"DISCARD ALL\0")
 _DEALLOCATING_LENGTHS = {4 + len(tag) for tag in _DEALLOCATING_TAGS}
@@ -122,7 +124,7 @@ _DEALLOCATING_LENGTHS = {4 + len(tag) for tag in _DEALLOCATING_TAGS}
 #: valid syntax that always fails analysis (42703), which keeps PostgreSQL's
 #: order of checks: in an aborted transaction the client sees 25P02 first.  A
 #: named statement, so the client's unnamed statement is not dropped.
-_REFUSAL_PARSE = pq.message(b"P", SERVER_NAME_PREFIX + b"refused\0"
+_REFUSAL_PARSE = pq.message(pq.PARSE, SERVER_NAME_PREFIX + b"refused\0"
                             b'SELECT "threadpool_proxy refused this Parse"\0\0\0')
 
 
@@ -159,7 +161,7 @@ def statement_for(parse_tail: bytes) -> PreparedStatement:
     server_name = SERVER_NAME_PREFIX + blake2b(parse_tail, digest_size=16).hexdigest().encode()
     statement = _shared_statements.get(server_name)
     if statement is None:
-        statement = PreparedStatement(server_name, pq.message(b"P", server_name + b"\0" + parse_tail))
+        statement = PreparedStatement(server_name, pq.message(pq.PARSE, server_name + b"\0" + parse_tail))
         _shared_statements[server_name] = statement
     return statement
 
@@ -588,7 +590,7 @@ class _MessageStream:
     def _scan(self, view, pos: int, n: int, out: _Splice) -> None:
         active = self._active
         verdict_of = self._verdict
-        unpack = _uint32.unpack_from
+        unpack = pq.UINT32.unpack_from
         while pos < n:
             if n - pos < 5:
                 self._hold(view, pos, n, out)
@@ -661,7 +663,7 @@ class _MessageStream:
                 out.cut(0, pos, None)
                 return pos
         t = carry[0]
-        total = 1 + _uint32.unpack_from(carry, 1)[0]
+        total = 1 + pq.UINT32.unpack_from(carry, 1)[0]
         if total < 5:
             raise pq.ProtocolError("invalid message length")
         active = t in self._active
@@ -786,7 +788,7 @@ class PreparedRelay:
             if available < end:
                 return None
             body = bytes(buf[start + 5:end])
-            if body[:1] == b"S" and len(body) > 2 and body[1:-1] in self.statements:
+            if body[:1] == pq.STATEMENT and len(body) > 2 and body[1:-1] in self.statements:
                 handle = self._describe_statement if t == _DESCRIBE else self._close_statement
                 return end - start, handle(body[1:-1])
             self._requests.append(_PLAIN[_K_DESCRIBE if t == _DESCRIBE else _K_CLOSE])
@@ -817,10 +819,10 @@ class PreparedRelay:
         statements = self.statements
         if name in statements:
             # PostgreSQL's answer (PgBouncer closes the connection instead).
-            return self._refuse(_error("42P05", f'prepared statement "{_text(name)}" already exists'))
+            return self._refuse(_error(pq.SQLSTATE_DUPLICATE_PREPARED_STATEMENT, f'prepared statement "{_text(name)}" already exists'))
         if statements.full:
             return self._refuse(_error(
-                "53400", f"too many prepared statements on this connection (at most {statements.limit})",
+                pq.SQLSTATE_CONFIGURATION_LIMIT_EXCEEDED, f"too many prepared statements on this connection (at most {statements.limit})",
                 hint="Close or DEALLOCATE statements no longer needed, or raise the proxy's limit."))
         statement = statement_for(tail)
         statements.add(name, statement)
@@ -857,7 +859,7 @@ class PreparedRelay:
         self._requests.append(_Request(_K_BIND, undo=partial(_heal, self._server, entry),
                                        renamed=(server_name, name)))
         length = end - start - 1 - len(name) + len(server_name)
-        head = (b"B" + _uint32.pack(length) + bytes(buf[start + 5:portal_end + 1])
+        head = (pq.BIND + pq.UINT32.pack(length) + bytes(buf[start + 5:portal_end + 1])
                 + server_name + b"\0")
         return name_end + 1 - start, injected + head
 
@@ -866,7 +868,7 @@ class PreparedRelay:
         entry, injected = self._ensure_prepared(statement)
         self._requests.append(_Request(_K_DESCRIBE, undo=partial(_heal, self._server, entry),
                                        renamed=(statement.server_name, name)))
-        return injected + pq.message(b"D", b"S" + statement.server_name + b"\0")
+        return injected + pq.message(pq.DESCRIBE, pq.STATEMENT + statement.server_name + b"\0")
 
     def _close_statement(self, name: bytes) -> bytes:
         """Only the client's name goes: the server statement stays for other clients."""
@@ -898,7 +900,7 @@ class PreparedRelay:
         for old in evicted:
             self.stats.evicted += 1
             self._requests.append(_Request(_K_CLOSE, _SWALLOW, undo=partial(_restore_entry, server, old)))
-            messages.append(pq.message(b"C", b"S" + old.name + b"\0"))
+            messages.append(pq.message(pq.CLOSE, pq.STATEMENT + old.name + b"\0"))
         return entry, b"".join(messages)
 
     # -- server replies -------------------------------------------------------------
@@ -918,7 +920,7 @@ class PreparedRelay:
                 # PostgreSQL would name the client's statement, not the proxy's.
                 server_name, client_name = request.renamed
                 body = bytes(buf[start + 5:end]).replace(b'"' + server_name + b'"', b'"' + client_name + b'"')
-                return end - start, pq.message(b"E", body)
+                return end - start, pq.message(pq.ERROR_RESPONSE, body)
             return _KEEP
         if t == _COMMAND_COMPLETE:
             if end - start - 1 in _DEALLOCATING_LENGTHS:
