@@ -6,10 +6,6 @@
 4. File descriptors and threads are bounded from the moment of accept.
 7. Stable fake SCRAM salts, junk logged in summary, clients told when the
    proxy shuts down (the auth_password file mode: test_config.py).
-
-psycopg's automatic server-side prepared statements do not survive a
-transaction-mode pool (like with PgBouncer), so the connections that run in
-transaction mode here use ``prepare_threshold=None``.
 """
 
 from __future__ import annotations
@@ -43,9 +39,7 @@ from threadpool_proxy.pool import pool_key
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def connect(pg, proxy, **kw):
-    kw.setdefault("prepare_threshold", None)
-    return helpers.connect(pg, proxy, **kw)
+connect = helpers.connect           # psycopg with its default settings (it prepares statements)
 
 
 def app_key(pg, user="app", dbname="appdb"):
