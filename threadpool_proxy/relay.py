@@ -22,7 +22,7 @@ from . import protocol as pq
 from .backend import ServerConnection
 from .prepared import ClientStatements, PreparedRelay, ServerStatements
 from .checkout import ClientSettings, ServerCheckout
-from .errors import ClientFatal, ClientGone
+from .errors import ClientFatal, ClientGone, QueryCanceled
 
 # Buffers are per client thread, so they decide the memory of many idle clients:
 # requests are small (16 KiB, COPY IN just takes more reads); the server buffer
@@ -113,6 +113,11 @@ class Relay:
                     if not events:
                         self._linger_expired()
                         continue
+                    if self.lingering and len(events) > 1:
+                        # What the idle server said comes first: a terminated or
+                        # restarting server's FATAL detaches it before the
+                        # client's next request could be sent into it.
+                        events.sort(key=lambda event: event[0] != self.sfd)
                 for fd, _ in events:
                     if fd == cfd:
                         on_client_readable()
@@ -146,13 +151,23 @@ class Relay:
             n = self.cbuf.rfind(pq.TERMINATE_MESSAGE, 0, n)    # forward what came before it
             if n <= 0:
                 raise ClientGone()
+        new_requests = cscan.requests - requests_before
         if self.lingering:
             self.lingering = False
             if not self.pool.unlinger(self.key, self):
                 self._drain_wake()     # claimed meanwhile; we keep it this time
         elif self.backend is None:
-            self.attach(self.checkout.obtain())
-        new_requests = cscan.requests - requests_before
+            try:
+                self.attach(self.checkout.obtain(
+                    cancelable=new_requests > 0 and cscan.at_boundary and not cscan.unsynced))
+            except QueryCanceled as exc:
+                # A CancelRequest ended the wait: the chunk is dropped whole, never sent, and
+                # each request in it is answered as PostgreSQL answers a canceled one.
+                try:
+                    self.client.sendall(exc.raw * new_requests)
+                except OSError:
+                    raise ClientGone() from None
+                return
         self.pending += new_requests
         if self.prepared is None:
             to_server, to_client = self.cview[:n], None
