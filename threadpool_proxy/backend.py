@@ -10,6 +10,7 @@ here when the relay takes over.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import re
 import select
@@ -20,6 +21,9 @@ from . import protocol as pq
 from .errors import ClientFatal, ProtocolError, ServerError, ServerGone
 
 log = logging.getLogger(__name__)
+
+#: Numbers for server connections (SHOW SERVERS' id).
+_SERIALS = itertools.count(1)
 
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 
@@ -61,7 +65,8 @@ class ServerConnection:
 
     __slots__ = ("sock", "raw_socket", "node", "host", "port", "pid", "secret",
                  "params", "param_names", "login_params", "unreported",
-                 "_buf", "_poller", "reset_pending", "reset_timeout", "statements", "__weakref__")
+                 "_buf", "_poller", "reset_pending", "reset_timeout", "statements", "created", "serial",
+                 "__weakref__")
 
     def __init__(self, sock: socket.socket, host: str, port: int) -> None:
         self.sock = sock
@@ -80,6 +85,8 @@ class ServerConnection:
         self.reset_pending = False    # a reset query was sent and its answer not read yet
         self.reset_timeout = 15.0
         self.statements = None        # prepared.ServerStatements: the proxy's named statements held here
+        self.created = time.time()    # for SHOW SERVERS
+        self.serial = next(_SERIALS)
 
     @classmethod
     def dial(cls, host: str, port: int, timeout: float) -> "ServerConnection":

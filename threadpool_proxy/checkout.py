@@ -22,6 +22,7 @@ from .backend import ServerConnection
 from .config import DEFAULT_RESET_QUERY, Config, DatabaseConfig
 from .errors import ClientFatal, PoolTimeout, QueryCanceled, ServerError, ServerGone, ServerUnavailable
 from .pool import BackendIdlePool, Waiter
+from .stats import ClientStats
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,14 @@ class ServerCheckout:
     client's own login could open one, so only parked connections are taken.
     ``client_alive()`` says whether the client is still connected (a waiting
     client that left is handed nothing); ``cancel_wait()`` (a CancelRequest)
-    ends a wait in ``obtain``.
+    ends a wait in ``obtain``.  ``stats`` (the client's counters) gets each
+    wait for a server connection and its outcome.
     """
 
     def __init__(self, pool: BackendIdlePool, config: Config, db: DatabaseConfig, key: str, user: str,
                  dbname: str, settings: ClientSettings,
                  dial: Callable[[dict], ServerConnection] | None,
-                 client_alive: Callable[[], bool] | None = None) -> None:
+                 client_alive: Callable[[], bool] | None = None, stats: ClientStats | None = None) -> None:
         self.pool = pool
         self.config = config
         self.db = db
@@ -83,6 +85,7 @@ class ServerCheckout:
         self.settings = settings
         self.dial = dial
         self.waiter = Waiter(client_alive)
+        self.stats = stats if stats is not None else ClientStats()
         self.cancelable = False          # obtain() is waiting for a request that a cancel may drop
 
     def startup_params(self) -> dict:
@@ -115,6 +118,15 @@ class ServerCheckout:
         whole) a CancelRequest ends the wait with QueryCanceled, whose ``raw``
         is the answer to send.  ClientGone if the client left while waiting.
         """
+        self.stats.waiting()
+        conn = None
+        try:
+            conn = self._obtain(cancelable)
+            return conn
+        finally:
+            self.stats.assigned(conn is not None)
+
+    def _obtain(self, cancelable: bool) -> ServerConnection:
         pool, db, config = self.pool, self.db, self.config
         settings = self.settings.values
         deadline = time.monotonic() + config.query_wait_timeout

@@ -566,6 +566,11 @@ class BackendIdlePool:
                 return self._total_idle
             return len(self._idle.get(key, ()))
 
+    def parked(self) -> list:
+        """(key, connection, monotonic time parked) of every parked connection, for SHOW SERVERS."""
+        with self._lock:
+            return [(key, conn, since) for key, dq in self._idle.items() for conn, since in dq]
+
     def snapshot(self) -> dict:
         """Counters and per-key sizes, for logs, tests and an admin console."""
         with self._lock:

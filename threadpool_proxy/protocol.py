@@ -293,6 +293,7 @@ def parse_auth_code(body: bytes) -> int:
 
 # Message types as the ints a scanner sees when it indexes a buffer.
 _READY_FOR_QUERY = READY_FOR_QUERY[0]
+_IDLE = IDLE[0]
 _PARAMETER_STATUS = PARAMETER_STATUS[0]
 _COPY_IN_RESPONSE = COPY_IN_RESPONSE[0]
 _COPY_BOTH_RESPONSE = COPY_BOTH_RESPONSE[0]
@@ -400,16 +401,18 @@ class ServerScanner(_Scanner):
     """Follows the server -> client stream, counting ReadyForQuery messages.
 
     After ``feed``: ``ready`` is the number of ReadyForQuery seen since the
-    caller last reset it, ``status`` the last transaction status byte (an int),
-    and ``parameters`` collects (name, value) of every ParameterStatus seen.
+    caller last reset it, ``xacts`` those of them with status idle (each ends
+    a transaction: statistics), ``status`` the last transaction status byte
+    (an int), and ``parameters`` collects (name, value) of every ParameterStatus seen.
     """
 
-    __slots__ = ("ready", "status", "parameters", "errors", "copy_in")
+    __slots__ = ("ready", "xacts", "status", "parameters", "errors", "copy_in")
     WANTED = READY_FOR_QUERY + PARAMETER_STATUS + ERROR_RESPONSE
 
     def __init__(self) -> None:
         super().__init__()
         self.ready = 0
+        self.xacts = 0
         self.status = IDLE[0]
         self.parameters: list[tuple[str, str]] = []
         self.errors = 0
@@ -422,7 +425,9 @@ class ServerScanner(_Scanner):
     def _message(self, t, buf, start, end):
         if t == _READY_FOR_QUERY:
             self.ready += 1
-            self.status = buf[start]
+            self.status = status = buf[start]
+            if status == _IDLE:
+                self.xacts += 1
             self.copy_in = False
         elif t == _PARAMETER_STATUS:
             self.parameters.append(parse_parameter_status(buf[start:end]))

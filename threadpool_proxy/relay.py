@@ -52,13 +52,14 @@ class Relay:
     __slots__ = ("client", "cfd", "checkout", "pool", "key", "settings", "pooled", "statement_mode",
                  "linger_ms", "poller", "cbuf", "cview", "sbuf", "sview", "cscan", "sscan",
                  "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "check_release",
-                 "expect_server", "wake_rfd", "wake_wfd", "prepared", "prepared_limit")
+                 "expect_server", "wake_rfd", "wake_wfd", "prepared", "prepared_limit", "stats")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
         self.client = client
         self.cfd = client.fileno()
         self.checkout = checkout
+        self.stats = checkout.stats       # this client's counters (stats.py), written by this thread only
         self.pool = checkout.pool
         self.key = checkout.key
         self.settings = settings
@@ -145,6 +146,7 @@ class Relay:
             n = 0
         if not n:
             raise ClientGone()
+        self.stats.received += n
         requests_before = cscan.requests
         cscan.feed(self.cview, n)
         if cscan.terminated:
@@ -168,6 +170,8 @@ class Relay:
                 except OSError:
                     raise ClientGone() from None
                 return
+        if new_requests:
+            self.stats.requests_sent(new_requests, self.pending == 0)
         self.pending += new_requests
         if self.prepared is None:
             to_server, to_client = self.cview[:n], None
@@ -226,11 +230,15 @@ class Relay:
             self.client.sendall(view[:n])
         except OSError:
             raise ClientGone() from None
+        self.stats.sent += n
         if sscan.parameters:
             self._note_parameters()
         if ready:
             sscan.ready = 0
             self.pending = max(0, self.pending - ready)
+            if not self.pending:
+                self.stats.answered(sscan.xacts, sscan.status != _IDLE)
+                sscan.xacts = 0
         self.check_release = self.pooled and self.pending == 0
 
     def on_wake(self) -> None:
