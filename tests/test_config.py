@@ -233,3 +233,30 @@ def test_config_file_with_auth_password_must_not_be_readable_by_others(tmp_path)
     plain.write_text(yaml.safe_dump({"databases": {"*": {"host": "127.0.0.1"}}}))
     os.chmod(plain, 0o644)
     cfg.load(str(plain))
+
+
+def test_admin_console_settings():
+    config = load(admin_users="alice, bob", stats_users=["carol"], stats_period=5, admin_auth_database="appdb")
+    assert config.admin_users == ("alice", "bob") and config.stats_users == ("carol",)
+    assert config.stats_period == 5.0 and isinstance(config.stats_period, float)
+    assert load().admin_users == () and load().stats_period == 60.0
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"admin_users": [1]}, "admin_users: expected a list of user names"),
+    ({"stats_users": "a,,b"}, "stats_users: expected a list of user names"),
+    ({"admin_auth_database": "nope"}, "admin_auth_database: no entry 'nope' in databases"),
+    ({"stats_period": 0}, "stats_period: expected a number of seconds > 0"),
+])
+def test_admin_console_settings_errors(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        load(**raw)
+
+
+def test_console_names_are_reserved_and_passthrough_console_needs_an_entry():
+    with pytest.raises(ConfigError, match=r"databases\.pgbouncer: the name is reserved for the admin console"):
+        cfg.from_dict({"databases": {"pgbouncer": {"host": "h"}}})
+    with pytest.raises(ConfigError, match="admin_auth_database: the admin console needs a database entry"):
+        cfg.from_dict({"databases": {"app": {"host": "h"}}, "admin_users": ["a"]})
+    assert cfg.from_dict({"databases": {"app": {"host": "h"}}, "admin_users": ["a"],
+                          "admin_auth_database": "app"}).admin_auth_database == "app"

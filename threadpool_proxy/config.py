@@ -18,6 +18,8 @@ POOL_MODES = ("session", "transaction", "statement")
 AUTH_TYPES = ("passthrough", "scram-sha-256", "md5", "trust", "auth_query")
 DEFAULT_RESET_QUERY = "DISCARD ALL"
 DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
+#: The admin console's virtual database, and the name PgBouncer's tools ask for.
+CONSOLE_DATABASES = ("threadpool_proxy", "pgbouncer")
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,10 @@ class Config:
     auth_query: str = DEFAULT_AUTH_QUERY
     auth_query_cache_seconds: float = 30.0
     log_level: str = "info"
+    admin_users: tuple = ()              # may use every admin console command
+    stats_users: tuple = ()              # may use the console's SHOW commands only
+    admin_auth_database: str | None = None   # the entry the console authenticates like (default "*")
+    stats_period: float = 60.0           # the avg_* columns of SHOW STATS cover this many seconds
     databases: Mapping[str, DatabaseConfig] = dataclasses.field(default_factory=dict)
 
     def lookup_database(self, requested: str) -> DatabaseConfig | None:
@@ -112,6 +118,18 @@ def _choice(choices):
     return check
 
 
+def _user_list(v):
+    if isinstance(v, str):
+        return all(u.strip() for u in v.split(",")) if v.strip() else True
+    return isinstance(v, (list, tuple)) and all(isinstance(u, str) and u and "," not in u for u in v)
+
+
+def _as_user_tuple(v) -> tuple:
+    if isinstance(v, str):
+        return tuple(u.strip() for u in v.split(",") if u.strip())
+    return tuple(v)
+
+
 _COUNT = (_positive_int, "a positive integer")
 _COUNT_OR_ZERO = (_non_negative_int, "an integer >= 0")
 _SECONDS = (_positive_number, "a number of seconds > 0")
@@ -139,7 +157,12 @@ _TOP_LEVEL = {
     "auth_query_cache_seconds": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
                                  "a number of seconds >= 0"),
     "log_level": (_choice(("debug", "info", "warning", "error")), "one of debug, info, warning, error"),
+    "admin_users": (_user_list, "a list of user names (or one comma-separated string)"),
+    "stats_users": (_user_list, "a list of user names (or one comma-separated string)"),
+    "admin_auth_database": (_nonempty_str, "the name of an entry of databases"),
+    "stats_period": _SECONDS,
 }
+
 
 _LISTEN = {
     "host": (_nonempty_str, "a host name or address"),
@@ -186,7 +209,11 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
 
     kwargs: dict[str, Any] = {}
     for key, value in top.items():
-        kwargs[key] = float(value) if key.endswith(("_timeout", "_seconds", "_retry")) else value
+        if key.endswith(("_timeout", "_seconds", "_retry", "_period")):
+            value = float(value)
+        elif key in ("admin_users", "stats_users"):
+            value = _as_user_tuple(value)
+        kwargs[key] = value
     if "host" in listen:
         kwargs["listen_host"] = listen["host"]
     if "port" in listen:
@@ -198,6 +225,8 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
         where = f"databases.{name}"
         if not isinstance(name, str) or not name:
             raise ConfigError(f"databases: entry names must be non-empty strings, got {name!r}")
+        if name in CONSOLE_DATABASES:
+            raise ConfigError(f"{where}: the name is reserved for the admin console")
         fields = _check_section(entry or {}, _DATABASE, where)
         if "host" not in fields:
             raise ConfigError(f"{where}.host: required")
@@ -215,7 +244,23 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
         )
     config = dataclasses.replace(defaults, databases=entries)
     _check_auth(config)
+    _check_console(config)
     return config
+
+
+def console_auth_entry(config: Config) -> DatabaseConfig | None:
+    """The database entry the admin console authenticates like: ``admin_auth_database``, else ``*``."""
+    return config.databases.get(config.admin_auth_database or "*")
+
+
+def _check_console(config: Config) -> None:
+    if config.admin_auth_database and config.admin_auth_database not in config.databases:
+        raise ConfigError(f"admin_auth_database: no entry {config.admin_auth_database!r} in databases")
+    if not (config.admin_users or config.stats_users) or console_auth_entry(config) is not None:
+        return
+    if config.auth_type in ("passthrough", "auth_query"):
+        raise ConfigError(f"admin_auth_database: the admin console needs a database entry to check passwords "
+                          f"against with auth_type {config.auth_type}: name one, or add a '*' entry")
 
 
 def _check_auth(config: Config) -> None:

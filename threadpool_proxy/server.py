@@ -28,6 +28,8 @@ import time
 
 from . import config as config_mod
 from . import protocol as pq
+from . import stats as stats_mod
+from .admin import ALL, CommandError
 from .login import Logins
 from .pool import BackendIdlePool, pool_key
 from .session import ClientSession
@@ -207,6 +209,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._refusals: dict = {}               # socket -> why it is refused (until closed)
         self._refused_now: set = set()          # refused by the accepting thread, never counted
         self.junk_log = JunkLog(log)
+        self.stats = stats_mod.StatsRegistry(config.stats_period)
+        self.console_control = ConsoleControl(self)
         self._spare_fd = -1                     # given up to accept (and refuse) a client when out of fds
         self._fd_refusals = 0                   # clients refused for want of a descriptor, since the last log
         # Before binding: a bad auth file (ConfigError) must not leave a listening socket behind.
@@ -359,6 +363,14 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         with self._sessions_lock:
             return len(self._sessions)
 
+    def sessions(self) -> list:
+        with self._sessions_lock:
+            return list(self._sessions)
+
+    def observe(self) -> stats_mod.Observation:
+        """Every client and server connection now, with the statistics (admin console, metrics)."""
+        return stats_mod.observe(self.sessions(), self.pool, self.stats, self.config)
+
     def disconnect_all(self, wait: float) -> None:
         """Tell every client the proxy is stopping and wait for their threads.
 
@@ -382,6 +394,40 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             with self._sessions_lock:
                 while self._sessions and time.monotonic() < until:
                     self._sessions_empty.wait(until - time.monotonic())
+
+
+class ConsoleControl:
+    """What the admin console (admin.Console) may see and do in this proxy."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+
+    @property
+    def config(self) -> config_mod.Config:
+        return self.server.config
+
+    @property
+    def listen_port(self) -> int:
+        return self.server.server_address[1]
+
+    def observe(self) -> stats_mod.Observation:
+        return self.server.observe()
+
+    def database_names(self) -> set:
+        names = set(self.server.config.databases)
+        names.update(c.stats.database for c in self.server.observe().clients)
+        return names
+
+    def paused_databases(self) -> frozenset:
+        return frozenset()
+
+    def changeable_settings(self) -> frozenset:
+        return frozenset()
+
+    def _not_yet(self, *_args) -> None:
+        raise CommandError(pq.SQLSTATE_FEATURE_NOT_SUPPORTED, "not available yet in this version of the console")
+
+    pause = resume = reconnect = kill = reload = shutdown = _not_yet
 
 
 class Proxy:
@@ -425,11 +471,12 @@ class Proxy:
 
     def _janitor(self) -> None:
         """Periodic maintenance: close server connections parked for too long."""
-        interval = min(5.0, max(0.05, self.config.server_idle_timeout / 4))
+        interval = min(5.0, max(0.05, self.config.server_idle_timeout / 4), self.config.stats_period)
         while not self._stop_janitor.wait(interval):
             try:
                 self.server.pool.reap_idle(self.config.server_idle_timeout)
                 self.server.junk_log.flush()
+                self.server.stats.tick([s.stats for s in self.server.sessions() if s.relay is not None])
             except Exception:
                 log.exception("janitor failed")
 

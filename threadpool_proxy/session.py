@@ -15,12 +15,15 @@ import select
 import socket
 
 from . import protocol as pq
+from .admin import ConsoleClient
 from .backend import ServerConnection, out_of_descriptors, valid_guc_name
 from .channel import ClientChannel
 from .checkout import ClientSettings, ServerCheckout
+from .config import CONSOLE_DATABASES
 from .errors import ClientFatal, ClientGone, PoolClosed, ProtocolError, ProxyError, ServerError
 from .login import LoginRequest
 from .relay import Relay
+from .stats import ClientStats
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,8 @@ class ClientSession:
         self.request: LoginRequest | None = None
         self.checkout: ServerCheckout | None = None
         self.relay: Relay | None = None
+        self.console: ConsoleClient | None = None     # a client of the admin console
+        self.stats = ClientStats()
         self.cancel_pid = 0
 
     # -- life cycle -------------------------------------------------------------
@@ -134,8 +139,11 @@ class ClientSession:
             pass
         try:
             if self.read_startup():
-                self.relay = self.login()
-                self.relay.run()
+                if self.console is not None:
+                    self.console.run(self.channel, self.client)
+                else:
+                    self.relay = self.login()
+                    self.relay.run()
         except ProxyError as exc:
             if self.refusal and self.request is None and isinstance(exc, (ClientFatal, ProtocolError)):
                 exc = ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS, self.refusal)   # silent or garbled: the real reason
@@ -185,6 +193,7 @@ class ClientSession:
         if self.relay is not None:
             self.relay.detach(park=False)    # attached here only after an unexpected error
             self.relay.close()
+            self.server.stats.retire(self.stats)
         try:
             self.client.close()
         except OSError:
@@ -278,12 +287,18 @@ class ClientSession:
             if not valid_guc_name(name):
                 raise ClientFatal(pq.SQLSTATE_UNDEFINED_OBJECT, f'unrecognized configuration parameter "{name}"')
             self.settings.set(name, value)
+        if database in CONSOLE_DATABASES:
+            self.console = ConsoleClient(self.server, user, database, self.address, settings)
+            self.request = self.console.request
+            return
         db = self.config.lookup_database(database)
         if db is None:
             raise ClientFatal(pq.SQLSTATE_INVALID_CATALOG_NAME, f'database "{database}" does not exist',
                               hint="threadpool_proxy has no entry for it in 'databases' and no '*' entry.")
         self.request = LoginRequest(user=user, database=database, db=db,
                                     key=self.server.key_for(db, user, database), address=self.address)
+        stats = self.stats
+        stats.database, stats.user, stats.key = database, user, self.request.key
 
     # -- login ----------------------------------------------------------------------
 
@@ -296,7 +311,7 @@ class ClientSession:
         checkout = self.checkout = ServerCheckout(
             self.server.pool, self.config, db, request.key, request.user, db.server_dbname(request.database),
             self.settings, dial=None if passthrough else lambda params: logins.proxy_login(request, params),
-            client_alive=lambda: client_connected(client))
+            client_alive=lambda: client_connected(client), stats=self.stats)
         if passthrough:
             conn = logins.passthrough_login(channel, request, checkout.startup_params())
             checkout.adopt(conn)
@@ -307,6 +322,8 @@ class ClientSession:
         # mode the relay lets it go as soon as another client waits for one.
         relay = Relay(self.client, checkout, self.settings, db.pool_mode, self.config.server_idle_timeout)
         relay.attach(conn)
+        self.stats.client_login_count = 1
+        self.server.stats.note_key(request.key, self.stats.pool)
         self.relay = relay
         self.cancel_pid, cancel_secret = self.server.cancel_keys.register(self)
         try:

@@ -1,0 +1,264 @@
+"""The admin console (database ``threadpool_proxy``, alias ``pgbouncer``) through psql and psycopg.
+
+The base configuration (conftest.ProxyFactory) has a ``*`` entry and
+pass-through auth, so console logins are checked by PostgreSQL itself
+(database ``postgres``); ``app`` is an admin user, ``other`` a stats user.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import psycopg
+import pytest
+
+import helpers
+from helpers import psql, raw_login, wait_until
+
+connect = functools.partial(helpers.connect, prepare_threshold=None)
+
+CONSOLE = {"admin_users": ["app"], "stats_users": ["other"]}
+
+
+@pytest.fixture
+def proxy(proxy_factory):
+    return proxy_factory(**CONSOLE)
+
+
+def console(pg, proxy, user="app", dbname="threadpool_proxy", autocommit=True):
+    return connect(pg, proxy, user=user, dbname=dbname, autocommit=autocommit)
+
+
+def show(pg, proxy, what, user="app"):
+    """SHOW what, as a list of dicts (column -> value), through psycopg."""
+    with console(pg, proxy, user=user) as conn:
+        cur = conn.execute(f"SHOW {what}")
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def psql_console(proxy, sql, user="app", dbname="pgbouncer"):
+    return psql(proxy, sql=sql, user=user, dbname=dbname)
+
+
+# -- who may log in ---------------------------------------------------------------
+
+def test_admin_and_stats_users_log_in_with_both_names(pg, proxy):
+    for dbname in ("threadpool_proxy", "pgbouncer"):
+        for user in ("app", "other"):
+            r = psql_console(proxy, "SHOW VERSION", user=user, dbname=dbname)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.strip().startswith("threadpool_proxy ")
+
+
+def test_other_users_are_refused(pg, proxy):
+    result = raw_login(proxy.host, proxy.port, "md5user", "threadpool_proxy", password="md5-secret")
+    assert not result.ok
+    assert result.sqlstate == "28000"
+    assert "may not use the admin console" in result.error["M"]
+
+
+def test_wrong_password_is_refused_by_postgresql(pg, proxy):
+    result = raw_login(proxy.host, proxy.port, "app", "threadpool_proxy", password="wrong")
+    assert result.sqlstate == "28P01"
+    # and the console's pass-through check left no server connection behind
+    assert wait_until(lambda: not pg.backend_pids(user="app", dbname="postgres"))
+
+
+def test_console_with_an_auth_file(pg, proxy_factory, auth_file):
+    proxy = proxy_factory(auth_type="scram-sha-256", auth_file=auth_file, **CONSOLE)
+    assert psql_console(proxy, "SHOW VERSION").returncode == 0
+    bad = raw_login(proxy.host, proxy.port, "app", "pgbouncer", password="wrong")
+    assert bad.sqlstate == "28P01"
+
+
+def test_no_console_without_admin_users(pg, proxy_factory):
+    proxy = proxy_factory()
+    result = raw_login(proxy.host, proxy.port, "app", "pgbouncer", password="app-secret")
+    assert result.sqlstate == "28000"
+
+
+# -- SHOW ----------------------------------------------------------------------------
+
+def test_show_pools_counts_clients_and_servers(pg, proxy):
+    busy = connect(pg, proxy)
+    idle = connect(pg, proxy)
+    busy.execute("BEGIN")
+    busy.execute("SELECT 1")
+    try:
+        pools = {(p["database"], p["user"]): p for p in show(pg, proxy, "POOLS")}
+        pool = pools[("appdb", "app")]
+        assert pool["cl_active"] == 2 and pool["cl_waiting"] == 0
+        assert pool["sv_active"] == 1                      # the one in a transaction
+        assert pool["sv_active"] + pool["sv_idle"] == 2    # the other client keeps its idle one
+        assert pool["pool_mode"] == "transaction"
+        assert pool["maxwait"] == 0
+    finally:
+        busy.close()
+        idle.close()
+
+
+def test_show_pools_through_psql_prints_a_table(pg, proxy):
+    with connect(pg, proxy):
+        r = psql(proxy, "-P", "pager=off", sql="SHOW POOLS", user="app", dbname="pgbouncer")
+    assert r.returncode == 0, r.stderr
+    assert "appdb|app|1|0|" in r.stdout
+
+
+def test_show_pools_shows_waiting_clients_and_maxwait(pg, proxy_factory):
+    proxy = proxy_factory(pool_size=1, **CONSOLE)
+    first = connect(pg, proxy)
+    holder = connect(pg, proxy)      # its login took the only slot, closing first's idle connection
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    done = threading.Event()
+
+    def wait_for_the_connection():
+        first.execute("SELECT 1")
+        done.set()
+
+    t = threading.Thread(target=wait_for_the_connection, daemon=True)
+    t.start()
+    try:
+        def pool():
+            return {(p["database"], p["user"]): p for p in show(pg, proxy, "POOLS")}[("appdb", "app")]
+        assert wait_until(lambda: pool()["cl_waiting"] == 1, timeout=10), "no waiting client seen"
+        states = sorted(c["state"] for c in show(pg, proxy, "CLIENTS") if c["database"] == "appdb")
+        assert states == ["active", "waiting"]
+        assert wait_until(lambda: pool()["maxwait"] >= 1, timeout=5)
+        assert pool()["cl_active"] == 1 and pool()["sv_active"] == 1
+    finally:
+        holder.execute("COMMIT")
+        assert done.wait(10)
+        t.join(5)
+        holder.close()
+        first.close()
+
+
+def test_show_stats_totals(pg, proxy):
+    with connect(pg, proxy) as conn:
+        for _ in range(5):
+            conn.execute("SELECT 1")
+        with conn.transaction():
+            conn.execute("SELECT 1")
+            conn.execute("SELECT 2")
+    stats = {s["database"]: s for s in show(pg, proxy, "STATS")}["appdb"]
+    assert stats["total_xact_count"] == 6            # 5 autocommit statements and one block
+    assert stats["total_query_count"] == 9           # BEGIN, 2 statements, COMMIT
+    assert stats["total_received"] > 0 and stats["total_sent"] > stats["total_received"]
+    assert stats["total_query_time"] > 0
+    assert stats["total_xact_time"] >= stats["total_query_time"] * 0  # present, in microseconds
+    assert stats["total_client_login_count"] == 1
+    for column in ("avg_xact_count", "avg_query_count", "avg_recv", "avg_sent", "avg_wait_time"):
+        assert column in stats
+    totals = show(pg, proxy, "STATS_TOTALS")
+    assert "avg_xact_count" not in totals[0] and totals[0]["total_xact_count"] == 6
+    assert "total_xact_count" not in show(pg, proxy, "STATS_AVERAGES")[0]
+
+
+def test_stats_averages_cover_stats_period(pg, proxy_factory):
+    proxy = proxy_factory(stats_period=0.5, **CONSOLE)
+    with connect(pg, proxy) as conn:
+        for _ in range(20):
+            conn.execute("SELECT 1")
+        averages = wait_until(lambda: [s for s in show(pg, proxy, "STATS_AVERAGES")
+                                       if s["database"] == "appdb" and s["avg_query_count"] > 0], timeout=10)
+    assert averages, "averages never computed"
+    assert averages[0]["avg_query_time"] > 0
+
+
+def test_show_clients_and_servers(pg, proxy):
+    with connect(pg, proxy, application_name="reporting") as conn:
+        conn.execute("BEGIN")
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        clients = [c for c in show(pg, proxy, "CLIENTS") if c["database"] == "appdb"]
+        servers = [s for s in show(pg, proxy, "SERVERS") if s["database"] == "appdb"]
+        conn.execute("COMMIT")
+    assert len(clients) == 1 and len(servers) == 1
+    client, server = clients[0], servers[0]
+    assert client["type"] == "C" and client["user"] == "app" and client["state"] == "active"
+    assert client["addr"] == "127.0.0.1" and client["application_name"] == "reporting"
+    assert client["connect_time"].endswith("UTC")
+    assert server["type"] == "S" and server["state"] == "active" and server["remote_pid"] == pid
+    assert server["port"] == pg.port and server["link"] == client["ptr"] and client["link"] == server["ptr"]
+
+
+def test_show_servers_lists_parked_connections(pg, proxy):
+    a, b = connect(pg, proxy), connect(pg, proxy)
+    a.close()          # its connection is reset and parked
+    b.close()
+    wait_until(lambda: proxy.pool.idle_count() == 2)
+    servers = [s for s in show(pg, proxy, "SERVERS") if s["database"] == "appdb"]
+    assert [s["state"] for s in servers] == ["idle", "idle"]
+    assert all(s["link"] is None for s in servers)
+
+
+def test_show_databases_config_lists_version_state(pg, proxy):
+    databases = {d["name"]: d for d in show(pg, proxy, "DATABASES")}
+    assert databases["appdb"]["host"] == pg.host and databases["appdb"]["port"] == pg.port
+    assert databases["appdb"]["pool_size"] == 5 and databases["appdb"]["paused"] == 0
+    assert databases["threadpool_proxy"]["port"] == proxy.port
+    config = {c["key"]: c for c in show(pg, proxy, "CONFIG")}
+    assert config["pool_size"]["value"] == "5" and config["pool_size"]["default"] == "20"
+    assert config["admin_users"]["value"] == "app"
+    lists = {r["list"]: r["items"] for r in show(pg, proxy, "LISTS")}
+    assert lists["databases"] == 3 and lists["used_clients"] >= 1
+    assert show(pg, proxy, "VERSION")[0]["version"].startswith("threadpool_proxy ")
+    state = {r["key"]: r["value"] for r in show(pg, proxy, "STATE")}
+    assert state["paused"] == "no"
+
+
+def test_show_config_hides_auth_password(pg, proxy_factory, auth_file):
+    proxy = proxy_factory(auth_type="scram-sha-256", auth_file=auth_file, auth_password="s3cret",
+                          auth_user="postgres", **CONSOLE)
+    config = {c["key"]: c["value"] for c in show(pg, proxy, "CONFIG")}
+    assert config["auth_password"] == "********"
+
+
+def test_show_help_is_a_notice(pg, proxy):
+    r = psql_console(proxy, "SHOW HELP")
+    assert r.returncode == 0
+    assert "Console usage" in r.stderr and "SHOW HELP|POOLS" in r.stderr
+
+
+# -- errors ----------------------------------------------------------------------------
+
+def test_unknown_commands_and_items(pg, proxy):
+    with console(pg, proxy) as conn:
+        with pytest.raises(psycopg.errors.SyntaxError, match="unknown admin console command"):
+            conn.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.SyntaxError, match="unknown SHOW item"):
+            conn.execute("SHOW NOTHING")
+        assert conn.execute("SHOW VERSION").fetchone()      # still usable
+
+
+def test_stats_users_may_not_run_commands(pg, proxy):
+    r = psql_console(proxy, "RELOAD", user="other")
+    assert r.returncode != 0
+    assert "permission denied: RELOAD needs an admin user" in r.stderr
+    with console(pg, proxy, user="other") as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("PAUSE")
+        assert conn.execute("SHOW POOLS").description is not None
+
+
+def test_extended_protocol_gets_a_clear_error(pg, proxy):
+    with console(pg, proxy) as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="only the simple query protocol"):
+            conn.execute("SHOW POOLS WHERE %s", ["x"])
+        assert conn.execute("SHOW VERSION").fetchone()
+
+
+def test_psycopg_transactions_are_accepted(pg, proxy):
+    with console(pg, proxy, autocommit=False) as conn:       # psycopg sends BEGIN first
+        assert conn.execute("SHOW VERSION").fetchone()[0].startswith("threadpool_proxy")
+        conn.commit()
+        assert conn.execute("SHOW LISTS").fetchall()
+        conn.rollback()
+
+
+def test_several_commands_in_one_query(pg, proxy):
+    r = psql_console(proxy, "SHOW VERSION; SHOW STATE")
+    assert r.returncode == 0, r.stderr
+    assert "threadpool_proxy" in r.stdout and "active|yes" in r.stdout

@@ -1,0 +1,496 @@
+"""The admin console: the virtual database ``threadpool_proxy`` (alias ``pgbouncer``).
+
+Users in ``admin_users`` may run every command, users in ``stats_users`` the
+SHOW commands only.  They log in like any client, checked as the database
+entry ``admin_auth_database`` (default ``*``) would check them: pass-through
+logs in to that entry's server as the user (the connection is closed as soon
+as PostgreSQL accepted the password), proxy-terminated auth uses the auth
+file or auth_query.  The console never forwards anything to a server: it
+answers each simple Query itself with RowDescription, DataRow,
+CommandComplete and ReadyForQuery, as PgBouncer's console does, with
+PgBouncer's column names where the concept is the same.
+
+Three parts:
+
+``Console``
+    sans-I/O: takes one client message (type, body), returns the bytes to
+    answer; parses the commands and builds the result sets from what
+    ``control`` reports.  ``control`` is the proxy (server.ProxyServer's
+    ``ConsoleControl``): ``config``, ``observe()`` (a stats.Observation),
+    and the actions ``pause``, ``resume``, ``reload``, ``kill``,
+    ``reconnect``, ``shutdown``.
+``ConsoleClient``
+    one console connection: who may log in, the login, the welcome, and the
+    loop that reads messages and sends the answers.
+the result-set builders
+    ``result_set``, ``row_description``, ``data_row``, ``command_complete``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import socket
+import time
+
+from . import protocol as pq
+from .config import CONSOLE_DATABASES, Config, DatabaseConfig, console_auth_entry
+from .errors import ClientFatal, ClientGone
+from .login import LoginRequest
+from .pool import pool_key
+
+log = logging.getLogger(__name__)
+
+SQLSTATE_SYNTAX_ERROR = "42601"
+SQLSTATE_INSUFFICIENT_PRIVILEGE = "42501"
+SQLSTATE_INVALID_PARAMETER = "22023"
+
+ADMIN, STATS = "admin", "stats"
+
+TEXT_OID, INT8_OID = 25, 20
+
+#: Longest message the console accepts (a Query); more is a protocol violation.
+MAX_MESSAGE = 1 << 20
+
+HELP = """\
+SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|CLIENTS|SERVERS|DATABASES|CONFIG|LISTS|STATE|VERSION
+PAUSE [db]         wait for running transactions, then hold new ones and close server connections
+RESUME [db]        end a PAUSE
+RECONNECT [db]     close server connections as they are released; new ones are opened as needed
+KILL db            disconnect the database's clients and close its server connections
+RELOAD             re-read the configuration file and the auth file
+SHUTDOWN           stop the proxy"""
+
+
+def version_string() -> str:
+    from . import __version__
+    return f"threadpool_proxy {__version__}"
+
+
+# -- result sets ----------------------------------------------------------------
+
+def row_description(columns) -> bytes:
+    """RowDescription for ``columns``: (name, "s" for text or "i" for int8)."""
+    fields = []
+    for name, kind in columns:
+        oid, size = (INT8_OID, 8) if kind == "i" else (TEXT_OID, -1)
+        fields.append(name.encode("utf-8") + b"\0" + pq.INT32.pack(0) + pq.INT16.pack(0)
+                      + pq.INT32.pack(oid) + pq.INT16.pack(size) + pq.INT32.pack(-1) + pq.INT16.pack(0))
+    return pq.message(pq.ROW_DESCRIPTION, pq.INT16.pack(len(columns)) + b"".join(fields))
+
+
+def data_row(values) -> bytes:
+    parts = [pq.INT16.pack(len(values))]
+    for value in values:
+        if value is None:
+            parts.append(pq.INT32.pack(-1))
+        else:
+            data = str(value).encode("utf-8")
+            parts.append(pq.INT32.pack(len(data)) + data)
+    return pq.message(pq.DATA_ROW, b"".join(parts))
+
+
+def command_complete(tag: str) -> bytes:
+    return pq.message(pq.COMMAND_COMPLETE, tag.encode("utf-8") + b"\0")
+
+
+def result_set(columns, rows, tag: str = "SHOW") -> bytes:
+    return row_description(columns) + b"".join(data_row(r) for r in rows) + command_complete(tag)
+
+
+def notice(text: str, detail: str | None = None) -> bytes:
+    fields = [b"SNOTICE\0", b"VNOTICE\0", b"C00000\0", b"M" + text.encode() + b"\0"]
+    if detail:
+        fields.append(b"D" + detail.encode() + b"\0")
+    return pq.message(pq.NOTICE_RESPONSE, b"".join(fields) + b"\0")
+
+
+class CommandError(Exception):
+    """A console command failed: answered with an ErrorResponse (severity ERROR), the client stays."""
+
+    def __init__(self, sqlstate: str, text: str, hint: str | None = None) -> None:
+        super().__init__(text)
+        self.sqlstate = sqlstate
+        self.hint = hint
+
+
+def timestamp(wall: float) -> str | None:
+    """Wall-clock seconds as PgBouncer shows them ('2024-05-01 10:00:00 UTC'); None for 0."""
+    if not wall:
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
+
+
+def _us(seconds: float) -> int:
+    return int(seconds * 1e6)
+
+
+# -- the console, sans I/O ------------------------------------------------------
+
+class Console:
+    """One console connection's protocol state: messages in, answers out.
+
+    ``handle(type, body)`` returns the bytes to send (possibly empty);
+    ``closed`` is set by Terminate.  The extended query protocol is refused
+    with one error per Sync, as PgBouncer's console refuses it.  BEGIN,
+    COMMIT and ROLLBACK are accepted and do nothing (psycopg sends BEGIN
+    before the first query of a non-autocommit connection).
+    """
+
+    def __init__(self, control, user: str, role: str) -> None:
+        self.control = control
+        self.user = user
+        self.role = role
+        self.closed = False
+        self.in_transaction = False
+        self._extended_failed = False
+
+    def status(self) -> bytes:
+        return pq.IN_TRANSACTION if self.in_transaction else pq.IDLE
+
+    def handle(self, t: bytes, body: bytes) -> bytes:
+        if t == pq.QUERY:
+            return self.query(body.rstrip(b"\0").decode("utf-8", "replace")) + pq.ready_for_query(self.status())
+        if t == pq.TERMINATE:
+            self.closed = True
+            return b""
+        if t == pq.SYNC:
+            self._extended_failed = False
+            return pq.ready_for_query(self.status())
+        if t == pq.FLUSH:
+            return b""
+        if t in (pq.PARSE, pq.BIND, pq.DESCRIBE, pq.EXECUTE, pq.CLOSE, pq.FUNCTION_CALL):
+            if self._extended_failed:
+                return b""          # skipped until Sync, as after any error
+            self._extended_failed = t != pq.FUNCTION_CALL
+            answer = pq.error_response(pq.SQLSTATE_FEATURE_NOT_SUPPORTED,
+                                       "the admin console supports only the simple query protocol",
+                                       pq.ERROR, hint="Send the command as a simple Query (psql does; with "
+                                       "psycopg, execute it without parameters).")
+            return answer + (pq.ready_for_query(self.status()) if t == pq.FUNCTION_CALL else b"")
+        raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION, f"invalid message type {t!r} on the admin console")
+
+    def query(self, sql: str) -> bytes:
+        """The answer to one simple Query (without its ReadyForQuery); stops at the first error."""
+        statements = [s.strip() for s in sql.split(";")]
+        statements = [s for s in statements if s]
+        if not statements:
+            return pq.message(pq.EMPTY_QUERY_RESPONSE)
+        out = []
+        for statement in statements:
+            try:
+                out.append(self.run(statement))
+            except CommandError as exc:
+                out.append(pq.error_response(exc.sqlstate, str(exc), pq.ERROR, hint=exc.hint))
+                break
+        return b"".join(out)
+
+    def run(self, statement: str) -> bytes:
+        words = statement.split()
+        verb = words[0].upper()
+        args = words[1:]
+        if verb in ("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"):
+            self.in_transaction = verb in ("BEGIN", "START")
+            return command_complete("BEGIN" if self.in_transaction else
+                                    "ROLLBACK" if verb in ("ROLLBACK", "ABORT") else "COMMIT")
+        if verb == "SHOW":
+            if len(args) != 1:
+                raise CommandError(SQLSTATE_SYNTAX_ERROR, f"syntax error: SHOW takes one word: {statement!r}",
+                                   hint="Try SHOW HELP.")
+            what = args[0].upper()
+            show = getattr(self, "show_" + what.lower(), None)
+            if show is None or not what.replace("_", "").isalpha():
+                raise CommandError(SQLSTATE_SYNTAX_ERROR, f"unknown SHOW item: {args[0]!r}", hint="Try SHOW HELP.")
+            return show()
+        action = _ACTIONS.get(verb)
+        if action is None:
+            raise CommandError(SQLSTATE_SYNTAX_ERROR, f"unknown admin console command: {statement!r}",
+                               hint="Try SHOW HELP.")
+        if self.role != ADMIN:
+            raise CommandError(SQLSTATE_INSUFFICIENT_PRIVILEGE,
+                               f'permission denied: {verb} needs an admin user; "{self.user}" is in stats_users',
+                               hint="Add the user to admin_users.")
+        takes, needs = action
+        if len(args) > (1 if takes else 0) or (needs and not args):
+            usage = f"{verb} db" if needs else f"{verb} [db]" if takes else verb
+            raise CommandError(SQLSTATE_SYNTAX_ERROR, f"syntax error: usage: {usage}")
+        database = _identifier(args[0]) if args else None
+        if database is not None and database not in self.control.database_names():
+            raise CommandError(pq.SQLSTATE_INVALID_CATALOG_NAME, f'database "{database}" does not exist',
+                               hint="Name an entry of databases, or a database some client is using.")
+        log.info("admin console: %s runs %s", self.user, " ".join([verb] + args))
+        try:
+            getattr(self.control, verb.lower())(*([database] if takes else []))
+        except CommandError:
+            raise
+        except Exception as exc:   # e.g. RELOAD of a bad file: the old configuration stays
+            raise CommandError(pq.SQLSTATE_INTERNAL_ERROR if not isinstance(exc, ValueError)
+                               else SQLSTATE_INVALID_PARAMETER, f"{verb} failed: {exc}") from None
+        return command_complete(verb)
+
+    # -- SHOW --------------------------------------------------------------------
+
+    def show_help(self) -> bytes:
+        return notice("Console usage", HELP) + command_complete("SHOW")
+
+    def show_version(self) -> bytes:
+        return result_set([("version", "s")], [[version_string()]])
+
+    def show_state(self) -> bytes:
+        paused = self.control.paused_databases()
+        return result_set([("key", "s"), ("value", "s")],
+                          [["active", "no" if paused is ALL else "yes"],
+                           ["paused", "yes" if paused is ALL else ",".join(sorted(paused)) or "no"],
+                           ["suspended", "no"]])
+
+    def show_pools(self) -> bytes:
+        obs = self.control.observe()
+        now = time.monotonic()
+        rows = []
+        for pool in obs.pool_names():
+            database, user = pool
+            clients = obs.clients_of(pool)
+            waiting = [c.stats.wait_since for c in clients if c.waiting]
+            maxwait = now - min(waiting) if waiting else 0.0
+            servers = obs.servers_of(pool)
+            active = sum(1 for s in servers if s.state == "active")
+            rows.append([database, user, len(clients) - len(waiting), len(waiting), 0, 0,
+                         active, 0, 0, len(servers) - active, 0, 0, obs.logging_in(pool),
+                         int(maxwait), int((maxwait % 1) * 1e6), obs.pool_mode(pool)])
+        return result_set(POOL_COLUMNS, rows)
+
+    def _stats_rows(self, totals: bool, averages: bool) -> bytes:
+        obs = self.control.observe()
+        columns, rows = [("database", "s")], []
+        if totals:
+            columns += [("total_" + name, "i") for name in STATS_TOTAL_NAMES]
+        if averages:
+            columns += [("avg_" + name, "i") for name in STATS_AVERAGE_NAMES]
+        for database, values in sorted(obs.database_totals.items()):
+            row = [database]
+            if totals:
+                row += [_us(values[n]) if n.endswith("_time") else values.get(n, 0) for n in STATS_TOTAL_NAMES]
+            if averages:
+                avg = obs.averages(database)
+                row += [avg.get(n, 0) for n in STATS_AVERAGE_NAMES]
+            rows.append(row)
+        return result_set(columns, rows)
+
+    def show_stats(self) -> bytes:
+        return self._stats_rows(True, True)
+
+    def show_stats_totals(self) -> bytes:
+        return self._stats_rows(True, False)
+
+    def show_stats_averages(self) -> bytes:
+        return self._stats_rows(False, True)
+
+    def show_clients(self) -> bytes:
+        obs = self.control.observe()
+        now = time.monotonic()
+        rows = []
+        for c in obs.clients:
+            wait = now - c.stats.wait_since if c.waiting else 0.0
+            rows.append(["C", c.stats.user, c.stats.database, "none", c.state, c.addr, c.port,
+                         c.local_addr, c.local_port, timestamp(c.stats.connect_time),
+                         timestamp(c.stats.request_time or c.stats.connect_time),
+                         int(wait), int((wait % 1) * 1e6), 0, c.ptr, c.server.ptr if c.server else None,
+                         None, "", c.application_name, c.prepared, c.id])
+        return result_set(CONNECTION_COLUMNS, rows)
+
+    def show_servers(self) -> bytes:
+        obs = self.control.observe()
+        rows = []
+        for s in obs.servers:
+            client = s.client
+            rows.append(["S", s.user, s.database, "none", s.state, s.addr, s.port, s.local_addr, s.local_port,
+                         timestamp(s.connect_time),
+                         timestamp(client.stats.request_time if client else s.idle_since or s.connect_time),
+                         0, 0, int(s.close_needed), s.ptr, client.ptr if client else None, s.remote_pid, "",
+                         client.application_name if client else "", s.prepared, s.id])
+        return result_set(CONNECTION_COLUMNS, rows)
+
+    def show_databases(self) -> bytes:
+        obs = self.control.observe()
+        config: Config = self.control.config
+        paused = self.control.paused_databases()
+        rows = []
+        for name, db in config.databases.items():
+            rows.append([name, db.host, db.port, db.dbname if db.dbname else (None if name == "*" else name),
+                         None, db.pool_size, 0, 0, 0, db.pool_mode, None, 0, obs.server_count(name), 0,
+                         obs.client_count(name), int(paused is ALL or name in paused), 0])
+        rows.append([CONSOLE_DATABASES[0], None, self.control.listen_port, CONSOLE_DATABASES[0], None, 0, 0, 0, 0,
+                     "statement", None, 0, 0, 0, obs.console_clients, 0, 0])
+        return result_set(DATABASE_COLUMNS, rows)
+
+    def show_config(self) -> bytes:
+        config: Config = self.control.config
+        defaults = Config()
+        changeable = self.control.changeable_settings()
+        rows = []
+        for field in dataclasses.fields(Config):
+            if field.name == "databases":
+                continue
+            key = {"listen_host": "listen.host", "listen_port": "listen.port"}.get(field.name, field.name)
+            value, default = getattr(config, field.name), getattr(defaults, field.name)
+            if field.name == "auth_password" and value is not None:
+                value = "********"
+            rows.append([key, _setting_text(value), _setting_text(default),
+                         "yes" if field.name in changeable else "no"])
+        return result_set([("key", "s"), ("value", "s"), ("default", "s"), ("changeable", "s")], rows)
+
+    def show_lists(self) -> bytes:
+        obs = self.control.observe()
+        config: Config = self.control.config
+        pools = obs.pool_names()
+        rows = [["databases", len(config.databases)],
+                ["users", len({user for _, user in pools})],
+                ["pools", len(pools)],
+                ["free_clients", 0],
+                ["used_clients", len(obs.clients) + obs.console_clients],
+                ["login_clients", obs.login_clients],
+                ["free_servers", 0],
+                ["used_servers", obs.open_servers],
+                ["dns_names", 0], ["dns_zones", 0], ["dns_queries", 0], ["dns_pending", 0]]
+        return result_set([("list", "s"), ("items", "i")], rows)
+
+
+#: PAUSE, RESUME... -> (takes a database name, requires one)
+_ACTIONS = {
+    "PAUSE": (True, False),
+    "RESUME": (True, False),
+    "RECONNECT": (True, False),
+    "KILL": (True, True),
+    "RELOAD": (False, False),
+    "SHUTDOWN": (False, False),
+}
+
+#: ``paused_databases()`` returns this when the whole proxy is paused.
+ALL = frozenset(("*all*",))
+
+POOL_COLUMNS = [("database", "s"), ("user", "s"), ("cl_active", "i"), ("cl_waiting", "i"),
+                ("cl_active_cancel_req", "i"), ("cl_waiting_cancel_req", "i"), ("sv_active", "i"),
+                ("sv_active_cancel", "i"), ("sv_being_canceled", "i"), ("sv_idle", "i"), ("sv_used", "i"),
+                ("sv_tested", "i"), ("sv_login", "i"), ("maxwait", "i"), ("maxwait_us", "i"), ("pool_mode", "s")]
+
+STATS_TOTAL_NAMES = ("xact_count", "query_count", "server_assignment_count", "received", "sent",
+                     "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count",
+                     "bind_count", "client_login_count")
+STATS_AVERAGE_NAMES = ("xact_count", "query_count", "server_assignment_count", "recv", "sent",
+                       "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count",
+                       "bind_count", "client_login_count")
+
+CONNECTION_COLUMNS = [("type", "s"), ("user", "s"), ("database", "s"), ("replication", "s"), ("state", "s"),
+                      ("addr", "s"), ("port", "i"), ("local_addr", "s"), ("local_port", "i"),
+                      ("connect_time", "s"), ("request_time", "s"), ("wait", "i"), ("wait_us", "i"),
+                      ("close_needed", "i"), ("ptr", "s"), ("link", "s"), ("remote_pid", "i"), ("tls", "s"),
+                      ("application_name", "s"), ("prepared_statements", "i"), ("id", "i")]
+
+DATABASE_COLUMNS = [("name", "s"), ("host", "s"), ("port", "i"), ("database", "s"), ("force_user", "s"),
+                    ("pool_size", "i"), ("min_pool_size", "i"), ("reserve_pool_size", "i"),
+                    ("server_lifetime", "i"), ("pool_mode", "s"), ("load_balance_hosts", "s"),
+                    ("max_connections", "i"), ("current_connections", "i"), ("max_client_connections", "i"),
+                    ("current_client_connections", "i"), ("paused", "i"), ("disabled", "i")]
+
+
+def _identifier(word: str) -> str:
+    """A database name as typed: "Quoted" keeps its case, bare words too (names are case-sensitive here)."""
+    if len(word) >= 2 and word[0] == word[-1] == '"':
+        return word[1:-1].replace('""', '"')
+    return word
+
+
+def _setting_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+# -- one console connection (I/O) ------------------------------------------------
+
+def console_role(config: Config, user: str) -> str | None:
+    if user in config.admin_users:
+        return ADMIN
+    if user in config.stats_users:
+        return STATS
+    return None
+
+
+class ConsoleClient:
+    """A client of the admin console: role check, login, welcome, and the command loop."""
+
+    def __init__(self, server, user: str, database: str, address, settings: dict) -> None:
+        config: Config = server.config
+        self.role = console_role(config, user)
+        if self.role is None:
+            log.info("client %s:%s: user %r refused on the admin console", address[0], address[1], user)
+            raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION,
+                              f'user "{user}" may not use the admin console',
+                              hint="The admin console admits users listed in admin_users or stats_users.")
+        self.server = server
+        self.settings = settings
+        entry = console_auth_entry(config)
+        if entry is None:      # proxy-terminated auth with no entry to copy (checked by config.py)
+            entry = DatabaseConfig(name="*", host="", port=0, dbname=None, pool_mode="statement",
+                                   pool_size=1, auth_type=config.auth_type)
+        dbname = entry.dbname or (entry.name if entry.name != "*" else "postgres")
+        entry = dataclasses.replace(entry, dbname=dbname)   # auth_query runs there, pass-through logs in there
+        self.request = LoginRequest(user=user, database=database, db=entry,
+                                    key=pool_key(entry.node, user, dbname) + "\0console", address=address)
+
+    def login(self, channel) -> None:
+        """Check the password as ``admin_auth_database`` would; AuthenticationOk has been sent after this."""
+        request, logins = self.request, self.server.logins
+        if request.db.auth_type == "passthrough":
+            startup = {"user": request.user, "database": request.db.dbname,
+                       "application_name": "threadpool_proxy admin console login"}
+            conn = logins.passthrough_login(channel, request, startup)
+            self.server.pool.discard(request.key, conn, "it only checked an admin console password")
+        else:
+            logins.authenticate(channel, request)
+
+    def welcome(self) -> bytes:
+        from . import __version__
+        params = {"server_version": f"{__version__}/threadpool_proxy", "server_encoding": "UTF8",
+                  "client_encoding": "UTF8", "DateStyle": "ISO", "IntervalStyle": "postgres",
+                  "TimeZone": "UTC", "integer_datetimes": "on", "standard_conforming_strings": "on",
+                  "is_superuser": "off", "application_name": self.settings.get("application_name", "")}
+        out = [pq.parameter_status(k, v) for k, v in params.items()]
+        out.append(pq.backend_key_data(secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4)))
+        out.append(pq.ready_for_query(pq.IDLE))
+        return b"".join(out)
+
+    def run(self, channel, sock: socket.socket) -> None:
+        """Log in and answer commands until the client leaves (ClientGone) or the proxy stops."""
+        self.login(channel)
+        channel.ready_for_relay()
+        console = Console(self.server.console_control, self.request.user, self.role)
+        log.info("client %s logged in to the admin console (%s)", self.request.who, self.role)
+        channel.send(self.welcome())
+        buf = bytearray()
+        while not console.closed:
+            while True:
+                if len(buf) >= 5:
+                    length = pq.UINT32.unpack_from(buf, 1)[0]
+                    if length < 4 or length > MAX_MESSAGE:
+                        raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION, f"invalid message length {length}")
+                    if len(buf) > length:
+                        break
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    raise ClientGone()
+                buf += chunk
+            t, body = bytes(buf[:1]), bytes(buf[5:length + 1])
+            del buf[:length + 1]
+            answer = console.handle(t, body)
+            if answer:
+                channel.send(answer)
+        raise ClientGone()
