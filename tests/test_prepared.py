@@ -256,3 +256,43 @@ def test_zero_max_prepared_statements_passes_names_through(pg, prepared_proxy):
         assert conn.pgconn.prepare(b"plain", b"SELECT 7").status == pq.ExecStatus.COMMAND_OK
         names = [r[0] for r in conn.execute("SELECT name FROM pg_prepared_statements").fetchall()]
     assert names == ["plain"]
+
+
+def test_extended_messages_pipelined_after_an_unanswered_simple_query(pg, proxy_factory):
+    """Simple Query traffic passes untracked; the tracker takes over mid-answer correctly."""
+    import socket
+    import time
+
+    from helpers import _message, read_message, startup_packet
+
+    proxy = proxy_factory(auth_type="trust", pool_mode="transaction")
+
+    def until_ready(sock):
+        kinds = []
+        while True:
+            kind, body = read_message(sock)
+            kinds.append(kind if kind != "D" else body[-2:])
+            if kind == "Z":
+                return kinds
+
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        sock.sendall(startup_packet({"user": "trustuser", "database": "appdb"}))
+        until_ready(sock)
+        # The server says something (a notice) and goes on working: the extended messages
+        # arrive while the Query is unanswered and the server's stream is between messages.
+        sock.sendall(_message(b"Q", b"DO $$BEGIN RAISE NOTICE 'working'; PERFORM pg_sleep(0.5); END$$; "
+                                    b"SELECT repeat('x', 1000) || 'ok' FROM generate_series(1, 2000)\0"))
+        time.sleep(0.2)
+        parse = _message(b"P", b"s1\0SELECT 42\0\0\0")
+        bind = _message(b"B", b"\0s1\0\0\0\0\0\0\0")
+        execute = _message(b"E", b"\0\0\0\0\0")
+        sock.sendall(parse + bind + execute + _message(b"S", b""))
+        first = until_ready(sock)
+        second = until_ready(sock)
+        sock.sendall(_message(b"Q", b"SELECT name FROM pg_prepared_statements\0"))
+        _, body = read_message(sock)          # RowDescription
+        _, row = read_message(sock)
+    assert first[:4] == ["N", "C", "T", b"ok"] and first[4:-2] == [b"ok"] * 1999, first[:5]
+    assert first[-2:] == ["C", "Z"], first[-3:]
+    assert second == ["1", "2", b"42", "C", "Z"], second
+    assert row[6:].startswith(b"tpp_"), row

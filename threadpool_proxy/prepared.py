@@ -759,6 +759,18 @@ class PreparedRelay:
     def from_server(self, data):
         return self._replies.feed(data)
 
+    def engage(self, outstanding: int) -> None:
+        """Start following a client whose earlier chunks went by untracked.
+
+        The relay lets chunks without any extended-protocol message pass
+        untracked (simple Query traffic needs no rewriting) and calls this
+        before the first chunk that has one, with both streams between
+        messages: ``outstanding`` Query/FunctionCall/Sync requests sent earlier
+        are still to be answered, each by a ReadyForQuery.
+        """
+        for _ in range(outstanding):
+            self._requests.append(_PLAIN[_K_QUERY])
+
     def idle(self) -> bool:
         """Every request answered, no skipping pending, both streams between messages."""
         return (not self._requests and not self._requests.skipping

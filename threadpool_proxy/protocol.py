@@ -444,7 +444,7 @@ class ClientScanner(_Scanner):
     ``terminated`` is set once a Terminate message was seen.
     """
 
-    __slots__ = ("requests", "unsynced", "terminated")
+    __slots__ = ("requests", "unsynced", "terminated", "extended")
     WANTED = b""
 
     def __init__(self) -> None:
@@ -452,6 +452,7 @@ class ClientScanner(_Scanner):
         self.requests = 0
         self.unsynced = False
         self.terminated = False
+        self.extended = 0         # extended-protocol messages seen (Parse, Bind, Describe, Execute, Close)
 
     def _header(self, t):
         if t == _QUERY or t == _FUNCTION_CALL:
@@ -463,3 +464,4 @@ class ClientScanner(_Scanner):
             self.terminated = True
         elif t in _LEAVES_UNSYNCED_STATE:   # not Flush: it leaves no state behind (psycopg sends Sync+Flush)
             self.unsynced = True
+            self.extended += 1

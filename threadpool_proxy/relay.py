@@ -52,7 +52,7 @@ class Relay:
     __slots__ = ("client", "cfd", "checkout", "pool", "key", "settings", "pooled", "statement_mode",
                  "linger_ms", "poller", "cbuf", "cview", "sbuf", "sview", "cscan", "sscan",
                  "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "check_release",
-                 "expect_server", "wake_rfd", "wake_wfd", "prepared", "prepared_limit", "stats")
+                 "expect_server", "wake_rfd", "wake_wfd", "prepared", "prepared_limit", "tracking", "stats")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
@@ -89,6 +89,9 @@ class Relay:
         self.prepared_limit = checkout.db.max_prepared_statements if self.pooled else 0
         self.prepared = (PreparedRelay(ClientStatements(self.prepared_limit * CLIENT_STATEMENTS_FACTOR))
                          if self.prepared_limit else None)
+        # Simple Query traffic passes untracked, at the usual header-only cost,
+        # until the client's first extended-protocol message (_start_tracking).
+        self.tracking = False
 
     # -- the loop -------------------------------------------------------------------
 
@@ -148,6 +151,7 @@ class Relay:
             raise ClientGone()
         self.stats.received += n
         requests_before = cscan.requests
+        extended_before = cscan.extended
         cscan.feed(self.cview, n)
         if cscan.terminated:
             n = self.cbuf.rfind(pq.TERMINATE_MESSAGE, 0, n)    # forward what came before it
@@ -173,10 +177,13 @@ class Relay:
         if new_requests:
             self.stats.requests_sent(new_requests, self.pending == 0)
         self.pending += new_requests
-        if self.prepared is None:
-            to_server, to_client = self.cview[:n], None
-        else:
+        if not self.tracking and self.prepared is not None and (
+                cscan.extended != extended_before or not cscan.at_boundary):
+            self._start_tracking(new_requests)
+        if self.tracking:
             to_server, to_client = self.prepared.from_client(self.cview[:n], self.backend.statements)
+        else:
+            to_server, to_client = self.cview[:n], None
         try:
             self.ssock.sendall(to_server)
         except OSError:
@@ -218,7 +225,7 @@ class Relay:
             return
         if not n:
             self._server_lost()
-        if self.prepared is not None:
+        if self.tracking:
             view = self.prepared.from_server(view[:n])
             n = len(view)
         sscan = self.sscan
@@ -240,6 +247,21 @@ class Relay:
                 self.stats.answered(sscan.xacts, sscan.status != _IDLE)
                 sscan.xacts = 0
         self.check_release = self.pooled and self.pending == 0
+
+    def _start_tracking(self, new_requests: int) -> None:
+        """The client's first extended-protocol chunk: from here on both streams go
+        through the prepared-statement tracker.
+
+        The tracker must start between messages on both streams.  The client's
+        is (every untracked chunk ended at a boundary, or it is tracked); the
+        server's may be in the middle of an answer to an earlier request, whose
+        rest the server owes: it is read and passed on first.  The requests sent
+        before this chunk and still unanswered are handed to the tracker.
+        """
+        while not self.sscan.at_boundary:
+            self.on_server_readable()
+        self.prepared.engage(max(0, self.pending - new_requests))
+        self.tracking = True
 
     def on_wake(self) -> None:
         """A waiter wants our lingering connection: reset and park it for them."""
