@@ -18,6 +18,7 @@ import socket
 import time
 
 from . import protocol as pq
+from . import tls
 from .errors import ClientFatal, ProtocolError, ServerError, ServerGone
 
 log = logging.getLogger(__name__)
@@ -63,14 +64,17 @@ class ServerConnection:
     does not report (from the login or set by the proxy since the last reset).
     """
 
-    __slots__ = ("sock", "raw_socket", "node", "host", "port", "pid", "secret",
+    __slots__ = ("sock", "raw_socket", "tls", "node", "host", "port", "pid", "secret",
                  "params", "param_names", "login_params", "unreported",
                  "_buf", "_poller", "reset_pending", "reset_timeout", "statements", "created", "serial",
                  "__weakref__")
 
     def __init__(self, sock: socket.socket, host: str, port: int) -> None:
         self.sock = sock
-        self.raw_socket = sock        # the plain socket under any future TLS layer
+        # What the idle probe peeks at: the socket itself, also under TLS (tls.raw_peek
+        # reads its descriptor's raw bytes; any byte at all means "not clean").
+        self.raw_socket = sock
+        self.tls = tls.is_tls(sock)   # an ssl.SSLSocket: mind pending() after each read
         self.host = host
         self.port = port
         self.node = f"{host}:{port}"
@@ -89,13 +93,20 @@ class ServerConnection:
         self.serial = next(_SERIALS)
 
     @classmethod
-    def dial(cls, host: str, port: int, timeout: float) -> "ServerConnection":
+    def dial(cls, host: str, port: int, timeout: float, server_tls=None) -> "ServerConnection":
+        """Connect (and, with ``server_tls``, send SSLRequest and wrap the socket in TLS)."""
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise out_of_descriptors(exc) from None
             raise ServerGone(f"cannot connect to server {host}:{port}: {exc.strerror or exc}") from None
+        if server_tls is not None:
+            try:
+                sock = server_tls.negotiate(sock, host, port)
+            except BaseException:
+                sock.close()
+                raise
         # Blocking mode from here on: with a timeout set, every recv/send in
         # the relay would cost an extra poll() inside the socket module.
         sock.settimeout(None)
@@ -144,7 +155,9 @@ class ServerConnection:
             size = 262144 if len(buf) > 8192 else 16384
             try:
                 chunk = None
-                if timeout is not None:
+                if timeout is not None and self.tls:
+                    chunk = self._recv_tls(size, timeout)
+                elif timeout is not None:
                     # Usually the answer is already here: one non-blocking recv,
                     # and poll() only when it is not.
                     try:
@@ -162,6 +175,20 @@ class ServerConnection:
             if not chunk:
                 raise ServerGone("server closed the connection")
             buf += chunk
+
+    def _recv_tls(self, size: int, timeout: float) -> bytes:
+        """One read of a TLS connection within ``timeout``; no flags on an SSLSocket, so a timeout
+        for this read only (a record that is not application data must not block us for ever)."""
+        sock = self.sock
+        if sock.pending():
+            return sock.recv(size)
+        sock.settimeout(timeout)
+        try:
+            return sock.recv(size)
+        except socket.timeout:
+            raise ServerGone("server did not answer in time") from None
+        finally:
+            sock.settimeout(None)
 
     # -- login -------------------------------------------------------------------
 

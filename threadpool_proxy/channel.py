@@ -54,26 +54,46 @@ class ClientChannel:
         except OSError:
             pass
 
-    def read_exact(self, n: int) -> bytes:
-        buf = self._buf
-        while len(buf) < n:
+    def _recv(self, size: int, flags: int = 0) -> bytes:
+        """One recv within the login deadline; ClientGone at end of file."""
+        while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
                                   f"{self.deadline_name}: the client did not complete its login in time")
             self.sock.settimeout(remaining)
             try:
-                chunk = self.sock.recv(65536)
+                chunk = self.sock.recv(size, flags)
             except socket.timeout:
                 continue
             except OSError:
                 raise ClientGone() from None
             if not chunk:
                 raise ClientGone()
-            buf += chunk
+            return chunk
+
+    def read_exact(self, n: int) -> bytes:
+        buf = self._buf
+        while len(buf) < n:
+            buf += self._recv(65536)
         data = bytes(buf[:n])
         del buf[:n]
         return data
+
+    def peek_first_byte(self) -> int:
+        """The first byte the client sends, left unread (a direct TLS ClientHello starts with 0x16)."""
+        return self._recv(1, socket.MSG_PEEK)[0]
+
+    def start_tls(self, client_tls) -> None:
+        """The TLS handshake as server (the client asked for it, or opened with a ClientHello).
+
+        From here on ``sock`` is the ssl.SSLSocket (even when the handshake
+        fails: the plain socket object gave it its descriptor).  Raises
+        ssl.SSLError or OSError: a failed handshake cannot be answered.
+        """
+        self.sock.settimeout(self.remaining())
+        self.sock = client_tls.context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock.do_handshake()
 
     def read_message(self, max_length: int) -> tuple[bytes, bytes]:
         """One whole message: (type byte, body); a length beyond ``max_length`` is a FATAL."""

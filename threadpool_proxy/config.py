@@ -20,6 +20,10 @@ DEFAULT_RESET_QUERY = "DISCARD ALL"
 DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
 #: The admin console's virtual database, and the name PgBouncer's tools ask for.
 CONSOLE_DATABASES = ("threadpool_proxy", "pgbouncer")
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+#: The TLS settings that name files (relative paths in a YAML file are relative to it).
+TLS_FILES = ("client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
+             "server_tls_key_file", "server_tls_cert_file", "server_tls_ca_file")
 
 
 class ConfigError(ValueError):
@@ -77,6 +81,14 @@ class Config:
     stats_users: tuple = ()              # may use the console's SHOW commands only
     admin_auth_database: str | None = None   # the entry the console authenticates like (default "*")
     stats_period: float = 60.0           # the avg_* columns of SHOW STATS cover this many seconds
+    client_tls_sslmode: str = "disable"
+    client_tls_key_file: str | None = None
+    client_tls_cert_file: str | None = None
+    client_tls_ca_file: str | None = None
+    server_tls_sslmode: str = "disable"
+    server_tls_key_file: str | None = None
+    server_tls_cert_file: str | None = None
+    server_tls_ca_file: str | None = None
     databases: Mapping[str, DatabaseConfig] = dataclasses.field(default_factory=dict)
 
     def lookup_database(self, requested: str) -> DatabaseConfig | None:
@@ -161,6 +173,9 @@ _TOP_LEVEL = {
     "stats_users": (_user_list, "a list of user names (or one comma-separated string)"),
     "admin_auth_database": (_nonempty_str, "the name of an entry of databases"),
     "stats_period": _SECONDS,
+    "client_tls_sslmode": (_choice(SSLMODES), "one of " + ", ".join(SSLMODES)),
+    "server_tls_sslmode": (_choice(SSLMODES), "one of " + ", ".join(SSLMODES)),
+    **{key: (_nonempty_str, "a file path") for key in TLS_FILES},
 }
 
 
@@ -245,6 +260,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
     config = dataclasses.replace(defaults, databases=entries)
     _check_auth(config)
     _check_console(config)
+    _check_tls(config)
     return config
 
 
@@ -271,10 +287,41 @@ def _check_auth(config: Config) -> None:
         raise ConfigError("auth_user: required when auth_type is auth_query")
 
 
+def _check_tls(config: Config) -> None:
+    """The files each sslmode needs are given; whether they can be used is checked at start-up (tls.py)."""
+    for side in ("client", "server"):
+        mode = getattr(config, f"{side}_tls_sslmode")
+        key, cert, ca = (getattr(config, f"{side}_tls_{what}_file") for what in ("key", "cert", "ca"))
+        if side == "client" and mode != "disable":
+            for name, value in (("cert", cert), ("key", key)):
+                if not value:
+                    raise ConfigError(f"client_tls_{name}_file: required when client_tls_sslmode is {mode}")
+        if side == "client" and mode in ("verify-ca", "verify-full") and not ca:
+            raise ConfigError(f"client_tls_ca_file: required when client_tls_sslmode is {mode} "
+                              f"(client certificates are checked against it)")
+        if bool(key) != bool(cert):
+            missing = "key" if cert else "cert"
+            raise ConfigError(f"{side}_tls_{missing}_file: required with {side}_tls_"
+                              f"{'cert' if cert else 'key'}_file")
+
+
+def check_tls_files(config: Config) -> None:
+    """Every TLS file named is a readable file; ConfigError naming the key and the path."""
+    for key in TLS_FILES:
+        path = getattr(config, key)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+
+
 def load(source: str | os.PathLike | Mapping[str, Any] | Config) -> Config:
     """Build a Config from a Config, a mapping, or the path of a YAML file.
 
-    Relative ``auth_file`` paths in a YAML file are taken relative to that file.
+    Relative ``auth_file`` and TLS file paths in a YAML file are taken relative to that file.
     A file holding ``auth_password`` must not be readable by group or others
     (like the auth file).
     """
@@ -300,7 +347,7 @@ def load(source: str | os.PathLike | Mapping[str, Any] | Config) -> Config:
     if config.auth_password is not None and mode & 0o077:
         raise ConfigError(f"{path}: holds auth_password but mode {mode:04o} allows access by group or others; "
                           f"run 'chmod 600 {path}'")
-    if config.auth_file and not os.path.isabs(config.auth_file):
-        config = dataclasses.replace(
-            config, auth_file=os.path.join(os.path.dirname(os.path.abspath(path)), config.auth_file))
-    return config
+    here = os.path.dirname(os.path.abspath(path))
+    relative = {key: os.path.join(here, getattr(config, key)) for key in ("auth_file", *TLS_FILES)
+                if getattr(config, key) and not os.path.isabs(getattr(config, key))}
+    return dataclasses.replace(config, **relative) if relative else config

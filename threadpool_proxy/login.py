@@ -67,6 +67,7 @@ from .channel import ClientChannel
 from .config import Config, ConfigError, DatabaseConfig
 from .errors import ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone, ServerUnavailable
 from .pool import BackendIdlePool, pool_key
+from .tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,10 @@ class Logins:
 
     failure_delay = FAILURE_DELAY
 
-    def __init__(self, config: Config, pool: BackendIdlePool) -> None:
+    def __init__(self, config: Config, pool: BackendIdlePool, server_tls: ServerTLS | None = None) -> None:
         self.config = config
         self.pool = pool
+        self.server_tls = server_tls
         self._lock = threading.Lock()
         self._credentials: dict[str, ServerCredentials] = {}   # user -> how to log in for them
         self._query_cache: dict[tuple[str, str], tuple[Secret | None, float]] = {}
@@ -339,7 +341,7 @@ class Logins:
         closes what was opened and gives back the place the login held."""
         conn = None
         try:
-            conn = ServerConnection.dial(db.host, db.port, self.config.server_connect_timeout)
+            conn = ServerConnection.dial(db.host, db.port, self.config.server_connect_timeout, self.server_tls)
             conn.complete_login(pq.startup_message(startup), answer_auth, deadline, on_notice, ready_timeout)
         except BaseException as exc:
             release(conn, f"the login failed: {exc}")

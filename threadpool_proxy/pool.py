@@ -15,8 +15,10 @@ Design notes
 * Parked connections are reused LIFO (the most recently parked is the warmest);
   the reaper closes from the other end, where the oldest sit.
 * A connection is anything with ``close()`` whose ``raw_socket`` attribute (or
-  itself) is a plain socket: the liveness probe uses ``MSG_PEEK`` which a TLS
-  socket cannot do, so it always looks at the raw socket.
+  itself) is a socket, plain or TLS: the liveness probe peeks at the raw bytes
+  of its descriptor (``tls.raw_peek``: an SSLSocket's own recv refuses
+  ``MSG_PEEK``), so under TLS any record at all, or bytes already decrypted,
+  mean the idle connection spoke and is not clean.
 
 Accounting per key, under the lock:
 
@@ -41,18 +43,16 @@ from __future__ import annotations
 import collections
 import logging
 import select
-import socket
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
+from . import tls
 from .errors import ClientGone, PoolClosed, PoolTimeout, QueryCanceled
 
 __all__ = ["BackendIdlePool", "PoolClosed", "PoolTimeout", "Waiter", "pool_key", "probe_alive"]
 
 log = logging.getLogger(__name__)
-
-_PROBE_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 #: Longest a waiting client sleeps before checking that it is still connected.
 WAIT_SLICE = 1.0
@@ -78,9 +78,12 @@ def probe_alive(conn: Any) -> bool:
     """
     sock = getattr(conn, "raw_socket", conn)
     try:
+        if tls.is_tls(sock) and sock.pending():
+            return False      # decrypted and unread: it spoke
         if not sock.gettimeout():
-            # Blocking or non-blocking socket: one non-blocking peek says it all.
-            sock.recv(1, _PROBE_FLAGS)
+            # Blocking or non-blocking socket: one non-blocking peek says it all
+            # (of the raw bytes: under TLS any record at all means it spoke).
+            tls.raw_peek(sock)
             return False
         # poll() first: on a socket with a timeout (settimeout(t), t > 0) Python's
         # recv() waits up to t for readability before trying MSG_DONTWAIT, so a
@@ -92,7 +95,7 @@ def probe_alive(conn: Any) -> bool:
         poller.register(fd, select.POLLIN | select.POLLPRI)
         if not poller.poll(0):
             return True       # nothing pending, no hang-up, no error
-        sock.recv(1, _PROBE_FLAGS)
+        tls.raw_peek(sock)
     except BlockingIOError:
         return True
     except (OSError, ValueError):

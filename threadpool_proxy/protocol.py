@@ -142,6 +142,11 @@ def cancel_request(pid: int, secret: bytes) -> bytes:
     return INT32.pack(16) + INT32.pack(CANCEL_REQUEST_CODE) + INT32.pack(pid) + secret
 
 
+def ssl_request() -> bytes:
+    """SSLRequest: asks the server for TLS before the StartupMessage; it answers one byte, 'S' or 'N'."""
+    return INT32.pack(8) + INT32.pack(SSL_REQUEST_CODE)
+
+
 def error_response(sqlstate: str, text: str, severity: str = "FATAL",
                    detail: str | None = None, hint: str | None = None) -> bytes:
     """ErrorResponse with S/V (severity), C (SQLSTATE), M (message), D, H fields."""

@@ -19,6 +19,7 @@ import socket
 import threading
 
 from . import protocol as pq
+from . import tls
 from .backend import ServerConnection
 from .prepared import ClientStatements, PreparedRelay, ServerStatements
 from .checkout import ClientSettings, ServerCheckout
@@ -52,7 +53,8 @@ class Relay:
     __slots__ = ("client", "cfd", "checkout", "pool", "key", "settings", "pooled", "statement_mode",
                  "linger_ms", "poller", "cbuf", "cview", "sbuf", "sview", "cscan", "sscan",
                  "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "check_release",
-                 "expect_server", "wake_rfd", "wake_wfd", "prepared", "prepared_limit", "tracking", "stats")
+                 "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
+                 "tracking", "stats")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
@@ -81,7 +83,13 @@ class Relay:
         self.pending = 0                  # requests sent that have not had their ReadyForQuery
         self.lingering = False            # keeping an idle backend that a waiter may claim
         self.check_release = False        # look for a release point at the top of the loop
-        self.expect_server = False        # a whole request went out: read the answer without a poll()
+        # Events to handle without a poll(): the server's answer after a whole
+        # request went out; a TLS socket holding decrypted bytes (no poll() sees those).
+        self.due = ()
+        self.server_due = ()
+        # recv_into of each side: the socket's own, or under TLS one that drains pending().
+        self.crecv = self._client_tls_recv if tls.is_tls(client) else client.recv_into
+        self.srecv = None
         self.wake_rfd = -1
         self.wake_wfd = -1
         # Named prepared statements follow a pooled client from one server
@@ -101,17 +109,21 @@ class Relay:
         cfd = self.cfd
         on_client_readable = self.on_client_readable
         on_server_readable = self.on_server_readable
+        if tls.is_tls(self.client) and self.client.pending():
+            self._due(((cfd, _POLLIN),))     # decrypted during login, unseen by poll()
         try:
             while True:
                 if self.check_release:
                     self.check_release = False
                     if self.backend is not None and self.at_release_point():
                         self._keep_or_hand_on()
-                if self.expect_server:
+                due = self.due
+                if due:
                     # A whole request went out and nothing came back yet: the
-                    # server owes an answer, so read it without a poll() first.
-                    self.expect_server = False
-                    events = ((self.sfd, _POLLIN),)
+                    # server owes an answer, so read it without a poll() first;
+                    # or a TLS socket has bytes decrypted that poll() cannot see.
+                    self.due = ()
+                    events = due
                 else:
                     events = poll(self.linger_ms if self.lingering else None)
                     if not events:
@@ -144,7 +156,7 @@ class Relay:
     def on_client_readable(self) -> None:
         cscan = self.cscan
         try:
-            n = self.client.recv_into(self.cbuf)
+            n = self.crecv(self.cbuf)
         except OSError:
             n = 0
         if not n:
@@ -197,20 +209,22 @@ class Relay:
                 raise ClientGone() from None
         if cscan.terminated:
             raise ClientGone()
-        self.expect_server = (new_requests > 0 and cscan.at_boundary and not cscan.unsynced
-                              and not self.sscan.copy_in)
+        if new_requests > 0 and cscan.at_boundary and not cscan.unsynced and not self.sscan.copy_in:
+            self._due(self.server_due)
         # A chunk with no request in it (a lone Flush) gets no answer:
         # check the release point now, not at a ReadyForQuery that never comes.
         self.check_release = self.pooled and new_requests == 0 and self.pending == 0
 
     def on_server_readable(self) -> None:
-        self.expect_server = False
+        if self.due:
+            # Read now: no blocking read for an answer this read may be taking.
+            self.due = tuple(e for e in self.due if e[0] != self.sfd)
         sbuf = self.sbuf
         if sbuf is None:
             sbuf = self.sbuf = bytearray(SERVER_BUFFER_SIZE)
             self.sview = memoryview(sbuf)
         try:
-            n = self.ssock.recv_into(sbuf)
+            n = self.srecv(sbuf)
         except OSError:
             n = 0
         if n == len(sbuf) and n < SERVER_BUFFER_MAX:
@@ -263,6 +277,32 @@ class Relay:
         self.prepared.engage(max(0, self.pending - new_requests))
         self.tracking = True
 
+    def _due(self, events) -> None:
+        """Handle ``events`` on the next turn without a poll() (once each)."""
+        due = self.due
+        self.due = events if not due else due + tuple(e for e in events if e not in due)
+
+    # -- TLS: bytes decrypted but not read yet do not make the descriptor readable ---
+
+    def _client_tls_recv(self, buf) -> int:
+        return self._tls_recv(self.client, buf, ((self.cfd, _POLLIN),))
+
+    def _server_tls_recv(self, buf) -> int:
+        return self._tls_recv(self.ssock, buf, self.server_due)
+
+    def _tls_recv(self, sock, buf, again) -> int:
+        """recv_into, then what OpenSSL has decrypted already, while it fits; what does
+        not fit is read on the next turn of the loop, without a poll() (``again``)."""
+        n = sock.recv_into(buf)
+        size = len(buf)
+        while n and sock.pending():
+            if n == size:
+                self._due(again)
+                break
+            with memoryview(buf) as view:
+                n += sock.recv_into(view[n:])
+        return n
+
     def on_wake(self) -> None:
         """A waiter wants our lingering connection: reset and park it for them."""
         self._drain_wake()
@@ -277,6 +317,8 @@ class Relay:
             self.backend = conn
         self.ssock = conn.sock
         self.sfd = conn.sock.fileno()
+        self.server_due = ((self.sfd, _POLLIN),)
+        self.srecv = self._server_tls_recv if conn.tls else conn.sock.recv_into
         self.poller.register(self.sfd, _POLLIN)
         if self.prepared_limit and conn.statements is None:
             conn.statements = ServerStatements(self.prepared_limit)
@@ -290,8 +332,12 @@ class Relay:
         if conn is None:
             return
         self.poller.unregister(self.sfd)
+        if self.due:
+            self.due = tuple(e for e in self.due if e[0] != self.sfd)
         self.sfd = -1
         self.ssock = None
+        self.server_due = ()
+        self.srecv = None
         if self.prepared is not None and not self.prepared.idle():
             self.prepared.reset()        # what was in flight died with the connection
         if park:

@@ -30,6 +30,7 @@ from . import config as config_mod
 from . import protocol as pq
 from . import stats as stats_mod
 from .admin import ALL, CommandError
+from . import tls
 from .login import Logins
 from .pool import BackendIdlePool, pool_key
 from .session import ClientSession
@@ -213,8 +214,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.console_control = ConsoleControl(self)
         self._spare_fd = -1                     # given up to accept (and refuse) a client when out of fds
         self._fd_refusals = 0                   # clients refused for want of a descriptor, since the last log
-        # Before binding: a bad auth file (ConfigError) must not leave a listening socket behind.
-        self.logins = Logins(config, self.pool)
+        # Before binding: a bad auth file or TLS file (ConfigError) must not leave a listening socket behind.
+        self.client_tls, server_tls = tls.contexts(config)
+        self.logins = Logins(config, self.pool, server_tls)
         super().__init__((config.listen_host, config.listen_port), _Handler)
         self._take_spare_fd()
 

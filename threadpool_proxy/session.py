@@ -1,7 +1,8 @@
 """One client's life, from its startup packet to close, in its own thread.
 
-A ClientSession reads the startup packet (answering SSLRequest and
-GSSENCRequest with 'N'), logs the client in (login.py), sends the welcome,
+A ClientSession reads the startup packet (answering GSSENCRequest with 'N',
+and SSLRequest with 'S' and a TLS handshake when client TLS is on, or a
+direct TLS ClientHello the same way; tls.py), logs the client in (login.py), sends the welcome,
 then hands the connection to a Relay (relay.py) until either side leaves.
 Every error that ends a client arrives at ``run()``, which decides in one
 place what the client is told.
@@ -16,6 +17,7 @@ import socket
 
 from . import protocol as pq
 from .admin import ConsoleClient
+from . import tls
 from .backend import ServerConnection, out_of_descriptors, valid_guc_name
 from .channel import ClientChannel
 from .checkout import ClientSettings, ServerCheckout
@@ -36,8 +38,6 @@ SHUTDOWN_NOTICE = pq.error_response(pq.SQLSTATE_ADMIN_SHUTDOWN,
                                     "terminating connection due to administrator command: "
                                     "the proxy is shutting down")
 
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
-
 
 def client_connected(sock: socket.socket) -> bool:
     """False once the client has closed its end (end of file, or an error); never blocks.
@@ -53,7 +53,7 @@ def client_connected(sock: socket.socket) -> bool:
         poller.register(fd, select.POLLIN)
         if not poller.poll(0):
             return True
-        return sock.recv(1, _PEEK) != b""
+        return tls.raw_peek(sock) != b""       # (under TLS: any record; EOF is still b"")
     except BlockingIOError:
         return True
     except (OSError, ValueError):
@@ -129,6 +129,7 @@ class ClientSession:
         self.console: ConsoleClient | None = None     # a client of the admin console
         self.stats = ClientStats()
         self.cancel_pid = 0
+        self.tls = False               # the client's socket is an ssl.SSLSocket (after the handshake)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -228,7 +229,7 @@ class ClientSession:
                           (backend.sock if backend is not None else None, socket.SHUT_RDWR)):
             try:
                 if sock is not None:
-                    sock.shutdown(how)
+                    tls.shutdown(sock, how)     # (an SSLSocket keeps its TLS layer for SHUTDOWN_NOTICE)
             except OSError:
                 pass
 
@@ -237,6 +238,9 @@ class ClientSession:
     def read_startup(self) -> bool:
         """Read the startup packet; False if the connection was a CancelRequest."""
         channel = self.channel
+        client_tls = self.server.client_tls
+        if client_tls is not None and channel.peek_first_byte() == tls.TLS_HANDSHAKE_BYTE:
+            self._start_tls(direct=True)           # PostgreSQL 17's direct TLS: no SSLRequest
         while True:
             length = pq.INT32.unpack(channel.read_exact(4))[0]
             if length < 8 or length > pq.MAX_STARTUP_PACKET_LENGTH:
@@ -247,7 +251,14 @@ class ClientSession:
                 if channel.has_buffered:
                     raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
                                       "received unencrypted data after encryption request")
-                channel.send(b"N")     # no encryption: go on in plain text
+                if self.tls:
+                    raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
+                                      "SSL or GSSAPI negotiation requested over an encrypted connection")
+                if code == pq.SSL_REQUEST_CODE and client_tls is not None:
+                    channel.send(b"S")
+                    self._start_tls(direct=False)
+                else:
+                    channel.send(b"N")     # no encryption: go on in plain text
                 continue
             if code == pq.CANCEL_REQUEST_CODE:
                 if length == 16:
@@ -261,8 +272,32 @@ class ClientSession:
             params = pq.parse_startup_params(packet[4:])
             if self.refusal:
                 raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS, self.refusal)
+            if client_tls is not None and client_tls.required and not self.tls:
+                raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION,
+                                  f'connection without encryption refused for host "{self.address[0]}", '
+                                  f'user "{params.get("user", "")}", database '
+                                  f'"{params.get("database") or params.get("user", "")}": '
+                                  f"client_tls_sslmode is {client_tls.mode}",
+                                  hint="Connect with TLS (sslmode=require or stricter).")
             self._take_startup(params, minor)
             return True
+
+    def _start_tls(self, direct: bool) -> None:
+        """Wrap the client's socket in TLS; a failed handshake ends the connection unanswered."""
+        channel = self.channel
+        try:
+            channel.start_tls(self.server.client_tls)
+        except (OSError, ValueError) as exc:
+            self.server.junk_log.log("failed TLS handshakes", "client %s: TLS handshake failed: %s",
+                                     self.who, getattr(exc, "reason", None) or exc)
+            raise ClientGone() from None
+        finally:
+            self.client = channel.sock       # the SSLSocket owns the descriptor now, whatever happened
+        if direct and self.client.selected_alpn_protocol() != tls.ALPN_PROTOCOL:
+            raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
+                              "received direct SSL connection request without ALPN protocol "
+                              "negotiation extension")
+        self.tls = True
 
     def _take_startup(self, params: dict, minor: int) -> None:
         protocol_options = [k for k in params if k.startswith("_pq_.")]

@@ -1,0 +1,298 @@
+"""TLS with clients (and, further down, with the server): real libpq clients,
+certificates from a throwaway CA made here with trustme."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import ssl
+import struct
+
+import psycopg
+import pytest
+import trustme
+
+from helpers import connect, psql, raw_login, read_message, ssl_request, startup_packet
+from threadpool_proxy import tls
+from threadpool_proxy.config import ConfigError, from_dict
+
+
+class Certs:
+    """A throwaway CA and files: the proxy's certificate (localhost, 127.0.0.1), a client's."""
+
+    def __init__(self, directory) -> None:
+        self.dir = directory
+        self.ca = trustme.CA()
+        self.ca_file = self._write("ca.pem", self.ca.cert_pem.bytes())
+        leaf = self.ca.issue_cert("localhost", "127.0.0.1")
+        self.cert_file = self._write("proxy.crt", b"".join(p.bytes() for p in leaf.cert_chain_pems))
+        self.key_file = self._write("proxy.key", leaf.private_key_pem.bytes())
+        self.leaf_der = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+        client = self.ca.issue_cert("app")
+        self.client_cert_file = self._write("client.crt", b"".join(p.bytes() for p in client.cert_chain_pems))
+        self.client_key_file = self._write("client.key", client.private_key_pem.bytes())
+        other = trustme.CA()
+        self.other_ca_file = self._write("other-ca.pem", other.cert_pem.bytes())
+
+    def _write(self, name: str, data: bytes) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chmod(path, 0o600)
+        return path
+
+    def client_settings(self, mode: str = "require", ca: bool = False) -> dict:
+        settings = {"client_tls_sslmode": mode, "client_tls_cert_file": self.cert_file,
+                    "client_tls_key_file": self.key_file}
+        if ca:
+            settings["client_tls_ca_file"] = self.ca_file
+        return settings
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return Certs(str(tmp_path_factory.mktemp("tls")))
+
+
+def _ssl_in_use(conn) -> bool:
+    return bool(conn.pgconn.ssl_in_use)
+
+
+# -- client side ----------------------------------------------------------------
+
+def test_psql_sslmode_require_through_the_proxy(pg, proxy_factory, certs):
+    proxy = proxy_factory(**certs.client_settings("require"))
+    res = psql(proxy, sql="\\conninfo", env={"PGSSLMODE": "require"})
+    assert res.returncode == 0, res.stderr
+    assert "SSL connection" in res.stdout
+    res = psql(proxy, sql="SELECT current_user, 6 * 7", env={"PGSSLMODE": "require"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "app|42"
+
+
+def test_psycopg_verify_full_with_the_test_ca(pg, proxy_factory, certs):
+    proxy = proxy_factory(**certs.client_settings("require"))
+    with connect(pg, proxy, sslmode="verify-full", sslrootcert=certs.ca_file) as conn:
+        assert _ssl_in_use(conn)
+        assert conn.execute("SELECT count(*) FROM generate_series(1, 1000)").fetchone()[0] == 1000
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")
+        conn.execute("COMMIT")
+
+
+def test_verify_full_fails_against_another_ca(pg, proxy_factory, certs):
+    proxy = proxy_factory(**certs.client_settings("require"))
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        connect(pg, proxy, sslmode="verify-full", sslrootcert=certs.other_ca_file)
+    # ... and the proxy goes on serving
+    with connect(pg, proxy, sslmode="require") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_require_refuses_a_plaintext_client(pg, proxy_factory, certs):
+    proxy = proxy_factory(**certs.client_settings("require"))
+    res = raw_login(proxy.host, proxy.port, "app", "appdb", password="app-secret")
+    assert not res.ok
+    assert res.sqlstate == "28000"
+    assert res.error["S"] == "FATAL"
+    assert "client_tls_sslmode is require" in res.error["M"]
+    assert 'user "app", database "appdb"' in res.error["M"]
+    res = psql(proxy, sql="SELECT 1", env={"PGSSLMODE": "disable"})
+    assert res.returncode != 0
+    assert "without encryption" in res.stderr
+
+
+@pytest.mark.parametrize("mode", ["prefer", "allow"])
+def test_prefer_takes_both(pg, proxy_factory, certs, mode):
+    proxy = proxy_factory(**certs.client_settings(mode))
+    with connect(pg, proxy, sslmode="require") as conn:
+        assert _ssl_in_use(conn)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with connect(pg, proxy, sslmode="disable") as conn:
+        assert not _ssl_in_use(conn)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_disable_answers_n(pg, proxy_factory):
+    proxy = proxy_factory()
+    with pytest.raises(psycopg.OperationalError, match="does not support SSL"):
+        connect(pg, proxy, sslmode="require")
+    with connect(pg, proxy, sslmode="prefer") as conn:
+        assert not _ssl_in_use(conn)
+
+
+def test_verify_ca_wants_a_client_certificate(pg, proxy_factory, certs):
+    proxy = proxy_factory(**certs.client_settings("verify-ca", ca=True))
+    with pytest.raises(psycopg.OperationalError):
+        connect(pg, proxy, sslmode="require", sslcert=os.devnull, sslkey=os.devnull)
+    with connect(pg, proxy, sslmode="verify-full", sslrootcert=certs.ca_file,
+                 sslcert=certs.client_cert_file, sslkey=certs.client_key_file) as conn:
+        assert _ssl_in_use(conn)
+        assert conn.execute("SELECT current_user").fetchone() == ("app",)
+
+
+def test_direct_tls_with_alpn(pg, proxy_factory, certs):
+    """PostgreSQL 17's direct TLS: a ClientHello first, ALPN "postgresql", no SSLRequest."""
+    proxy = proxy_factory(**certs.client_settings("require"))
+    if psycopg.pq.version() >= 170000:
+        with connect(pg, proxy, sslmode="require", sslnegotiation="direct") as conn:
+            assert _ssl_in_use(conn)
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+    ctx = ssl.create_default_context(cafile=certs.ca_file)
+    ctx.set_alpn_protocols(["postgresql"])
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            assert s.selected_alpn_protocol() == "postgresql"
+            s.sendall(startup_packet({"user": "app", "database": "appdb"}))
+            kind, body = read_message(s)
+            assert kind == "R" and struct.unpack("!I", body[:4])[0] == 10     # SASL: on to the login
+    # Without ALPN a direct TLS connection is refused, as PostgreSQL refuses it.
+    ctx = ssl.create_default_context(cafile=certs.ca_file)
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            kind, body = read_message(s)
+            assert kind == "E" and b"ALPN" in body
+
+
+def test_ssl_request_then_garbage_handshake_is_dropped(pg, proxy_factory, certs):
+    proxy = proxy_factory(**certs.client_settings("require"))
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as s:
+        s.sendall(ssl_request())
+        assert s.recv(1) == b"S"
+        s.sendall(b"\x16\x03\x01\x00\x05hello")          # not a ClientHello
+        s.settimeout(10)
+        data = s.recv(100)
+        assert data == b"" or data[:1] == b"\x15"          # an alert, then closed
+    with connect(pg, proxy, sslmode="require") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_big_result_and_copy_in_through_client_tls(pg, proxy_factory, certs):
+    """~10 MB each way through TLS with the client: every byte arrives, in order."""
+    proxy = proxy_factory(**certs.client_settings("require"))
+    n = 200_000
+    with connect(pg, proxy, sslmode="require") as conn:
+        rows = conn.execute("SELECT i, md5(i::text) FROM generate_series(1, %s) i", (n,)).fetchall()
+        assert len(rows) == n
+        assert all(r == (i, hashlib.md5(str(i).encode()).hexdigest()) for i, r in enumerate(rows, 1))
+        big = conn.execute("SELECT repeat('0123456789', 1000000)").fetchone()[0]
+        assert big == "0123456789" * 1000000
+        conn.execute("CREATE TEMP TABLE t (i int, h text)")
+        with conn.cursor() as cur:
+            with cur.copy("COPY t FROM STDIN") as copy:
+                for i in range(1, n + 1):
+                    copy.write_row((i, hashlib.md5(str(i).encode()).hexdigest()))
+            cur.execute("SELECT count(*), sum(i), md5(string_agg(h, '' ORDER BY i)) FROM t")
+            count, total, digest = cur.fetchone()
+        assert (count, total) == (n, n * (n + 1) // 2)
+        expect = hashlib.md5("".join(hashlib.md5(str(i).encode()).hexdigest()
+                                     for i in range(1, n + 1)).encode()).hexdigest()
+        assert digest == expect
+
+
+def test_many_tls_clients_in_transaction_mode(pg, proxy_factory, certs):
+    import threading
+    proxy = proxy_factory(**certs.client_settings("require"), pool_size=3)
+    errors = []
+
+    def client(k):
+        try:
+            with connect(pg, proxy, sslmode="require") as conn:
+                for j in range(20):
+                    assert conn.execute("SELECT %s::int + %s", (k, j)).fetchone() == (k + j,)
+        except Exception as exc:          # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+
+
+# -- pending(): decrypted bytes that poll() cannot see -----------------------------
+
+def test_relay_reads_what_tls_already_decrypted(certs):
+    """Relay._tls_recv drains pending() into the buffer, and what does not fit is due next turn."""
+    from threadpool_proxy.relay import Relay
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certs.cert_file, certs.key_file)
+    client_ctx = ssl.create_default_context(cafile=certs.ca_file)
+    a, b = socket.socketpair()
+    import threading
+    payload = bytes(range(256)) * 64        # 16 KiB: one TLS record
+    done = threading.Event()
+
+    def serve():
+        with server_ctx.wrap_socket(a, server_side=True) as s:
+            s.sendall(payload)
+            done.wait(10)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        with client_ctx.wrap_socket(b, server_hostname="localhost") as s:
+            relay = Relay.__new__(Relay)
+            relay.due = ()
+            again = ((s.fileno(), 1),)
+            buf = bytearray(1000)
+            got = bytearray()
+            n = relay._tls_recv(s, buf, again)
+            assert n == 1000 and relay.due == again and s.pending() > 0
+            got += buf[:n]
+            relay.due = ()
+            while len(got) < len(payload):
+                n = relay._tls_recv(s, buf, again)
+                got += buf[:n]
+            assert bytes(got) == payload and s.pending() == 0
+    finally:
+        done.set()
+        t.join()
+
+
+# -- configuration ----------------------------------------------------------------
+
+def _config(**settings):
+    return from_dict({"databases": {"app": {"host": "127.0.0.1"}}, **settings})
+
+
+def test_config_requires_the_files_each_mode_needs(certs):
+    with pytest.raises(ConfigError, match="^client_tls_cert_file: required when client_tls_sslmode is require$"):
+        _config(client_tls_sslmode="require")
+    with pytest.raises(ConfigError, match="^client_tls_ca_file: required when client_tls_sslmode is verify-ca"):
+        _config(**certs.client_settings("verify-ca"))
+    with pytest.raises(ConfigError, match="^client_tls_sslmode: expected one of disable, allow, prefer"):
+        _config(client_tls_sslmode="on")
+    with pytest.raises(ConfigError, match="^server_tls_key_file: required with server_tls_cert_file$"):
+        _config(server_tls_sslmode="require", server_tls_cert_file=certs.cert_file)
+    _config(server_tls_sslmode="verify-full")      # the system's CAs
+
+
+def test_unusable_files_are_named_at_start(certs, tmp_path):
+    import threadpool_proxy
+    missing = str(tmp_path / "nope.crt")
+    with pytest.raises(ConfigError, match=f"^client_tls_cert_file: cannot read {missing}: No such file"):
+        threadpool_proxy.start(_config(**{**certs.client_settings("require"), "client_tls_cert_file": missing}))
+    with pytest.raises(ConfigError, match="^client_tls_cert_file, client_tls_key_file: cannot use"):
+        threadpool_proxy.start(_config(**{**certs.client_settings("require"),
+                                          "client_tls_key_file": certs.client_key_file}))
+    with pytest.raises(ConfigError, match="^server_tls_ca_file: cannot use"):
+        threadpool_proxy.start(_config(server_tls_sslmode="verify-ca", server_tls_ca_file=certs.key_file))
+
+
+def test_relative_tls_paths_in_yaml_are_relative_to_the_file(tmp_path):
+    from threadpool_proxy.config import load
+    path = tmp_path / "proxy.yaml"
+    path.write_text("client_tls_sslmode: require\nclient_tls_cert_file: a.crt\nclient_tls_key_file: /k/a.key\n"
+                    "databases: {app: {host: 127.0.0.1}}\n")
+    config = load(str(path))
+    assert config.client_tls_cert_file == str(tmp_path / "a.crt")
+    assert config.client_tls_key_file == "/k/a.key"
+
+
+def test_end_point_hash_of_the_test_certificate(certs):
+    assert tls.signature_algorithm(certs.leaf_der).startswith("1.2.840.")
+    assert tls.certificate_end_point_hash(certs.leaf_der) == hashlib.sha256(certs.leaf_der).digest()
