@@ -13,7 +13,8 @@ import psycopg
 import pytest
 import trustme
 
-from helpers import connect, psql, raw_login, read_message, ssl_request, startup_packet
+from helpers import (connect, psql, raw_login, read_message, ssl_request, startup_packet, wait_until,
+                     write_auth_file)
 from threadpool_proxy import tls
 from threadpool_proxy.config import ConfigError, from_dict
 
@@ -32,6 +33,9 @@ class Certs:
         client = self.ca.issue_cert("app")
         self.client_cert_file = self._write("client.crt", b"".join(p.bytes() for p in client.cert_chain_pems))
         self.client_key_file = self._write("client.key", client.private_key_pem.bytes())
+        second = self.ca.issue_cert("localhost", "127.0.0.1")      # the same names, another certificate
+        self.second_cert_file = self._write("second.crt", b"".join(p.bytes() for p in second.cert_chain_pems))
+        self.second_key_file = self._write("second.key", second.private_key_pem.bytes())
         other = trustme.CA()
         self.other_ca_file = self._write("other-ca.pem", other.cert_pem.bytes())
 
@@ -42,9 +46,10 @@ class Certs:
         os.chmod(path, 0o600)
         return path
 
-    def client_settings(self, mode: str = "require", ca: bool = False) -> dict:
-        settings = {"client_tls_sslmode": mode, "client_tls_cert_file": self.cert_file,
-                    "client_tls_key_file": self.key_file}
+    def client_settings(self, mode: str = "require", ca: bool = False, second: bool = False) -> dict:
+        settings = {"client_tls_sslmode": mode,
+                    "client_tls_cert_file": self.second_cert_file if second else self.cert_file,
+                    "client_tls_key_file": self.second_key_file if second else self.key_file}
         if ca:
             settings["client_tls_ca_file"] = self.ca_file
         return settings
@@ -296,3 +301,197 @@ def test_relative_tls_paths_in_yaml_are_relative_to_the_file(tmp_path):
 def test_end_point_hash_of_the_test_certificate(certs):
     assert tls.signature_algorithm(certs.leaf_der).startswith("1.2.840.")
     assert tls.certificate_end_point_hash(certs.leaf_der) == hashlib.sha256(certs.leaf_der).digest()
+
+
+# -- server side ----------------------------------------------------------------
+
+from conftest import PgCluster, ProxyFactory  # noqa: E402
+
+
+class TlsPgCluster(PgCluster):
+    """A second cluster that takes TCP logins over TLS only (hostssl; hostnossl is rejected)."""
+
+    HBA = (
+        "local      all  all                  trust",
+        "hostssl    all  all  127.0.0.1/32    scram-sha-256",
+        "hostnossl  all  all  127.0.0.1/32    reject",
+    )
+    SETTINGS = {**PgCluster.SETTINGS, "ssl": "on", "ssl_cert_file": "server.crt", "ssl_key_file": "server.key"}
+
+    def __init__(self, cert, key) -> None:
+        self._tls_files = {"server.crt": cert, "server.key": key}
+        super().__init__()
+
+    def _start_server(self, preexec_fn) -> None:
+        for name, data in self._tls_files.items():      # into the data directory, owned by the server's user
+            path = os.path.join(self.datadir, name)
+            with open(path, "wb") as f:
+                f.write(data)
+            os.chmod(path, 0o600)
+            self._give_to_run_as(path)
+        super()._start_server(preexec_fn)
+
+
+@pytest.fixture(scope="module")
+def pg_tls(certs):
+    """Its certificate is the proxy's (``certs.cert_file``): channel binding may pass through."""
+    with open(certs.cert_file, "rb") as cert, open(certs.key_file, "rb") as key:
+        cluster = TlsPgCluster(cert.read(), key.read())
+    try:
+        cluster.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def tls_proxy_factory(pg_tls):
+    factory = ProxyFactory(pg_tls)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
+def _server_tls(certs, mode="verify-full"):
+    return {"server_tls_sslmode": mode, "server_tls_ca_file": certs.ca_file}
+
+
+def test_the_tls_cluster_refuses_plain_text(pg_tls):
+    with pytest.raises(psycopg.OperationalError, match="no encryption|reject"):
+        psycopg.connect(pg_tls.dsn(sslmode="disable"))
+
+
+@pytest.mark.parametrize("mode", ["prefer", "require", "verify-ca", "verify-full"])
+def test_proxy_logs_in_to_a_tls_server(pg_tls, tls_proxy_factory, certs, mode):
+    proxy = tls_proxy_factory(**_server_tls(certs, mode))
+    with connect(pg_tls, proxy, sslmode="disable") as conn:
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+
+
+def test_passthrough_scram_over_tls_to_the_server(pg_tls, tls_proxy_factory, certs):
+    """Pass-through: PostgreSQL checks the password over the proxy's TLS connection
+    (the plaintext client sends 'n': no channel binding from it)."""
+    proxy = tls_proxy_factory(**_server_tls(certs), auth_type="passthrough")
+    with connect(pg_tls, proxy, sslmode="disable") as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("app",)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(pg_tls, proxy, sslmode="disable", password="wrong")
+
+
+def test_server_modes_that_refuse(pg, pg_tls, proxy_factory, tls_proxy_factory, certs):
+    # verify-full against a certificate of another CA
+    proxy = tls_proxy_factory(server_tls_sslmode="verify-ca", server_tls_ca_file=certs.other_ca_file)
+    with pytest.raises(psycopg.OperationalError, match="is not trusted"):
+        connect(pg_tls, proxy, sslmode="disable")
+    # require against a server without TLS
+    proxy = proxy_factory(server_tls_sslmode="require")
+    with pytest.raises(psycopg.OperationalError, match="does not support TLS, but server_tls_sslmode is require"):
+        connect(pg, proxy, sslmode="disable")
+    # prefer against a server without TLS: plain text
+    proxy = proxy_factory(server_tls_sslmode="prefer")
+    with connect(pg, proxy, sslmode="disable") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    # disable against a server that wants TLS: PostgreSQL's own refusal
+    proxy = tls_proxy_factory()
+    with pytest.raises(psycopg.OperationalError, match="no encryption"):
+        connect(pg_tls, proxy, sslmode="disable")
+
+
+def test_passthrough_with_tls_on_both_sides_and_channel_binding(pg_tls, tls_proxy_factory, certs):
+    """SCRAM-SHA-256-PLUS binds to the certificate of the client's TLS peer, the proxy: it
+    is offered to the client only when that is the server's certificate too."""
+    proxy = tls_proxy_factory(**_server_tls(certs), **certs.client_settings("require"))
+    with connect(pg_tls, proxy, sslmode="require", channel_binding="require") as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("app",)
+    proxy = tls_proxy_factory(**_server_tls(certs), **certs.client_settings("require", second=True))
+    with pytest.raises(psycopg.OperationalError, match="channel binding"):
+        connect(pg_tls, proxy, sslmode="require", channel_binding="require")
+    # libpq over TLS then says "y" (it could bind, the server offered nothing), which a TLS
+    # server rejects as a possible downgrade; without binding ("n") the login works.
+    with pytest.raises(psycopg.OperationalError, match="SCRAM channel binding negotiation error"):
+        connect(pg_tls, proxy, sslmode="require")
+    with connect(pg_tls, proxy, sslmode="require", channel_binding="disable") as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("app",)
+
+
+@pytest.mark.parametrize("auth", ["passthrough", "scram-sha-256"])
+def test_big_result_through_tls_on_both_sides(pg_tls, tls_proxy_factory, certs, tmp_path, auth):
+    """10 MB each way with TLS to the client and to the server (pending() on both sides)."""
+    extra = {}
+    if auth != "passthrough":
+        extra = {"auth_type": auth, "auth_file": write_auth_file(tmp_path / "users.yaml",
+                                                                  {"app": {"password": "app-secret"}})}
+    proxy = tls_proxy_factory(**_server_tls(certs), **certs.client_settings("require"), **extra)
+    n = 200_000
+    with connect(pg_tls, proxy, sslmode="verify-full", sslrootcert=certs.ca_file) as conn:
+        rows = conn.execute("SELECT i, md5(i::text) FROM generate_series(1, %s) i", (n,)).fetchall()
+        assert len(rows) == n
+        assert all(r == (i, hashlib.md5(str(i).encode()).hexdigest()) for i, r in enumerate(rows, 1))
+        big = conn.execute("SELECT repeat('0123456789', 1000000)").fetchone()[0]
+        assert big == "0123456789" * 1000000
+        payload = "x" * (10 * 1024 * 1024)
+        assert conn.execute("SELECT length(%s::text), md5(%s::text)", (payload, payload)).fetchone() == (
+            len(payload), hashlib.md5(payload.encode()).hexdigest())
+
+
+@pytest.mark.parametrize("reset_query", ["", "DISCARD ALL"])
+def test_idle_tls_server_connection_killed_is_evicted_at_checkout(pg_tls, tls_proxy_factory, certs, tmp_path,
+                                                                   reset_query):
+    """A parked TLS connection whose backend was terminated is not handed out: the FATAL
+    it was sent is a TLS record on the raw socket, which the idle probe sees (with no
+    reset query, the probe alone; with one, the reset's answer is read first)."""
+    auth_file = write_auth_file(tmp_path / "users.yaml", {"app": {"password": "app-secret"}})
+    proxy = tls_proxy_factory(**_server_tls(certs), auth_type="scram-sha-256", auth_file=auth_file,
+                              reset_query=reset_query)
+    with connect(pg_tls, proxy, sslmode="disable") as conn:
+        first = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert wait_until(lambda: sum(proxy.pool.snapshot()["idle"].values()) == 1)
+    with pg_tls.superuser_conn() as su:
+        assert su.execute("SELECT pg_terminate_backend(%s)", (first,)).fetchone() == (True,)
+    assert wait_until(lambda: first not in pg_tls.backend_pids(user="app"))
+    before = proxy.pool.stats["stale_evicted"]
+    with connect(pg_tls, proxy, sslmode="disable") as conn:
+        second = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+    assert second != first
+    assert proxy.pool.stats["stale_evicted"] == before + 1, proxy.pool.snapshot()
+
+
+def test_probe_sees_a_byte_on_an_idle_tls_socket(certs):
+    """probe_alive on an SSLSocket: clean while nothing arrives; any record at all, or bytes
+    already decrypted, mean it spoke."""
+    from threadpool_proxy.pool import probe_alive
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certs.cert_file, certs.key_file)
+    server_ctx.num_tickets = 0
+    client_ctx = ssl.create_default_context(cafile=certs.ca_file)
+    a, b = socket.socketpair()
+    import threading
+    go = threading.Event()
+    box = {}
+
+    def serve():
+        box["s"] = server_ctx.wrap_socket(a, server_side=True)
+        go.wait(10)
+        box["s"].sendall(b"E")
+
+    t = threading.Thread(target=serve)
+    t.start()
+    with client_ctx.wrap_socket(b, server_hostname="localhost") as s:
+        assert probe_alive(s) and probe_alive(s)
+        go.set()
+        t.join()
+        assert wait_until(lambda: not probe_alive(s))
+        assert not probe_alive(s)                   # peeking consumed nothing
+        assert s.recv(1) == b"E"
+        assert probe_alive(s)
+        box["s"].sendall(b"xy")
+        assert wait_until(lambda: not probe_alive(s))
+        assert s.recv(1) == b"x" and s.pending() == 1
+        assert not probe_alive(s)                   # decrypted, unread
+    box["s"].close()

@@ -67,7 +67,8 @@ from .channel import ClientChannel
 from .config import Config, ConfigError, DatabaseConfig
 from .errors import ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone, ServerUnavailable
 from .pool import BackendIdlePool, pool_key
-from .tls import ServerTLS
+from . import tls
+from .tls import ClientTLS, ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,12 @@ class Logins:
 
     failure_delay = FAILURE_DELAY
 
-    def __init__(self, config: Config, pool: BackendIdlePool, server_tls: ServerTLS | None = None) -> None:
+    def __init__(self, config: Config, pool: BackendIdlePool, server_tls: ServerTLS | None = None,
+                 client_tls: ClientTLS | None = None) -> None:
         self.config = config
         self.pool = pool
         self.server_tls = server_tls
+        self.client_tls = client_tls
         self._lock = threading.Lock()
         self._credentials: dict[str, ServerCredentials] = {}   # user -> how to log in for them
         self._query_cache: dict[tuple[str, str], tuple[Secret | None, float]] = {}
@@ -178,6 +181,7 @@ class Logins:
                                    "and database.") from None
         channel.shorten(time.monotonic() + config.pending_login_timeout, "pending_login_timeout")
         promoted = False
+        dialed = []
 
         def release(conn: ServerConnection | None, reason: str) -> None:
             if promoted:
@@ -198,6 +202,8 @@ class Logins:
                                       f"\"{request.user}\" became free within {config.query_wait_timeout:g} s "
                                       f"(pool_size {db.pool_size})") from None
                 promoted = True
+            elif code == pq.AUTH_SASL:
+                body = self._sasl_offer_for(channel, dialed[0], body)
             channel.send(pq.message(pq.AUTHENTICATION, body))
             if code in pq.AUTH_NEEDS_ANSWER:
                 return pq.password_message(channel.read_password_message("a password"))
@@ -209,12 +215,33 @@ class Logins:
 
         try:
             return self._open(db, startup, relay_request, channel.deadline, release, on_notice=channel.send,
-                              ready_timeout=config.server_connect_timeout)
+                              ready_timeout=config.server_connect_timeout, on_dial=dialed.append)
         except ServerError as exc:
             channel.send_quietly(exc.raw)        # PostgreSQL's own words: wrong password, no such role...
             raise ErrorAlreadySent() from None
         except ServerGone as exc:
             raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT, f"threadpool_proxy: {exc}") from None
+
+    def _sasl_offer_for(self, channel: ClientChannel, conn: ServerConnection, body: bytes) -> bytes:
+        """The server's SASL mechanisms as a pass-through client may see them.
+
+        SCRAM-SHA-256-PLUS binds to the certificate of the server end of the
+        client's TLS connection, which is the proxy's: it is kept only when the
+        client talks TLS and the proxy's certificate is the server's own (the
+        same hash), else the client would fail PostgreSQL's binding check (or,
+        over plain text, libpq refuses the offer outright).
+        """
+        mechanisms = [m for m in bytes(body[4:]).split(b"\0") if m]
+        if not any(m.endswith(b"-PLUS") for m in mechanisms):
+            return body
+        client_tls = self.client_tls
+        if (client_tls is not None and tls.is_tls(channel.sock) and conn.tls
+                and client_tls.end_point_hash is not None
+                and tls.certificate_end_point_hash(conn.sock.getpeercert(binary_form=True))
+                == client_tls.end_point_hash):
+            return body
+        kept = [m.decode("ascii", "replace") for m in mechanisms if not m.endswith(b"-PLUS")]
+        return bytes(body[:4]) + sasl_mechanisms_payload(kept)
 
     # -- proxy-terminated: the proxy checks the client -----------------------------
 
@@ -336,12 +363,15 @@ class Logins:
         return conn
 
     def _open(self, db: DatabaseConfig, startup: dict, answer_auth, deadline: float, release,
-              on_notice=None, ready_timeout: float | None = None) -> ServerConnection:
+              on_notice=None, ready_timeout: float | None = None, on_dial=None) -> ServerConnection:
         """Dial ``db``'s server and log in; on any failure ``release(conn or None, reason)``
-        closes what was opened and gives back the place the login held."""
+        closes what was opened and gives back the place the login held.  ``on_dial(conn)``
+        sees the connection before the login starts."""
         conn = None
         try:
             conn = ServerConnection.dial(db.host, db.port, self.config.server_connect_timeout, self.server_tls)
+            if on_dial is not None:
+                on_dial(conn)
             conn.complete_login(pq.startup_message(startup), answer_auth, deadline, on_notice, ready_timeout)
         except BaseException as exc:
             release(conn, f"the login failed: {exc}")

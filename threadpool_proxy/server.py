@@ -216,7 +216,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._fd_refusals = 0                   # clients refused for want of a descriptor, since the last log
         # Before binding: a bad auth file or TLS file (ConfigError) must not leave a listening socket behind.
         self.client_tls, server_tls = tls.contexts(config)
-        self.logins = Logins(config, self.pool, server_tls)
+        self.logins = Logins(config, self.pool, server_tls, self.client_tls)
         super().__init__((config.listen_host, config.listen_port), _Handler)
         self._take_spare_fd()
 
