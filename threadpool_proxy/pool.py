@@ -50,7 +50,7 @@ from typing import Any, Callable, Deque, Dict, Optional, Tuple
 from . import tls
 from .errors import ClientGone, PoolClosed, PoolTimeout, QueryCanceled
 
-__all__ = ["BackendIdlePool", "PoolClosed", "PoolTimeout", "Waiter", "pool_key", "probe_alive"]
+__all__ = ["ALL_SERVERS", "BackendIdlePool", "key_matches", "PoolClosed", "PoolTimeout", "Waiter", "pool_key", "probe_alive"]
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,11 @@ class BackendIdlePool:
         self._lingering: Dict[str, Dict[Any, None]] = {}
         self._defaults: Dict[str, Dict[str, str]] = {}
         self._closed = False
+        self._held: set = set()           # PAUSE: targets ((node, database) or ALL_SERVERS) whose checkouts wait
+        self._close_before: Dict[Any, float] = {}   # RECONNECT: target -> close connections created until then
+        self._draining = False            # graceful shutdown: nobody keeps an idle connection
         self.stats = collections.Counter(
-            reuses=0, parked=0, over_capacity=0, stale_evicted=0, reaped=0,
+            reuses=0, parked=0, over_capacity=0, stale_evicted=0, reaped=0, reconnected=0,
             reset_failed=0, evicted_for_login=0, waits=0, wait_timeouts=0,
             pending_timeouts=0, waits_canceled=0, waiters_gone=0, dials_failed=0)
 
@@ -224,7 +227,10 @@ class BackendIdlePool:
         """
         with self._lock:
             reason = "the proxy is shutting down"
-            if reset_ok and not self._closed:
+            if self._close_before and self._stale_locked(key, conn):
+                self.stats["reconnected"] += 1
+                reason = "RECONNECT, KILL or RELOAD asked for it to be closed once released"
+            elif reset_ok and not self._closed:
                 dq = self._idle.get(key)
                 if dq is None:
                     dq = self._idle[key] = collections.deque()
@@ -289,6 +295,9 @@ class BackendIdlePool:
                 if deadline is not None and waiter is not None and waiter.client_gone():
                     self._count("waiters_gone")
                     raise ClientGone()
+                if self._held and self._held_key(key):
+                    deadline = self._wait_while_held(key, deadline, timeout, waiter)
+                    continue
                 conn = self.checkout(key, prefer)
                 if conn is not None:
                     if deadline is not None and waiter is not None and waiter.client_gone():
@@ -410,6 +419,13 @@ class BackendIdlePool:
             while True:
                 if self._closed:
                     raise PoolClosed()
+                if self._held and self._held_key(key):       # PAUSE: the login waits for RESUME
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self.stats["pending_timeouts"] += 1
+                        raise PoolTimeout()
+                    self._cond_locked(key, self._pending_conds).wait(min(remaining, WAIT_SLICE))
+                    continue
                 if self._pending[key] < allowance:
                     self._pending[key] += 1
                     return
@@ -463,15 +479,19 @@ class BackendIdlePool:
 
     # -- lingering: connections kept by their last client until someone needs them
 
-    def linger(self, key: str, holder: Any) -> bool:
-        """Let ``holder`` keep its idle server connection instead of releasing it.
+    def linger(self, key: str, holder: Any, conn: Any = None) -> bool:
+        """Let ``holder`` keep its idle server connection (``conn``) instead of releasing it.
 
-        Refused (False) when a thread is already waiting for this key.  A
-        lingering holder must give its connection back (reset, ``checkin``) when
-        its ``wake()`` is called: a waiter calls it instead of waiting blindly.
+        Refused (False) when a thread is already waiting for this key, while
+        the key is paused, when the connection is to be closed once released
+        (RECONNECT), or while the proxy drains for shutdown.  A lingering
+        holder must give its connection back (reset, ``checkin``) when its
+        ``wake()`` is called: a waiter calls it instead of waiting blindly.
         """
         with self._lock:
-            if self._waiting.get(key) or self._closed:
+            if self._waiting.get(key) or self._closed or self._draining or (self._held and self._held_key(key)):
+                return False
+            if conn is not None and self._close_before and self._stale_locked(key, conn):
                 return False
             self._lingering.setdefault(key, {})[holder] = None
             return True
@@ -569,6 +589,109 @@ class BackendIdlePool:
                 return self._total_idle
             return len(self._idle.get(key, ()))
 
+    # -- PAUSE, RECONNECT, draining (the admin console, shutdown) ------------------
+    #
+    # A target is (node, server-side database) or ALL_SERVERS; it matches the
+    # pool keys of clients (node, user, database), never the proxy's own keys
+    # (auth_query, console logins), which have a fourth part.
+
+    def hold(self, target) -> None:
+        """PAUSE: checkouts and pass-through logins of ``target`` wait (``query_wait_timeout``) until ``unhold``.
+
+        Clients keeping an idle connection of it are asked to give it back.
+        """
+        with self._lock:
+            self._held.add(target)
+            self._wake_lingering_locked(target)
+
+    def unhold(self, target=None) -> None:
+        """RESUME ``target`` (None: everything held)."""
+        with self._lock:
+            if target is None:
+                self._held.clear()
+            else:
+                self._held.discard(target)
+            for cond in (*self._key_conds.values(), *self._pending_conds.values()):
+                cond.notify_all()
+
+    def held(self) -> set:
+        with self._lock:
+            return set(self._held)
+
+    def in_use(self, target) -> int:
+        """Connections of ``target`` given out to clients (not parked); PAUSE waits for 0."""
+        with self._lock:
+            return sum(n - len(self._idle.get(k, ())) for k, n in self._open.items() if key_matches(k, target))
+
+    def close_released(self, target, before: float) -> int:
+        """RECONNECT: close connections of ``target`` created at or before ``before`` (time.time()).
+
+        Parked ones now; the others when their client releases them (they are
+        never kept idle by a client, nor parked, again).  Returns how many were
+        closed now.
+        """
+        with self._lock:
+            self._close_before[target] = max(before, self._close_before.get(target, 0.0))
+            self._wake_lingering_locked(target)
+        return self.close_parked(target, before)
+
+    def close_parked(self, target, before: float | None = None) -> int:
+        """Close the parked connections of ``target`` (those created at or before ``before``, if given)."""
+        victims = []
+        with self._lock:
+            for key, dq in self._idle.items():
+                if not key_matches(key, target):
+                    continue
+                keep = collections.deque()
+                for conn, since in dq:
+                    if before is None or getattr(conn, "created", 0.0) <= before:
+                        victims.append((conn, key))
+                        self._total_idle -= 1
+                        self._forget_locked(key)
+                    else:
+                        keep.append((conn, since))
+                self._idle[key] = keep
+        for conn, key in victims:
+            _close(conn, key, "closed by the admin console (RECONNECT or KILL)")
+        return len(victims)
+
+    def close_needed(self, key: str, conn: Any) -> bool:
+        """True if ``conn`` will be closed when released (SHOW SERVERS' close_needed)."""
+        with self._lock:
+            return bool(self._close_before) and self._stale_locked(key, conn)
+
+    def drain(self) -> None:
+        """Graceful shutdown: clients keeping idle connections give them back; nobody keeps one again."""
+        with self._lock:
+            self._draining = True
+            self._wake_lingering_locked(ALL_SERVERS)
+
+    def _wait_while_held(self, key: str, deadline, timeout: float, waiter) -> float:
+        with self._lock:
+            if self._closed:
+                raise PoolClosed()
+            self._check_canceled_locked(waiter)
+            if self._held_key(key):
+                deadline = self._wait_locked(key, deadline, timeout, waiter, time.monotonic() + WAIT_SLICE)
+        return deadline
+
+    def _held_key(self, key: str) -> bool:
+        held = self._held
+        return bool(held) and any(key_matches(key, target) for target in tuple(held))
+
+    def _stale_locked(self, key: str, conn: Any) -> bool:
+        created = getattr(conn, "created", None)
+        if created is None:
+            return False
+        return any(created <= before for target, before in self._close_before.items() if key_matches(key, target))
+
+    def _wake_lingering_locked(self, target) -> None:
+        for key, held in self._lingering.items():
+            if held and key_matches(key, target):
+                for holder in list(held):
+                    del held[holder]
+                    holder.wake()
+
     def parked(self) -> list:
         """(key, connection, monotonic time parked) of every parked connection, for SHOW SERVERS."""
         with self._lock:
@@ -645,6 +768,18 @@ class BackendIdlePool:
         if cond is None:
             cond = table[key] = threading.Condition(self._lock)
         return cond
+
+
+#: A PAUSE/RECONNECT target meaning every server and database.
+ALL_SERVERS = ("*", "*")
+
+
+def key_matches(key: str, target) -> bool:
+    """Whether the client pool key ``key`` belongs to ``target`` ((node, database) or ALL_SERVERS)."""
+    parts = key.split("\0")
+    if len(parts) != 3:
+        return False
+    return target == ALL_SERVERS or (parts[0] == target[0] and parts[2] == target[1])
 
 
 def _node_of(key: str) -> str:

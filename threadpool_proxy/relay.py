@@ -363,7 +363,7 @@ class Relay:
         """At a release point: keep the connection while nobody waits, else hand it on."""
         if self.wake_rfd < 0:
             self._make_wake_fd()
-        if self.pool.linger(self.key, self):
+        if self.pool.linger(self.key, self, self.backend):
             self.lingering = True
         else:
             self.detach(park=True)
