@@ -262,3 +262,176 @@ def test_several_commands_in_one_query(pg, proxy):
     r = psql_console(proxy, "SHOW VERSION; SHOW STATE")
     assert r.returncode == 0, r.stderr
     assert "threadpool_proxy" in r.stdout and "active|yes" in r.stdout
+
+
+# -- PAUSE, RESUME, RECONNECT, KILL, RELOAD, SHUTDOWN ---------------------------------------
+
+def run_in_thread(fn, *args):
+    """Start ``fn(*args)`` in a thread; returns (thread, outcome dict with "result" or "error", done Event)."""
+    outcome, done = {}, threading.Event()
+
+    def target():
+        try:
+            outcome["result"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            outcome["error"] = exc
+        done.set()
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, outcome, done
+
+
+def command(pg, proxy, sql, user="app"):
+    with console(pg, proxy, user=user) as conn:
+        return conn.execute(sql).statusmessage
+
+
+def test_pause_waits_for_running_transactions_and_holds_new_ones(pg, proxy):
+    running = connect(pg, proxy)
+    other = connect(pg, proxy, user="other", dbname="otherdb")
+    waiting = connect(pg, proxy)
+    running.execute("BEGIN")
+    running.execute("SELECT 1")
+    _, paused, pause_done = run_in_thread(command, pg, proxy, "PAUSE appdb")
+    assert wait_until(lambda: show(pg, proxy, "DATABASES")[0]["paused"] == 1, timeout=10)
+    assert not pause_done.wait(0.5), "PAUSE returned while a transaction was running"
+    _, held, held_done = run_in_thread(lambda: waiting.execute("SELECT 2").fetchone())
+    assert other.execute("SELECT 3").fetchone() == (3,)       # other databases are not paused
+    running.execute("COMMIT")                                  # the running transaction finishes normally
+    assert pause_done.wait(10) and paused["result"] == "PAUSE"
+    assert not held_done.wait(0.5), "a new transaction ran during PAUSE"
+    state = {r["key"]: r["value"] for r in show(pg, proxy, "STATE")}
+    assert state["paused"] == "appdb"
+    assert command(pg, proxy, "RESUME appdb") == "RESUME"
+    assert held_done.wait(10) and held["result"] == (2,)
+    for conn in (running, other, waiting):
+        conn.close()
+
+
+def test_pause_everything_and_resume_errors(pg, proxy):
+    assert command(pg, proxy, "PAUSE") == "PAUSE"
+    assert {r["key"]: r["value"] for r in show(pg, proxy, "STATE")}["active"] == "no"
+    with console(pg, proxy) as conn:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="RESUME without a database"):
+            conn.execute("RESUME appdb")
+        assert conn.execute("RESUME").statusmessage == "RESUME"
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="nothing is paused"):
+            conn.execute("RESUME")
+        with pytest.raises(psycopg.errors.InvalidCatalogName):
+            conn.execute("PAUSE nosuchdb")
+        with pytest.raises(psycopg.errors.SyntaxError, match="usage: KILL db"):
+            conn.execute("KILL")
+    with connect(pg, proxy) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_reconnect_closes_server_connections_once_released(pg, proxy_factory, auth_file):
+    proxy = proxy_factory(auth_type="scram-sha-256", auth_file=auth_file, **CONSOLE)
+    with connect(pg, proxy) as idle, connect(pg, proxy) as busy:
+        idle_pid = idle.execute("SELECT pg_backend_pid()").fetchone()[0]
+        busy.execute("BEGIN")
+        busy_pid = busy.execute("SELECT pg_backend_pid()").fetchone()[0]
+        assert command(pg, proxy, "RECONNECT appdb") == "RECONNECT"
+        servers = {s["remote_pid"]: s for s in show(pg, proxy, "SERVERS")}
+        assert servers[busy_pid]["close_needed"] == 1 and idle_pid not in servers
+        assert busy.execute("SELECT pg_backend_pid()").fetchone()[0] == busy_pid   # the transaction goes on
+        busy.execute("COMMIT")
+        assert wait_until(lambda: busy_pid not in pg.backend_pids(user="app"))
+        assert idle.execute("SELECT pg_backend_pid()").fetchone()[0] not in (idle_pid, busy_pid)
+    assert proxy.pool.snapshot()["stats"]["reconnected"] == 2      # the kept idle one and the busy one
+
+
+def test_kill_disconnects_clients_and_holds_the_database_until_resume(pg, proxy):
+    victim = connect(pg, proxy)
+    bystander = connect(pg, proxy, user="other", dbname="otherdb")
+    victim.execute("SELECT 1")
+    assert command(pg, proxy, "KILL appdb") == "KILL"
+    with pytest.raises(psycopg.OperationalError, match="KILL on the admin console"):
+        victim.execute("SELECT 1")
+    assert bystander.execute("SELECT 1").fetchone() == (1,)
+    assert wait_until(lambda: not pg.backend_pids(user="app", dbname="appdb"))
+    _, new, new_done = run_in_thread(lambda: connect(pg, proxy).execute("SELECT 4").fetchone())
+    assert not new_done.wait(1.0), "a new client of a killed database got in before RESUME"
+    assert command(pg, proxy, "RESUME appdb") == "RESUME"
+    assert new_done.wait(10) and new.get("result") == (4,), new
+    bystander.close()
+
+
+def test_shutdown_stops_the_proxy(pg, proxy):
+    client = connect(pg, proxy)
+    with console(pg, proxy) as conn:
+        assert conn.execute("SHUTDOWN").statusmessage == "SHUTDOWN"
+    assert wait_until(lambda: proxy.stopping and not proxy.server.session_count())
+    with pytest.raises(psycopg.OperationalError, match="shutting down"):
+        client.execute("SELECT 1")
+    with pytest.raises(psycopg.OperationalError):
+        connect(pg, proxy, connect_timeout=2)
+
+
+def write_config(path, pg, **settings):
+    target = {"host": pg.host, "port": pg.port}
+    raw = {"listen": {"host": "127.0.0.1", "port": 0}, "pool_mode": "transaction", "pool_size": 5,
+           "databases": {"appdb": dict(target), "*": dict(target)}, **CONSOLE}
+    raw.update(settings)
+    path.write_text(__import__("yaml").safe_dump(raw))
+    return str(path)
+
+
+def test_reload_rereads_the_file_and_keeps_the_old_config_on_error(pg, proxy_factory, tmp_path):
+    import threadpool_proxy
+    path = tmp_path / "proxy.yaml"
+    proxy = threadpool_proxy.start(write_config(path, pg, pool_size=5))
+    proxy_factory.started.append(proxy)
+    with connect(pg, proxy) as client:
+        write_config(path, pg, pool_size=7, query_wait_timeout=33)
+        assert command(pg, proxy, "RELOAD") == "RELOAD"
+        config = {c["key"]: c for c in show(pg, proxy, "CONFIG")}
+        assert config["pool_size"]["value"] == "7" and config["query_wait_timeout"]["value"] == "33"
+        assert config["pool_size"]["changeable"] == "yes" and config["listen.port"]["changeable"] == "no"
+        assert {d["name"]: d for d in show(pg, proxy, "DATABASES")}["appdb"]["pool_size"] == 7
+        assert [s.checkout.db.pool_size for s in proxy.server.sessions() if s.checkout] == [7]
+        path.write_text("pool_size: [not, a, number]\n")
+        with console(pg, proxy) as conn:
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match="RELOAD failed: .*pool_size"):
+                conn.execute("RELOAD")
+        assert {c["key"]: c["value"] for c in show(pg, proxy, "CONFIG")}["pool_size"] == "7"
+        assert client.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_reload_changes_pool_size_under_load_without_errors(pg, proxy_factory, tmp_path):
+    import threadpool_proxy
+    path = tmp_path / "proxy.yaml"
+    proxy = threadpool_proxy.start(write_config(path, pg, pool_size=4, auth_type="passthrough"))
+    proxy_factory.started.append(proxy)
+    clients = [connect(pg, proxy) for _ in range(20)]
+    stop, errors, counts = threading.Event(), [], [0] * 20
+
+    def work(i):
+        try:
+            while not stop.is_set():
+                with clients[i].transaction():
+                    clients[i].execute("SELECT pg_sleep(0.002)")
+                counts[i] += 1
+        except Exception as exc:  # noqa: BLE001 - every error fails the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(20)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_until(lambda: all(counts), timeout=30)
+        for size in (8, 2, 6):
+            write_config(path, pg, pool_size=size, auth_type="passthrough")
+            assert command(pg, proxy, "RELOAD") == "RELOAD"
+            before = sum(counts)
+            assert wait_until(lambda: sum(counts) > before + 40, timeout=30)
+            assert len(pg.backend_pids(user="app", dbname="appdb")) <= max(size, 4) + 3
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[:3]
+    assert proxy.config.pool_size == 6
+    for conn in clients:
+        conn.close()

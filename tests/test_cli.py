@@ -125,6 +125,40 @@ def test_sigterm_with_a_connected_client_exits_zero(pg, tmp_path):
             kill(client)
 
 
+def test_sighup_reloads_the_config_file_and_keeps_the_old_one_when_bad(pg, tmp_path):
+    port = free_port()
+    conf = tmp_path / "proxy.yaml"
+
+    def write(**settings):
+        conf.write_text(yaml.safe_dump({"listen": {"host": "127.0.0.1", "port": port}, "admin_users": ["app"],
+                                        "databases": {"*": {"host": pg.host, "port": pg.port}}, **settings}))
+
+    def setting(key):
+        res = psql(Target("127.0.0.1", port), sql="SHOW CONFIG", dbname="pgbouncer")
+        assert res.returncode == 0, res.stderr
+        return dict(line.split("|")[:2] for line in res.stdout.splitlines())[key]
+
+    write(pool_size=3)
+    proc = spawn("-c", str(conf), "-p", str(port))
+    try:
+        assert wait_until(lambda: port_open("127.0.0.1", port) or proc.poll() is not None, timeout=20)
+        assert setting("pool_size") == "3"
+        write(pool_size=9, listen={"host": "127.0.0.1", "port": 1})     # -p still wins
+        proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: setting("pool_size") == "9", timeout=10)
+        conf.write_text("pool_size: -1\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert setting("pool_size") == "9"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "configuration reloaded" in err
+        assert "SIGHUP: configuration not reloaded, the old one stays:" in err and "pool_size" in err
+    finally:
+        kill(proc)
+
+
 # -- 2. bad configurations: exit status 2, one line naming the key ---------------
 
 @pytest.mark.parametrize("raw, key", [

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give -c CONFIG or --demo")
 
     demo = None
+    overrides = {}
     try:
         if args.demo:
             from .demo import DemoCluster
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             config = config_mod.load(args.config)
         if args.port is not None:
             import dataclasses
-            config = dataclasses.replace(config, listen_port=args.port)
+            overrides["listen_port"] = args.port
+            config = dataclasses.replace(config, **overrides)
     except config_mod.ConfigError as exc:
         print(f"threadpool-proxy: configuration error: {exc}", file=sys.stderr)
         if demo:
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(logging, config.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
-    proxy = Proxy(config)
+    proxy = Proxy(config, config_path=None if demo else args.config, overrides=overrides)
     try:
         try:
             proxy.start()
@@ -72,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: _reload(proxy))
+            signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(proxy,),
+                                                                     name="threadpool_proxy-reload").start())
         if demo:
             print(demo.banner(proxy.port), flush=True)
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.5):
+            if proxy.stopping:          # SHUTDOWN on the admin console
+                break
     finally:
         proxy.stop()
         if demo:
@@ -85,17 +89,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reload(proxy: Proxy) -> None:
-    logins = proxy.server.logins if proxy.server else None
-    if logins is None or logins.auth_file is None:
-        log.info("SIGHUP: nothing to reload (no auth file in use)")
-        if logins is not None:
-            logins.reload()          # still forget cached auth_query results
-        return
+    """SIGHUP: re-read the configuration file and the auth file; keep the old ones if either is bad."""
     try:
-        logins.reload()
-        log.info("SIGHUP: auth file reloaded")
-    except Exception as exc:   # keep running with the old contents
-        log.error("SIGHUP: auth file not reloaded: %s", exc)
+        proxy.reload()
+    except config_mod.ConfigError as exc:
+        log.error("SIGHUP: configuration not reloaded, the old one stays: %s", exc)
+    except Exception:
+        log.exception("SIGHUP: configuration not reloaded, the old one stays")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,7 @@ class Console:
         self.user = user
         self.role = role
         self.closed = False
+        self.after: list = []          # callables to run once the answers so far are sent (SHUTDOWN)
         self.in_transaction = False
         self._extended_failed = False
 
@@ -221,12 +222,14 @@ class Console:
                                hint="Name an entry of databases, or a database some client is using.")
         log.info("admin console: %s runs %s", self.user, " ".join([verb] + args))
         try:
-            getattr(self.control, verb.lower())(*([database] if takes else []))
+            after = getattr(self.control, verb.lower())(*([database] if takes else []))
         except CommandError:
             raise
         except Exception as exc:   # e.g. RELOAD of a bad file: the old configuration stays
             raise CommandError(pq.SQLSTATE_INTERNAL_ERROR if not isinstance(exc, ValueError)
                                else SQLSTATE_INVALID_PARAMETER, f"{verb} failed: {exc}") from None
+        if callable(after):
+            self.after.append(after)
         return command_complete(verb)
 
     # -- SHOW --------------------------------------------------------------------
@@ -493,4 +496,6 @@ class ConsoleClient:
             answer = console.handle(t, body)
             if answer:
                 channel.send(answer)
+            while console.after:
+                console.after.pop(0)()
         raise ClientGone()

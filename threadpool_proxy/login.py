@@ -155,6 +155,29 @@ class Logins:
                 del self._credentials[user]
         return count
 
+    def reconfigure(self, config: Config) -> None:
+        """RELOAD: take a new configuration, and re-read (or switch to) its auth file.
+
+        Everything that can fail happens before anything changes: on
+        ConfigError (a bad auth file) the old configuration and users stay.
+        """
+        auth_file = self.auth_file
+        if config.auth_file != self.config.auth_file:
+            try:
+                auth_file = AuthFile(config.auth_file) if config.auth_file else None
+            except AuthFileError as exc:
+                raise ConfigError(f"auth_file: {exc}") from None
+        elif auth_file is not None:
+            try:
+                auth_file.reload()
+            except AuthFileError as exc:
+                raise ConfigError(f"auth_file: {exc}") from None
+        with self._lock:
+            self.config = config
+            self.auth_file = auth_file
+            self._query_cache.clear()
+            self._credentials = {u: c for u, c in self._credentials.items() if auth_file is None or u in auth_file}
+
     # -- pass-through: PostgreSQL checks the client --------------------------------
 
     def passthrough_login(self, channel: ClientChannel, request: LoginRequest, startup: dict) -> ServerConnection:

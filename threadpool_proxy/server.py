@@ -16,6 +16,7 @@ and the condition is logged once, never spun on.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import hmac
 import logging
@@ -32,7 +33,7 @@ from . import stats as stats_mod
 from .admin import ALL, CommandError
 from . import tls
 from .login import Logins
-from .pool import BackendIdlePool, pool_key
+from .pool import ALL_SERVERS, BackendIdlePool, key_matches, pool_key
 from .session import ClientSession
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.junk_log = JunkLog(log)
         self.stats = stats_mod.StatsRegistry(config.stats_period)
         self.console_control = ConsoleControl(self)
+        self.reloader = None                    # Proxy.reload: RELOAD on the console
+        self.stopper = None                     # stops the Proxy from another thread: SHUTDOWN
         self._spare_fd = -1                     # given up to accept (and refuse) a client when out of fds
         self._fd_refusals = 0                   # clients refused for want of a descriptor, since the last log
         # Before binding: a bad auth file or TLS file (ConfigError) must not leave a listening socket behind.
@@ -371,7 +374,55 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     def observe(self) -> stats_mod.Observation:
         """Every client and server connection now, with the statistics (admin console, metrics)."""
-        return stats_mod.observe(self.sessions(), self.pool, self.stats, self.config)
+        return stats_mod.observe(self.sessions(), self.pool, self.stats, self.config, self.pool.close_needed)
+
+    def reload(self) -> None:
+        if self.reloader is None:
+            raise ValueError("this proxy has no reload hook")
+        self.reloader()
+
+    def request_stop(self) -> None:
+        if self.stopper is not None:
+            self.stopper()
+
+    def apply_config(self, new: config_mod.Config) -> config_mod.Config:
+        """RELOAD: use ``new`` from now on; clients stay connected.
+
+        Logged-in clients take the new pool size, timeouts and settings of
+        their database entry at their next transaction; a client whose entry
+        now points at another server (or was removed) keeps its old one until
+        it reconnects; new clients get the new entries.  listen.* cannot
+        change without a restart.  Raises ConfigError (a bad auth file) with
+        nothing changed.
+        """
+        old = self.config
+        if (new.listen_host, new.listen_port) != (old.listen_host, old.listen_port):
+            log.warning("RELOAD: listen.host and listen.port take effect at the next start; still listening "
+                        "on %s:%d", *self.server_address[:2])
+            new = dataclasses.replace(new, listen_host=old.listen_host, listen_port=old.listen_port)
+        self.logins.reconfigure(new)
+        self.pool.max_idle_per_key = new.max_idle_per_key
+        self.pool.max_total_idle = new.max_total_idle
+        self.stats.period = new.stats_period
+        self.config = new
+        if new.log_level != old.log_level:
+            logging.getLogger("threadpool_proxy").setLevel(new.log_level.upper())
+        kept = collections.Counter()
+        for session in self.sessions():
+            session.config = new
+            checkout, request = session.checkout, session.request
+            if checkout is None or request is None:
+                continue
+            entry = new.lookup_database(request.database)
+            if (entry is None or entry.node != checkout.db.node
+                    or entry.server_dbname(request.database) != checkout.dbname):
+                kept[request.database] += 1
+                continue
+            checkout.config = new
+            checkout.db = entry
+        for database, n in kept.items():
+            log.warning("RELOAD: %d clients of database %s keep their old server until they reconnect", n, database)
+        return new
 
     def disconnect_all(self, wait: float) -> None:
         """Tell every client the proxy is stopping and wait for their threads.
@@ -399,10 +450,19 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
 
 class ConsoleControl:
-    """What the admin console (admin.Console) may see and do in this proxy."""
+    """What the admin console (admin.Console) may see and do in this proxy.
+
+    Databases are named as clients name them; each names a target of the pool
+    (its server and server-side database, pool.ALL_SERVERS for the whole proxy).
+    """
+
+    #: Seconds between two looks while PAUSE waits for transactions to end, or KILL for clients to leave.
+    POLL = 0.05
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
+        self._lock = threading.Lock()
+        self._paused: dict = {}               # database name (or None: everything) -> pool target
 
     @property
     def config(self) -> config_mod.Config:
@@ -416,20 +476,88 @@ class ConsoleControl:
         return self.server.observe()
 
     def database_names(self) -> set:
-        names = set(self.server.config.databases)
+        names = {n for n in self.server.config.databases if n != "*"}
         names.update(c.stats.database for c in self.server.observe().clients)
         return names
 
     def paused_databases(self) -> frozenset:
-        return frozenset()
+        with self._lock:
+            return ALL if None in self._paused else frozenset(self._paused)
 
     def changeable_settings(self) -> frozenset:
-        return frozenset()
+        return CHANGEABLE
 
-    def _not_yet(self, *_args) -> None:
-        raise CommandError(pq.SQLSTATE_FEATURE_NOT_SUPPORTED, "not available yet in this version of the console")
+    def _target(self, database: str | None):
+        if database is None:
+            return ALL_SERVERS
+        entry = self.server.config.lookup_database(database)
+        return (entry.node, entry.server_dbname(database))
 
-    pause = resume = reconnect = kill = reload = shutdown = _not_yet
+    def pause(self, database: str | None) -> None:
+        """Hold new transactions of ``database`` (None: all), then wait until none runs."""
+        target = self._target(database)
+        with self._lock:
+            if None in self._paused:
+                raise CommandError("55000", "the whole proxy is paused already")
+            self._paused[database] = target
+        pool = self.server.pool
+        pool.hold(target)
+        log.info("PAUSE %s: waiting for running transactions to end", database or "(all databases)")
+        while pool.in_use(target) and target in pool.held() and not self.server.stopping:
+            time.sleep(self.POLL)
+        log.info("PAUSE %s: paused", database or "(all databases)")
+
+    def resume(self, database: str | None) -> None:
+        with self._lock:
+            if database is None:
+                targets = list(self._paused.values())
+                self._paused.clear()
+            elif None in self._paused:
+                raise CommandError("55000", "the whole proxy is paused: RESUME without a database name")
+            elif database not in self._paused:
+                raise CommandError("55000", f'database "{database}" is not paused')
+            else:
+                targets = [self._paused.pop(database)]
+        if not targets:
+            raise CommandError("55000", "nothing is paused")
+        for target in targets:
+            if target not in self._paused.values():
+                self.server.pool.unhold(target)
+        log.info("RESUME %s", database or "(all databases)")
+
+    def reconnect(self, database: str | None) -> None:
+        closed = self.server.pool.close_released(self._target(database), time.time())
+        log.info("RECONNECT %s: %d parked server connections closed, the others when released",
+                 database or "(all databases)", closed)
+
+    def kill(self, database: str) -> None:
+        """Disconnect the database's clients, close its server connections, hold it until RESUME."""
+        target = self._target(database)
+        with self._lock:
+            self._paused.setdefault(database, target)
+        server = self.server
+        server.pool.hold(target)
+        victims = [s for s in server.sessions() if s.console is None and s.request is not None
+                   and key_matches(s.request.key, target)]
+        for session in victims:
+            session.kill()
+        deadline = time.monotonic() + 5.0
+        while any(s in server.sessions() for s in victims) and time.monotonic() < deadline:
+            time.sleep(self.POLL)
+        server.pool.close_released(target, time.time())
+        log.info("KILL %s: %d clients disconnected; new ones wait for RESUME", database, len(victims))
+
+    def reload(self) -> None:
+        self.server.reload()
+
+    def shutdown(self):
+        log.info("SHUTDOWN on the admin console")
+        return self.server.request_stop       # run once the answer is sent
+
+
+#: Settings RELOAD changes in a running proxy (listen.* needs a restart).
+CHANGEABLE = frozenset(f.name for f in dataclasses.fields(config_mod.Config)
+                       if f.name not in ("listen_host", "listen_port", "databases"))
 
 
 class Proxy:
@@ -441,8 +569,14 @@ class Proxy:
     connections and ends the threads.  Also a context manager.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, config_path: str | None = None, overrides: dict | None = None) -> None:
+        if config_path is None and isinstance(config, (str, os.PathLike)):
+            config_path = os.fspath(config)
         self.config = config_mod.load(config)
+        self.config_path = config_path          # what RELOAD and SIGHUP re-read
+        self.overrides = dict(overrides or {})  # Config fields the command line set (e.g. listen_port)
+        self._reload_lock = threading.Lock()
+        self._stop_lock = threading.Lock()
         self.server: ProxyServer | None = None
         self._threads: list[threading.Thread] = []
         self._stop_janitor = threading.Event()
@@ -462,6 +596,8 @@ class Proxy:
     def start(self) -> "Proxy":
         raise_fd_limit(self.config)
         self.server = ProxyServer(self.config)
+        self.server.reloader = self.reload
+        self.server.stopper = self.stop_in_background
         serve = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                                  name="threadpool_proxy-accept", daemon=True)
         janitor = threading.Thread(target=self._janitor, name="threadpool_proxy-janitor", daemon=True)
@@ -490,7 +626,36 @@ class Proxy:
             while t.is_alive():
                 t.join(0.5)
 
+    def reload(self) -> config_mod.Config:
+        """Re-read the configuration file (if started from one) and the auth file; SIGHUP and RELOAD.
+
+        A bad file raises ConfigError and changes nothing.
+        """
+        with self._reload_lock:
+            new = config_mod.load(self.config_path) if self.config_path else self.config
+            if self.overrides:
+                new = dataclasses.replace(new, **self.overrides)
+            self.config = self.server.apply_config(new)
+            log.info("configuration reloaded%s", f" from {self.config_path}" if self.config_path else
+                     " (auth file only: the proxy was not started from a file)")
+            return self.config
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop began (SHUTDOWN on the console, a signal, ``stop()``)."""
+        return self.server is not None and self.server.stopping
+
+    def stop_in_background(self) -> threading.Thread:
+        """``stop()`` from a thread of its own (SHUTDOWN on the console: its own client is stopped too)."""
+        t = threading.Thread(target=self.stop, name="threadpool_proxy-stop", daemon=True)
+        t.start()
+        return t
+
     def stop(self, wait: float = 5.0) -> None:
+        with self._stop_lock:
+            self._stop(wait)
+
+    def _stop(self, wait: float) -> None:
         server = self.server
         if server is None:
             return

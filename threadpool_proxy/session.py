@@ -38,6 +38,9 @@ SHUTDOWN_NOTICE = pq.error_response(pq.SQLSTATE_ADMIN_SHUTDOWN,
                                     "terminating connection due to administrator command: "
                                     "the proxy is shutting down")
 
+#: What the clients of a database are told when an admin KILLs it.
+KILL_NOTICE = pq.error_response(pq.SQLSTATE_ADMIN_SHUTDOWN,
+                                "terminating connection due to administrator command: KILL on the admin console")
 
 def client_connected(sock: socket.socket) -> bool:
     """False once the client has closed its end (end of file, or an error); never blocks.
@@ -130,6 +133,7 @@ class ClientSession:
         self.stats = ClientStats()
         self.cancel_pid = 0
         self.tls = False               # the client's socket is an ssl.SSLSocket (after the handshake)
+        self.killed = False                # KILL on the admin console ended it
 
     # -- life cycle -------------------------------------------------------------
 
@@ -161,7 +165,9 @@ class ClientSession:
 
     def _goodbye(self, exc: ProxyError) -> None:
         """What the client is told when ``exc`` ends its connection (nothing for some)."""
-        if self.server.stopping or isinstance(exc, PoolClosed):
+        if self.killed:
+            self.channel.send_quietly(KILL_NOTICE)
+        elif self.server.stopping or isinstance(exc, PoolClosed):
             # The proxy is stopping (that is why the client's socket or server
             # connection was shut down): say so, unless a message is half sent.
             relay = self.relay
@@ -215,6 +221,11 @@ class ClientSession:
         """A CancelRequest while no query runs: end a wait for a server connection, if any."""
         checkout = self.checkout
         return checkout is not None and checkout.cancel_wait()
+
+    def kill(self) -> None:
+        """KILL on the admin console: end this client now, telling it why."""
+        self.killed = True
+        self.interrupt()
 
     def interrupt(self, hard: bool = False) -> None:
         """Wake this client's thread wherever it waits (shutdown): shut its sockets down.

@@ -315,9 +315,9 @@ class Observation:
 
 
 def observe(sessions, pool, registry: StatsRegistry, config, closing=None) -> Observation:
-    """Look at every session and parked connection; ``closing(conn)`` says whether one will be closed."""
+    """Look at every session and parked connection; ``closing(key, conn)`` says whether one will be closed."""
     obs = Observation(config, registry, pool.snapshot())
-    closing = closing or (lambda conn: False)
+    closing = closing or (lambda key, conn: False)
     live = []
     for session in sessions:
         if getattr(session, "console", None) is not None:
@@ -347,14 +347,14 @@ def observe(sessions, pool, registry: StatsRegistry, config, closing=None) -> Ob
                             prepared=len(prepared.statements) if prepared is not None else 0)
         if backend is not None:
             server = _server_view(backend, stats.key, stats.pool, "idle" if lingering else "active", 0.0,
-                                  closing(backend))
+                                  closing(stats.key, backend))
             server.client, client.server = client, server
             obs.servers.append(server)
         obs.clients.append(client)
     now_wall, now = time.time(), time.monotonic()
     for key, conn, since in pool.parked():
         obs.servers.append(_server_view(conn, key, registry.pool_of_key(key), "idle", now_wall - (now - since),
-                                        closing(conn)))
+                                        closing(key, conn)))
     obs.pool_totals = registry.pool_totals(live)
     obs.database_totals = {}
     for (database, _user), values in obs.pool_totals.items():
