@@ -8,7 +8,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["scramp>=1.4", "pyyaml>=6"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "psycopg[binary]>=3.1", "trustme>=1.0"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "psycopg[binary]>=3.1", "trustme>=1.0",
+                 "hypothesis>=6"],
     },
     entry_points={
         "console_scripts": ["threadpool-proxy = threadpool_proxy.__main__:main"],
