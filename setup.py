@@ -6,7 +6,7 @@ setup(
     description="A PostgreSQL connection pooler / wire proxy in pure Python, using threads",
     packages=["threadpool_proxy"],
     python_requires=">=3.10",
-    install_requires=["scramp>=1.4", "pyyaml>=6"],
+    install_requires=["scramp>=1.4", "pyyaml>=6", "prometheus_client>=0.17"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "psycopg[binary]>=3.1", "trustme>=1.0",
                  "hypothesis>=6"],

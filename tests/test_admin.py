@@ -435,3 +435,40 @@ def test_reload_changes_pool_size_under_load_without_errors(pg, proxy_factory, t
     assert proxy.config.pool_size == 6
     for conn in clients:
         conn.close()
+
+
+# -- the Prometheus endpoint -------------------------------------------------------------------
+
+def scrape(proxy) -> dict:
+    """{(metric sample name, frozenset of labels): value} from the proxy's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics.port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_endpoint_shows_the_consoles_counters(pg, proxy_factory):
+    proxy = proxy_factory(metrics_listen="127.0.0.1:0", **CONSOLE)
+    with connect(pg, proxy) as conn, connect(pg, proxy) as busy:
+        for _ in range(4):
+            conn.execute("SELECT 1")
+        busy.execute("BEGIN")
+        busy.execute("SELECT 1")
+        metrics = scrape(proxy)
+        stats = {s["database"]: s for s in show(pg, proxy, "STATS")}["appdb"]
+        busy.execute("COMMIT")
+    appdb, pool = frozenset({("database", "appdb")}), frozenset({("database", "appdb"), ("user", "app")})
+    assert metrics[("threadpool_proxy_stats_queries_pooled_total", appdb)] == stats["total_query_count"]
+    assert metrics[("threadpool_proxy_stats_received_bytes_total", appdb)] == stats["total_received"]
+    assert metrics[("threadpool_proxy_stats_client_logins_total", appdb)] == 2
+    assert metrics[("threadpool_proxy_pools_client_active_connections", pool)] == 2
+    assert metrics[("threadpool_proxy_pools_server_active_connections", pool)] == 1
+    assert ("threadpool_proxy_server_connection_events_total", frozenset({("event", "reuses")})) in metrics
+    assert metrics[("threadpool_proxy_server_connections", frozenset())] == 2
+
+
+def test_metrics_are_off_by_default(pg, proxy):
+    assert proxy.metrics is None

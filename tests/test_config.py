@@ -260,3 +260,11 @@ def test_console_names_are_reserved_and_passthrough_console_needs_an_entry():
         cfg.from_dict({"databases": {"app": {"host": "h"}}, "admin_users": ["a"]})
     assert cfg.from_dict({"databases": {"app": {"host": "h"}}, "admin_users": ["a"],
                           "admin_auth_database": "app"}).admin_auth_database == "app"
+
+
+def test_metrics_listen():
+    assert load().metrics_listen is None
+    assert load(metrics_listen="0.0.0.0:9127").metrics_listen == "0.0.0.0:9127"
+    for bad in ("9127", ":9127", "host:port", 9127):
+        with pytest.raises(ConfigError, match="metrics_listen: expected host:port"):
+            load(metrics_listen=bad)

@@ -248,19 +248,9 @@ class Console:
                            ["suspended", "no"]])
 
     def show_pools(self) -> bytes:
-        obs = self.control.observe()
-        now = time.monotonic()
-        rows = []
-        for pool in obs.pool_names():
-            database, user = pool
-            clients = obs.clients_of(pool)
-            waiting = [c.stats.wait_since for c in clients if c.waiting]
-            maxwait = now - min(waiting) if waiting else 0.0
-            servers = obs.servers_of(pool)
-            active = sum(1 for s in servers if s.state == "active")
-            rows.append([database, user, len(clients) - len(waiting), len(waiting), 0, 0,
-                         active, 0, 0, len(servers) - active, 0, 0, obs.logging_in(pool),
-                         int(maxwait), int((maxwait % 1) * 1e6), obs.pool_mode(pool)])
+        rows = [[p.database, p.user, p.cl_active, p.cl_waiting, 0, 0, p.sv_active, 0, 0, p.sv_idle, 0, 0,
+                 p.sv_login, int(p.maxwait), int((p.maxwait % 1) * 1e6), p.pool_mode]
+                for p in self.control.observe().pools()]
         return result_set(POOL_COLUMNS, rows)
 
     def _stats_rows(self, totals: bool, averages: bool) -> bytes:

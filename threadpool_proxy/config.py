@@ -81,6 +81,7 @@ class Config:
     stats_users: tuple = ()              # may use the console's SHOW commands only
     admin_auth_database: str | None = None   # the entry the console authenticates like (default "*")
     stats_period: float = 60.0           # the avg_* columns of SHOW STATS cover this many seconds
+    metrics_listen: str | None = None    # "host:port" of the Prometheus endpoint; None: off
     client_tls_sslmode: str = "disable"
     client_tls_key_file: str | None = None
     client_tls_cert_file: str | None = None
@@ -136,6 +137,13 @@ def _user_list(v):
     return isinstance(v, (list, tuple)) and all(isinstance(u, str) and u and "," not in u for u in v)
 
 
+def _host_port(v):
+    if not isinstance(v, str):
+        return False
+    host, sep, port = v.rpartition(":")
+    return bool(sep and host and port.isdigit() and int(port) <= 65535)
+
+
 def _as_user_tuple(v) -> tuple:
     if isinstance(v, str):
         return tuple(u.strip() for u in v.split(",") if u.strip())
@@ -173,6 +181,7 @@ _TOP_LEVEL = {
     "stats_users": (_user_list, "a list of user names (or one comma-separated string)"),
     "admin_auth_database": (_nonempty_str, "the name of an entry of databases"),
     "stats_period": _SECONDS,
+    "metrics_listen": (_host_port, "host:port (port 0 picks a free one)"),
     "client_tls_sslmode": (_choice(SSLMODES), "one of " + ", ".join(SSLMODES)),
     "server_tls_sslmode": (_choice(SSLMODES), "one of " + ", ".join(SSLMODES)),
     **{key: (_nonempty_str, "a file path") for key in TLS_FILES},

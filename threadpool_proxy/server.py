@@ -396,10 +396,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         nothing changed.
         """
         old = self.config
-        if (new.listen_host, new.listen_port) != (old.listen_host, old.listen_port):
-            log.warning("RELOAD: listen.host and listen.port take effect at the next start; still listening "
-                        "on %s:%d", *self.server_address[:2])
-            new = dataclasses.replace(new, listen_host=old.listen_host, listen_port=old.listen_port)
+        if (new.listen_host, new.listen_port, new.metrics_listen) != (old.listen_host, old.listen_port,
+                                                                      old.metrics_listen):
+            log.warning("RELOAD: listen.host, listen.port and metrics_listen take effect at the next start; "
+                        "still listening on %s:%d", *self.server_address[:2])
+            new = dataclasses.replace(new, listen_host=old.listen_host, listen_port=old.listen_port,
+                                      metrics_listen=old.metrics_listen)
         self.logins.reconfigure(new)
         self.pool.max_idle_per_key = new.max_idle_per_key
         self.pool.max_total_idle = new.max_total_idle
@@ -557,7 +559,7 @@ class ConsoleControl:
 
 #: Settings RELOAD changes in a running proxy (listen.* needs a restart).
 CHANGEABLE = frozenset(f.name for f in dataclasses.fields(config_mod.Config)
-                       if f.name not in ("listen_host", "listen_port", "databases"))
+                       if f.name not in ("listen_host", "listen_port", "metrics_listen", "databases"))
 
 
 class Proxy:
@@ -578,6 +580,7 @@ class Proxy:
         self._reload_lock = threading.Lock()
         self._stop_lock = threading.Lock()
         self.server: ProxyServer | None = None
+        self.metrics = None                     # metrics.MetricsEndpoint when metrics_listen is set
         self._threads: list[threading.Thread] = []
         self._stop_janitor = threading.Event()
 
@@ -598,6 +601,13 @@ class Proxy:
         self.server = ProxyServer(self.config)
         self.server.reloader = self.reload
         self.server.stopper = self.stop_in_background
+        if self.config.metrics_listen:
+            from .metrics import MetricsEndpoint
+            try:
+                self.metrics = MetricsEndpoint(self.server, self.config.metrics_listen).start()
+            except BaseException:
+                self.server.server_close()
+                raise
         serve = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                                  name="threadpool_proxy-accept", daemon=True)
         janitor = threading.Thread(target=self._janitor, name="threadpool_proxy-janitor", daemon=True)
@@ -660,6 +670,8 @@ class Proxy:
         if server is None:
             return
         self._stop_janitor.set()
+        if self.metrics is not None:
+            self.metrics.stop()
         server.shutdown()
         server.server_close()
         server.disconnect_all(wait)

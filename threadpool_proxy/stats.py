@@ -260,6 +260,21 @@ def _server_view(conn, key: str, pool: tuple[str, str], state: str, idle_since: 
                       close_needed=close_needed, prepared=len(statements) if statements else 0)
 
 
+@dataclasses.dataclass
+class PoolView:
+    """One pool's gauges, as SHOW POOLS and the metrics show them."""
+
+    database: str
+    user: str
+    cl_active: int        # logged-in clients not waiting for a server connection
+    cl_waiting: int
+    sv_active: int        # server connections in use by a client
+    sv_idle: int          # parked, or kept idle by their last client
+    sv_login: int         # pass-through logins still authenticating
+    maxwait: float        # seconds the oldest waiting client has waited
+    pool_mode: str
+
+
 class Observation:
     """Clients, server connections and totals at one moment, for SHOW commands and metrics.
 
@@ -288,6 +303,19 @@ class Observation:
         names |= set(self.pool_totals)
         names |= {self.registry.pool_of_key(k) for k in self._pending}
         return sorted(n for n in names if n)
+
+    def pools(self) -> list[PoolView]:
+        now = time.monotonic()
+        views = []
+        for pool in self.pool_names():
+            clients = self.clients_of(pool)
+            waiting = [c.stats.wait_since for c in clients if c.waiting]
+            servers = self.servers_of(pool)
+            active = sum(1 for s in servers if s.state == "active")
+            views.append(PoolView(pool[0], pool[1], len(clients) - len(waiting), len(waiting), active,
+                                  len(servers) - active, self.logging_in(pool),
+                                  now - min(waiting) if waiting else 0.0, self.pool_mode(pool)))
+        return views
 
     def clients_of(self, pool) -> list[ClientView]:
         return [c for c in self.clients if c.stats.pool == pool]
