@@ -231,6 +231,60 @@ def raw_login(host: str, port: int, user: str, dbname: str, password: Optional[s
             # K (BackendKeyData), N (NoticeResponse) and others: ignored
 
 
+# -- a raw session after login (auth_type trust, or the trustuser role in pass-through) --
+
+def trust_session(proxy, user="trustuser", dbname="appdb", options: Optional[Dict[str, str]] = None) -> socket.socket:
+    """A raw protocol client logged in with auth_type trust, after its first ReadyForQuery."""
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    sock.sendall(startup_packet({"user": user, "database": dbname, **(options or {})}))
+    while True:
+        kind, body = read_message(sock)
+        assert kind != "E", parse_error_fields(body)
+        if kind == "Z":
+            return sock
+
+
+def query(sock, sql: str):
+    sock.sendall(_message(b"Q", sql.encode() + b"\0"))
+
+
+def read_until_ready(sock) -> list:
+    """Messages up to ReadyForQuery: [(kind, body)]."""
+    out = []
+    while True:
+        kind, body = read_message(sock)
+        out.append((kind, body))
+        if kind == "Z":
+            return out
+
+
+def nothing_to_read(sock, wait: float) -> bool:
+    """True if no byte (and no end of file) arrives within ``wait`` seconds."""
+    sock.settimeout(wait)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+        return False
+    except socket.timeout:
+        return True
+    finally:
+        sock.settimeout(10)
+
+
+def read_to_end(sock, timeout: float = 5) -> list:
+    """Every message until the connection closes: [(kind, body)]; AssertionError if it stays open."""
+    sock.settimeout(timeout)
+    out = []
+    try:
+        while True:
+            out.append(read_message(sock))
+    except ConnectionError:
+        return out
+    except socket.timeout:
+        raise AssertionError(f"still open after {timeout} s; got {out}") from None
+    finally:
+        sock.settimeout(10)
+
+
 # -- auth files ------------------------------------------------------------------
 
 def write_auth_file(path, users: dict, mode: int = 0o600) -> str:

@@ -30,8 +30,8 @@ import scramp
 import yaml
 
 import helpers
-from helpers import _message, cancel_packet, parse_error_fields, psql, raw_login, read_message, startup_packet, \
-    wait_until
+from helpers import _message, cancel_packet, nothing_to_read, parse_error_fields, psql, query, raw_login, \
+    read_message, read_until_ready, startup_packet, trust_session, wait_until
 from threadpool_proxy import relay as relay_mod
 from threadpool_proxy.pgcluster import free_port
 from threadpool_proxy.pool import pool_key
@@ -77,43 +77,6 @@ def app_auth_file(pg, tmp_path):
     with pg.superuser_conn() as conn:
         verifier = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'").fetchone()[0]
     return write_auth_file(tmp_path / "users.yaml", {"app": {"scram": verifier}, "plain": {"password": "pw"}})
-
-
-def trust_session(proxy, user="trustuser", dbname="appdb") -> socket.socket:
-    """A raw protocol client logged in with auth_type trust, after its first ReadyForQuery."""
-    sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
-    sock.sendall(startup_packet({"user": user, "database": dbname}))
-    while True:
-        kind, body = read_message(sock)
-        assert kind != "E", parse_error_fields(body)
-        if kind == "Z":
-            return sock
-
-
-def query(sock, sql: str):
-    sock.sendall(_message(b"Q", sql.encode() + b"\0"))
-
-
-def read_until_ready(sock) -> list:
-    """Messages up to ReadyForQuery: [(kind, body)]."""
-    out = []
-    while True:
-        kind, body = read_message(sock)
-        out.append((kind, body))
-        if kind == "Z":
-            return out
-
-
-def nothing_to_read(sock, wait: float) -> bool:
-    """True if no byte (and no end of file) arrives within ``wait`` seconds."""
-    sock.settimeout(wait)
-    try:
-        sock.recv(1, socket.MSG_PEEK)
-        return False
-    except socket.timeout:
-        return True
-    finally:
-        sock.settimeout(10)
 
 
 def silent_socket(proxy) -> socket.socket:

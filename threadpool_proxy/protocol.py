@@ -409,9 +409,11 @@ class ServerScanner(_Scanner):
     caller last reset it, ``xacts`` those of them with status idle (each ends
     a transaction: statistics), ``status`` the last transaction status byte
     (an int), and ``parameters`` collects (name, value) of every ParameterStatus seen.
+    ``errors`` counts ErrorResponses; ``fatal`` is set by one of severity
+    FATAL or PANIC (the server closes the connection after it, having said why).
     """
 
-    __slots__ = ("ready", "xacts", "status", "parameters", "errors", "copy_in")
+    __slots__ = ("ready", "xacts", "status", "parameters", "errors", "copy_in", "fatal")
     WANTED = READY_FOR_QUERY + PARAMETER_STATUS + ERROR_RESPONSE
 
     def __init__(self) -> None:
@@ -422,6 +424,7 @@ class ServerScanner(_Scanner):
         self.parameters: list[tuple[str, str]] = []
         self.errors = 0
         self.copy_in = False      # CopyInResponse/CopyBothResponse seen, no ReadyForQuery since
+        self.fatal = False        # an ErrorResponse that ends the connection was seen
 
     def _header(self, t):
         if t == _COPY_IN_RESPONSE or t == _COPY_BOTH_RESPONSE:
@@ -436,8 +439,10 @@ class ServerScanner(_Scanner):
             self.copy_in = False
         elif t == _PARAMETER_STATUS:
             self.parameters.append(parse_parameter_status(buf[start:end]))
-        else:             # ErrorResponse
+        else:             # ErrorResponse (rare: its fields are worth parsing)
             self.errors += 1
+            if ends_connection(parse_error_fields(buf[start:end])):
+                self.fatal = True
 
 
 class ClientScanner(_Scanner):

@@ -23,7 +23,7 @@ from . import tls
 from .backend import ServerConnection
 from .prepared import ClientStatements, PreparedRelay, ServerStatements
 from .checkout import ClientSettings, ServerCheckout
-from .errors import ClientFatal, ClientGone, QueryCanceled
+from .errors import ClientFatal, ClientGone, ErrorAlreadySent, QueryCanceled
 
 # Buffers are per client thread, so they decide the memory of many idle clients:
 # requests are small (16 KiB, COPY IN just takes more reads); the server buffer
@@ -199,7 +199,7 @@ class Relay:
         try:
             self.ssock.sendall(to_server)
         except OSError:
-            self._server_lost()
+            self._server_lost(unread=True)
         if to_client:
             # Replies the proxy made (ParseComplete of a statement this connection
             # already has, CloseComplete) with nothing before them on the wire.
@@ -422,8 +422,26 @@ class Relay:
                 self.settings.follow(name, value)
         parameters.clear()
 
-    def _server_lost(self):
-        self.detach(park=False, reason="the server closed the connection")
+    def _server_lost(self, unread: bool = False):
+        """The server connection closed or failed: the client's connection ends with it.
+
+        When the server said why (its FATAL, e.g. pg_terminate_backend's 57P01,
+        a shutdown's 57P01/57P02/57P03, idle_in_transaction_session_timeout's
+        25P03, already forwarded), the client gets those words and then the
+        close, as it would from PostgreSQL, and nothing of the proxy's own.
+        ``unread``: a send failed, so what the server said before it closed
+        may still wait in the socket; it is forwarded first.
+        """
+        if unread and self.sfd >= 0:
+            poller = select.poll()
+            poller.register(self.sfd, _POLLIN)
+            if poller.poll(0):
+                self.on_server_readable()    # forwards it (or, at end of file, comes back here)
+        said_why = self.sscan.fatal and self.sscan.at_boundary
+        self.detach(park=False, reason="the server ended it with a FATAL error" if said_why
+                    else "the server closed the connection")
+        if said_why:
+            raise ErrorAlreadySent()
         raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE,
                           "server connection lost; the client's transaction, if any, was rolled back",
                           hint="The PostgreSQL server closed the connection or was restarted.")
