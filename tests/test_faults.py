@@ -3,16 +3,21 @@
 - When the server ends a connection with a FATAL, the client gets exactly
   that ErrorResponse and then the close (the proxy's own 08006 only when the
   server said nothing); in session mode it learns at once, even while idle.
+- A message type PostgreSQL does not take gets its FATAL 08P01, from the proxy
+  before anything is relayed, or from the server, passed through.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 
 import psycopg
 import pytest
 
-from helpers import (connect, parse_error_fields, query, read_to_end, read_until_ready, trust_session,
+from threadpool_proxy import protocol
+
+from helpers import (_message, connect, parse_error_fields, query, read_to_end, read_until_ready, trust_session,
                      wait_until)
 
 
@@ -92,3 +97,44 @@ def test_transaction_mode_idle_client_is_still_told_nothing_when_its_kept_connec
         assert backend_pid(sock) != pid
     finally:
         sock.close()
+
+
+# -- message types no server takes ---------------------------------------------------
+
+MODES = ["session", "transaction", "statement"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unknown_message_type_gets_08P01_and_the_close(pg, proxy_factory, mode):
+    """Issue 9 item 5: a lone 'y' message; the proxy answers as PostgreSQL would, sending nothing on."""
+    proxy = proxy_factory(pool_mode=mode, pool_size=1)
+    sock = trust_session(proxy)
+    try:
+        pid = backend_pid(sock)
+        sock.sendall(_message(b"y", b"") + _message(b"Q", b"SELECT 1\0"))
+        messages = read_to_end(sock)
+    finally:
+        sock.close()
+    assert [kind for kind, _ in messages] == ["E"], messages
+    error = errors_of(messages)[0]
+    assert (error["S"], error["C"], error["M"]) == ("FATAL", "08P01", "invalid frontend message type 121")
+    assert "R" not in error            # the proxy's answer: nothing reached the server
+    assert wait_until(lambda: pid not in pg.backend_pids(user="trustuser"))    # closed, not parked
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_servers_fatal_for_a_type_only_it_rejects_is_passed_through(pg, proxy_factory, mode, monkeypatch):
+    """A type the proxy lets through (here: 'y', by pretending it is valid): PostgreSQL's own FATAL, then the close."""
+    monkeypatch.setattr(protocol, "_OTHER_FRONTEND_TYPES", protocol._OTHER_FRONTEND_TYPES | {ord("y")})
+    proxy = proxy_factory(pool_mode=mode)
+    sock = trust_session(proxy)
+    try:
+        backend_pid(sock)
+        sock.sendall(_message(b"y", b""))
+        messages = read_to_end(sock)
+    finally:
+        sock.close()
+    assert [kind for kind, _ in messages] == ["E"], messages
+    error = errors_of(messages)[0]
+    assert (error["S"], error["C"], error["M"]) == ("FATAL", "08P01", "invalid frontend message type 121")
+    assert error["R"] == "SocketBackend"          # PostgreSQL's own ErrorResponse

@@ -307,6 +307,10 @@ _FUNCTION_CALL = FUNCTION_CALL[0]
 _SYNC = SYNC[0]
 _TERMINATE = TERMINATE[0]
 _LEAVES_UNSYNCED_STATE = frozenset(PARSE + BIND + DESCRIBE + EXECUTE + CLOSE)   # not Flush: see ClientScanner
+#: The other message types PostgreSQL takes from a logged-in client (COPY messages
+#: outside COPY are ignored); any other type gets FATAL 08P01 "invalid frontend
+#: message type N" and the connection closes (postgres.c, SocketBackend).
+_OTHER_FRONTEND_TYPES = frozenset(FLUSH + COPY_DATA + COPY_DONE + COPY_FAIL)
 
 
 class _Scanner:
@@ -451,10 +455,13 @@ class ClientScanner(_Scanner):
     Counts the requests that each get one ReadyForQuery back (Query, Sync,
     FunctionCall) in ``requests``; ``unsynced`` is True while extended-protocol
     messages were sent after the last Sync (the server holds state for them);
-    ``terminated`` is set once a Terminate message was seen.
+    ``terminated`` is set once a Terminate message was seen, or a message of a
+    type no PostgreSQL server takes from a logged-in client: then ``invalid``
+    is that type (an int; -1 while there is none) and nothing of the chunk
+    should be relayed.
     """
 
-    __slots__ = ("requests", "unsynced", "terminated", "extended")
+    __slots__ = ("requests", "unsynced", "terminated", "extended", "invalid")
     WANTED = b""
 
     def __init__(self) -> None:
@@ -463,6 +470,7 @@ class ClientScanner(_Scanner):
         self.unsynced = False
         self.terminated = False
         self.extended = 0         # extended-protocol messages seen (Parse, Bind, Describe, Execute, Close)
+        self.invalid = -1
 
     def _header(self, t):
         if t == _QUERY or t == _FUNCTION_CALL:
@@ -475,3 +483,6 @@ class ClientScanner(_Scanner):
         elif t in _LEAVES_UNSYNCED_STATE:   # not Flush: it leaves no state behind (psycopg sends Sync+Flush)
             self.unsynced = True
             self.extended += 1
+        elif t not in _OTHER_FRONTEND_TYPES and self.invalid < 0:
+            self.invalid = t
+            self.terminated = True

@@ -54,7 +54,7 @@ class Relay:
                  "linger_ms", "poller", "cbuf", "cview", "sbuf", "sview", "cscan", "sscan",
                  "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "check_release",
                  "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
-                 "tracking", "stats")
+                 "tracking", "stats", "unanswered")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
@@ -90,6 +90,7 @@ class Relay:
         # recv_into of each side: the socket's own, or under TLS one that drains pending().
         self.crecv = self._client_tls_recv if tls.is_tls(client) else client.recv_into
         self.srecv = None
+        self.unanswered = False           # bytes with no request in them went out since the last release
         self.wake_rfd = -1
         self.wake_wfd = -1
         # Named prepared statements follow a pooled client from one server
@@ -166,12 +167,16 @@ class Relay:
         extended_before = cscan.extended
         cscan.feed(self.cview, n)
         if cscan.terminated:
+            if cscan.invalid >= 0:
+                raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,       # PostgreSQL's words; nothing is sent
+                                  f"invalid frontend message type {cscan.invalid}")
             n = self.cbuf.rfind(pq.TERMINATE_MESSAGE, 0, n)    # forward what came before it
             if n <= 0:
                 raise ClientGone()
         new_requests = cscan.requests - requests_before
         if self.lingering:
             self.lingering = False
+            self.unanswered = False
             if not self.pool.unlinger(self.key, self):
                 self._drain_wake()     # claimed meanwhile; we keep it this time
         elif self.backend is None:
@@ -211,9 +216,13 @@ class Relay:
             raise ClientGone()
         if new_requests > 0 and cscan.at_boundary and not cscan.unsynced and not self.sscan.copy_in:
             self._due(self.server_due)
-        # A chunk with no request in it (a lone Flush) gets no answer:
-        # check the release point now, not at a ReadyForQuery that never comes.
-        self.check_release = self.pooled and new_requests == 0 and self.pending == 0
+        if new_requests == 0 and self.pending == 0:
+            # A chunk with no request in it (a lone Flush) gets no answer: check the
+            # release point now, not at a ReadyForQuery that never comes; but should
+            # the server answer it after all (a FATAL), that answer is the client's.
+            self.check_release = self.unanswered = self.pooled
+        else:
+            self.check_release = False
 
     def on_server_readable(self) -> None:
         if self.due:
@@ -338,6 +347,7 @@ class Relay:
         self.ssock = None
         self.server_due = ()
         self.srecv = None
+        self.unanswered = False
         if self.prepared is not None and not self.prepared.idle():
             self.prepared.reset()        # what was in flight died with the connection
         if park:
@@ -381,22 +391,33 @@ class Relay:
         are passed on; end of file or an ErrorResponse (pg_terminate_backend's
         FATAL) means it is gone, and the client, which is between transactions,
         is not bothered with it: its next transaction gets another connection.
+        Unless the client's last bytes were left ``unanswered`` (no request
+        among them) and this is the server's FATAL answer to them: then the
+        client gets it, and the close.
         """
         sscan = self.sscan
+        answer = False
         if n:
             errors = sscan.errors
             sscan.feed(view, n)
-            if sscan.errors == errors and not sscan.ready and sscan.at_boundary:
+            answer = self.unanswered and sscan.fatal
+            if answer or (sscan.errors == errors and not sscan.ready and sscan.at_boundary):
                 if sscan.parameters:
                     self._note_parameters()
                 try:
                     self.client.sendall(view[:n])
                 except OSError:
                     raise ClientGone() from None
-                return
-            sscan.__init__()
+                if not answer:
+                    return
+            else:
+                sscan.__init__()
         self.lingering = False
         self.pool.unlinger(self.key, self)
+        if answer:
+            # The server ended the connection in answer to what the client sent
+            # last (e.g. a message type only the server knew to be invalid).
+            self._server_lost()
         self.detach(park=False, reason="it closed or failed while idle; the client will get another")
 
     def _refuse_transaction_block(self, view, n: int) -> None:
