@@ -5,6 +5,8 @@
   server said nothing); in session mode it learns at once, even while idle.
 - A message type PostgreSQL does not take gets its FATAL 08P01, from the proxy
   before anything is relayed, or from the server, passed through.
+- Bytes sent in the same packet as the StartupMessage are the messages they
+  are: a Terminate ends the login quietly, a Query runs after it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 
 from threadpool_proxy import protocol
 
-from helpers import (_message, connect, parse_error_fields, query, read_to_end, read_until_ready, trust_session,
+from helpers import (_message, connect, parse_error_fields, query, read_to_end, read_until_ready, startup_packet, trust_session,
                      wait_until)
 
 
@@ -138,3 +140,46 @@ def test_the_servers_fatal_for_a_type_only_it_rejects_is_passed_through(pg, prox
     error = errors_of(messages)[0]
     assert (error["S"], error["C"], error["M"]) == ("FATAL", "08P01", "invalid frontend message type 121")
     assert error["R"] == "SocketBackend"          # PostgreSQL's own ErrorResponse
+
+
+# -- bytes right after the StartupMessage ------------------------------------------------
+
+def _startup(user: str, *after: bytes) -> bytes:
+    return startup_packet({"user": user, "database": "appdb"}) + b"".join(after)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("user", ["trustuser", "app"])
+def test_terminate_in_the_startup_packet_ends_the_login_quietly(pg, proxy_factory, mode, user):
+    """Issue 11 item 5: no error, just the close (trustuser: after the login the server granted at once)."""
+    proxy = proxy_factory(pool_mode=mode)
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        sock.sendall(_startup(user, _message(b"X", b"")))
+        messages = read_to_end(sock)
+    assert not errors_of(messages), messages
+    assert messages[0][0] == "R"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_messages_after_the_startup_packet_are_handled_as_what_they_are(pg, proxy_factory, mode):
+    proxy = proxy_factory(pool_mode=mode)
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        # a Query pipelined behind the startup packet is run once the login is done
+        sock.sendall(_startup("trustuser", _message(b"Q", b"SELECT 41 + 1\0")))
+        messages = read_until_ready(sock) + read_until_ready(sock)
+    assert not errors_of(messages), messages
+    kinds = [kind for kind, _ in messages]
+    assert kinds[-5:] == ["Z", "T", "D", "C", "Z"], kinds
+    assert messages[-3][1].endswith(b"42")
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        sock.sendall(_startup("trustuser", _message(b"y", b"")))
+        messages = read_to_end(sock)
+    assert [kind for kind, _ in messages][-2:] == ["Z", "E"]
+    assert errors_of(messages)[0]["M"] == "invalid frontend message type 121"
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        # a password is asked for: anything but its answer gets PostgreSQL's 08P01
+        sock.sendall(_startup("app", _message(b"Q", b"SELECT 1\0")))
+        messages = read_to_end(sock)
+    assert [kind for kind, _ in messages] == ["R", "E"], messages
+    error = errors_of(messages)[0]
+    assert (error["C"], error["M"]) == ("08P01", "expected SASL response, got message type 81")

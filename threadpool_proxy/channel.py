@@ -110,10 +110,18 @@ class ClientChannel:
         if t == pq.TERMINATE:
             raise ClientGone()
         if t != pq.PASSWORD_MESSAGE:
-            raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
-                              f"expected {what} response, got message type {t!r}")
+            raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,     # PostgreSQL's words
+                              f"expected {what} response, got message type {t[0]}")
         return body
 
-    def ready_for_relay(self) -> None:
-        """Login is over: back to blocking mode for the relay."""
+    def ready_for_relay(self) -> bytes:
+        """Login is over: back to blocking mode for the relay.
+
+        Returns what the client sent beyond its login (read ahead with the
+        startup packet, e.g. a Terminate or a first Query in the same packet):
+        the relay must handle those bytes as the messages they are.
+        """
         self.sock.settimeout(None)
+        ahead = bytes(self._buf)
+        self._buf.clear()
+        return ahead

@@ -229,7 +229,8 @@ class Logins:
                 body = self._sasl_offer_for(channel, dialed[0], body)
             channel.send(pq.message(pq.AUTHENTICATION, body))
             if code in pq.AUTH_NEEDS_ANSWER:
-                return pq.password_message(channel.read_password_message("a password"))
+                return pq.password_message(channel.read_password_message(
+                    "SASL" if code in (pq.AUTH_SASL, pq.AUTH_SASL_CONTINUE) else "password"))
             if code not in (pq.AUTH_OK, pq.AUTH_SASL_FINAL):
                 raise ClientFatal(pq.SQLSTATE_FEATURE_NOT_SUPPORTED,
                                   f"the server asked for authentication method {code}, "

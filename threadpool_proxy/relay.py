@@ -293,6 +293,29 @@ class Relay:
 
     # -- TLS: bytes decrypted but not read yet do not make the descriptor readable ---
 
+    def replay(self, data: bytes) -> None:
+        """Relay ``data``, read from the client before the relay started, as if it came now.
+
+        The client's recv is swapped for one that hands out ``data`` first
+        (``cbuf`` at a time) and then puts the real one back: no cost after.
+        """
+        recv = self.crecv
+        data = memoryview(data)
+
+        def replayed(buf) -> int:
+            nonlocal data
+            n = min(len(buf), len(data))
+            buf[:n] = data[:n]
+            data = data[n:]
+            if data:
+                self._due(((self.cfd, _POLLIN),))
+            else:
+                self.crecv = recv
+            return n
+
+        self.crecv = replayed
+        self._due(((self.cfd, _POLLIN),))
+
     def _client_tls_recv(self, buf) -> int:
         return self._tls_recv(self.client, buf, ((self.cfd, _POLLIN),))
 

@@ -373,12 +373,14 @@ class ClientSession:
         self.relay = relay
         self.cancel_pid, cancel_secret = self.server.cancel_keys.register(self)
         try:
-            channel.ready_for_relay()
+            ahead = channel.ready_for_relay()
             channel.send(self._welcome(conn, cancel_secret))
         except (OSError, ClientGone):
             relay.detach(park=True)     # idle, but it may carry SETs made for this client
             raise ClientGone() from None
         log.debug("client %s logged in (%s mode)", self.who, db.pool_mode)
+        if ahead:
+            relay.replay(ahead)
         return relay
 
     def _welcome(self, conn: ServerConnection, cancel_secret: bytes) -> bytes:
