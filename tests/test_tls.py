@@ -495,3 +495,119 @@ def test_probe_sees_a_byte_on_an_idle_tls_socket(certs):
         assert s.recv(1) == b"x" and s.pending() == 1
         assert not probe_alive(s)                   # decrypted, unread
     box["s"].close()
+
+
+# -- SCRAM channel binding when the proxy checks the password -------------------------
+
+def _tls_login(proxy, certs, user="app", dbname="appdb"):
+    """SSLRequest, TLS (trusting the test CA), StartupMessage: (the TLS socket, the SASL mechanisms)."""
+    raw = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    raw.sendall(ssl_request())
+    assert raw.recv(1) == b"S"
+    s = ssl.create_default_context(cafile=certs.ca_file).wrap_socket(raw, server_hostname="localhost")
+    s.sendall(startup_packet({"user": user, "database": dbname}))
+    kind, body = read_message(s)
+    assert kind == "R" and struct.unpack("!I", body[:4])[0] == 10, (kind, body)
+    return s, [m.decode() for m in body[4:].split(b"\0") if m]
+
+
+def _password_message(body: bytes) -> bytes:
+    return b"p" + struct.pack("!I", len(body) + 4) + body
+
+
+def _sasl_initial(mechanism: str, first: bytes) -> bytes:
+    return _password_message(mechanism.encode() + b"\0" + struct.pack("!I", len(first)) + first)
+
+
+def _scram_over_tls(proxy, certs, mechanism, password="app-secret", cb_data=None):
+    """A whole SCRAM exchange by hand with scramp; returns the final message (kind, body)."""
+    import scramp
+    s, mechanisms = _tls_login(proxy, certs)
+    with s:
+        assert mechanism in mechanisms
+        binding = ("tls-server-end-point", cb_data) if mechanism.endswith("-PLUS") else None
+        client = scramp.ScramClient([mechanism], "app", password, channel_binding=binding)
+        s.sendall(_sasl_initial(mechanism, client.get_client_first().encode()))
+        kind, body = read_message(s)
+        assert kind == "R" and struct.unpack("!I", body[:4])[0] == 11, (kind, body)
+        client.set_server_first(body[4:].decode())
+        s.sendall(_password_message(client.get_client_final().encode()))
+        return read_message(s)
+
+
+@pytest.fixture
+def binding_proxy(pg, proxy_factory, certs, auth_file):
+    """scram-sha-256 against the server's own verifiers (SCRAM pass-through to the server)."""
+    return proxy_factory(auth_type="scram-sha-256", auth_file=auth_file, **certs.client_settings("prefer"))
+
+
+def test_plus_is_offered_over_tls_only(binding_proxy, certs):
+    s, mechanisms = _tls_login(binding_proxy, certs)
+    s.close()
+    assert mechanisms == ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]          # PostgreSQL's order
+    with socket.create_connection((binding_proxy.host, binding_proxy.port), timeout=10) as plain:
+        plain.sendall(startup_packet({"user": "app", "database": "appdb"}))
+        kind, body = read_message(plain)
+        assert [m for m in body[4:].split(b"\0") if m] == [b"SCRAM-SHA-256"]
+
+
+def test_libpq_binds_to_the_proxy_certificate(pg, binding_proxy, certs):
+    """channel_binding=require: libpq picks SCRAM-SHA-256-PLUS and checks the proxy's
+    certificate hash; the proxy then logs in to the server with the ClientKey it recovered."""
+    with connect(pg, binding_proxy, sslmode="verify-full", sslrootcert=certs.ca_file,
+                 channel_binding="require") as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("app",)
+    res = psql(binding_proxy, sql="SELECT 'bound'", env={"PGSSLMODE": "require", "PGCHANNELBINDING": "require"})
+    assert res.returncode == 0 and res.stdout.strip() == "bound", res.stderr
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(pg, binding_proxy, sslmode="require", channel_binding="require", password="wrong")
+    # over plain text there is nothing to bind to
+    with pytest.raises(psycopg.OperationalError, match="channel binding"):
+        connect(pg, binding_proxy, sslmode="disable", channel_binding="require")
+    with connect(pg, binding_proxy, sslmode="disable") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_binding_data_must_be_the_proxy_certificate_hash(binding_proxy, certs):
+    good = hashlib.sha256(certs.leaf_der).digest()
+    kind, body = _scram_over_tls(binding_proxy, certs, "SCRAM-SHA-256-PLUS", cb_data=good)
+    assert kind == "R" and struct.unpack("!I", body[:4])[0] == 12        # SASLFinal: bound and proven
+    kind, body = _scram_over_tls(binding_proxy, certs, "SCRAM-SHA-256-PLUS", cb_data=b"\0" * 32)
+    assert kind == "E"
+    fields = {chr(p[0]): p[1:].decode() for p in body.split(b"\0") if p}
+    assert fields["C"] == "08P01" and "channel binding check failed" in fields["M"]
+
+
+def test_y_over_tls_is_a_negotiation_error(binding_proxy, certs):
+    """A client that could bind but thinks the server cannot: someone removed PLUS on the way."""
+    s, _ = _tls_login(binding_proxy, certs)
+    with s:
+        s.sendall(_sasl_initial("SCRAM-SHA-256", b"y,,n=,r=abcdefghijkl"))
+        kind, body = read_message(s)
+    assert kind == "E" and b"08P01" in body and b"negotiation" in body
+    # "n" (the client cannot bind) is fine
+    kind, body = _scram_over_tls(binding_proxy, certs, "SCRAM-SHA-256")
+    assert kind == "R" and struct.unpack("!I", body[:4])[0] == 12
+
+
+def test_unknown_user_gets_the_same_plus_offer(binding_proxy, certs):
+    s, mechanisms = _tls_login(binding_proxy, certs, user="nobody")
+    s.close()
+    assert mechanisms == ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+
+
+@pytest.mark.parametrize("mechanism, first, words", [
+    ("SCRAM-SHA-256-PLUS", b"n,,n=,r=abc", "does not include channel binding data"),
+    ("SCRAM-SHA-256-PLUS", b"y,,n=,r=abc", "does not include channel binding data"),
+    ("SCRAM-SHA-256-PLUS", b"p=tls-unique,,n=,r=abc", "unsupported SCRAM channel-binding type"),
+    ("SCRAM-SHA-256", b"p=tls-server-end-point,,n=,r=abc", "includes channel binding data"),
+    ("SCRAM-SHA-256", b"y,,n=,r=abc", "negotiation error"),
+    ("SCRAM-SHA-1", b"n,,n=,r=abc", "invalid SASL authentication mechanism"),
+])
+def test_exchange_refuses_mismatched_binding_flags(mechanism, first, words):
+    from threadpool_proxy.auth import AuthFailed, ScramServerExchange
+    from threadpool_proxy.authfile import scram_secret_from_password
+    exchange = ScramServerExchange(scram_secret_from_password("pw"), "app", channel_binding=b"h" * 32)
+    with pytest.raises(AuthFailed, match=words) as info:
+        exchange.handle_client_first(first, mechanism)
+    assert info.value.sqlstate == "08P01"

@@ -13,10 +13,11 @@ Two directions, no sockets and no message framing here (payloads only):
 SCRAM messages (RFC 5802/7677), as PostgreSQL uses them:
 
   client-first  = gs2-header client-first-bare
-  gs2-header    = ("n" | "y") "," "," ; no authzid; "p=" only with -PLUS
+  gs2-header    = ("n" | "y" | "p=tls-server-end-point") "," "," ; no authzid; "p=" only with -PLUS
   client-first-bare = "n=" user "," "r=" c-nonce ["," ext]* ; PostgreSQL ignores user
   server-first  = "r=" c-nonce s-nonce "," "s=" salt-b64 "," "i=" iterations
-  client-final  = "c=" b64(gs2-header) "," "r=" nonce ["," ext]* "," "p=" proof-b64
+  client-final  = "c=" b64(gs2-header [cb-data]) "," "r=" nonce ["," ext]* "," "p=" proof-b64
+                  ; cb-data (-PLUS only): the hash of the server's TLS certificate (RFC 5929)
   server-final  = "v=" b64(ServerSignature)  |  "e=" error
   AuthMessage   = client-first-bare "," server-first "," client-final-without-proof
   ClientProof   = ClientKey XOR HMAC(StoredKey, AuthMessage),  StoredKey = H(ClientKey)
@@ -52,6 +53,8 @@ from .authfile import (
 )
 from .errors import ProxyError
 
+SCRAM_SHA_256_PLUS = SCRAM_SHA_256 + "-PLUS"
+CHANNEL_BINDING_TYPE = "tls-server-end-point"
 _PASSWORD_MESSAGE_TYPE = pq.PASSWORD_MESSAGE.decode("ascii")   # what ServerLogin.step returns as the type
 _NONCE_BYTES = 18    # nonces as PostgreSQL makes them: 18 random bytes, 24 base64 characters
 
@@ -155,17 +158,25 @@ class ScramServerExchange:
     """One SCRAM-SHA-256 exchange with a client, proxy in the server role.
 
     For callers, in order: mechanisms() for AuthenticationSASL;
-    handle_client_first(data) -> server-first (send in AuthenticationSASLContinue);
+    handle_client_first(data, mechanism) -> server-first (send in AuthenticationSASLContinue);
     handle_client_final(data) -> server-final (send in AuthenticationSASLFinal,
     then AuthenticationOk); client_key once done.  Any AuthFailed ends the
     exchange: later calls raise AuthFailed too.
+
+    ``channel_binding`` is the tls-server-end-point data of the client's TLS
+    connection (tls.ClientTLS.end_point_hash), or None over plain text: with
+    it SCRAM-SHA-256-PLUS is offered first, as PostgreSQL offers it, and a
+    client that says it could bind but thinks the server cannot ("y") is
+    refused as a possible downgrade.
     """
 
-    def __init__(self, secret: Secret, username: str, *, _unknown_user: bool = False):
+    def __init__(self, secret: Secret, username: str, *, channel_binding: bytes | None = None,
+                 _unknown_user: bool = False):
         if secret.kind != "scram":
             raise ValueError(f"ScramServerExchange needs a scram Secret, got {secret!r} "
                              "(use AuthFile.scram_secret() for plain passwords)")
         self.username = username
+        self._cb_data, self._plus = channel_binding, False    # binding data; PLUS selected
         self._secret = secret
         self._unknown_user = _unknown_user
         self._stage = _ServerStage.CLIENT_FIRST
@@ -174,7 +185,7 @@ class ScramServerExchange:
 
     @classmethod
     def for_unknown_user(cls, username: str, iterations: int = DEFAULT_ITERATIONS,
-                         key: bytes | None = None) -> "ScramServerExchange":
+                         key: bytes | None = None, channel_binding: bytes | None = None) -> "ScramServerExchange":
         """An exchange that looks like a real one and always fails at the final step.
 
         The salt is HMAC(key, username): the same for the same name, different
@@ -188,11 +199,10 @@ class ScramServerExchange:
         fake = Secret("scram", iterations=iterations, salt=salt,
                       stored_key=secrets.token_bytes(SCRAM_KEY_LEN),
                       server_key=secrets.token_bytes(SCRAM_KEY_LEN))
-        return cls(fake, username, _unknown_user=True)
+        return cls(fake, username, channel_binding=channel_binding, _unknown_user=True)
 
-    @staticmethod
-    def mechanisms() -> list[str]:
-        return [SCRAM_SHA_256]
+    def mechanisms(self) -> list[str]:
+        return [SCRAM_SHA_256_PLUS, SCRAM_SHA_256] if self._cb_data is not None else [SCRAM_SHA_256]
 
     @property
     def done(self) -> bool:
@@ -215,10 +225,14 @@ class ScramServerExchange:
         self._stage = _ServerStage.FAILED
         return exc
 
-    def handle_client_first(self, data: bytes) -> bytes:
-        """Take the client-first message, return the server-first message."""
+    def handle_client_first(self, data: bytes, mechanism: str = SCRAM_SHA_256) -> bytes:
+        """Take the client-first message of ``mechanism`` (one of mechanisms()), return server-first."""
         self._expect(_ServerStage.CLIENT_FIRST, "client-first")
         try:
+            if mechanism not in self.mechanisms():
+                raise _protocol_error(f"client selected an invalid SASL authentication mechanism "
+                                      f"({mechanism[:64]!r})")
+            self._plus = mechanism == SCRAM_SHA_256_PLUS
             text = _decode(data, "client-first")
             self._gs2_header, self._client_first_bare, client_nonce = self._parse_client_first(text)
         except AuthFailed as exc:
@@ -229,17 +243,25 @@ class ScramServerExchange:
         self._stage = _ServerStage.CLIENT_FINAL
         return self._server_first.encode("ascii")
 
-    @staticmethod
-    def _parse_client_first(text: str) -> tuple[str, str, str]:
+    def _parse_client_first(self, text: str) -> tuple[str, str, str]:
         flag, sep, rest = text.partition(",")
         if not sep:
             raise _protocol_error("malformed SCRAM client-first: truncated gs2 header")
         if flag.startswith("p="):
-            raise _protocol_error("client requested channel binding (SCRAM-SHA-256-PLUS), "
-                                  "which the proxy does not offer")
-        if flag not in ("n", "y"):
+            if not self._plus:
+                raise _protocol_error("malformed SCRAM message: the client selected SCRAM-SHA-256 without "
+                                      "channel binding, but the SCRAM message includes channel binding data")
+            if flag[2:] != CHANNEL_BINDING_TYPE:
+                raise _protocol_error(f"unsupported SCRAM channel-binding type {flag[2:64]!r}")
+        elif flag not in ("n", "y"):
             raise _protocol_error("malformed SCRAM client-first: channel-binding flag "
-                                  "must be 'n' or 'y'")
+                                  "must be 'n', 'y' or 'p=tls-server-end-point'")
+        elif self._plus:
+            raise _protocol_error("malformed SCRAM message: the client selected SCRAM-SHA-256-PLUS, "
+                                  "but the SCRAM message does not include channel binding data")
+        elif flag == "y" and self._cb_data is not None:
+            raise _protocol_error("SCRAM channel binding negotiation error: the client supports channel "
+                                  "binding but thinks the server does not; this connection does support it")
         authzid, sep, bare = rest.partition(",")
         if not sep:
             raise _protocol_error("malformed SCRAM client-first: truncated gs2 header")
@@ -280,7 +302,10 @@ class ScramServerExchange:
         if len(attrs) < 2 or attrs[0][0] != "c" or attrs[1][0] != "r":
             raise _protocol_error("malformed SCRAM client-final: expected c=...,r=...,p=...")
         cbind = _b64d(attrs[0][1], "channel binding (c=)")
-        if cbind != self._gs2_header.encode("ascii"):
+        expected = self._gs2_header.encode("ascii") + (self._cb_data if self._plus else b"")
+        if not hmac.compare_digest(cbind, expected):
+            if self._plus:
+                raise _protocol_error("SCRAM channel binding check failed")
             raise _protocol_error("SCRAM channel-binding data does not match the client-first gs2 header")
         if attrs[1][1] != self._nonce:
             raise AuthFailed("SCRAM nonce mismatch: client-final is not for this exchange "

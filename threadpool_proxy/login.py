@@ -307,18 +307,17 @@ class Logins:
         if secret is not None:
             verifier = secret if secret.kind == "scram" else (
                 self.auth_file.scram_secret(user) if secret.kind == "password" and self.auth_file else None)
-        exchange = (ScramServerExchange(verifier, user) if verifier is not None
-                    else ScramServerExchange.for_unknown_user(user, key=self.salt_key))
-        mechanisms = exchange.mechanisms()
-        channel.send(pq.authentication(pq.AUTH_SASL, sasl_mechanisms_payload(mechanisms)))
+        # SCRAM-SHA-256-PLUS over TLS: bound to the proxy's own certificate.
+        binding = (self.client_tls.end_point_hash
+                   if self.client_tls is not None and tls.is_tls(channel.sock) else None)
+        exchange = (ScramServerExchange(verifier, user, channel_binding=binding) if verifier is not None
+                    else ScramServerExchange.for_unknown_user(user, key=self.salt_key, channel_binding=binding))
+        channel.send(pq.authentication(pq.AUTH_SASL, sasl_mechanisms_payload(exchange.mechanisms())))
         answered = time.monotonic()
         try:
             body = channel.read_password_message("SASL")
             mechanism, client_first = parse_sasl_initial_response(body)
-            if mechanism not in mechanisms:
-                raise AuthFailed(f"client selected an invalid SASL authentication mechanism "
-                                 f"({mechanism[:64]!r})", pq.SQLSTATE_PROTOCOL_VIOLATION)
-            server_first = exchange.handle_client_first(client_first)
+            server_first = exchange.handle_client_first(client_first, mechanism)
             channel.send(pq.authentication(pq.AUTH_SASL_CONTINUE, server_first))
             body = channel.read_password_message("SASL")
             answered = time.monotonic()
