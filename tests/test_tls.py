@@ -611,3 +611,44 @@ def test_exchange_refuses_mismatched_binding_flags(mechanism, first, words):
     with pytest.raises(AuthFailed, match=words) as info:
         exchange.handle_client_first(first, mechanism)
     assert info.value.sqlstate == "08P01"
+
+
+def test_reload_reads_rotated_certificates(pg, proxy_factory, certs, tmp_path):
+    """RELOAD (and SIGHUP) read the TLS files again: a rotated certificate serves new
+    clients, connected ones keep theirs; a bad file changes nothing."""
+    import shutil
+    import threadpool_proxy
+    import yaml
+
+    cert, key = str(tmp_path / "live.crt"), str(tmp_path / "live.key")
+    shutil.copy(certs.cert_file, cert)
+    shutil.copy(certs.key_file, key)
+    path = tmp_path / "proxy.yaml"
+    target = {"host": pg.host, "port": pg.port}
+    path.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": 0}, "databases": {"appdb": target},
+        "client_tls_sslmode": "require", "client_tls_cert_file": "live.crt", "client_tls_key_file": "live.key"}))
+    proxy = threadpool_proxy.start(str(path))
+    proxy_factory.started.append(proxy)
+
+    def presented() -> bytes:
+        raw = socket.create_connection((proxy.host, proxy.port), timeout=10)
+        raw.sendall(ssl_request())
+        assert raw.recv(1) == b"S"
+        with ssl.create_default_context(cafile=certs.ca_file).wrap_socket(raw, server_hostname="localhost") as s:
+            return s.getpeercert(binary_form=True)
+
+    assert presented() == certs.leaf_der
+    with connect(pg, proxy, sslmode="require") as kept:
+        shutil.copy(certs.second_cert_file, cert)
+        shutil.copy(certs.second_key_file, key)
+        proxy.reload()
+        assert presented() != certs.leaf_der
+        with connect(pg, proxy, sslmode="verify-full", sslrootcert=certs.ca_file) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        with open(key, "w") as f:
+            f.write("not a key\n")
+        with pytest.raises(ConfigError, match="client_tls_cert_file, client_tls_key_file: cannot use"):
+            proxy.reload()
+        assert presented() != certs.leaf_der
+        assert kept.execute("SELECT 2").fetchone() == (2,)

@@ -18,13 +18,14 @@ from .errors import ClientFatal, ClientGone
 class ClientChannel:
     """Blocking reads with a deadline and sends on a client socket; bytes read ahead are kept."""
 
-    __slots__ = ("sock", "deadline", "deadline_name", "_buf")
+    __slots__ = ("sock", "deadline", "deadline_name", "_buf", "end_point_hash")
 
     def __init__(self, sock: socket.socket, login_timeout: float) -> None:
         self.sock = sock
         self.deadline = time.monotonic() + login_timeout
         self.deadline_name = "client_login_timeout"
         self._buf = bytearray()
+        self.end_point_hash = None     # under TLS: what SCRAM-SHA-256-PLUS binds to (our certificate's hash)
 
     def shorten(self, deadline: float, name: str) -> None:
         """A stricter deadline for what is left of the login, named by the setting behind it."""
@@ -93,6 +94,7 @@ class ClientChannel:
         """
         self.sock.settimeout(self.remaining())
         self.sock = client_tls.context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.end_point_hash = client_tls.end_point_hash
         self.sock.do_handshake()
 
     def read_message(self, max_length: int) -> tuple[bytes, bytes]:

@@ -68,7 +68,7 @@ from .config import Config, ConfigError, DatabaseConfig
 from .errors import ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone, ServerUnavailable
 from .pool import BackendIdlePool, pool_key
 from . import tls
-from .tls import ClientTLS, ServerTLS
+from .tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,10 @@ class Logins:
 
     failure_delay = FAILURE_DELAY
 
-    def __init__(self, config: Config, pool: BackendIdlePool, server_tls: ServerTLS | None = None,
-                 client_tls: ClientTLS | None = None) -> None:
+    def __init__(self, config: Config, pool: BackendIdlePool, server_tls: ServerTLS | None = None) -> None:
         self.config = config
         self.pool = pool
-        self.server_tls = server_tls
-        self.client_tls = client_tls
+        self.server_tls = server_tls       # replaced on RELOAD
         self._lock = threading.Lock()
         self._credentials: dict[str, ServerCredentials] = {}   # user -> how to log in for them
         self._query_cache: dict[tuple[str, str], tuple[Secret | None, float]] = {}
@@ -258,11 +256,9 @@ class Logins:
         mechanisms = [m for m in bytes(body[4:]).split(b"\0") if m]
         if not any(m.endswith(b"-PLUS") for m in mechanisms):
             return body
-        client_tls = self.client_tls
-        if (client_tls is not None and tls.is_tls(channel.sock) and conn.tls
-                and client_tls.end_point_hash is not None
-                and tls.certificate_end_point_hash(conn.sock.getpeercert(binary_form=True))
-                == client_tls.end_point_hash):
+        ours = channel.end_point_hash
+        if (ours is not None and conn.tls
+                and tls.certificate_end_point_hash(conn.sock.getpeercert(binary_form=True)) == ours):
             return body
         kept = [m.decode("ascii", "replace") for m in mechanisms if not m.endswith(b"-PLUS")]
         return bytes(body[:4]) + sasl_mechanisms_payload(kept)
@@ -308,8 +304,7 @@ class Logins:
             verifier = secret if secret.kind == "scram" else (
                 self.auth_file.scram_secret(user) if secret.kind == "password" and self.auth_file else None)
         # SCRAM-SHA-256-PLUS over TLS: bound to the proxy's own certificate.
-        binding = (self.client_tls.end_point_hash
-                   if self.client_tls is not None and tls.is_tls(channel.sock) else None)
+        binding = channel.end_point_hash
         exchange = (ScramServerExchange(verifier, user, channel_binding=binding) if verifier is not None
                     else ScramServerExchange.for_unknown_user(user, key=self.salt_key, channel_binding=binding))
         channel.send(pq.authentication(pq.AUTH_SASL, sasl_mechanisms_payload(exchange.mechanisms())))

@@ -219,7 +219,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._fd_refusals = 0                   # clients refused for want of a descriptor, since the last log
         # Before binding: a bad auth file or TLS file (ConfigError) must not leave a listening socket behind.
         self.client_tls, server_tls = tls.contexts(config)
-        self.logins = Logins(config, self.pool, server_tls, self.client_tls)
+        self.logins = Logins(config, self.pool, server_tls)
         super().__init__((config.listen_host, config.listen_port), _Handler)
         self._take_spare_fd()
 
@@ -392,8 +392,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         their database entry at their next transaction; a client whose entry
         now points at another server (or was removed) keeps its old one until
         it reconnects; new clients get the new entries.  listen.* cannot
-        change without a restart.  Raises ConfigError (a bad auth file) with
-        nothing changed.
+        change without a restart.  The TLS settings and files are read again
+        (new logins use them; connections made keep theirs).  Raises
+        ConfigError (a bad auth file or TLS file) with nothing changed.
         """
         old = self.config
         if (new.listen_host, new.listen_port, new.metrics_listen) != (old.listen_host, old.listen_port,
@@ -402,7 +403,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                         "still listening on %s:%d", *self.server_address[:2])
             new = dataclasses.replace(new, listen_host=old.listen_host, listen_port=old.listen_port,
                                       metrics_listen=old.metrics_listen)
+        client_tls, server_tls = tls.contexts(new)     # TLS files are read again: rotated certificates
         self.logins.reconfigure(new)
+        self.client_tls, self.logins.server_tls = client_tls, server_tls
         self.pool.max_idle_per_key = new.max_idle_per_key
         self.pool.max_total_idle = new.max_total_idle
         self.stats.period = new.stats_period

@@ -251,7 +251,7 @@ class ClientSession:
         channel = self.channel
         client_tls = self.server.client_tls
         if client_tls is not None and channel.peek_first_byte() == tls.TLS_HANDSHAKE_BYTE:
-            self._start_tls(direct=True)           # PostgreSQL 17's direct TLS: no SSLRequest
+            self._start_tls(client_tls, direct=True)           # PostgreSQL 17's direct TLS: no SSLRequest
         while True:
             length = pq.INT32.unpack(channel.read_exact(4))[0]
             if length < 8 or length > pq.MAX_STARTUP_PACKET_LENGTH:
@@ -267,7 +267,7 @@ class ClientSession:
                                       "SSL or GSSAPI negotiation requested over an encrypted connection")
                 if code == pq.SSL_REQUEST_CODE and client_tls is not None:
                     channel.send(b"S")
-                    self._start_tls(direct=False)
+                    self._start_tls(client_tls, direct=False)
                 else:
                     channel.send(b"N")     # no encryption: go on in plain text
                 continue
@@ -293,11 +293,11 @@ class ClientSession:
             self._take_startup(params, minor)
             return True
 
-    def _start_tls(self, direct: bool) -> None:
+    def _start_tls(self, client_tls, direct: bool) -> None:
         """Wrap the client's socket in TLS; a failed handshake ends the connection unanswered."""
         channel = self.channel
         try:
-            channel.start_tls(self.server.client_tls)
+            channel.start_tls(client_tls)
         except (OSError, ValueError) as exc:
             self.server.junk_log.log("failed TLS handshakes", "client %s: TLS handshake failed: %s",
                                      self.who, getattr(exc, "reason", None) or exc)
