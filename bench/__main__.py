@@ -20,7 +20,8 @@ from . import report
 from .cluster import PgCluster, ensure_packages, ensure_pg_user, server_version_string
 from .scenarios import (DEFAULT_SCENARIOS, QUICK_SCENARIOS, SCENARIOS, bigresult_bytes, expected_to_fail, run_idle,
                         run_pgbench, write_scripts)
-from .targets import PGBOUNCER_TARGETS, REPO_ROOT, TARGET_NAMES, DirectTarget, PgBouncerTarget, ProxyTarget, Target
+from .targets import (PGBOUNCER_TARGETS, REPO_ROOT, TARGET_NAMES, DirectTarget, PgBouncerTarget, ProxyTarget,
+                      Target, make_tls_files)
 from .util import BenchError, become_subreaper, log, raise_nofile
 
 
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
         cluster = PgCluster(workdir, bindir, os_user, args.scale)
         cluster.start()
         cluster.setup_bench_db()
+        tls = (make_tls_files(workdir, os_user)
+               if any(SCENARIOS[s].sslmode != "disable" for s in args.scenarios) else None)
 
         for name in args.targets:
             if name == "direct":
@@ -171,11 +174,11 @@ def main(argv=None) -> int:
             elif name in PGBOUNCER_TARGETS:
                 t = PgBouncerTarget(cluster, bouncer_exe, workdir, os_user, args.pool_size,
                                     args.max_client_conn, args.pgbouncer_config_extra,
-                                    name=name, reset_always=(name == "pgbouncer-reset"))
+                                    name=name, reset_always=(name == "pgbouncer-reset"), tls=tls)
             else:
                 t = ProxyTarget(cluster, workdir, args.proxy_auth, args.pool_size, args.max_client_conn,
                                 args.proxy_config_extra, name=name,
-                                src=args.proxy_base_src if name == "proxy-base" else REPO_ROOT)
+                                src=args.proxy_base_src if name == "proxy-base" else REPO_ROOT, tls=tls)
             targets.append(t)
             try:
                 t.start()

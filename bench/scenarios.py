@@ -27,6 +27,7 @@ class Scenario:
     expect_fail: tuple[str, ...] = () # targets through which this scenario is expected to fail
     kind: str = "pgbench"             # or "idle"
     note: str = ""
+    sslmode: str = "disable"          # the clients' libpq sslmode (poolers get client TLS when not disable)
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -40,6 +41,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              note="named prepared statements (PgBouncer 1.18 has no max_prepared_statements)"),
     Scenario("bigresult-c4", (), 4, script=BIGRESULT_SQL, note="~1 MB result per transaction"),
     Scenario("idle-1000", kind="idle", clients=1000, note="1000 logged-in idle clients"),
+    Scenario("select-tls-c10", ("-S",), 10, sslmode="require", expect_fail=("direct",),
+             note="sslmode=require: TLS from pgbench to the pooler (plain text on to the server; "
+                  "the bench server has no TLS, so direct fails)"),
 )}
 DEFAULT_SCENARIOS = tuple(SCENARIOS)
 QUICK_SCENARIOS = ("select-c10",)
@@ -121,7 +125,7 @@ def run_pgbench(cluster: PgCluster, target: Target, sc: Scenario, duration: floa
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, env=cluster.client_env(),
+        p = subprocess.run(argv, capture_output=True, text=True, env=dict(cluster.client_env(), PGSSLMODE=sc.sslmode),
                            timeout=duration + 120, stdin=subprocess.DEVNULL)
         out, rc = p.stdout + "\n" + p.stderr, p.returncode
     except subprocess.TimeoutExpired as exc:

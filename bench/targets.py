@@ -80,6 +80,25 @@ class DirectTarget(Target):
         self.port = self.cluster.port
 
 
+def make_tls_files(workdir: str, os_user: str | None) -> tuple[str, str]:
+    """A throwaway CA's certificate for 127.0.0.1 and its key, readable by the poolers: (cert, key)."""
+    try:
+        import trustme
+    except ImportError:
+        raise BenchError("TLS scenarios need trustme (pip install trustme, or the test extras)") from None
+    d = os.path.join(workdir, "tls")
+    os.makedirs(d, exist_ok=True)
+    chown_to(d, os_user)
+    leaf = trustme.CA().issue_cert("127.0.0.1", "localhost")
+    cert, key = os.path.join(d, "server.crt"), os.path.join(d, "server.key")
+    leaf.cert_chain_pems[0].write_to_path(cert)
+    leaf.private_key_pem.write_to_path(key)
+    for p in (cert, key):
+        os.chmod(p, 0o600)
+        chown_to(p, os_user)
+    return cert, key
+
+
 class PgBouncerTarget(Target):
     """PgBouncer in transaction mode.  reset_always (target `pgbouncer-reset`) adds
     server_reset_query_always = 1 with server_reset_query DISCARD ALL (its default),
@@ -89,8 +108,9 @@ class PgBouncerTarget(Target):
 
     def __init__(self, cluster: PgCluster, exe: str, workdir: str, os_user: str | None,
                  pool_size: int, max_client_conn: int, extra: list[tuple[str, str]],
-                 name: str = "pgbouncer", reset_always: bool = False):
+                 name: str = "pgbouncer", reset_always: bool = False, tls: tuple[str, str] | None = None):
         super().__init__()
+        self.tls = tls
         self.name, self.reset_always = name, reset_always
         self.cluster, self.exe, self.os_user = cluster, exe, os_user
         self.dir = os.path.join(workdir, name)
@@ -125,6 +145,9 @@ class PgBouncerTarget(Target):
             "server_reset_query": "DISCARD ALL",
             "server_reset_query_always": "0",
         }
+        if self.tls:              # clients that ask get TLS (the TLS scenarios)
+            settings.update(client_tls_sslmode="allow", client_tls_cert_file=self.tls[0],
+                            client_tls_key_file=self.tls[1])
         for key, value in self.extra:
             settings[key] = value
         if self.reset_always:                 # what makes this target what it is: not overridable
@@ -225,8 +248,9 @@ class ProxyTarget(Target):
 
     def __init__(self, cluster: PgCluster, workdir: str, auth: str, pool_size: int,
                  max_client_conn: int, extra: list[tuple[str, object]],
-                 name: str = "proxy", src: str = REPO_ROOT):
+                 name: str = "proxy", src: str = REPO_ROOT, tls: tuple[str, str] | None = None):
         super().__init__()
+        self.tls = tls
         self.name, self.src = name, src
         self.cluster = cluster
         self.dir = os.path.join(workdir, name)
@@ -257,6 +281,9 @@ class ProxyTarget(Target):
                 yaml.safe_dump({"users": {BENCH_ROLE: {"scram": self.cluster.verifier}}}, f)
             cfg["auth_type"] = "scram-sha-256"
             cfg["auth_file"] = auth_file
+        if self.tls:              # clients that ask get TLS (the TLS scenarios)
+            cfg.update(client_tls_sslmode="allow", client_tls_cert_file=self.tls[0],
+                       client_tls_key_file=self.tls[1])
         for key, value in self.extra:
             _set_dotted(cfg, key, value)
         self.config = cfg
