@@ -183,3 +183,22 @@ def test_messages_after_the_startup_packet_are_handled_as_what_they_are(pg, prox
     assert [kind for kind, _ in messages] == ["R", "E"], messages
     error = errors_of(messages)[0]
     assert (error["C"], error["M"]) == ("08P01", "expected SASL response, got message type 81")
+
+
+# -- parked connections nobody can take --------------------------------------------------
+
+def test_session_mode_passthrough_parks_nothing_so_drop_database_succeeds(pg, proxy_factory):
+    """Issue 11 item 4: every pass-through client logs in on its own connection: parking one helps nobody."""
+    with pg.superuser_conn() as su:
+        su.execute("DROP DATABASE IF EXISTS dropme")
+        su.execute("CREATE DATABASE dropme OWNER app")
+    proxy = proxy_factory(pool_mode="session")
+    conns = [connect(pg, proxy, dbname="dropme") for _ in range(3)]
+    for conn in conns:
+        assert conn.execute("SELECT current_database()").fetchone() == ("dropme",)
+    for conn in conns:
+        conn.close()
+    assert wait_until(lambda: not pg.backend_pids(dbname="dropme"), timeout=5)
+    assert proxy.pool.snapshot()["total_idle"] == 0
+    with pg.superuser_conn() as su:
+        su.execute("DROP DATABASE dropme")

@@ -227,12 +227,21 @@ class ServerCheckout:
     def park(self, conn: ServerConnection) -> None:
         """Send the reset query and park ``conn``; the next checkout checks the answer.
 
+        Closed instead where no future client could take it (session mode with
+        pass-through auth).
+
         Where the proxy keeps prepared statements and the reset query is the
         default ``DISCARD ALL``, the reset is ``prepared.RESET_QUERY``: all of
         DISCARD ALL but the deallocation of the proxy's own statements (a
         connection holding none gets the cheaper DISCARD ALL).  Any other reset
         may have dropped them, so the connection forgets them.
         """
+        if self.dial is None and self.db.pool_mode == "session":
+            # Pass-through auth in session mode: every client logs in on a server
+            # connection of its own and never takes a parked one, so parking
+            # would only hold a slot and keep the database busy (DROP DATABASE).
+            self.discard(conn, "no client can take it (session mode with auth_type passthrough)")
+            return
         reset_query = self.config.reset_query
         if conn.statements:
             if self.db.max_prepared_statements and reset_query == DEFAULT_RESET_QUERY:
