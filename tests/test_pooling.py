@@ -349,9 +349,12 @@ def test_passthrough_client_whose_connections_all_died_gets_a_clear_error(pg, pr
         b.close()
 
 
-def test_session_mode_login_after_parked_death(pg, proxy_factory):
-    """A session-mode login that closes a dead parked connection for its slot still works."""
-    proxy = proxy_factory(pool_mode="session", pool_size=1)
+def test_passthrough_login_after_parked_death(pg, proxy_factory):
+    """A pass-through login that closes a dead parked connection for its slot still works.
+
+    (Transaction mode: in session mode pass-through parks nothing, no client could take it.)
+    """
+    proxy = proxy_factory(pool_mode="transaction", pool_size=1)
     with connect(pg, proxy) as a:
         pid = pid_of(a)
     assert wait_until(lambda: proxy.pool.idle_count(app_key(pg)) == 1)
@@ -421,8 +424,9 @@ def test_transaction_mode_state_does_not_leak_to_next_client(pg, proxy_factory):
         b.close()
 
 
-def test_session_mode_state_is_reset_when_client_leaves(pg, proxy_factory):
-    proxy = proxy_factory(pool_mode="session", pool_size=1)
+def test_session_mode_state_is_reset_when_client_leaves(pg, proxy_factory, auth_file):
+    # proxy-terminated auth: with pass-through, session mode parks nothing (no client could take it)
+    proxy = proxy_factory(pool_mode="session", pool_size=1, auth_type="scram-sha-256", auth_file=auth_file)
     with connect(pg, proxy) as a:
         a.execute("CREATE TEMP TABLE tpp_tmp_s (x int)")
         a.execute("SET work_mem = '7MB'")

@@ -134,7 +134,7 @@ def test_unauthenticated_logins_never_displace_or_block_an_authenticated_client(
 
 def test_an_authenticated_login_still_takes_a_full_keys_parked_slot(pg, proxy_factory):
     """Once PostgreSQL accepts a pass-through login it is a normal slot: it may close a parked one."""
-    proxy = proxy_factory(pool_size=1, pool_mode="session", query_wait_timeout=5)
+    proxy = proxy_factory(pool_size=1, pool_mode="transaction", query_wait_timeout=5)
     key = app_key(pg)
     with connect(pg, proxy) as a:
         first = pid_of(a)
