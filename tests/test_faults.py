@@ -19,7 +19,7 @@ import pytest
 
 from threadpool_proxy import protocol
 
-from helpers import (_message, connect, parse_error_fields, query, read_to_end, read_until_ready, startup_packet, trust_session,
+from helpers import (_message, connect, nothing_to_read, parse_error_fields, query, read_to_end, read_until_ready, startup_packet, trust_session,
                      wait_until)
 
 
@@ -202,3 +202,91 @@ def test_session_mode_passthrough_parks_nothing_so_drop_database_succeeds(pg, pr
     assert proxy.pool.snapshot()["total_idle"] == 0
     with pg.superuser_conn() as su:
         su.execute("DROP DATABASE dropme")
+
+
+# -- client timers -------------------------------------------------------------------------
+
+def _ends_with(sock, sqlstate: str, within: float) -> dict:
+    """The client is closed within ``within`` s with exactly one FATAL of ``sqlstate``: its fields."""
+    t0 = time.monotonic()
+    messages = read_to_end(sock, timeout=within + 5)
+    assert time.monotonic() - t0 < within, messages
+    assert [kind for kind, _ in messages] == ["E"], messages
+    error = errors_of(messages)[0]
+    assert (error["S"], error["C"]) == ("FATAL", sqlstate), error
+    return error
+
+
+def _closed_not_parked(pg, proxy, pid: int) -> None:
+    assert wait_until(lambda: pid not in pg.backend_pids(user="trustuser"), timeout=5)
+    assert proxy.pool.snapshot()["total_idle"] == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_client_idle_timeout_closes_an_idle_client_and_its_server_connection(pg, proxy_factory, mode):
+    proxy = proxy_factory(pool_mode=mode, auth_type="trust", client_idle_timeout=0.5)
+    sock = trust_session(proxy)
+    try:
+        for _ in range(4):                  # busy clients are not idle: 4 x 0.3 s > 0.5 s
+            time.sleep(0.3)
+            pid = backend_pid(sock)
+        query(sock, "SELECT pg_sleep(0.8)")    # nor is one whose query runs
+        assert read_until_ready(sock)[-1] == ("Z", b"I")
+        error = _ends_with(sock, "57P05", within=2)
+    finally:
+        sock.close()
+    assert error["M"] == "terminating connection due to idle-session timeout"
+    assert "client_idle_timeout is 0.5 s" in error["D"]
+    _closed_not_parked(pg, proxy, pid)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_idle_transaction_timeout_closes_a_client_idle_inside_a_transaction(pg, proxy_factory, mode):
+    proxy = proxy_factory(pool_mode=mode, auth_type="trust", idle_transaction_timeout=0.5)
+    idle = trust_session(proxy)
+    sock = trust_session(proxy)
+    try:
+        pid = backend_pid(sock)
+        query(sock, "BEGIN")
+        assert read_until_ready(sock)[-1] == ("Z", b"T")
+        error = _ends_with(sock, "25P03", within=2)
+        assert nothing_to_read(idle, 0.3)        # a client between transactions is left alone
+        assert backend_pid(idle)
+    finally:
+        sock.close()
+        idle.close()
+    assert error["M"] == "terminating connection due to idle-in-transaction timeout"
+    assert wait_until(lambda: pid not in pg.backend_pids(user="trustuser"), timeout=5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_stalled_mid_message_loses_its_server_connection(pg, proxy_factory, mode):
+    """Issue 9 item 6: a header claiming 100 MB and a few bytes of body must not pin the connection."""
+    proxy = proxy_factory(pool_mode=mode, auth_type="trust", pool_size=1, query_wait_timeout=10,
+                          client_stall_timeout=0.5)
+    sock = trust_session(proxy)
+    try:
+        pid = backend_pid(sock)
+        sock.sendall(b"Q" + (100 * 1024 * 1024).to_bytes(4, "big") + b"SELECT ")
+        error = _ends_with(sock, "08P01", within=2)
+    finally:
+        sock.close()
+    assert "client_stall_timeout is 0.5 s" in error["D"]
+    _closed_not_parked(pg, proxy, pid)
+    other = trust_session(proxy)                # the user's one slot is free again
+    try:
+        assert backend_pid(other) != pid
+    finally:
+        other.close()
+
+
+def test_client_timers_are_validated_and_off_or_default():
+    from threadpool_proxy import config as cfg
+    base = {"databases": {"*": {"host": "127.0.0.1"}}}
+    defaults = cfg.from_dict(base)
+    assert (defaults.client_idle_timeout, defaults.idle_transaction_timeout, defaults.client_stall_timeout) \
+        == (0, 0, 30)
+    for key in ("client_idle_timeout", "idle_transaction_timeout", "client_stall_timeout"):
+        assert getattr(cfg.from_dict({**base, key: 0}), key) == 0
+        with pytest.raises(cfg.ConfigError, match=f"^{key}: expected a number of seconds >= 0"):
+            cfg.from_dict({**base, key: -1})

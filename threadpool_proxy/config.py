@@ -63,6 +63,9 @@ class Config:
     max_total_idle: int = 200
     server_idle_timeout: float = 600.0
     query_wait_timeout: float = 120.0
+    client_idle_timeout: float = 0.0        # 0: off
+    idle_transaction_timeout: float = 0.0   # 0: off
+    client_stall_timeout: float = 30.0      # 0: off
     server_connect_timeout: float = 15.0
     client_login_timeout: float = 60.0
     max_pending_logins: int = 3
@@ -153,6 +156,8 @@ def _as_user_tuple(v) -> tuple:
 _COUNT = (_positive_int, "a positive integer")
 _COUNT_OR_ZERO = (_non_negative_int, "an integer >= 0")
 _SECONDS = (_positive_number, "a number of seconds > 0")
+_SECONDS_OR_OFF = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+                   "a number of seconds >= 0 (0: off)")
 
 _TOP_LEVEL = {
     "pool_mode": (_choice(POOL_MODES), "one of " + ", ".join(POOL_MODES)),
@@ -162,6 +167,9 @@ _TOP_LEVEL = {
     "max_total_idle": _COUNT_OR_ZERO,
     "server_idle_timeout": _SECONDS,
     "query_wait_timeout": _SECONDS,
+    "client_idle_timeout": _SECONDS_OR_OFF,
+    "idle_transaction_timeout": _SECONDS_OR_OFF,
+    "client_stall_timeout": _SECONDS_OR_OFF,
     "server_connect_timeout": _SECONDS,
     "client_login_timeout": _SECONDS,
     "max_pending_logins": _COUNT,

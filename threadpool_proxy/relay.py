@@ -13,10 +13,12 @@ client can see this client's session state.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
 import threading
+import time
 
 from . import protocol as pq
 from . import tls
@@ -39,6 +41,18 @@ SERVER_BUFFER_MAX = 256 * 1024
 CLIENT_STATEMENTS_FACTOR = 10
 
 _POLLIN = select.POLLIN
+
+log = logging.getLogger(__name__)
+
+#: The client timers (config key -> SQLSTATE and message).  The idle ones end
+#: the client with what PostgreSQL says for its own idle_session_timeout and
+#: idle_in_transaction_session_timeout, so drivers treat them alike.
+CLIENT_IDLE = ("client_idle_timeout", pq.SQLSTATE_IDLE_SESSION_TIMEOUT,
+               "terminating connection due to idle-session timeout")
+IDLE_TRANSACTION = ("idle_transaction_timeout", pq.SQLSTATE_IDLE_IN_TRANSACTION_TIMEOUT,
+                    "terminating connection due to idle-in-transaction timeout")
+CLIENT_STALL = ("client_stall_timeout", pq.SQLSTATE_PROTOCOL_VIOLATION,
+                "terminating connection: the client stopped in the middle of a message")
 _IDLE = pq.IDLE[0]
 
 
@@ -54,7 +68,8 @@ class Relay:
                  "linger_ms", "poller", "cbuf", "cview", "sbuf", "sview", "cscan", "sscan",
                  "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "check_release",
                  "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
-                 "tracking", "stats", "unanswered")
+                 "tracking", "stats", "unanswered", "idle_timeout", "idle_transaction_timeout",
+                 "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
@@ -68,6 +83,17 @@ class Relay:
         self.pooled = pool_mode != "session"
         self.statement_mode = pool_mode == "statement"
         self.linger_ms = int(linger_timeout * 1000)
+        config = checkout.config
+        self.idle_timeout = config.client_idle_timeout
+        self.idle_transaction_timeout = config.idle_transaction_timeout
+        self.stall_timeout = config.client_stall_timeout
+        self.idle_timers = bool(self.idle_timeout or self.idle_transaction_timeout)
+        # One client timer at a time (the client is idle, idle in a transaction, or
+        # stopped mid-message): its deadline (0.0: none armed), which one, and
+        # stats.received when it was armed (bytes since then disarm it).
+        self.timer_at = 0.0
+        self.timer = CLIENT_IDLE
+        self.timer_mark = 0
         self.poller = select.poll()
         self.poller.register(self.cfd, _POLLIN)
         self.cbuf = bytearray(CLIENT_BUFFER_SIZE)
@@ -112,6 +138,8 @@ class Relay:
         on_server_readable = self.on_server_readable
         if tls.is_tls(self.client) and self.client.pending():
             self._due(((cfd, _POLLIN),))     # decrypted during login, unseen by poll()
+        if self.idle_timers:
+            self._arm_idle_timer()
         try:
             while True:
                 if self.check_release:
@@ -126,9 +154,12 @@ class Relay:
                     self.due = ()
                     events = due
                 else:
-                    events = poll(self.linger_ms if self.lingering else None)
+                    if self.timer_at:        # only while a client timer is armed
+                        events = poll(self._timer_poll_ms())
+                    else:
+                        events = poll(self.linger_ms if self.lingering else None)
                     if not events:
-                        self._linger_expired()
+                        self._poll_timed_out()
                         continue
                     if self.lingering and len(events) > 1:
                         # What the idle server said comes first: a terminated or
@@ -190,6 +221,8 @@ class Relay:
                     self.client.sendall(exc.raw * new_requests)
                 except OSError:
                     raise ClientGone() from None
+                if self.idle_timers:
+                    self._arm_idle_timer()
                 return
         if new_requests:
             self.stats.requests_sent(new_requests, self.pending == 0)
@@ -216,11 +249,15 @@ class Relay:
             raise ClientGone()
         if new_requests > 0 and cscan.at_boundary and not cscan.unsynced and not self.sscan.copy_in:
             self._due(self.server_due)
+        if self.stall_timeout and not cscan.at_boundary:
+            self._arm_timer(CLIENT_STALL, self.stall_timeout)
         if new_requests == 0 and self.pending == 0:
             # A chunk with no request in it (a lone Flush) gets no answer: check the
             # release point now, not at a ReadyForQuery that never comes; but should
             # the server answer it after all (a FATAL), that answer is the client's.
             self.check_release = self.unanswered = self.pooled
+            if self.idle_timers:
+                self._arm_idle_timer()
         else:
             self.check_release = False
 
@@ -269,6 +306,8 @@ class Relay:
             if not self.pending:
                 self.stats.answered(sscan.xacts, sscan.status != _IDLE)
                 sscan.xacts = 0
+                if self.idle_timers:
+                    self._arm_idle_timer()
         self.check_release = self.pooled and self.pending == 0
 
     def _start_tracking(self, new_requests: int) -> None:
@@ -286,12 +325,61 @@ class Relay:
         self.prepared.engage(max(0, self.pending - new_requests))
         self.tracking = True
 
+    # -- client timers: client_idle_timeout, idle_transaction_timeout, client_stall_timeout --
+    #
+    # Armed only where they apply (every request answered; or the client's
+    # stream ends mid-message), each at most once per transaction or chunk; the
+    # loop computes a poll() timeout only while one is armed, and the client's
+    # next bytes disarm it there, by the byte count, not by work per chunk.
+
+    def _arm_timer(self, timer, seconds: float) -> None:
+        self.timer, self.timer_at, self.timer_mark = timer, time.monotonic() + seconds, self.stats.received
+
+    def _arm_idle_timer(self) -> None:
+        """Every request is answered: the client is idle, in a transaction or not."""
+        if not self.cscan.at_boundary:
+            return                                  # mid-message: client_stall_timeout's case
+        if self.sscan.status == _IDLE:
+            if self.idle_timeout:
+                self._arm_timer(CLIENT_IDLE, self.idle_timeout)
+        elif self.idle_transaction_timeout:
+            self._arm_timer(IDLE_TRANSACTION, self.idle_transaction_timeout)
+
+    def _timer_poll_ms(self) -> int | None:
+        """poll()'s timeout with a timer armed: what is left of it (or of lingering, if sooner)."""
+        linger = self.linger_ms if self.lingering else None
+        if self.stats.received != self.timer_mark:
+            self.timer_at = 0.0                     # the client spoke since it was armed
+            return linger
+        left = self.timer_at - time.monotonic()
+        if left <= 0:
+            self._timer_expired()
+        ms = int(left * 1000) + 1
+        return ms if linger is None or ms < linger else linger
+
+    def _poll_timed_out(self) -> None:
+        if self.timer_at and time.monotonic() >= self.timer_at:
+            self._timer_expired()
+        if self.lingering:
+            self._linger_expired()
+
+    def _timer_expired(self):
+        """End the client: its server connection is closed (its state is the client's), never parked."""
+        name, sqlstate, text = self.timer
+        seconds = {CLIENT_IDLE: self.idle_timeout, IDLE_TRANSACTION: self.idle_transaction_timeout,
+                   CLIENT_STALL: self.stall_timeout}[self.timer]
+        if self.lingering:
+            self.lingering = False
+            self.pool.unlinger(self.key, self)
+        self.detach(park=False, reason=f"{name} ({seconds:g} s) ended its client")
+        if not self.sscan.at_boundary:
+            raise ErrorAlreadySent()        # a server message is half relayed: nothing can follow it
+        raise ClientFatal(sqlstate, text, detail=f"threadpool_proxy: {name} is {seconds:g} s.")
+
     def _due(self, events) -> None:
         """Handle ``events`` on the next turn without a poll() (once each)."""
         due = self.due
         self.due = events if not due else due + tuple(e for e in events if e not in due)
-
-    # -- TLS: bytes decrypted but not read yet do not make the descriptor readable ---
 
     def replay(self, data: bytes) -> None:
         """Relay ``data``, read from the client before the relay started, as if it came now.
@@ -315,6 +403,8 @@ class Relay:
 
         self.crecv = replayed
         self._due(((self.cfd, _POLLIN),))
+
+    # -- TLS: bytes decrypted but not read yet do not make the descriptor readable ---
 
     def _client_tls_recv(self, buf) -> int:
         return self._tls_recv(self.client, buf, ((self.cfd, _POLLIN),))
