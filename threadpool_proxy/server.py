@@ -126,23 +126,35 @@ def raise_fd_limit(config: config_mod.Config) -> int:
     return soft
 
 
-class CancelKeys:
-    """Proxy-owned BackendKeyData values and the client sessions they belong to.
+#: Process ids above this are never a server's (Linux's pid_max is at most 2^22),
+#: so the proxy's own pids never collide with the real ones session-mode clients get.
+_PROXY_PID_FLOOR = 2**22
 
-    Clients never see a server's real process id or secret: in transaction
-    mode the server behind a client changes, so the proxy maps its own key to
-    whichever server connection the client holds when the cancel arrives.
+
+class CancelKeys:
+    """BackendKeyData values given to clients, and the client sessions they belong to.
+
+    The secret is always the proxy's own: a client never learns a server's
+    secret, and a CancelRequest goes on to whichever server connection the
+    client holds when it arrives (in transaction mode that changes).  The pid
+    is the real server process id where a client keeps one server connection
+    for life (session mode: drivers compare it with pg_backend_pid() and
+    NOTIFY senders), else a proxy-made one above any real pid.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_pid: dict[int, tuple[bytes, ClientSession]] = {}
 
-    def register(self, session: ClientSession) -> tuple[int, bytes]:
+    def register(self, session: ClientSession, real_pid: int = 0) -> tuple[int, bytes]:
+        """A (pid, secret) for ``session``: ``real_pid`` when given and free, else a proxy-made pid."""
         secret = secrets.token_bytes(4)
         with self._lock:
+            if 0 < real_pid and real_pid not in self._by_pid:
+                self._by_pid[real_pid] = (secret, session)
+                return real_pid, secret
             while True:
-                pid = secrets.randbelow(2**31 - 2) + 1
+                pid = _PROXY_PID_FLOOR + 1 + secrets.randbelow(2**31 - 2 - _PROXY_PID_FLOOR)
                 if pid not in self._by_pid:
                     self._by_pid[pid] = (secret, session)
                     return pid, secret

@@ -371,7 +371,10 @@ class ClientSession:
         self.stats.client_login_count = 1
         self.server.stats.note_key(request.key, self.stats.pool)
         self.relay = relay
-        self.cancel_pid, cancel_secret = self.server.cancel_keys.register(self)
+        # Session mode: the client holds this server connection for life, so it is told
+        # the real backend pid (a proxy secret still guards its cancels).
+        self.cancel_pid, cancel_secret = self.server.cancel_keys.register(
+            self, real_pid=conn.pid if db.pool_mode == "session" else 0)
         try:
             ahead = channel.ready_for_relay()
             channel.send(self._welcome(conn, cancel_secret))
@@ -384,7 +387,7 @@ class ClientSession:
         return relay
 
     def _welcome(self, conn: ServerConnection, cancel_secret: bytes) -> bytes:
-        """ParameterStatus of the server connection, the proxy's BackendKeyData, ReadyForQuery."""
+        """ParameterStatus of the server connection, the client's BackendKeyData, ReadyForQuery."""
         welcome = [pq.parameter_status(conn.param_names[n], v) for n, v in conn.params.items()]
         welcome.append(pq.backend_key_data(self.cancel_pid, cancel_secret))
         welcome.append(pq.ready_for_query(pq.IDLE))
