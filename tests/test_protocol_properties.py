@@ -152,3 +152,33 @@ def test_server_scanner_frames_any_cut_stream_like_the_whole(messages, data):
     copy_starts = [i for i, (kind, _) in enumerate(messages) if kind in b"GW"]
     ready_at = [i for i, (kind, _) in enumerate(messages) if kind == ord("Z")]
     assert scanner.copy_in == bool(copy_starts and (not ready_at or copy_starts[-1] > ready_at[-1]))
+
+
+def test_server_scanner_reports_notifications_whole_or_cut_at_every_point():
+    """``notified``: the pid offset of each whole NotificationResponse in the chunk, or
+    minus the bytes of one the chunk ends inside; ``carry_need`` what completes it."""
+    note = frame(b"A", b"\x00\x00\x30\x39" + b"chan\x00payload\x00")
+    ready = frame(b"Z", b"I")
+    stream = ready + note + ready
+    start = len(ready)
+    for cut_at in range(len(stream) + 1):
+        s = pq.ServerScanner()
+        first, rest = stream[:cut_at], stream[cut_at:]
+        s.feed(bytearray(first), len(first))
+        if cut_at >= start + len(note):
+            assert s.notified == [start + 5]
+        elif cut_at > start:
+            assert s.notified == [-(cut_at - start)]
+            assert s.carry_need() == (5 - (cut_at - start) if cut_at - start < 5 else start + len(note) - cut_at)
+        else:
+            assert s.notified == []
+        s.notified.clear()
+        while s.carry_need():
+            need = s.carry_need()
+            s.feed(bytearray(rest[:need]), need)
+            rest = rest[need:]
+        s.notified.clear()
+        s.feed(bytearray(rest), len(rest))
+        assert s.at_boundary and s.ready == 2
+        # (a cut before it is completed first, so the last piece starts at the message)
+        assert s.notified == ([] if cut_at > start else [start + 5 if cut_at == 0 else 5])

@@ -67,7 +67,7 @@ class ServerConnection:
     __slots__ = ("sock", "raw_socket", "tls", "node", "host", "port", "pid", "secret",
                  "params", "param_names", "login_params", "unreported",
                  "_buf", "_poller", "reset_pending", "reset_timeout", "statements", "created", "serial",
-                 "__weakref__")
+                 "holder_pid", "__weakref__")
 
     def __init__(self, sock: socket.socket, host: str, port: int) -> None:
         self.sock = sock
@@ -91,6 +91,7 @@ class ServerConnection:
         self.statements = None        # prepared.ServerStatements: the proxy's named statements held here
         self.created = time.time()    # for SHOW SERVERS
         self.serial = next(_SERIALS)
+        self.holder_pid = 0           # the pid told to the client that holds it, or held it last
 
     @classmethod
     def dial(cls, host: str, port: int, timeout: float, server_tls=None) -> "ServerConnection":

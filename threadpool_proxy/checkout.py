@@ -69,13 +69,16 @@ class ServerCheckout:
     ``client_alive()`` says whether the client is still connected (a waiting
     client that left is handed nothing); ``cancel_wait()`` (a CancelRequest)
     ends a wait in ``obtain``.  ``stats`` (the client's counters) gets each
-    wait for a server connection and its outcome.
+    wait for a server connection and its outcome.  ``backends``, when given,
+    is the proxy's map (node, real pid) -> server connection (weak values),
+    where every connection opened for a client is entered (NOTIFY senders).
     """
 
     def __init__(self, pool: BackendIdlePool, config: Config, db: DatabaseConfig, key: str, user: str,
                  dbname: str, settings: ClientSettings,
                  dial: Callable[[dict], ServerConnection] | None,
-                 client_alive: Callable[[], bool] | None = None, stats: ClientStats | None = None) -> None:
+                 client_alive: Callable[[], bool] | None = None, stats: ClientStats | None = None,
+                 backends=None) -> None:
         self.pool = pool
         self.config = config
         self.db = db
@@ -87,6 +90,7 @@ class ServerCheckout:
         self.waiter = Waiter(client_alive)
         self.stats = stats if stats is not None else ClientStats()
         self.cancelable = False          # obtain() is waiting for a request that a cancel may drop
+        self.backends = backends
 
     def startup_params(self) -> dict:
         return self.settings.startup_params(self.user, self.dbname)
@@ -98,6 +102,8 @@ class ServerCheckout:
         returns it to); the client's values take the server's spelling; every
         other reported value is the server's default for the key.
         """
+        if self.backends is not None:
+            self.backends[(conn.node, conn.pid)] = conn
         settings = self.settings.values
         conn.login_params = dict(settings)
         conn.unreported = {k: v for k, v in settings.items() if k not in conn.params}

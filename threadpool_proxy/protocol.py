@@ -304,6 +304,7 @@ _IDLE = IDLE[0]
 _PARAMETER_STATUS = PARAMETER_STATUS[0]
 _COPY_IN_RESPONSE = COPY_IN_RESPONSE[0]
 _COPY_BOTH_RESPONSE = COPY_BOTH_RESPONSE[0]
+_NOTIFICATION_RESPONSE = NOTIFICATION_RESPONSE[0]
 _QUERY = QUERY[0]
 _FUNCTION_CALL = FUNCTION_CALL[0]
 _SYNC = SYNC[0]
@@ -320,6 +321,8 @@ class _Scanner:
 
     #: message types whose whole body the scanner wants (set per subclass)
     WANTED = b""
+    #: a message type (an int) whose cut by the end of a chunk ``_cut`` hears of (-1: none)
+    CUT_WATCH = -1
 
     def __init__(self) -> None:
         self._skip = 0
@@ -349,6 +352,8 @@ class _Scanner:
             if pos + 5 > n:
                 if pos < n:
                     self._carry = bytearray(buf[pos:n])
+                    if buf[pos] == self.CUT_WATCH:
+                        self._cut(n - pos)
                 return
             t = buf[pos]
             length = unpack(buf, pos + 1)[0]
@@ -358,6 +363,8 @@ class _Scanner:
             if t in wanted:
                 if end > n:
                     self._carry = bytearray(buf[pos:n])
+                    if t == self.CUT_WATCH:
+                        self._cut(n - pos)
                     return
                 self._message(t, buf, pos + 5, end)
             else:
@@ -401,6 +408,20 @@ class _Scanner:
         self._message(t, carry, 5, total)
         return pos + take
 
+    def carry_need(self) -> int:
+        """Bytes still missing from a message cut by the end of the last chunk (its
+        header first, then the rest); 0 when the last chunk ended between messages
+        or inside the body of a message the scanner skips."""
+        carry = self._carry
+        if carry is None:
+            return 0
+        if len(carry) < 5:
+            return 5 - len(carry)
+        return 1 + UINT32.unpack_from(carry, 1)[0] - len(carry)
+
+    def _cut(self, held: int) -> None:
+        """A message of type CUT_WATCH starts in the last ``held`` bytes of the chunk and goes on after it."""
+
     def _header(self, t: int) -> None:
         """A message of an unwanted type ``t`` started (body not looked at)."""
 
@@ -417,10 +438,17 @@ class ServerScanner(_Scanner):
     (an int), and ``parameters`` collects (name, value) of every ParameterStatus seen.
     ``errors`` counts ErrorResponses; ``fatal`` is set by one of severity
     FATAL or PANIC (the server closes the connection after it, having said why).
+
+    ``notified`` lists every NotificationResponse of the chunk, for the relay to
+    rewrite its sender pid: the offset of the pid field in the chunk (a whole
+    message), or minus the number of bytes at the chunk's end where one starts
+    that the chunk does not hold whole (``carry_need`` says what is missing).
+    Empty, so one falsy check per chunk, whenever the server sent no NOTIFY.
     """
 
-    __slots__ = ("ready", "xacts", "status", "parameters", "errors", "copy_in", "fatal")
-    WANTED = READY_FOR_QUERY + PARAMETER_STATUS + ERROR_RESPONSE
+    __slots__ = ("ready", "xacts", "status", "parameters", "errors", "copy_in", "fatal", "notified")
+    WANTED = READY_FOR_QUERY + PARAMETER_STATUS + ERROR_RESPONSE + NOTIFICATION_RESPONSE
+    CUT_WATCH = _NOTIFICATION_RESPONSE
 
     def __init__(self) -> None:
         super().__init__()
@@ -431,6 +459,10 @@ class ServerScanner(_Scanner):
         self.errors = 0
         self.copy_in = False      # CopyInResponse/CopyBothResponse seen, no ReadyForQuery since
         self.fatal = False        # an ErrorResponse that ends the connection was seen
+        self.notified: list[int] = []
+
+    def _cut(self, held):
+        self.notified.append(-held)
 
     def _header(self, t):
         if t == _COPY_IN_RESPONSE or t == _COPY_BOTH_RESPONSE:
@@ -445,6 +477,8 @@ class ServerScanner(_Scanner):
             self.copy_in = False
         elif t == _PARAMETER_STATUS:
             self.parameters.append(parse_parameter_status(buf[start:end]))
+        elif t == _NOTIFICATION_RESPONSE:
+            self.notified.append(start)
         else:             # ErrorResponse (rare: its fields are worth parsing)
             self.errors += 1
             if ends_connection(parse_error_fields(buf[start:end])):

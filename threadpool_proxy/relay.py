@@ -69,7 +69,7 @@ class Relay:
                  "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "check_release",
                  "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
                  "tracking", "stats", "unanswered", "idle_timeout", "idle_transaction_timeout",
-                 "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark")
+                 "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark", "client_pid")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
@@ -127,6 +127,9 @@ class Relay:
         # Simple Query traffic passes untracked, at the usual header-only cost,
         # until the client's first extended-protocol message (_start_tracking).
         self.tracking = False
+        # The pid this client was told (BackendKeyData): each server connection it
+        # takes remembers it, so a NOTIFY it sends can be shown to listeners as its own.
+        self.client_pid = 0
 
     # -- the loop -------------------------------------------------------------------
 
@@ -290,6 +293,8 @@ class Relay:
             n = len(view)
         sscan = self.sscan
         sscan.feed(view, n)
+        if sscan.notified:
+            view, n = self._name_notifiers(view, n)
         ready = sscan.ready
         if ready and self.statement_mode and sscan.status != _IDLE:
             self._refuse_transaction_block(view, n)
@@ -437,6 +442,7 @@ class Relay:
     def attach(self, conn: ServerConnection) -> None:
         with self.backend_lock:
             self.backend = conn
+        conn.holder_pid = self.client_pid
         self.ssock = conn.sock
         self.sfd = conn.sock.fileno()
         self.server_due = ((self.sfd, _POLLIN),)
@@ -513,6 +519,8 @@ class Relay:
         if n:
             errors = sscan.errors
             sscan.feed(view, n)
+            if sscan.notified:
+                view, n = self._name_notifiers(view, n)
             answer = self.unanswered and sscan.fatal
             if answer or (sscan.errors == errors and not sscan.ready and sscan.at_boundary):
                 if sscan.parameters:
@@ -532,6 +540,77 @@ class Relay:
             # last (e.g. a message type only the server knew to be invalid).
             self._server_lost()
         self.detach(park=False, reason="it closed or failed while idle; the client will get another")
+
+    def _name_notifiers(self, view, n: int):
+        """NotificationResponses in this chunk: name each sender as its client was told.
+
+        The pid PostgreSQL puts in a NotificationResponse is the sending backend's.
+        When that backend is a server connection of this proxy, the pid becomes the
+        one its client holding it (or the last one that held it) was told in
+        BackendKeyData: in session mode the same real pid, in transaction and
+        statement mode the proxy-made one.  A sender the proxy does not know (a
+        direct connection, a client of another proxy) keeps its real pid.  A
+        notification cut by the end of the chunk is completed first (the server is
+        in the middle of it), so no part of its pid has gone out before it is
+        rewritten.  Returns the chunk to send and its length.
+        """
+        sscan = self.sscan
+        offsets = list(sscan.notified)
+        sscan.notified.clear()
+        out = None
+        if offsets[-1] < 0:                    # (only the last one can be cut)
+            out = bytearray(view[:n])
+            cut_at = n + offsets[-1]
+            offsets[-1] = cut_at + 5           # its pid field, once it is whole
+            need = sscan.carry_need()
+            while need:
+                more = self._recv_server_exactly(need)
+                if more is None:
+                    self._send_before_loss(out[:cut_at])
+                    self._server_lost()
+                if self.tracking:
+                    more = self.prepared.from_server(more)
+                out += more
+                sscan.feed(more, len(more))
+                need = sscan.carry_need()
+            sscan.notified.clear()             # the completed one announced itself again
+        backends = self.checkout.backends
+        conn = self.backend
+        if backends is not None and conn is not None:
+            node = conn.node
+            for offset in offsets:
+                pid = pq.INT32.unpack_from(out if out is not None else view, offset)[0]
+                sender = backends.get((node, pid))
+                told = sender.holder_pid if sender is not None and sender.sock.fileno() >= 0 else 0
+                if told and told != pid:
+                    if out is None:
+                        out = bytearray(view[:n])
+                    pq.INT32.pack_into(out, offset, told)
+        return (out, len(out)) if out is not None else (view, n)
+
+    def _recv_server_exactly(self, size: int) -> bytes | None:
+        """``size`` bytes of the server's stream, waiting for them (the rest of a
+        message it is sending); None if it closed first."""
+        ssock = self.ssock
+        data = bytearray()
+        while len(data) < size:
+            try:
+                chunk = ssock.recv(size - len(data))
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return None
+            data += chunk
+        if self.backend.tls and ssock.pending():
+            self._due(self.server_due)         # decrypted already: poll() would not see it
+        return bytes(data)
+
+    def _send_before_loss(self, data) -> None:
+        try:
+            self.client.sendall(data)
+        except OSError:
+            raise ClientGone() from None
+        self.sscan.__init__()                  # what went out ended at a boundary
 
     def _refuse_transaction_block(self, view, n: int) -> None:
         """Statement mode: the server entered a transaction block; end the client like PgBouncer.

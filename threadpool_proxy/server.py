@@ -26,6 +26,7 @@ import socket
 import socketserver
 import threading
 import time
+import weakref
 
 from . import config as config_mod
 from . import protocol as pq
@@ -214,6 +215,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.config = config
         self.pool = BackendIdlePool(config.max_idle_per_key, config.max_total_idle)
         self.cancel_keys = CancelKeys()
+        # (node, real pid) -> server connection opened for a client, whose holder_pid is
+        # the pid its client was told: names NOTIFY senders (Relay._name_notifiers).
+        self.backends: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._sessions: set[ClientSession] = set()
         self._sessions_lock = threading.Lock()
         self._sessions_empty = threading.Condition(self._sessions_lock)

@@ -357,7 +357,7 @@ class ClientSession:
         checkout = self.checkout = ServerCheckout(
             self.server.pool, self.config, db, request.key, request.user, db.server_dbname(request.database),
             self.settings, dial=None if passthrough else lambda params: logins.proxy_login(request, params),
-            client_alive=lambda: client_connected(client), stats=self.stats)
+            client_alive=lambda: client_connected(client), stats=self.stats, backends=self.server.backends)
         if passthrough:
             conn = logins.passthrough_login(channel, request, checkout.startup_params())
             checkout.adopt(conn)
@@ -367,14 +367,15 @@ class ClientSession:
         # The client keeps its login connection; in transaction and statement
         # mode the relay lets it go as soon as another client waits for one.
         relay = Relay(self.client, checkout, self.settings, db.pool_mode, self.config.server_idle_timeout)
-        relay.attach(conn)
-        self.stats.client_login_count = 1
-        self.server.stats.note_key(request.key, self.stats.pool)
-        self.relay = relay
         # Session mode: the client holds this server connection for life, so it is told
         # the real backend pid (a proxy secret still guards its cancels).
         self.cancel_pid, cancel_secret = self.server.cancel_keys.register(
             self, real_pid=conn.pid if db.pool_mode == "session" else 0)
+        relay.client_pid = self.cancel_pid
+        relay.attach(conn)
+        self.stats.client_login_count = 1
+        self.server.stats.note_key(request.key, self.stats.pool)
+        self.relay = relay
         try:
             ahead = channel.ready_for_relay()
             channel.send(self._welcome(conn, cancel_secret))
