@@ -268,3 +268,45 @@ def test_metrics_listen():
     for bad in ("9127", ":9127", "host:port", 9127):
         with pytest.raises(ConfigError, match="metrics_listen: expected host:port"):
             load(metrics_listen=bad)
+
+
+def test_workers_setting():
+    assert load().workers == 1
+    assert load(workers=4).workers == 4
+    for bad in (0, -1, "2", cfg.MAX_WORKERS + 1, True):
+        with pytest.raises(ConfigError, match=r"^workers: expected an integer from 1 to"):
+            load(workers=bad)
+
+
+@pytest.mark.parametrize("total,count,parts", [
+    (20, 2, [10, 10]), (5, 2, [3, 2]), (4, 3, [2, 1, 1]), (7, 4, [2, 2, 2, 1]), (1, 2, [1, 1]), (0, 3, [0, 0, 0]),
+    (9, 1, [9]),
+])
+def test_worker_share_adds_up_to_the_total_and_never_rounds_up(total, count, parts):
+    assert [cfg.worker_share(total, i, count) for i in range(count)] == parts
+    if total >= count:
+        assert sum(parts) == total
+
+
+def test_for_worker_divides_the_limits_and_every_pool_size():
+    c = load(workers=2, pool_size=5, max_client_conn=1001, max_pending_logins=3, max_idle_per_key=0,
+             max_total_idle=200, databases={"a": {"host": "h"}, "b": {"host": "h", "pool_size": 8}})
+    w0, w1 = cfg.for_worker(c, 0, 2), cfg.for_worker(c, 1, 2)
+    assert (w0.pool_size, w1.pool_size) == (3, 2)
+    assert (w0.databases["a"].pool_size, w1.databases["a"].pool_size) == (3, 2)
+    assert (w0.databases["b"].pool_size, w1.databases["b"].pool_size) == (4, 4)
+    assert (w0.max_client_conn, w1.max_client_conn) == (501, 500)
+    assert (w0.max_pending_logins, w1.max_pending_logins) == (2, 1)
+    assert (w0.max_idle_per_key, w0.max_total_idle) == (0, 100)
+    assert (w0.workers, w0.reset_query, w0.databases["b"].host) == (2, c.reset_query, "h")
+    assert cfg.for_worker(c, 0, 1) is c
+
+
+def test_split_warnings_name_limits_smaller_than_the_worker_count():
+    c = load(workers=4, pool_size=2, max_pending_logins=3, databases={"a": {"host": "h"}, "b": {"host": "h",
+                                                                                              "pool_size": 8}})
+    warnings = cfg.split_warnings(c)
+    assert any(w.startswith("databases.a.pool_size 2 is less than workers 4") for w in warnings)
+    assert any(w.startswith("max_pending_logins 3 is less than workers 4") for w in warnings)
+    assert not any("databases.b" in w for w in warnings)
+    assert cfg.split_warnings(load(pool_size=1)) == []

@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             demo.stop()
         return 1
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(logging, config.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else getattr(logging, config.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.workers > 1 and not demo:
+        from . import workers
+        return workers.run(config, args.config, overrides, level)
     stop = threading.Event()
     proxy = Proxy(config, config_path=None if demo else args.config, overrides=overrides)
     try:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import secrets
 import socket
 import time
@@ -54,7 +55,7 @@ TEXT_OID, INT8_OID = 25, 20
 MAX_MESSAGE = 1 << 20
 
 HELP = """\
-SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|CLIENTS|SERVERS|DATABASES|CONFIG|LISTS|STATE|VERSION
+SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|CLIENTS|SERVERS|DATABASES|CONFIG|LISTS|STATE|VERSION|WORKERS
 PAUSE [db]         wait for running transactions, then hold new ones and close server connections
 RESUME [db]        end a PAUSE
 RECONNECT [db]     close server connections as they are released; new ones are opened as needed
@@ -138,10 +139,11 @@ class Console:
     before the first query of a non-autocommit connection).
     """
 
-    def __init__(self, control, user: str, role: str) -> None:
+    def __init__(self, control, user: str, role: str, local: bool = False) -> None:
         self.control = control
         self.user = user
         self.role = role
+        self.local = local             # this process's rows only (a peer worker asking for them)
         self.closed = False
         self.after: list = []          # callables to run once the answers so far are sent (SHUTDOWN)
         self.in_transaction = False
@@ -247,28 +249,47 @@ class Console:
                            ["paused", "yes" if paused is ALL else ",".join(sorted(paused)) or "no"],
                            ["suspended", "no"]])
 
-    def show_pools(self) -> bytes:
+    # Each SHOW of figures is built from ``rows_<what>()`` (this process's rows);
+    # with worker processes the console's worker asks the others for theirs over
+    # the peer channel and merges them (MERGES), so the console shows the whole proxy.
+
+    def gathered(self, what: str) -> tuple[list, list]:
+        """(columns, rows) of ``SHOW what`` for the whole proxy: every worker's rows, merged."""
+        columns, rows = getattr(self, "rows_" + what)()
+        peers = self.control.peer_rows(what) if not self.local else []
+        if peers:
+            rows = MERGES[what](columns, [rows] + peers)
+        return columns, rows
+
+    def _show(self, what: str) -> bytes:
+        return result_set(*self.gathered(what))
+
+    def rows_pools(self):
         rows = [[p.database, p.user, p.cl_active, p.cl_waiting, 0, 0, p.sv_active, 0, 0, p.sv_idle, 0, 0,
                  p.sv_login, int(p.maxwait), int((p.maxwait % 1) * 1e6), p.pool_mode]
                 for p in self.control.observe().pools()]
-        return result_set(POOL_COLUMNS, rows)
+        return POOL_COLUMNS, rows
+
+    def show_pools(self) -> bytes:
+        return self._show("pools")
+
+    def rows_stats(self):
+        obs = self.control.observe()
+        columns = ([("database", "s")] + [("total_" + name, "i") for name in STATS_TOTAL_NAMES]
+                   + [("avg_" + name, "i") for name in STATS_AVERAGE_NAMES])
+        rows = []
+        for database, values in sorted(obs.database_totals.items()):
+            avg = obs.averages(database)
+            rows.append([database] + [_us(values[n]) if n.endswith("_time") else values.get(n, 0)
+                                      for n in STATS_TOTAL_NAMES]
+                        + [avg.get(n, 0) for n in STATS_AVERAGE_NAMES])
+        return columns, rows
 
     def _stats_rows(self, totals: bool, averages: bool) -> bytes:
-        obs = self.control.observe()
-        columns, rows = [("database", "s")], []
-        if totals:
-            columns += [("total_" + name, "i") for name in STATS_TOTAL_NAMES]
-        if averages:
-            columns += [("avg_" + name, "i") for name in STATS_AVERAGE_NAMES]
-        for database, values in sorted(obs.database_totals.items()):
-            row = [database]
-            if totals:
-                row += [_us(values[n]) if n.endswith("_time") else values.get(n, 0) for n in STATS_TOTAL_NAMES]
-            if averages:
-                avg = obs.averages(database)
-                row += [avg.get(n, 0) for n in STATS_AVERAGE_NAMES]
-            rows.append(row)
-        return result_set(columns, rows)
+        columns, rows = self.gathered("stats")
+        keep = [i for i, (name, _) in enumerate(columns)
+                if i == 0 or (totals and name.startswith("total_")) or (averages and name.startswith("avg_"))]
+        return result_set([columns[i] for i in keep], [[row[i] for i in keep] for row in rows])
 
     def show_stats(self) -> bytes:
         return self._stats_rows(True, True)
@@ -279,7 +300,16 @@ class Console:
     def show_stats_averages(self) -> bytes:
         return self._stats_rows(False, True)
 
-    def show_clients(self) -> bytes:
+    def _ptr(self, ptr):
+        """Connection pointers and ids, told apart between worker processes: ``<worker>:<ptr>``."""
+        worker = self.control.worker
+        return ptr if ptr is None or worker is None else f"{worker.index}:{ptr}"
+
+    def _id(self, ident: int) -> int:
+        worker = self.control.worker
+        return ident if worker is None else ident * worker.count + worker.index
+
+    def rows_clients(self):
         obs = self.control.observe()
         now = time.monotonic()
         rows = []
@@ -288,11 +318,15 @@ class Console:
             rows.append(["C", c.stats.user, c.stats.database, "none", c.state, c.addr, c.port,
                          c.local_addr, c.local_port, timestamp(c.stats.connect_time),
                          timestamp(c.stats.request_time or c.stats.connect_time),
-                         int(wait), int((wait % 1) * 1e6), 0, c.ptr, c.server.ptr if c.server else None,
-                         None, "", c.application_name, c.prepared, c.id])
-        return result_set(CONNECTION_COLUMNS, rows)
+                         int(wait), int((wait % 1) * 1e6), 0, self._ptr(c.ptr),
+                         self._ptr(c.server.ptr if c.server else None),
+                         None, "", c.application_name, c.prepared, self._id(c.id)])
+        return CONNECTION_COLUMNS, rows
 
-    def show_servers(self) -> bytes:
+    def show_clients(self) -> bytes:
+        return self._show("clients")
+
+    def rows_servers(self):
         obs = self.control.observe()
         rows = []
         for s in obs.servers:
@@ -300,11 +334,14 @@ class Console:
             rows.append(["S", s.user, s.database, "none", s.state, s.addr, s.port, s.local_addr, s.local_port,
                          timestamp(s.connect_time),
                          timestamp(client.stats.request_time if client else s.idle_since or s.connect_time),
-                         0, 0, int(s.close_needed), s.ptr, client.ptr if client else None, s.remote_pid, "",
-                         client.application_name if client else "", s.prepared, s.id])
-        return result_set(CONNECTION_COLUMNS, rows)
+                         0, 0, int(s.close_needed), self._ptr(s.ptr), self._ptr(client.ptr if client else None),
+                         s.remote_pid, "", client.application_name if client else "", s.prepared, self._id(s.id)])
+        return CONNECTION_COLUMNS, rows
 
-    def show_databases(self) -> bytes:
+    def show_servers(self) -> bytes:
+        return self._show("servers")
+
+    def rows_databases(self):
         obs = self.control.observe()
         config: Config = self.control.config
         paused = self.control.paused_databases()
@@ -315,7 +352,10 @@ class Console:
                          obs.client_count(name), int(paused is ALL or name in paused), 0])
         rows.append([CONSOLE_DATABASES[0], None, self.control.listen_port, CONSOLE_DATABASES[0], None, 0, 0, 0, 0,
                      "statement", None, 0, 0, 0, obs.console_clients, 0, 0])
-        return result_set(DATABASE_COLUMNS, rows)
+        return DATABASE_COLUMNS, rows
+
+    def show_databases(self) -> bytes:
+        return self._show("databases")
 
     def show_config(self) -> bytes:
         config: Config = self.control.config
@@ -333,7 +373,7 @@ class Console:
                          "yes" if field.name in changeable else "no"])
         return result_set([("key", "s"), ("value", "s"), ("default", "s"), ("changeable", "s")], rows)
 
-    def show_lists(self) -> bytes:
+    def rows_lists(self):
         obs = self.control.observe()
         config: Config = self.control.config
         pools = obs.pool_names()
@@ -346,7 +386,102 @@ class Console:
                 ["free_servers", 0],
                 ["used_servers", obs.open_servers],
                 ["dns_names", 0], ["dns_zones", 0], ["dns_queries", 0], ["dns_pending", 0]]
-        return result_set([("list", "s"), ("items", "i")], rows)
+        return [("list", "s"), ("items", "i")], rows
+
+    def show_lists(self) -> bytes:
+        columns, rows = self.gathered("lists")
+        if self.control.worker is not None and not self.local:     # pools and users of all workers, once each
+            pools = {(r[0], r[1]) for r in self.gathered("pools")[1]}
+            counts = {"users": len({user for _, user in pools}), "pools": len(pools)}
+            rows = [[name, counts.get(name, n)] for name, n in rows]
+        return result_set(columns, rows)
+
+    def rows_workers(self):
+        """One row per worker process (a threadpool_proxy command; one row without workers)."""
+        obs = self.control.observe()
+        worker = self.control.worker
+        cancels = self.control.cancel_counts()
+        return WORKER_COLUMNS, [[worker.index if worker else 0, os.getpid(),
+                                 len(obs.clients) + obs.login_clients, obs.console_clients, obs.open_servers,
+                                 sum(v["xact_count"] for v in obs.database_totals.values()),
+                                 cancels.get("received", 0), cancels.get("forwarded", 0)]]
+
+    def show_workers(self) -> bytes:
+        return self._show("workers")
+
+
+def _merge_keyed(columns, row_lists, key: int, combine) -> list:
+    """Rows with the same first ``key`` values joined into one by ``combine(columns, rows)``, in first-seen order."""
+    groups: dict = {}
+    for rows in row_lists:
+        for row in rows:
+            groups.setdefault(tuple(row[:key]), []).append(row)
+    return [combine(columns, rows) for rows in groups.values()]
+
+
+def _sum_ints(columns, rows, skip=()) -> list:
+    """The first row, with every integer column (not in ``skip``) replaced by the rows' sum."""
+    out = list(rows[0])
+    for i, (name, kind) in enumerate(columns):
+        if kind == "i" and name not in skip:
+            out[i] = sum(r[i] or 0 for r in rows)
+    return out
+
+
+def _merge_pools(columns, row_lists):
+    def combine(columns, rows):
+        out = _sum_ints(columns, rows, skip=("maxwait", "maxwait_us"))
+        longest = max(rows, key=lambda r: (r[13], r[14]))          # the oldest waiter of any worker
+        out[13], out[14] = longest[13], longest[14]
+        return out
+    return sorted(_merge_keyed(columns, row_lists, 2, combine))
+
+
+#: avg_* columns that are times per something: averaged weighted by that something's rate.
+_WEIGHTED = {"avg_xact_time": "avg_xact_count", "avg_query_time": "avg_query_count",
+             "avg_wait_time": "avg_server_assignment_count"}
+
+
+def _merge_stats(columns, row_lists):
+    names = [name for name, _ in columns]
+
+    def combine(columns, rows):
+        out = _sum_ints(columns, rows, skip=tuple(_WEIGHTED))
+        for name, weight in _WEIGHTED.items():
+            i, w = names.index(name), names.index(weight)
+            total = sum(r[w] for r in rows)
+            out[i] = int(sum(r[i] * r[w] for r in rows) / total) if total else 0
+        return out
+    return sorted(_merge_keyed(columns, row_lists, 1, combine))
+
+
+def _merge_databases(columns, row_lists):
+    def combine(columns, rows):
+        out = list(rows[0])
+        for name in ("current_connections", "current_client_connections"):
+            i = columns.index((name, "i"))
+            out[i] = sum(r[i] for r in rows)
+        i = columns.index(("paused", "i"))
+        out[i] = max(r[i] for r in rows)
+        return out
+    return _merge_keyed(columns, row_lists, 1, combine)
+
+
+def _merge_lists(columns, row_lists):
+    return _merge_keyed(columns, row_lists, 1, lambda columns, rows: [rows[0][0]] + (
+        [rows[0][1]] if rows[0][0] == "databases" else [sum(r[1] for r in rows)]))
+
+
+#: How SHOW's rows of several workers become the whole proxy's (see Console.gathered).
+MERGES = {
+    "pools": _merge_pools,
+    "stats": _merge_stats,
+    "clients": lambda columns, row_lists: [row for rows in row_lists for row in rows],
+    "servers": lambda columns, row_lists: [row for rows in row_lists for row in rows],
+    "databases": _merge_databases,
+    "lists": _merge_lists,
+    "workers": lambda columns, row_lists: sorted(row for rows in row_lists for row in rows),
+}
 
 
 #: PAUSE, RESUME... -> (takes a database name, requires one)
@@ -379,6 +514,10 @@ CONNECTION_COLUMNS = [("type", "s"), ("user", "s"), ("database", "s"), ("replica
                       ("connect_time", "s"), ("request_time", "s"), ("wait", "i"), ("wait_us", "i"),
                       ("close_needed", "i"), ("ptr", "s"), ("link", "s"), ("remote_pid", "i"), ("tls", "s"),
                       ("application_name", "s"), ("prepared_statements", "i"), ("id", "i")]
+
+WORKER_COLUMNS = [("worker", "i"), ("pid", "i"), ("clients", "i"), ("console_clients", "i"),
+                  ("servers", "i"), ("total_xact_count", "i"), ("cancel_requests", "i"),
+                  ("cancels_forwarded", "i")]
 
 DATABASE_COLUMNS = [("name", "s"), ("host", "s"), ("port", "i"), ("database", "s"), ("force_user", "s"),
                     ("pool_size", "i"), ("min_pool_size", "i"), ("reserve_pool_size", "i"),

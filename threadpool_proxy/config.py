@@ -20,6 +20,8 @@ DEFAULT_RESET_QUERY = "DISCARD ALL"
 DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
 #: The admin console's virtual database, and the name PgBouncer's tools ask for.
 CONSOLE_DATABASES = ("threadpool_proxy", "pgbouncer")
+#: Most worker processes (``workers``); the worker's index is encoded in cancel key secrets.
+MAX_WORKERS = 64
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 #: The TLS settings that name files (relative paths in a YAML file are relative to it).
 TLS_FILES = ("client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
@@ -93,6 +95,7 @@ class Config:
     server_tls_key_file: str | None = None
     server_tls_cert_file: str | None = None
     server_tls_ca_file: str | None = None
+    workers: int = 1                     # processes serving the port (SO_REUSEPORT); command line only
     databases: Mapping[str, DatabaseConfig] = dataclasses.field(default_factory=dict)
 
     def lookup_database(self, requested: str) -> DatabaseConfig | None:
@@ -193,6 +196,7 @@ _TOP_LEVEL = {
     "client_tls_sslmode": (_choice(SSLMODES), "one of " + ", ".join(SSLMODES)),
     "server_tls_sslmode": (_choice(SSLMODES), "one of " + ", ".join(SSLMODES)),
     **{key: (_nonempty_str, "a file path") for key in TLS_FILES},
+    "workers": (lambda v: _positive_int(v) and v <= MAX_WORKERS, f"an integer from 1 to {MAX_WORKERS}"),
 }
 
 
@@ -279,6 +283,52 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
     _check_console(config)
     _check_tls(config)
     return config
+
+
+def worker_share(total: int, index: int, count: int, at_least: int = 1) -> int:
+    """Worker ``index``'s part of a limit ``total`` split among ``count`` worker processes.
+
+    ``total // count`` each, and one more for the first ``total % count``
+    workers, so the parts add up to exactly ``total`` whenever ``total >=
+    count`` (rounding up would let PostgreSQL see more than ``pool_size``
+    connections of a key).  Never below ``at_least`` (1: a worker with no
+    slot could serve nobody), which exceeds ``total`` only when ``total <
+    count``; the command line warns about that at start-up (``split_warnings``).
+    A ``total`` of 0 (off, or none) stays 0.
+    """
+    if total <= 0 or count <= 1:
+        return total
+    return max(at_least, total // count + (1 if index < total % count else 0))
+
+
+#: The limits ``for_worker`` divides between worker processes: what PostgreSQL or the
+#: machine sees in all must stay what the configuration says.
+SPLIT_LIMITS = ("pool_size", "max_pending_logins", "max_client_conn", "max_idle_per_key", "max_total_idle")
+
+
+def for_worker(config: Config, index: int, count: int) -> Config:
+    """The configuration worker ``index`` of ``count`` runs with: every limit of SPLIT_LIMITS
+    (per database entry too: ``pool_size``) divided by ``worker_share``."""
+    if count <= 1:
+        return config
+    entries = {name: dataclasses.replace(db, pool_size=worker_share(db.pool_size, index, count))
+               for name, db in config.databases.items()}
+    limits = {key: worker_share(getattr(config, key), index, count) for key in SPLIT_LIMITS}
+    return dataclasses.replace(config, databases=entries, **limits)
+
+
+def split_warnings(config: Config) -> list[str]:
+    """Limits too small to divide among ``config.workers`` without exceeding them (one line each)."""
+    count = config.workers
+    if count <= 1:
+        return []
+    out = []
+    sizes = [(f"databases.{name}.pool_size", db.pool_size) for name, db in config.databases.items()]
+    for key, total in sizes + [(key, getattr(config, key)) for key in ("max_pending_logins", "max_client_conn")]:
+        if 0 < total < count:
+            out.append(f"{key} {total} is less than workers {count}: each worker keeps 1, so up to {count} "
+                       f"are used in all")
+    return out
 
 
 def console_auth_entry(config: Config) -> DatabaseConfig | None:

@@ -44,35 +44,82 @@ STATS_COUNTERS = (
 )
 
 
+def local_figures(server) -> dict:
+    """This process's figures, as plain data a peer worker can send (JSON): pools, totals, events, counts."""
+    obs = server.observe()
+    return {
+        "pools": [[p.database, p.user] + [getattr(p, attr) for _, attr, _ in POOL_GAUGES] for p in obs.pools()],
+        "totals": {database: {key: values[key] for _, key, _, _ in STATS_COUNTERS}
+                   for database, values in obs.database_totals.items()},
+        "events": dict(obs.pool_stats),
+        "clients": len(obs.clients) + obs.console_clients + obs.login_clients,
+        "servers": obs.open_servers,
+        "workers": 1,
+    }
+
+
+def merge_figures(figures: list) -> dict:
+    """Several workers' ``local_figures`` as one proxy's: sums, and the longest wait of any."""
+    out = {"pools": {}, "totals": {}, "events": {}, "clients": 0, "servers": 0, "workers": 0}
+    maxwait = len(POOL_GAUGES) - 1           # the last gauge is a time: the oldest waiter's, not a sum
+    for fig in figures:
+        for row in fig["pools"]:
+            pool = out["pools"].setdefault((row[0], row[1]), [0] * len(POOL_GAUGES))
+            for i, value in enumerate(row[2:]):
+                pool[i] = max(pool[i], value) if i == maxwait else pool[i] + value
+        for database, values in fig["totals"].items():
+            total = out["totals"].setdefault(database, dict.fromkeys(values, 0))
+            for key, value in values.items():
+                total[key] += value
+        for event, n in fig["events"].items():
+            out["events"][event] = out["events"].get(event, 0) + n
+        for key in ("clients", "servers", "workers"):
+            out[key] += fig[key]
+    return out
+
+
 class ProxyCollector:
-    """Metrics of one ProxyServer, computed at scrape time."""
+    """Metrics of one ProxyServer, computed at scrape time; with workers, of all of them.
+
+    With worker processes the endpoint runs in worker 0, which asks the others
+    for their figures over the peer channel at each scrape and adds them up;
+    ``threadpool_proxy_workers`` says how many answered.
+    """
 
     def __init__(self, server) -> None:
         self.server = server
 
+    def figures(self) -> dict:
+        figures = [local_figures(self.server)]
+        peers = self.server.peers
+        if peers is not None:
+            figures += [fig for _, fig in sorted(peers.ask_all({"kind": "figures"}).items())]
+        return merge_figures(figures)
+
     def collect(self):
-        obs = self.server.observe()
-        gauges = {attr: GaugeMetricFamily(PREFIX + name, text, labels=["database", "user"])
-                  for name, attr, text in POOL_GAUGES}
-        for pool in obs.pools():
-            for attr, family in gauges.items():
-                family.add_metric([pool.database, pool.user], getattr(pool, attr))
-        yield from gauges.values()
+        fig = self.figures()
+        gauges = [GaugeMetricFamily(PREFIX + name, text, labels=["database", "user"])
+                  for name, _, text in POOL_GAUGES]
+        for (database, user), values in sorted(fig["pools"].items()):
+            for family, value in zip(gauges, values):
+                family.add_metric([database, user], value)
+        yield from gauges
         for name, key, text, _ in STATS_COUNTERS:
             family = CounterMetricFamily(PREFIX + name, text, labels=["database"])
-            for database, values in sorted(obs.database_totals.items()):
+            for database, values in sorted(fig["totals"].items()):
                 family.add_metric([database], values[key])
             yield family
         events = CounterMetricFamily(PREFIX + "server_connection_events",
                                      "The pool's server connection events: reuses, parked, reaped, evicted, ...",
                                      labels=["event"])
-        for event, n in sorted(obs.pool_stats.items()):
+        for event, n in sorted(fig["events"].items()):
             events.add_metric([event], n)
         yield events
-        yield GaugeMetricFamily(PREFIX + "clients", "Clients connected (console included)",
-                                value=len(obs.clients) + obs.console_clients + obs.login_clients)
+        yield GaugeMetricFamily(PREFIX + "clients", "Clients connected (console included)", value=fig["clients"])
         yield GaugeMetricFamily(PREFIX + "server_connections", "Server connections open (in use or parked)",
-                                value=obs.open_servers)
+                                value=fig["servers"])
+        yield GaugeMetricFamily(PREFIX + "workers", "Worker processes whose figures these are (1 without workers)",
+                                value=fig["workers"])
 
 
 def parse_listen(text: str) -> tuple[str, int]:

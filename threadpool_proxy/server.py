@@ -34,6 +34,7 @@ from . import stats as stats_mod
 from .admin import ALL, CommandError
 from . import tls
 from .login import Logins
+from .peers import PeerListener, Peers, WorkerSlot, owner_of
 from .pool import ALL_SERVERS, BackendIdlePool, key_matches, pool_key
 from .session import ClientSession
 
@@ -141,15 +142,27 @@ class CancelKeys:
     is the real server process id where a client keeps one server connection
     for life (session mode: drivers compare it with pg_backend_pid() and
     NOTIFY senders), else a proxy-made one above any real pid.
+
+    With ``workers`` processes the secret also says which one gave it out:
+    secret modulo ``workers`` is the ``worker`` index (peers.owner_of), so a
+    CancelRequest the kernel hands to another worker is forwarded to this one.
+    That costs log2(workers) of the secret's 32 random bits (1 bit for 2
+    workers); the real pid of session mode is the part a stranger can know.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int = 0, workers: int = 1) -> None:
         self._lock = threading.Lock()
         self._by_pid: dict[int, tuple[bytes, ClientSession]] = {}
+        self.worker, self.workers = worker, workers
+
+    def new_secret(self) -> bytes:
+        """4 random bytes whose value modulo the worker count is this worker's index."""
+        n = self.workers
+        return (secrets.randbelow(2**32 // n) * n + self.worker).to_bytes(4, "big")
 
     def register(self, session: ClientSession, real_pid: int = 0) -> tuple[int, bytes]:
         """A (pid, secret) for ``session``: ``real_pid`` when given and free, else a proxy-made pid."""
-        secret = secrets.token_bytes(4)
+        secret = self.new_secret()
         with self._lock:
             if 0 < real_pid and real_pid not in self._by_pid:
                 self._by_pid[real_pid] = (secret, session)
@@ -211,10 +224,15 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     request_queue_size = 1024
     block_on_close = False
 
-    def __init__(self, config: config_mod.Config) -> None:
+    def __init__(self, config: config_mod.Config, worker: "WorkerSlot | None" = None) -> None:
         self.config = config
+        self.whole_config = config              # workers mode: before for_worker divided its limits
+        self.worker = worker                    # which worker process this is (None: the only process)
+        self.peers = Peers(worker) if worker is not None else None
+        self.cancel_counts = collections.Counter()   # received (from clients), forwarded (to another worker)
+        self._cancel_lock = threading.Lock()
         self.pool = BackendIdlePool(config.max_idle_per_key, config.max_total_idle)
-        self.cancel_keys = CancelKeys()
+        self.cancel_keys = CancelKeys(worker.index, worker.count) if worker is not None else CancelKeys()
         # (node, real pid) -> server connection opened for a client, whose holder_pid is
         # the pid its client was told: names NOTIFY senders (Relay._name_notifiers).
         self.backends: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -249,7 +267,20 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         return pool_key(db.node, user, db.server_dbname(database))
 
     def forward_cancel(self, pid: int, secret: bytes) -> None:
-        """Send a client's CancelRequest on to the server connection its session holds now.
+        """A client's CancelRequest: cancel here, or hand it to the worker that gave out the key."""
+        worker = self.worker
+        owner = owner_of(secret, worker.count) if worker is not None else 0
+        with self._cancel_lock:
+            self.cancel_counts["received"] += 1
+            if worker is not None and owner != worker.index:
+                self.cancel_counts["forwarded"] += 1
+        if worker is not None and owner != worker.index:
+            self.peers.forward_cancel(owner, pq.cancel_request(pid, secret))
+            return
+        self.cancel_here(pid, secret)
+
+    def cancel_here(self, pid: int, secret: bytes) -> None:
+        """Send a CancelRequest for a client of this process on to the server connection it holds now.
 
         The target is copied under the session's lock and the cancel sent after
         it, so a slow server never stalls that client's relay.
@@ -272,7 +303,17 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         except OSError as exc:
             log.warning("could not forward a cancel request to %s:%d: %s", host, port, exc)
 
+    def peer_query(self, request: dict):
+        """Another worker's question on the peer channel (peers.py): the console's, the metrics'."""
+        return self.console_control.peer_query(request)
+
     # -- socketserver overrides ---------------------------------------------------
+
+    def server_bind(self) -> None:
+        """Workers share the port: each binds its own listening socket with SO_REUSEPORT."""
+        if self.worker is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def verify_request(self, request, client_address) -> bool:
         """Admit the connection, or have it refused; thread and descriptors are bounded from here.
@@ -413,12 +454,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         ConfigError (a bad auth file or TLS file) with nothing changed.
         """
         old = self.config
-        if (new.listen_host, new.listen_port, new.metrics_listen) != (old.listen_host, old.listen_port,
-                                                                      old.metrics_listen):
-            log.warning("RELOAD: listen.host, listen.port and metrics_listen take effect at the next start; "
-                        "still listening on %s:%d", *self.server_address[:2])
+        if (new.listen_host, new.listen_port, new.metrics_listen, new.workers) != (
+                old.listen_host, old.listen_port, old.metrics_listen, old.workers):
+            log.warning("RELOAD: listen.host, listen.port, metrics_listen and workers take effect at the next "
+                        "start; still listening on %s:%d", *self.server_address[:2])
             new = dataclasses.replace(new, listen_host=old.listen_host, listen_port=old.listen_port,
-                                      metrics_listen=old.metrics_listen)
+                                      metrics_listen=old.metrics_listen, workers=old.workers)
         client_tls, server_tls = tls.contexts(new)     # TLS files are read again: rotated certificates
         self.logins.reconfigure(new)
         self.client_tls, self.logins.server_tls = client_tls, server_tls
@@ -475,6 +516,12 @@ class ConsoleControl:
 
     Databases are named as clients name them; each names a target of the pool
     (its server and server-side database, pool.ALL_SERVERS for the whole proxy).
+
+    With worker processes, ``config`` is the configuration as written (not
+    this worker's share of the limits), SHOW rows of the other workers come
+    through ``peer_rows``, and PAUSE, RESUME, RECONNECT and KILL run in every
+    worker (``_everywhere``); RELOAD and SHUTDOWN go through the supervisor
+    (the hooks workers.py sets), which signals every worker.
     """
 
     #: Seconds between two looks while PAUSE waits for transactions to end, or KILL for clients to leave.
@@ -487,7 +534,76 @@ class ConsoleControl:
 
     @property
     def config(self) -> config_mod.Config:
-        return self.server.config
+        return self.server.whole_config
+
+    @property
+    def worker(self) -> WorkerSlot | None:
+        return self.server.worker
+
+    def cancel_counts(self) -> dict:
+        """CancelRequests this process received from clients, and how many it forwarded to another worker."""
+        with self.server._cancel_lock:
+            return dict(self.server.cancel_counts)
+
+    def peer_rows(self, what: str) -> list:
+        """The other workers' rows of ``SHOW what`` (those that answered), in worker order."""
+        peers = self.server.peers
+        if peers is None:
+            return []
+        answers = peers.ask_all({"kind": "rows", "show": what})
+        return [answers[i] for i in sorted(answers)]
+
+    def peer_query(self, request: dict):
+        """Answer another worker (peers.py): this worker's SHOW rows, metrics figures, or an action."""
+        from .admin import ADMIN, Console
+        kind = request.get("kind")
+        if kind == "rows":
+            what = str(request.get("show", ""))
+            rows = getattr(Console(self, "peer", ADMIN, local=True), "rows_" + what, None)
+            if rows is None:
+                raise ValueError(f"no rows {what!r}")
+            return rows()[1]
+        if kind == "figures":
+            from .metrics import local_figures
+            return local_figures(self.server)
+        if kind == "action" and request.get("verb") in ("pause", "resume", "reconnect", "kill", "reload"):
+            database = request.get("database")
+            try:
+                getattr(self, "_" + request["verb"])(database)
+            except Exception as exc:      # CommandError, a bad file at RELOAD: the asking worker says so
+                return {"error": str(exc)}
+            return {"ok": True}
+        raise ValueError(f"unknown peer request {kind!r}")
+
+    def _everywhere(self, verb: str, database: str | None) -> None:
+        """Run a console action here and, with workers, in every other worker at the same time."""
+        peers = self.server.peers
+        if peers is None:
+            getattr(self, "_" + verb)(database)
+            return
+        answers: dict = {}
+        asking = threading.Thread(target=lambda: answers.update(peers.ask_all(
+            {"kind": "action", "verb": verb, "database": database}, timeout=None)), daemon=True)
+        asking.start()
+        try:
+            getattr(self, "_" + verb)(database)
+        finally:
+            asking.join()
+        for index, answer in sorted(answers.items()):
+            if isinstance(answer, dict) and answer.get("error"):
+                log.info("%s %s in worker %d: %s", verb.upper(), database or "", index, answer["error"])
+
+    def pause(self, database: str | None) -> None:
+        self._everywhere("pause", database)
+
+    def resume(self, database: str | None) -> None:
+        self._everywhere("resume", database)
+
+    def reconnect(self, database: str | None) -> None:
+        self._everywhere("reconnect", database)
+
+    def kill(self, database: str) -> None:
+        self._everywhere("kill", database)
 
     @property
     def listen_port(self) -> int:
@@ -514,7 +630,7 @@ class ConsoleControl:
         entry = self.server.config.lookup_database(database)
         return (entry.node, entry.server_dbname(database))
 
-    def pause(self, database: str | None) -> None:
+    def _pause(self, database: str | None) -> None:
         """Hold new transactions of ``database`` (None: all), then wait until none runs."""
         target = self._target(database)
         with self._lock:
@@ -528,7 +644,7 @@ class ConsoleControl:
             time.sleep(self.POLL)
         log.info("PAUSE %s: paused", database or "(all databases)")
 
-    def resume(self, database: str | None) -> None:
+    def _resume(self, database: str | None) -> None:
         with self._lock:
             if database is None:
                 targets = list(self._paused.values())
@@ -546,12 +662,12 @@ class ConsoleControl:
                 self.server.pool.unhold(target)
         log.info("RESUME %s", database or "(all databases)")
 
-    def reconnect(self, database: str | None) -> None:
+    def _reconnect(self, database: str | None) -> None:
         closed = self.server.pool.close_released(self._target(database), time.time())
         log.info("RECONNECT %s: %d parked server connections closed, the others when released",
                  database or "(all databases)", closed)
 
-    def kill(self, database: str) -> None:
+    def _kill(self, database: str) -> None:
         """Disconnect the database's clients, close its server connections, hold it until RESUME."""
         target = self._target(database)
         with self._lock:
@@ -569,6 +685,9 @@ class ConsoleControl:
         log.info("KILL %s: %d clients disconnected; new ones wait for RESUME", database, len(victims))
 
     def reload(self) -> None:
+        self._everywhere("reload", None)
+
+    def _reload(self, _database=None) -> None:
         self.server.reload()
 
     def shutdown(self):
@@ -578,7 +697,7 @@ class ConsoleControl:
 
 #: Settings RELOAD changes in a running proxy (listen.* needs a restart).
 CHANGEABLE = frozenset(f.name for f in dataclasses.fields(config_mod.Config)
-                       if f.name not in ("listen_host", "listen_port", "metrics_listen", "databases"))
+                       if f.name not in ("listen_host", "listen_port", "metrics_listen", "workers", "databases"))
 
 
 class Proxy:
@@ -588,12 +707,20 @@ class Proxy:
     the bound address (``listen.port: 0`` picks a free port); ``stop()`` closes
     the listening socket, disconnects clients, closes pooled server
     connections and ends the threads.  Also a context manager.
+
+    Always one process: ``workers`` is for the command line (workers.py),
+    which runs one Proxy per worker process, each given its ``worker`` slot
+    and running with its share of the limits (config.for_worker).
     """
 
-    def __init__(self, config, config_path: str | None = None, overrides: dict | None = None) -> None:
+    def __init__(self, config, config_path: str | None = None, overrides: dict | None = None,
+                 worker: WorkerSlot | None = None) -> None:
         if config_path is None and isinstance(config, (str, os.PathLike)):
             config_path = os.fspath(config)
-        self.config = config_mod.load(config)
+        self.worker = worker
+        self.whole_config = config_mod.load(config)     # as configured (SHOW CONFIG, SHOW DATABASES)
+        self.config = self._share(self.whole_config)    # what this process enforces
+        self.peer_listener: PeerListener | None = None
         self.config_path = config_path          # what RELOAD and SIGHUP re-read
         self.overrides = dict(overrides or {})  # Config fields the command line set (e.g. listen_port)
         self._reload_lock = threading.Lock()
@@ -602,6 +729,10 @@ class Proxy:
         self.metrics = None                     # metrics.MetricsEndpoint when metrics_listen is set
         self._threads: list[threading.Thread] = []
         self._stop_janitor = threading.Event()
+
+    def _share(self, config: config_mod.Config) -> config_mod.Config:
+        worker = self.worker
+        return config if worker is None else config_mod.for_worker(config, worker.index, worker.count)
 
     @property
     def host(self) -> str:
@@ -616,21 +747,33 @@ class Proxy:
         return self.server.pool
 
     def start(self) -> "Proxy":
+        if self.worker is None and self.config.workers > 1:
+            log.warning("workers: %d is for the command line (python -m threadpool_proxy); this embedded "
+                        "proxy serves from one process", self.config.workers)
         raise_fd_limit(self.config)
-        self.server = ProxyServer(self.config)
+        self.server = ProxyServer(self.config, self.worker)
+        self.server.whole_config = self.whole_config
         self.server.reloader = self.reload
         self.server.stopper = self.stop_in_background
-        if self.config.metrics_listen:
-            from .metrics import MetricsEndpoint
-            try:
+        try:
+            if self.worker is not None:
+                self.peer_listener = PeerListener(self.worker, self.server)
+                self._threads.append(threading.Thread(target=self.peer_listener.serve_forever,
+                                                      kwargs={"poll_interval": 0.2},
+                                                      name="threadpool_proxy-peers", daemon=True))
+            # With workers, the first serves the metrics of them all (it asks the others at each scrape).
+            if self.config.metrics_listen and (self.worker is None or self.worker.index == 0):
+                from .metrics import MetricsEndpoint
                 self.metrics = MetricsEndpoint(self.server, self.config.metrics_listen).start()
-            except BaseException:
-                self.server.server_close()
-                raise
+        except BaseException:
+            self.server.server_close()
+            if self.peer_listener is not None:
+                self.peer_listener.server_close()
+            raise
         serve = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                                  name="threadpool_proxy-accept", daemon=True)
         janitor = threading.Thread(target=self._janitor, name="threadpool_proxy-janitor", daemon=True)
-        self._threads = [serve, janitor]
+        self._threads += [serve, janitor]
         for t in self._threads:
             t.start()
         log.info("threadpool_proxy listening on %s:%d", self.host, self.port)
@@ -661,10 +804,13 @@ class Proxy:
         A bad file raises ConfigError and changes nothing.
         """
         with self._reload_lock:
-            new = config_mod.load(self.config_path) if self.config_path else self.config
+            new = config_mod.load(self.config_path) if self.config_path else self.whole_config
             if self.overrides:
                 new = dataclasses.replace(new, **self.overrides)
-            self.config = self.server.apply_config(new)
+            self.config = self.server.apply_config(self._share(new))
+            fixed = ("listen_host", "listen_port", "metrics_listen", "workers")    # as apply_config keeps them
+            self.whole_config = self.server.whole_config = dataclasses.replace(
+                new, **{name: getattr(self.config, name) for name in fixed})
             log.info("configuration reloaded%s", f" from {self.config_path}" if self.config_path else
                      " (auth file only: the proxy was not started from a file)")
             return self.config
@@ -691,6 +837,8 @@ class Proxy:
         self._stop_janitor.set()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.peer_listener is not None:
+            self.peer_listener.close()
         server.shutdown()
         server.server_close()
         server.disconnect_all(wait)

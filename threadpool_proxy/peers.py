@@ -1,0 +1,177 @@
+"""The peer channel between worker processes (``workers: N``), as PgBouncer's ``peers``.
+
+Each worker listens on a private unix socket, ``peer-<index>.sock`` in a
+directory only the proxy's user can enter (the supervisor makes it, mode
+0700).  Two kinds of request arrive there, both framed like a startup packet
+(int32 length, int32 code):
+
+* a CancelRequest, the raw 16 bytes a client sent to whichever worker the
+  kernel gave its connection: the worker that owns the key (its index is
+  encoded in the secret, ``owner_of``) cancels as if the client had come to it;
+* a query (``PEER_QUERY_CODE``, then a JSON object): the admin console's and
+  the metrics endpoint's questions to the other workers (their SHOW rows, their
+  figures, a PAUSE), answered with an int32 length and a JSON value.
+
+The channel never carries a password or a server's secret; a CancelRequest
+carries what the client sent.  A peer that does not answer within
+``PEER_TIMEOUT`` (restarting, stuck) is left out of the answer and logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+
+from . import protocol as pq
+
+log = logging.getLogger(__name__)
+
+#: Not a PostgreSQL request code (those are 1234 << 16 | small numbers); only peers send it.
+PEER_QUERY_CODE = 1234 << 16 | 7777
+
+#: Seconds a worker waits for a peer's answer (connect, send, the whole reply).
+PEER_TIMEOUT = 5.0
+
+#: Largest peer message accepted either way.
+MAX_PEER_MESSAGE = 64 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSlot:
+    """Which worker this process is, how many there are, and where their peer sockets are."""
+
+    index: int
+    count: int
+    rundir: str
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.rundir, f"peer-{index}.sock")
+
+    def others(self) -> list[int]:
+        return [i for i in range(self.count) if i != self.index]
+
+
+def owner_of(secret: bytes, count: int) -> int:
+    """The worker that gave out a cancel key: its index is the secret modulo the worker count."""
+    return int.from_bytes(secret, "big") % count if count > 1 else 0
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("peer closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+class _PeerHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock, server = self.request, self.server
+        sock.settimeout(PEER_TIMEOUT)
+        try:
+            head = _recv_exact(sock, 8)
+            length, code = pq.INT32.unpack_from(head, 0)[0], pq.INT32.unpack_from(head, 4)[0]
+            if code == pq.CANCEL_REQUEST_CODE and length == 16:
+                body = _recv_exact(sock, 8)
+                server.proxy.cancel_here(pq.INT32.unpack_from(body, 0)[0], body[4:8])
+            elif code == PEER_QUERY_CODE and 8 <= length <= MAX_PEER_MESSAGE:
+                request = json.loads(_recv_exact(sock, length - 8))
+                answer = json.dumps(server.proxy.peer_query(request)).encode()
+                sock.sendall(pq.INT32.pack(len(answer)) + answer)
+            else:
+                log.warning("peer channel: ignoring a request with code %d, length %d", code, length)
+        except (OSError, ValueError, ConnectionError) as exc:
+            log.warning("peer channel: request failed: %s", exc)
+
+
+class PeerListener(socketserver.ThreadingUnixStreamServer):
+    """This worker's end of the peer channel; ``proxy`` is its ProxyServer."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, slot: WorkerSlot, proxy) -> None:
+        self.proxy = proxy
+        path = slot.path(slot.index)
+        try:
+            os.unlink(path)          # left behind by this worker's predecessor (it was killed)
+        except FileNotFoundError:
+            pass
+        super().__init__(path, _PeerHandler)
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("peer channel: unhandled error")
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        try:
+            os.unlink(self.server_address)
+        except OSError:
+            pass
+
+
+class Peers:
+    """Talking to the other workers: forwarding a cancel, asking a question of each."""
+
+    def __init__(self, slot: WorkerSlot) -> None:
+        self.slot = slot
+
+    def _connect(self, index: int, timeout: float | None = PEER_TIMEOUT) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(PEER_TIMEOUT)
+        try:
+            sock.connect(self.slot.path(index))
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(timeout)
+        return sock
+
+    def forward_cancel(self, index: int, packet: bytes) -> None:
+        """Hand a client's CancelRequest (16 bytes) to worker ``index``, which owns its key."""
+        try:
+            with self._connect(index) as sock:
+                sock.sendall(packet)
+                sock.shutdown(socket.SHUT_WR)
+                sock.recv(1)          # closed once the owner has sent it on: the cancel is not lost in a race
+        except OSError as exc:
+            log.warning("could not forward a cancel request to worker %d: %s", index, exc)
+
+    def ask(self, index: int, request: dict, timeout: float | None = PEER_TIMEOUT):
+        """Worker ``index``'s answer to ``request``; raises OSError/ValueError if it gives none.
+
+        ``timeout`` None: as long as it takes (PAUSE waits for running transactions).
+        """
+        body = json.dumps(request).encode()
+        with self._connect(index, timeout) as sock:
+            sock.sendall(pq.INT32.pack(len(body) + 8) + pq.INT32.pack(PEER_QUERY_CODE) + body)
+            length = pq.INT32.unpack(_recv_exact(sock, 4))[0]
+            if not 0 <= length <= MAX_PEER_MESSAGE:
+                raise ValueError(f"peer answer of {length} bytes")
+            return json.loads(_recv_exact(sock, length))
+
+    def ask_all(self, request: dict, timeout: float | None = PEER_TIMEOUT) -> dict[int, object]:
+        """Every other worker's answer, asked at once; index -> answer (workers that gave none left out)."""
+        answers: dict[int, object] = {}
+
+        def one(index: int) -> None:
+            try:
+                answers[index] = self.ask(index, request, timeout)
+            except (OSError, ValueError, ConnectionError) as exc:
+                log.warning("worker %d did not answer %s: %s", index, request.get("kind"), exc)
+
+        threads = [threading.Thread(target=one, args=(i,), name=f"threadpool_proxy-ask-{i}", daemon=True)
+                   for i in self.slot.others()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return answers
