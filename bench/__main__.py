@@ -20,9 +20,9 @@ from . import report
 from .cluster import PgCluster, ensure_packages, ensure_pg_user, server_version_string
 from .scenarios import (DEFAULT_SCENARIOS, QUICK_SCENARIOS, SCENARIOS, bigresult_bytes, expected_to_fail, run_idle,
                         run_pgbench, write_scripts)
-from .targets import (PGBOUNCER_TARGETS, REPO_ROOT, TARGET_NAMES, DirectTarget, PgBouncerTarget, ProxyTarget,
-                      Target, make_tls_files)
-from .util import BenchError, become_subreaper, log, raise_nofile
+from .targets import (PGBOUNCER_TARGETS, REPO_ROOT, TARGET_NAMES, WORKERS_TARGET, DirectTarget, PgBouncerTarget,
+                      ProxyTarget, Target, is_target_name, make_tls_files, target_order)
+from .util import BenchError, become_subreaper, log, parse_cpus, raise_nofile
 
 
 class Interrupted(BaseException):
@@ -61,7 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(throwaway cluster on loopback; all started processes are cleaned up).")
     p.add_argument("--targets", type=_csv, default=None,
                    help=f"comma list from {','.join(TARGET_NAMES)} (default: all; proxy-base only "
-                        f"with --proxy-base-src)")
+                        f"with --proxy-base-src), and proxy-wN: the proxy with `workers: N` (e.g. proxy-w2)")
+    p.add_argument("--pin-poolers", metavar="CPUS", default=None,
+                   help="run PgBouncer and the proxy on these CPUs only (taskset syntax: 1, 0,2, 2-3)")
+    p.add_argument("--pin-load", metavar="CPUS", default=None,
+                   help="run PostgreSQL and pgbench on these CPUs only (e.g. 0; with --pin-poolers 1-3)")
     p.add_argument("--proxy-base-src", metavar="DIR", default=None,
                    help="source tree of an older threadpool_proxy (e.g. `git worktree add /tmp/tpp-base HEAD~1`): "
                         "adds target proxy-base, run with DIR on PYTHONPATH and the same config as proxy, "
@@ -102,12 +106,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                     f"(give the root of a source tree)")
     if a.targets is None:
         a.targets = [t for t in TARGET_NAMES if t != "proxy-base" or a.proxy_base_src]
-    bad = [t for t in a.targets if t not in TARGET_NAMES]
+    bad = [t for t in a.targets if not is_target_name(t)]
     if bad or not a.targets:
-        p.error(f"--targets: unknown {','.join(bad) or '(empty)'}; choose from {','.join(TARGET_NAMES)}")
+        p.error(f"--targets: unknown {','.join(bad) or '(empty)'}; choose from {','.join(TARGET_NAMES)}, proxy-wN")
     if "proxy-base" in a.targets and not a.proxy_base_src:
         p.error("--targets: proxy-base needs --proxy-base-src DIR")
-    a.targets = [t for t in TARGET_NAMES if t in a.targets]      # canonical order
+    a.targets = target_order(a.targets)      # canonical order
+    for opt in ("pin_poolers", "pin_load"):
+        if getattr(a, opt) is not None:
+            try:
+                cpus = parse_cpus(getattr(a, opt))
+            except ValueError:
+                p.error(f"--{opt.replace('_', '-')}: expected CPUs as taskset takes them (1, 0,2, 2-3)")
+            if not cpus <= os.sched_getaffinity(0):
+                p.error(f"--{opt.replace('_', '-')}: CPUs {sorted(cpus)} are not all available "
+                        f"(this process may use {sorted(os.sched_getaffinity(0))})")
+            setattr(a, opt, cpus)
     if a.scenarios is None or a.scenarios == ["all"]:
         a.scenarios = list(QUICK_SCENARIOS if a.quick else DEFAULT_SCENARIOS)
     bad = [s for s in a.scenarios if s not in SCENARIOS]
@@ -123,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.duration < 1 or a.rounds < 1 or a.scale < 1:
         p.error("--duration, --rounds and --scale must be >= 1")
     pairs = {pair for group in a.expect_fail for pair in group}
-    bad = [f"{t}:{s}" for t, s in sorted(pairs) if t not in TARGET_NAMES or s not in SCENARIOS]
+    bad = [f"{t}:{s}" for t, s in sorted(pairs) if not is_target_name(t) or s not in SCENARIOS]
     if bad:
         p.error(f"--expect-fail: unknown target or scenario in {','.join(bad)}; targets {','.join(TARGET_NAMES)}, "
                 f"scenarios {','.join(SCENARIOS)}")
@@ -163,6 +177,7 @@ def main(argv=None) -> int:
         scripts = write_scripts(workdir)
 
         cluster = PgCluster(workdir, bindir, os_user, args.scale)
+        cluster.cpus = args.pin_load
         cluster.start()
         cluster.setup_bench_db()
         tls = (make_tls_files(workdir, os_user)
@@ -174,11 +189,14 @@ def main(argv=None) -> int:
             elif name in PGBOUNCER_TARGETS:
                 t = PgBouncerTarget(cluster, bouncer_exe, workdir, os_user, args.pool_size,
                                     args.max_client_conn, args.pgbouncer_config_extra,
-                                    name=name, reset_always=(name == "pgbouncer-reset"), tls=tls)
+                                    name=name, reset_always=(name == "pgbouncer-reset"), tls=tls,
+                                    cpus=args.pin_poolers)
             else:
+                workers = WORKERS_TARGET.match(name)
                 t = ProxyTarget(cluster, workdir, args.proxy_auth, args.pool_size, args.max_client_conn,
                                 args.proxy_config_extra, name=name,
-                                src=args.proxy_base_src if name == "proxy-base" else REPO_ROOT, tls=tls)
+                                src=args.proxy_base_src if name == "proxy-base" else REPO_ROOT, tls=tls,
+                                workers=int(workers.group(1)) if workers else 1, cpus=args.pin_poolers)
             targets.append(t)
             try:
                 t.start()
@@ -211,6 +229,8 @@ def main(argv=None) -> int:
             "pgbench": "-n (no vacuum), -j 2, sslmode=disable, SCRAM password login",
             "shared CPU": f"pgbench, pooler and postgres all share these {info['nproc']} CPUs",
             "RLIMIT_NOFILE": nofile,
+            "pinning": (f"poolers on CPUs {sorted(args.pin_poolers) if args.pin_poolers else 'any'}, PostgreSQL and "
+                        f"pgbench on {sorted(args.pin_load) if args.pin_load else 'any'}"),
             "work dir": workdir,
         }
         if args.pgbouncer_config_extra:
@@ -255,7 +275,7 @@ def main(argv=None) -> int:
                 for t in avail[k:] + avail[:k]:
                     if not usable(t):
                         continue
-                    rec = run_pgbench(cluster, t, sc, args.duration, scripts.get(sc.name))
+                    rec = run_pgbench(cluster, t, sc, args.duration, scripts.get(sc.name), cpus=args.pin_load)
                     rec["round"] = rnd + 1
                     rec["expected_to_fail"] = expected_to_fail(sc, t.name, set(args.expect_fail))
                     runs.append(rec)

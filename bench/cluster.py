@@ -11,7 +11,8 @@ import time
 
 from threadpool_proxy import pgcluster
 
-from .util import BenchError, children_of, is_root, log, raise_nofile, tail, tree_cpu_seconds, wait_port
+from .util import (BenchError, children_of, is_root, log, pin_preexec, raise_nofile, tail, tree_cpu_seconds,
+                   wait_port)
 
 PG_USER = pgcluster.OS_USER   # OS user PostgreSQL runs as when we are root
 BENCH_ROLE = "bench"
@@ -92,6 +93,7 @@ class PgCluster(pgcluster.PgCluster):
         self.password = secrets.token_hex(12)
         self.verifier = None          # SCRAM secret of the bench role, from pg_authid
         self.version = None
+        self.cpus = None              # pin PostgreSQL to these CPUs (--pin-load)
 
     # -- helpers
     def _run(self, argv, what, **kw):
@@ -124,7 +126,7 @@ class PgCluster(pgcluster.PgCluster):
         in a new session, so a Ctrl-C at the terminal does not reach the postmaster: we stop it."""
         log(f"initdb and start postgres in {self.parent}")
         try:
-            super().start(preexec_fn=raise_nofile)
+            super().start(preexec_fn=pin_preexec(self.cpus, raise_nofile))
         except pgcluster.PgClusterError as exc:
             raise BenchError(f"{exc}\n{tail(self.logfile)}") from None
         log(f"postgres in {self.datadir} on 127.0.0.1:{self.port}")

@@ -113,7 +113,7 @@ def pgbench_argv(cluster: PgCluster, target: Target, sc: Scenario, duration: flo
 
 
 def run_pgbench(cluster: PgCluster, target: Target, sc: Scenario, duration: float,
-                script_path: str | None) -> dict:
+                script_path: str | None, cpus: set[int] | None = None) -> dict:
     """One pgbench run against a target, with pooler/server/client CPU deltas."""
     argv = pgbench_argv(cluster, target, sc, duration, script_path)
     rec: dict = {"scenario": sc.name, "target": target.name, "argv": argv[1:], "duration": duration}
@@ -126,7 +126,8 @@ def run_pgbench(cluster: PgCluster, target: Target, sc: Scenario, duration: floa
     t0 = time.monotonic()
     try:
         p = subprocess.run(argv, capture_output=True, text=True, env=dict(cluster.client_env(), PGSSLMODE=sc.sslmode),
-                           timeout=duration + 120, stdin=subprocess.DEVNULL)
+                           timeout=duration + 120, stdin=subprocess.DEVNULL,
+                           preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         out, rc = p.stdout + "\n" + p.stderr, p.returncode
     except subprocess.TimeoutExpired as exc:
         out = ((exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")) + \

@@ -4,6 +4,7 @@ threadpool_proxy from this repo, and (optionally) threadpool_proxy from another 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,13 +13,25 @@ import yaml
 
 from .cluster import BENCH_DB, BENCH_ROLE, PgCluster
 from .util import (BenchError, chown_to, free_port, log, make_preexec, proc_cpu_seconds, proc_status,
-                   stop_process, tail, wait_port)
+                   stop_process, tail, tree_cpu_seconds, tree_status, wait_port)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # canonical (report) order; proxy-base exists only with --proxy-base-src
 TARGET_NAMES = ("direct", "pgbouncer", "pgbouncer-reset", "proxy-base", "proxy")
 PGBOUNCER_TARGETS = ("pgbouncer", "pgbouncer-reset")
 PROXY_TARGETS = ("proxy-base", "proxy")
+#: proxy-w2, proxy-w4, ...: threadpool_proxy from this tree with `workers: N`, listed after proxy.
+WORKERS_TARGET = re.compile(r"^proxy-w([1-9][0-9]?)$")
+
+
+def is_target_name(name: str) -> bool:
+    return name in TARGET_NAMES or WORKERS_TARGET.match(name) is not None
+
+
+def target_order(names) -> list[str]:
+    """Canonical (report) order: TARGET_NAMES, then proxy-wN by N."""
+    workers = sorted((n for n in names if WORKERS_TARGET.match(n)), key=lambda n: int(n[7:]))
+    return [t for t in TARGET_NAMES if t in names] + workers
 
 
 class Target:
@@ -108,8 +121,10 @@ class PgBouncerTarget(Target):
 
     def __init__(self, cluster: PgCluster, exe: str, workdir: str, os_user: str | None,
                  pool_size: int, max_client_conn: int, extra: list[tuple[str, str]],
-                 name: str = "pgbouncer", reset_always: bool = False, tls: tuple[str, str] | None = None):
+                 name: str = "pgbouncer", reset_always: bool = False, tls: tuple[str, str] | None = None,
+                 cpus: set[int] | None = None):
         super().__init__()
+        self.cpus = cpus
         self.tls = tls
         self.name, self.reset_always = name, reset_always
         self.cluster, self.exe, self.os_user = cluster, exe, os_user
@@ -168,7 +183,7 @@ class PgBouncerTarget(Target):
         out = open(os.path.join(self.dir, "stdout.log"), "wb")
         self.proc = subprocess.Popen([self.exe, self.ini], stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.dir, start_new_session=True,
-                                     preexec_fn=make_preexec(self.os_user))
+                                     preexec_fn=make_preexec(self.os_user, self.cpus))
         out.close()
         try:
             wait_port(self.port, 20, self.proc, self.name)
@@ -248,8 +263,10 @@ class ProxyTarget(Target):
 
     def __init__(self, cluster: PgCluster, workdir: str, auth: str, pool_size: int,
                  max_client_conn: int, extra: list[tuple[str, object]],
-                 name: str = "proxy", src: str = REPO_ROOT, tls: tuple[str, str] | None = None):
+                 name: str = "proxy", src: str = REPO_ROOT, tls: tuple[str, str] | None = None,
+                 workers: int = 1, cpus: set[int] | None = None):
         super().__init__()
+        self.workers, self.cpus = workers, cpus
         self.tls = tls
         self.name, self.src = name, src
         self.cluster = cluster
@@ -274,6 +291,8 @@ class ProxyTarget(Target):
             "log_level": "warning",
             "auth_type": "passthrough",
         }
+        if self.workers > 1:
+            cfg["workers"] = self.workers
         if self.auth == "scram-sha-256":
             auth_file = os.path.join(self.dir, "users.yaml")
             fd = os.open(auth_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -297,12 +316,33 @@ class ProxyTarget(Target):
         self.proc = subprocess.Popen([sys.executable, "-m", "threadpool_proxy", "-c", self.config_path],
                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      cwd=self.src, env=env, start_new_session=True,
-                                     preexec_fn=make_preexec(None))
+                                     preexec_fn=make_preexec(None, self.cpus))
         out.close()
         try:
             wait_port(self.port, 30, self.proc, self.name)
         except BenchError as exc:
             raise BenchError(f"{exc}; log tail ({self.logfile}):\n{tail(self.logfile)}")
+
+    def cpu_seconds(self) -> float | None:
+        """With workers: the supervisor and every worker (restarted ones included, once reaped)."""
+        if self.workers <= 1:
+            return super().cpu_seconds()
+        if not self.proc or self.proc.poll() is not None:
+            return None
+        try:
+            return tree_cpu_seconds(self.proc.pid)
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def status(self) -> dict:
+        if self.workers <= 1:
+            return super().status()
+        if not self.proc or self.proc.poll() is not None:
+            return {}
+        try:
+            return tree_status(self.proc.pid)
+        except OSError:
+            return {}
 
     def version(self) -> str:
         v = f"threadpool_proxy @ {source_version(self.src)}"

@@ -72,8 +72,32 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
-def make_preexec(run_as: str | None = None):
-    """preexec_fn for servers: raise RLIMIT_NOFILE, then (as root) drop to `run_as`.
+def parse_cpus(text: str) -> set[int]:
+    """A CPU list as taskset takes it: "1", "0,2", "0-3"."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        cpus.update(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    if not cpus:
+        raise ValueError("no CPUs")
+    return cpus
+
+
+def pin_preexec(cpus: set[int] | None, inner=None):
+    """preexec_fn: run ``inner``, then pin the child (and all it starts) to ``cpus`` (as taskset does)."""
+    if not cpus and inner is None:
+        return None
+
+    def preexec():
+        if inner is not None:
+            inner()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return preexec
+
+
+def make_preexec(run_as: str | None = None, cpus: set[int] | None = None):
+    """preexec_fn for servers: raise RLIMIT_NOFILE, then (as root) drop to `run_as`; pinned to `cpus` if given.
 
     The uid switch is done here rather than with runuser so that Popen.pid is
     the server's own PID (runuser forks and waits).
@@ -85,6 +109,8 @@ def make_preexec(run_as: str | None = None):
 
     def preexec():
         raise_nofile()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
         if ids is not None:
             os.setgroups([])
             os.setgid(ids[1])
@@ -157,6 +183,18 @@ def children_of(pid: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return kids
+
+
+def tree_status(pid: int) -> dict:
+    """proc_status of a process and its live children, added up (a supervisor and its workers)."""
+    total = proc_status(pid)
+    for kid in children_of(pid):
+        try:
+            for key, value in proc_status(kid).items():
+                total[key] = total.get(key, 0) + value
+        except OSError:
+            pass
+    return total
 
 
 def tree_cpu_seconds(pid: int) -> float:
