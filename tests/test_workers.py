@@ -381,3 +381,12 @@ def test_metrics_of_worker_0_add_up_every_worker(pg, workers_proxy):
         for conn in conns:
             conn.close()
     assert proxy.stop() == 0
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(pg, workers_proxy):
+    proxy = workers_proxy()
+    pids = [w["pid"] for w in proxy.workers()]
+    proxy.proc.kill()
+    proxy.proc.wait(10)
+    assert wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=30), proxy.log()
+    assert proxy.log().count("the supervisor (pid") == 2

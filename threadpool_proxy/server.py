@@ -615,6 +615,8 @@ class ConsoleControl:
     def database_names(self) -> set:
         names = {n for n in self.server.config.databases if n != "*"}
         names.update(c.stats.database for c in self.server.observe().clients)
+        for rows in self.peer_rows("pools"):           # databases only another worker's clients use
+            names.update(row[0] for row in rows)
         return names
 
     def paused_databases(self) -> frozenset:
