@@ -66,6 +66,9 @@ STOP_GRACE = 15.0
 QUICK_DEATH = 5.0
 MAX_RESTART_DELAY = 30.0
 
+#: Signals that stop the proxy; the supervisor passes the one it got to every worker.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -105,6 +108,7 @@ def worker_main(spec: WorkerSpec, ready) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGQUIT, lambda *_: stop.set())
     proxy = Proxy(config, config_path=spec.config_path, overrides=spec.overrides, worker=spec.slot)
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(proxy,),
                                                              name="threadpool_proxy-reload").start())
@@ -117,8 +121,10 @@ def worker_main(spec: WorkerSpec, ready) -> None:
         ready.send(("error", 1, f"cannot listen on {config.listen_host}:{config.listen_port}: "
                                 f"{exc.strerror or exc}"))
         sys.exit(1)
-    # SHUTDOWN on the console stops every worker: the supervisor passes SIGTERM on.
-    proxy.server.stopper = lambda: os.kill(spec.supervisor, signal.SIGTERM)
+    # SHUTDOWN on the console stops every worker: the supervisor passes the signal on
+    # (SIGTERM for a graceful stop where the proxy has one, SIGINT for an immediate one).
+    proxy.server.stopper = lambda graceful=False, *_: os.kill(spec.supervisor,
+                                                               signal.SIGTERM if graceful else signal.SIGINT)
     ready.send(("ready", proxy.port))
     ready.close()
     try:
@@ -182,16 +188,17 @@ class Supervisor:
             for sock in (wake_r, wake_w):
                 sock.setblocking(False)
             old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
             try:
                 status = self._start_all()
+                stop_signal = signal.SIGTERM
                 if status == 0:
                     log.info("threadpool_proxy listening on %s:%d with %d worker processes (pids %s)",
                              self.config.listen_host, self.config.listen_port, self.count,
                              ", ".join(str(w.process.pid) for w in self.workers))
-                    self._supervise(wake_r)
-                self._stop_all()
+                    stop_signal = self._supervise(wake_r)
+                self._stop_all(stop_signal, wake_r)
             finally:
                 signal.set_wakeup_fd(old_wakeup)
             return status
@@ -260,9 +267,18 @@ class Supervisor:
         return 0
 
     def _stop_requested(self) -> bool:
-        return any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals)
+        return any(s in STOP_SIGNALS for s in self._signals)
 
-    def _supervise(self, wake: socket.socket) -> None:
+    @staticmethod
+    def _drain(wake: socket.socket) -> None:
+        try:
+            while wake.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _supervise(self, wake: socket.socket) -> int:
+        """Until a stop signal (returned): restart workers that die, pass SIGHUP on."""
         while True:
             running = [w for w in self.workers if w.process is not None and w.restart_at == 0.0]
             due = [w.restart_at for w in self.workers if w.restart_at]
@@ -273,16 +289,12 @@ class Supervisor:
             for worker in running:
                 if worker.ready is not None and worker.ready in ready:
                     self._started(worker)
-            try:
-                while wake.recv(512):
-                    pass
-            except BlockingIOError:
-                pass
+            self._drain(wake)
             signals, self._signals[:] = list(self._signals), []
             for signum in signals:
-                if signum in (signal.SIGTERM, signal.SIGINT):
+                if signum in STOP_SIGNALS:
                     log.info("%s: stopping the %d workers", signal.Signals(signum).name, self.count)
-                    return
+                    return signum
                 if signum == signal.SIGHUP:
                     self._reload()
             now = time.monotonic()
@@ -333,20 +345,35 @@ class Supervisor:
             if worker.process is not None and worker.process.is_alive():
                 os.kill(worker.process.pid, signal.SIGHUP)
 
-    def _stop_all(self) -> None:
-        """SIGTERM every worker and wait; SIGKILL those still there after the grace time."""
+    def _stop_all(self, signum: int, wake: socket.socket) -> None:
+        """Pass the stop signal to every worker and wait for them; later stop signals are passed
+        on too (a second one makes a graceful stop immediate); SIGKILL for those still there
+        after the grace time (shutdown_timeout, if configured, plus STOP_GRACE)."""
         live = [w.process for w in self.workers if w.process is not None and w.process.is_alive()]
+        grace = STOP_GRACE + getattr(self.config, "shutdown_timeout", 0.0)
+        deadline = time.monotonic() + grace
+        while True:
+            for process in live:
+                try:
+                    os.kill(process.pid, signum)
+                except ProcessLookupError:
+                    pass
+            signum = 0
+            while not signum:
+                live = [p for p in live if p.is_alive()]
+                if not live or time.monotonic() >= deadline:
+                    break
+                multiprocessing.connection.wait([wake] + [p.sentinel for p in live],
+                                                max(0.0, deadline - time.monotonic()))
+                self._drain(wake)
+                later, self._signals[:] = [s for s in self._signals if s in STOP_SIGNALS], []
+                if later:
+                    signum = later[-1]
+            if not signum:
+                break
         for process in live:
-            try:
-                os.kill(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + STOP_GRACE + getattr(self.config, "shutdown_timeout", 0.0)
-        for process in live:
-            process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
-                log.error("worker pid %d did not stop within %.0f s: killing it", process.pid,
-                          deadline - time.monotonic() + STOP_GRACE)
+                log.error("worker pid %d did not stop within %.0f s: killing it", process.pid, grace)
                 process.kill()
                 process.join(5)
         log.info("threadpool_proxy stopped (%d workers)", self.count)
