@@ -218,6 +218,27 @@ def pg():
         cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def pg_ro():
+    """A second, independent cluster with the same roles and passwords as ``pg``, read-only by default.
+
+    ``default_transaction_read_only = on`` (set after the roles are made), so
+    libpq's target_session_attrs sees it as read-only, as a replica would be:
+    the tests of several nodes route between ``pg`` and this one.
+    """
+    try:
+        cluster = PgCluster()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    atexit.register(cluster.stop)
+    try:
+        cluster.start()
+        cluster.sql("ALTER SYSTEM SET default_transaction_read_only = on", "SELECT pg_reload_conf()")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 # -- proxies ------------------------------------------------------------------
 
 class ProxyFactory:

@@ -571,7 +571,12 @@ class ConsoleClient:
             entry = DatabaseConfig(name="*", host="", port=0, dbname=None, pool_mode="statement",
                                    pool_size=1, auth_type=config.auth_type)
         dbname = entry.dbname or (entry.name if entry.name != "*" else "postgres")
-        entry = dataclasses.replace(entry, dbname=dbname)   # auth_query runs there, pass-through logs in there
+        # auth_query runs there, pass-through logs in there: on one server (the first up, of several).
+        router = getattr(server, "router", None)
+        up = router.candidates(entry) if router is not None and entry.multi else ()
+        node = up[0] if up else entry.nodes[0]
+        entry = dataclasses.replace(entry, dbname=dbname, host=node.host, port=node.port, nodes=(node,),
+                                    role=None, target_session_attrs="any")
         self.request = LoginRequest(user=user, database=database, db=entry,
                                     key=pool_key(entry.node, user, dbname) + "\0console", address=address)
 

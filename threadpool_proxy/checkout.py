@@ -20,8 +20,10 @@ from . import prepared
 from . import protocol as pq
 from .backend import ServerConnection
 from .config import DEFAULT_RESET_QUERY, Config, DatabaseConfig
-from .errors import ClientFatal, PoolTimeout, QueryCanceled, ServerError, ServerGone, ServerUnavailable
-from .pool import BackendIdlePool, Waiter
+from .errors import (ClientFatal, ClientGone, NodeDown, PoolTimeout, QueryCanceled, ServerError, ServerGone,
+                     ServerUnavailable)
+from .nodes import Router, query_session_attrs, session_fits
+from .pool import BackendIdlePool, Waiter, pool_key
 from .stats import ClientStats
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,16 @@ class ClientSettings:
 class ServerCheckout:
     """Server connections for one client's transactions: ``obtain``, ``park``, ``discard``.
 
-    ``dial(startup_params)`` opens a new logged-in connection when the pool
-    allows one (proxy-terminated auth); with None (pass-through) only the
-    client's own login could open one, so only parked connections are taken.
+    ``dial(startup_params, node, key)`` opens a new logged-in connection to
+    ``node`` (a NodeConfig; None: the entry's only server) when the pool allows
+    one (proxy-terminated auth); with None (pass-through) only the client's
+    own login could open one, so only parked connections are taken.
+
+    An entry with several nodes (``db.multi``, a ``router``) chooses a node at
+    each checkout: a parked connection of any node that is up first, else a
+    new one where ``load_balance`` says; ``key`` is then the key of the
+    connection handed out last (the one the client holds).  A single-server
+    entry has one fixed key and costs nothing more.
     ``client_alive()`` says whether the client is still connected (a waiting
     client that left is handed nothing); ``cancel_wait()`` (a CancelRequest)
     ends a wait in ``obtain``.  ``stats`` (the client's counters) gets each
@@ -78,10 +87,9 @@ class ServerCheckout:
                  dbname: str, settings: ClientSettings,
                  dial: Callable[[dict], ServerConnection] | None,
                  client_alive: Callable[[], bool] | None = None, stats: ClientStats | None = None,
-                 backends=None) -> None:
+                 backends=None, router: Router | None = None) -> None:
         self.pool = pool
         self.config = config
-        self.db = db
         self.key = key
         self.user = user
         self.dbname = dbname          # the server-side database name
@@ -91,6 +99,20 @@ class ServerCheckout:
         self.stats = stats if stats is not None else ClientStats()
         self.cancelable = False          # obtain() is waiting for a request that a cancel may drop
         self.backends = backends
+        self.router = router
+        self.node_keys: dict[str, str] = {}
+        self.routed = False
+        self.route(db)
+
+    def route(self, db: DatabaseConfig) -> None:
+        """Take entry ``db`` (at start and on RELOAD): several nodes are routed, one is not."""
+        self.db = db
+        self.routed = self.router is not None and db.multi
+        self.node_keys = {n.name: pool_key(n.name, self.user, self.dbname) for n in db.nodes}
+
+    def key_of(self, conn: ServerConnection) -> str:
+        """The pool key of one of this client's connections (its node's)."""
+        return self.node_keys.get(conn.node, self.key) if self.routed else self.key
 
     def startup_params(self) -> dict:
         return self.settings.startup_params(self.user, self.dbname)
@@ -105,6 +127,8 @@ class ServerCheckout:
         if self.backends is not None:
             self.backends[(conn.node, conn.pid)] = conn
         settings = self.settings.values
+        if self.routed:
+            self.key = self.key_of(conn)
         conn.login_params = dict(settings)
         conn.unreported = {k: v for k, v in settings.items() if k not in conn.params}
         defaults = {}
@@ -127,7 +151,7 @@ class ServerCheckout:
         self.stats.waiting()
         conn = None
         try:
-            conn = self._obtain(cancelable)
+            conn = self._obtain_routed(cancelable) if self.routed else self._obtain(cancelable)
             return conn
         finally:
             self.stats.assigned(conn is not None)
@@ -162,7 +186,7 @@ class ServerCheckout:
                             hint="Reconnect to go on. With auth_type scram-sha-256 (auth_file) or auth_query "
                                  "the proxy logs in again by itself and clients wait for the server.")
                     try:
-                        conn = self.dial(self.startup_params())
+                        conn = self.dial(self.startup_params(), None, self.key)
                     except ServerUnavailable as exc:
                         pool.dial_failed(self.key, config.server_login_retry, exc)
                         log.info("user %s: %s; waiting for the server", self.user, exc)
@@ -194,6 +218,161 @@ class ServerCheckout:
                 return conn
         finally:
             self.cancelable = False
+
+    def _obtain_routed(self, cancelable: bool) -> ServerConnection:
+        """``_obtain`` for an entry with several nodes: reuse on any up node, else dial the chosen one.
+
+        A node that refuses a dial is marked down at once (``dial_failed``) and
+        the next node is tried; one that goes down while the client waits for
+        it (NodeDown) is left for another.  When every node is down the client
+        waits for the first (dials paced by ``server_login_retry``) within
+        ``query_wait_timeout``, as with a single server, and the health checks
+        or a dial that works bring them back.
+        """
+        pool, db, config, router = self.pool, self.db, self.config, self.router
+        settings = self.settings.values
+        deadline = time.monotonic() + config.query_wait_timeout
+        unfit = 0
+        prefer = lambda c: c.login_params == settings      # noqa: E731
+        self.cancelable = cancelable
+        try:
+            while True:
+                keys = self.node_keys
+                key, conn = pool.checkout_any([keys[n.name] for n in router.reuse_order(db)], prefer)
+                if conn is None:
+                    conn, key = self._new_on_a_node(deadline, prefer)
+                    if conn is None:
+                        continue
+                    if key is None:           # freshly dialed and checked: the client's settings already
+                        self.key = self.key_of(conn)
+                        return conn
+                self.key = key
+                needed = self._needed_settings(conn)
+                if needed is None:
+                    pool.discard(key, conn, "it carries a setting that cannot be put back for this client")
+                    unfit += 1
+                    if unfit > db.pool_size * len(db.nodes) + 2:
+                        raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE, "no compatible server connection "
+                                          "could be found for this client's settings")
+                    continue
+                try:
+                    conn.apply_settings(needed, config.server_connect_timeout)
+                except ServerGone as exc:
+                    pool.discard(key, conn, f"applying the client's settings failed: {exc}")
+                    continue
+                except ServerError as exc:
+                    self.park(conn)
+                    raise ClientFatal(exc.fields.get("C", pq.SQLSTATE_CONNECTION_FAILURE), str(exc),
+                                      raw=pq.error_response_from_fields(exc.fields, pq.FATAL)) from None
+                return conn
+        finally:
+            self.cancelable = False
+
+    def _new_on_a_node(self, deadline: float, prefer) -> tuple:
+        """No parked connection anywhere: wait for or dial one on the chosen node.
+
+        Returns (connection, its key) for a parked one the wait brought,
+        (connection, None) for a new one (dialed, fitting the target, adopted),
+        or (None, None) to look again.
+        """
+        pool, db, config, router = self.pool, self.db, self.config, self.router
+        keys = self.node_keys
+        remaining = deadline - time.monotonic()
+        if self.dial is None:
+            # Pass-through: only connections the client's identity still has somewhere can serve it.
+            node = next((n for n in router.candidates(db) if pool.open_count(keys[n.name])), None)
+        else:
+            node = router.for_dial(db, lambda n: pool.open_count(keys[n.name]))
+        failover = node is not None
+        if node is None and self.dial is not None:
+            node = router.fallback(db)
+            if node is None:
+                # Every node is known not to fit (e.g. read-write while all are read-only):
+                # wait for a health check to see one change (a promotion), within the deadline.
+                if remaining <= 0:
+                    raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE,
+                                      f"query_wait_timeout: no server of database \"{self.dbname}\" fits "
+                                      f"target_session_attrs {db.target_session_attrs} ({router.misfits(db)})")
+                if self.waiter.client_gone():
+                    raise ClientGone()
+                time.sleep(min(1.0, remaining))
+                return None, None
+        if node is None:
+            self._no_connection_left()
+        key = keys[node.name]
+        try:
+            conn = pool.acquire(key, db.pool_size, max(remaining, 0.0), prefer=prefer,
+                                dial=self.dial is not None, waiter=self.waiter, paced=True, failover=failover)
+        except NodeDown:
+            return None, None
+        except PoolTimeout:
+            raise self._wait_timed_out(pool.server_down(key)) from None
+        except QueryCanceled:
+            raise QueryCanceled(CANCELED_ANSWER) from None
+        if conn is not None:
+            return conn, key
+        if self.dial is None:
+            return None, None                  # its last connection there closed meanwhile: look again
+        try:
+            conn = self.dial(self.startup_params(), node, key)
+        except ServerUnavailable as exc:
+            pool.dial_failed(key, config.server_login_retry, exc, elsewhere=True)
+            log.info("user %s: %s; trying another node", self.user, exc)
+            return None, None
+        except BaseException:
+            pool.dial_abandoned(key)
+            raise
+        pool.dial_succeeded(key)
+        try:
+            fit = self._fits_target(conn)
+        except (ServerGone, ServerError) as exc:
+            pool.discard(key, conn, f"asking whether it is in recovery failed: {exc}")
+            return None, None
+        if not fit:
+            pool.discard(key, conn, f"it does not fit target_session_attrs {db.target_session_attrs}")
+            return None, None
+        self.adopt(conn)
+        return conn, None
+
+    def _fits_target(self, conn: ServerConnection) -> bool:
+        """Learn what the new connection's server is; whether its session fits ``target_session_attrs``."""
+        target = self.db.target_session_attrs
+        attrs = self.router.learn_from_login(conn, self.settings.values)
+        if attrs is None and target not in ("any", "prefer-standby"):
+            attrs = query_session_attrs(conn, self.config.server_connect_timeout)   # before PostgreSQL 14
+            if "default_transaction_read_only" not in self.settings.values:
+                self.router.learn(conn.node, *attrs, how="asked at login")
+        return attrs is None or session_fits(target, *attrs)
+
+    def check_login_target(self, conn: ServerConnection) -> None:
+        """A pass-through login landed on a node that does not fit ``target_session_attrs``: end the client.
+
+        The proxy cannot log in elsewhere without the client; the node's state
+        is learned now, so the client's next login goes to a fitting node.
+        """
+        try:
+            fit = self._fits_target(conn)
+        except (ServerGone, ServerError) as exc:
+            self.discard(conn, f"asking whether it is in recovery failed: {exc}")
+            raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE, f"threadpool_proxy: server {conn.node} failed: {exc}")
+        if not fit:
+            self.discard(conn, f"it does not fit target_session_attrs {self.db.target_session_attrs}")
+            raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE,
+                              f"server {conn.node} is {self.router.state(conn.node).kind}, not what "
+                              f"target_session_attrs {self.db.target_session_attrs} asks for",
+                              hint="Connect again: the proxy now knows, and sends the next login to another node.")
+
+    def _no_connection_left(self):
+        raise ClientFatal(
+            pq.SQLSTATE_CONNECTION_FAILURE,
+            "no server connection is left for this login (the server closed them, "
+            "e.g. it restarted); with auth_type passthrough the proxy cannot log in "
+            "without the client: reconnect",
+            detail="With auth_type passthrough only a client's own login opens server "
+                   "connections (the proxy never learns the password), and all of this "
+                   "user's have closed.",
+            hint="Reconnect to go on. With auth_type scram-sha-256 (auth_file) or auth_query "
+                 "the proxy logs in again by itself and clients wait for the server.")
 
     def _wait_timed_out(self, server_down: ServerUnavailable | None) -> ClientFatal:
         """The client's FATAL after query_wait_timeout: the server is down, or every connection was busy."""
@@ -255,8 +434,9 @@ class ServerCheckout:
             else:
                 conn.statements.clear()
         ok = conn.start_reset(reset_query, self.config.server_connect_timeout)
-        self.pool.checkin(self.key, conn, reset_ok=ok)
+        self.pool.checkin(self.node_keys.get(conn.node, self.key) if self.routed else self.key, conn, reset_ok=ok)
 
     def discard(self, conn: ServerConnection, reason: str) -> None:
         """Close ``conn`` (its state is unknown or it is broken) and free its slot."""
-        self.pool.discard(self.key, conn, reason)
+        self.pool.discard(self.key_of(conn), conn, reason)
+

@@ -26,10 +26,30 @@ SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 #: The TLS settings that name files (relative paths in a YAML file are relative to it).
 TLS_FILES = ("client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
              "server_tls_key_file", "server_tls_cert_file", "server_tls_ca_file")
+#: How a database entry with several nodes spreads new server connections.
+LOAD_BALANCE = ("round-robin", "least-connections", "random", "disable")
+#: libpq's target_session_attrs values: which servers a database entry may use.
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+NODE_ROLES = ("primary", "replica")
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    """One server of a database entry: where it is, what it is for, and its share of connections."""
+
+    host: str
+    port: int = 5432
+    role: str | None = None   # "primary", "replica", or None (not said)
+    weight: int = 1
+
+    @property
+    def name(self) -> str:
+        """host:port, the ``node`` part of pool keys (and what the proxy's logs call the server)."""
+        return f"{self.host}:{self.port}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +64,34 @@ class DatabaseConfig:
     pool_size: int
     auth_type: str
     max_prepared_statements: int = 200   # per server connection and per client; 0: names pass through
+    #: The servers behind the entry; () means the one server ``host``/``port`` (the single-server form).
+    nodes: tuple = ()
+    load_balance: str = "round-robin"
+    target_session_attrs: str = "any"
+    role: str | None = None    # only nodes of this role serve the entry (a replica alias)
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            object.__setattr__(self, "nodes", (NodeConfig(self.host, self.port),))
+
+    @property
+    def multi(self) -> bool:
+        """Whether the entry routes (several nodes, a role filter or a session attribute target)."""
+        return len(self.nodes) > 1 or self.role is not None or self.target_session_attrs != "any"
+
+    @property
+    def usable_nodes(self) -> tuple:
+        """The nodes that may serve this entry: all, or those of its ``role``."""
+        if self.role is None:
+            return self.nodes
+        return tuple(n for n in self.nodes if n.role == self.role)
 
     def server_dbname(self, requested: str) -> str:
         return self.dbname or requested
 
     @property
     def node(self) -> str:
-        """The server this entry points at, as used in pool keys."""
+        """The first node (the only one of a single-server entry), as used in pool keys."""
         return f"{self.host}:{self.port}"
 
 
@@ -96,6 +137,12 @@ class Config:
     server_tls_cert_file: str | None = None
     server_tls_ca_file: str | None = None
     workers: int = 1                     # processes serving the port (SO_REUSEPORT); command line only
+    load_balance: str = "round-robin"
+    target_session_attrs: str = "any"
+    health_check_period: float = 5.0
+    health_check_timeout: float = 3.0
+    health_check_failures: int = 2
+    health_check_user: str | None = None     # default: auth_user
     databases: Mapping[str, DatabaseConfig] = dataclasses.field(default_factory=dict)
 
     def lookup_database(self, requested: str) -> DatabaseConfig | None:
@@ -197,6 +244,12 @@ _TOP_LEVEL = {
     "server_tls_sslmode": (_choice(SSLMODES), "one of " + ", ".join(SSLMODES)),
     **{key: (_nonempty_str, "a file path") for key in TLS_FILES},
     "workers": (lambda v: _positive_int(v) and v <= MAX_WORKERS, f"an integer from 1 to {MAX_WORKERS}"),
+    "load_balance": (_choice(LOAD_BALANCE), "one of " + ", ".join(LOAD_BALANCE)),
+    "target_session_attrs": (_choice(TARGET_SESSION_ATTRS), "one of " + ", ".join(TARGET_SESSION_ATTRS)),
+    "health_check_period": _SECONDS,
+    "health_check_timeout": _SECONDS,
+    "health_check_failures": _COUNT,
+    "health_check_user": (_nonempty_str, "a user name"),
 }
 
 
@@ -213,7 +266,59 @@ _DATABASE = {
     "pool_size": _TOP_LEVEL["pool_size"],
     "auth_type": _TOP_LEVEL["auth_type"],
     "max_prepared_statements": _TOP_LEVEL["max_prepared_statements"],
+    "nodes": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0, "a non-empty list of nodes"),
+    "load_balance": _TOP_LEVEL["load_balance"],
+    "target_session_attrs": _TOP_LEVEL["target_session_attrs"],
+    "role": (_choice(NODE_ROLES), "one of " + ", ".join(NODE_ROLES)),
 }
+
+_NODE = {
+    "host": _DATABASE["host"],
+    "port": _DATABASE["port"],
+    "role": (_choice(NODE_ROLES), "one of " + ", ".join(NODE_ROLES)),
+    "weight": _COUNT,
+}
+
+
+def _node(raw, where: str) -> NodeConfig:
+    """One item of ``nodes``: a mapping (host, port, role, weight) or a "host:port" string."""
+    if isinstance(raw, str):
+        host, sep, port = raw.rpartition(":")
+        if not sep:
+            host, port = raw, "5432"
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{where}: expected host:port or a mapping with host, port, role, weight, "
+                              f"got {raw!r}")
+        return NodeConfig(host, int(port))
+    fields = _check_section(raw, _NODE, where)
+    if "host" not in fields:
+        raise ConfigError(f"{where}.host: required")
+    if fields.get("port", 5432) == 0:
+        raise ConfigError(f"{where}.port: expected an integer from 1 to 65535, got 0")
+    return NodeConfig(fields["host"], fields.get("port", 5432), fields.get("role"), fields.get("weight", 1))
+
+
+def _nodes(fields: dict, where: str) -> tuple:
+    """An entry's nodes: its ``nodes`` list, or its ``host``/``port`` as the one node."""
+    if "nodes" not in fields:
+        if "host" not in fields:
+            raise ConfigError(f"{where}.host: required (or nodes: a list of servers)")
+        if fields.get("port", 5432) == 0:
+            raise ConfigError(f"{where}.port: expected an integer from 1 to 65535, got 0")
+        return (NodeConfig(fields["host"], fields.get("port", 5432)),)
+    for key in ("host", "port"):
+        if key in fields:
+            raise ConfigError(f"{where}.{key}: give either host/port or nodes, not both")
+    nodes = tuple(_node(raw, f"{where}.nodes[{i}]") for i, raw in enumerate(fields["nodes"]))
+    seen = set()
+    for i, node in enumerate(nodes):
+        if node.name in seen:
+            raise ConfigError(f"{where}.nodes[{i}]: {node.name} is listed twice")
+        seen.add(node.name)
+    role = fields.get("role")
+    if role is not None and not any(n.role == role for n in nodes):
+        raise ConfigError(f"{where}.role: no node has role {role}")
+    return nodes
 
 
 def _check_section(section: Mapping[str, Any], rules, where: str) -> dict:
@@ -264,19 +369,20 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
         if name in CONSOLE_DATABASES:
             raise ConfigError(f"{where}: the name is reserved for the admin console")
         fields = _check_section(entry or {}, _DATABASE, where)
-        if "host" not in fields:
-            raise ConfigError(f"{where}.host: required")
-        if fields.get("port", 5432) == 0:
-            raise ConfigError(f"{where}.port: expected an integer from 1 to 65535, got 0")
+        nodes = _nodes(fields, where)
         entries[name] = DatabaseConfig(
             name=name,
-            host=fields["host"],
-            port=fields.get("port", 5432),
+            host=nodes[0].host,
+            port=nodes[0].port,
             dbname=fields.get("dbname"),
             pool_mode=fields.get("pool_mode", defaults.pool_mode),
             pool_size=fields.get("pool_size", defaults.pool_size),
             auth_type=fields.get("auth_type", defaults.auth_type),
             max_prepared_statements=fields.get("max_prepared_statements", defaults.max_prepared_statements),
+            nodes=nodes,
+            load_balance=fields.get("load_balance", defaults.load_balance),
+            target_session_attrs=fields.get("target_session_attrs", defaults.target_session_attrs),
+            role=fields.get("role"),
         )
     config = dataclasses.replace(defaults, databases=entries)
     _check_auth(config)

@@ -70,6 +70,10 @@ class ServerUnavailable(ClientFatal):
     """
 
 
+class NodeDown(ProxyError):
+    """The node a checkout chose went down while it waited: choose another (several nodes only)."""
+
+
 class QueryCanceled(ProxyError):
     """A CancelRequest ended the client's wait for a server connection.
 

@@ -64,8 +64,9 @@ from .auth import (
 from .authfile import AuthFile, AuthFileError, Secret, secret_from_rolpassword
 from .backend import ServerConnection
 from .channel import ClientChannel
-from .config import Config, ConfigError, DatabaseConfig
+from .config import Config, ConfigError, DatabaseConfig, NodeConfig
 from .errors import ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone, ServerUnavailable
+from .nodes import Router
 from .pool import BackendIdlePool, pool_key
 from . import tls
 from .tls import ServerTLS
@@ -115,9 +116,11 @@ class Logins:
 
     failure_delay = FAILURE_DELAY
 
-    def __init__(self, config: Config, pool: BackendIdlePool, server_tls: ServerTLS | None = None) -> None:
+    def __init__(self, config: Config, pool: BackendIdlePool, server_tls: ServerTLS | None = None,
+                 router: Router | None = None) -> None:
         self.config = config
         self.pool = pool
+        self.router = router
         self.server_tls = server_tls       # replaced on RELOAD
         self._lock = threading.Lock()
         self._credentials: dict[str, ServerCredentials] = {}   # user -> how to log in for them
@@ -179,7 +182,42 @@ class Logins:
     # -- pass-through: PostgreSQL checks the client --------------------------------
 
     def passthrough_login(self, channel: ClientChannel, request: LoginRequest, startup: dict) -> ServerConnection:
-        """Dial a new server connection and relay the client's authentication over it.
+        """Dial a new server connection and relay the client's authentication over it (``_passthrough``).
+
+        An entry with several nodes logs in on the node ``load_balance``
+        chooses; a node that refuses the connection (or says it is starting
+        up or shutting down) before anything reached the client is marked down
+        at once and the next node is tried.
+        """
+        db = request.db
+        if self.router is None or not db.multi:
+            return self._passthrough(channel, request, startup, None, request.key)
+        tried: set = set()
+        dbname = db.server_dbname(request.database)
+        router = self.router
+        open_count = lambda n: self.pool.open_count(pool_key(n.name, request.user, dbname))   # noqa: E731
+        while True:
+            node = router.for_dial(db, open_count)
+            if node is None or node.name in tried:
+                # Every node is down: try the first once (it may be back), as a single server would be.
+                node = None if tried else router.fallback(db)
+            if node is None:
+                raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT,
+                                  f"threadpool_proxy: no server of database \"{request.database}\" accepts "
+                                  f"connections ({router.misfits(db)}; refused now: "
+                                  f"{', '.join(sorted(tried)) or 'none'})")
+            key = pool_key(node.name, request.user, dbname)
+            try:
+                conn = self._passthrough(channel, request, startup, node, key)
+                self.pool.dial_succeeded(key)
+                return conn
+            except _NodeRefused as exc:
+                tried.add(node.name)
+                self.pool.dial_failed(key, self.config.server_login_retry, exc.error, elsewhere=True)
+
+    def _passthrough(self, channel: ClientChannel, request: LoginRequest, startup: dict,
+                     node: NodeConfig | None, key: str) -> ServerConnection:
+        """Dial ``node`` and relay the client's authentication over it.
 
         The proxy only carries the Authentication requests and the client's
         answers.  Until the server accepts the client (AuthenticationOk) the
@@ -189,9 +227,10 @@ class Logins:
         ``pending_login_timeout``.  Then it moves into a pool_size slot (closing
         a parked connection of the key, or waiting, when the key is full).
         ``startup`` is the server's StartupMessage parameters.  Returns after
-        the server's ReadyForQuery.
+        the server's ReadyForQuery.  With a ``node`` (several nodes), a refusal
+        before anything reached the client raises _NodeRefused.
         """
-        db, key, config, pool = request.db, request.key, self.config, self.pool
+        db, config, pool = request.db, self.config, self.pool
         try:
             pool.acquire_pending(key, config.max_pending_logins, channel.remaining())
         except PoolTimeout:
@@ -203,6 +242,7 @@ class Logins:
         channel.shorten(time.monotonic() + config.pending_login_timeout, "pending_login_timeout")
         promoted = False
         dialed = []
+        relayed = []
 
         def release(conn: ServerConnection | None, reason: str) -> None:
             if promoted:
@@ -212,6 +252,7 @@ class Logins:
 
         def relay_request(code: int, body: bytes) -> bytes | None:
             nonlocal promoted
+            relayed.append(code)
             if code == pq.AUTH_OK:
                 # PostgreSQL accepted the client: from here on the login is an
                 # authenticated connection like any other, in a pool_size slot.
@@ -237,11 +278,15 @@ class Logins:
 
         try:
             return self._open(db, startup, relay_request, channel.deadline, release, on_notice=channel.send,
-                              ready_timeout=config.server_connect_timeout, on_dial=dialed.append)
+                              ready_timeout=config.server_connect_timeout, on_dial=dialed.append, node=node)
         except ServerError as exc:
+            if node is not None and not relayed and exc.fields.get("C") in _SERVER_DOWN_STATES:
+                raise _NodeRefused(_login_failed(request.user, node.name, exc)) from None
             channel.send_quietly(exc.raw)        # PostgreSQL's own words: wrong password, no such role...
             raise ErrorAlreadySent() from None
         except ServerGone as exc:
+            if node is not None and not relayed:
+                raise _NodeRefused(ServerUnavailable(pq.SQLSTATE_CANNOT_CONNECT, f"threadpool_proxy: {exc}")) from None
             raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT, f"threadpool_proxy: {exc}") from None
 
     def _sasl_offer_for(self, channel: ClientChannel, conn: ServerConnection, body: bytes) -> bytes:
@@ -358,36 +403,41 @@ class Logins:
         with self._lock:
             return self._credentials.get(user, NO_CREDENTIALS)
 
-    def proxy_login(self, request: LoginRequest, startup: dict) -> ServerConnection:
+    def proxy_login(self, request: LoginRequest, startup: dict, node: NodeConfig | None = None,
+                    key: str | None = None) -> ServerConnection:
         """A new server connection for an authenticated client, logged in as its user.
 
-        Called with a pool_size slot of the request's key already taken; on
-        failure the slot is given back and ClientFatal raised.
+        Called with a pool_size slot of ``key`` (default: the request's) already
+        taken; on failure the slot is given back and ClientFatal raised.
+        ``node`` is the server (default: the entry's first).
         """
         user, db = request.user, request.db
+        node = node or db.nodes[0]
         creds = self.credentials_for(user)
         timeout = self.config.server_connect_timeout
-        key = request.key
+        key = key or request.key
         try:
             conn = self._open(db, startup, _answer_from(creds.login(user), user), time.monotonic() + timeout,
-                              lambda conn, reason: self.pool.give_back(key, conn, reason))
+                              lambda conn, reason: self.pool.give_back(key, conn, reason), node=node)
         except (ServerError, AuthFailed, ServerGone) as exc:
             with self._lock:
                 self.server_login_failures += 1
-            raise _login_failed(user, db.node, exc) from None
+            raise _login_failed(user, node.name, exc) from None
         with self._lock:
             self.server_logins += 1
-        log.debug("logged in to %s as %s (pid %d, %s)", db.node, user, conn.pid, creds.kind)
+        log.debug("logged in to %s as %s (pid %d, %s)", node.name, user, conn.pid, creds.kind)
         return conn
 
     def _open(self, db: DatabaseConfig, startup: dict, answer_auth, deadline: float, release,
-              on_notice=None, ready_timeout: float | None = None, on_dial=None) -> ServerConnection:
-        """Dial ``db``'s server and log in; on any failure ``release(conn or None, reason)``
-        closes what was opened and gives back the place the login held.  ``on_dial(conn)``
-        sees the connection before the login starts."""
+              on_notice=None, ready_timeout: float | None = None, on_dial=None,
+              node: NodeConfig | None = None) -> ServerConnection:
+        """Dial ``node`` (default: ``db``'s first server) and log in; on any failure
+        ``release(conn or None, reason)`` closes what was opened and gives back the place
+        the login held.  ``on_dial(conn)`` sees the connection before the login starts."""
         conn = None
+        node = node or db.nodes[0]
         try:
-            conn = ServerConnection.dial(db.host, db.port, self.config.server_connect_timeout, self.server_tls)
+            conn = ServerConnection.dial(node.host, node.port, self.config.server_connect_timeout, self.server_tls)
             if on_dial is not None:
                 on_dial(conn)
             conn.complete_login(pq.startup_message(startup), answer_auth, deadline, on_notice, ready_timeout)
@@ -422,7 +472,11 @@ class Logins:
         """
         config, pool = self.config, self.pool
         auth_user = config.auth_user
-        key = pool_key(db.node, auth_user, dbname) + "\0auth_query"
+        node = db.nodes[0]
+        if self.router is not None and db.multi:
+            up = self.router.candidates(db)          # several servers: one that is up (any holds pg_shadow)
+            node = up[0] if up else node
+        key = pool_key(node.name, auth_user, dbname) + "\0auth_query"
         timeout = config.server_connect_timeout
         try:
             conn = pool.acquire(key, AUTH_QUERY_POOL_SIZE, timeout)
@@ -440,7 +494,7 @@ class Logins:
                 params = {"user": auth_user, "database": dbname, "application_name": "threadpool_proxy auth_query"}
                 conn = self._open(db, params, _answer_from(self._auth_user_credentials().login(auth_user),
                                                            auth_user), time.monotonic() + timeout,
-                                  lambda conn, reason: pool.give_back(key, conn, reason))
+                                  lambda conn, reason: pool.give_back(key, conn, reason), node=node)
             conn.send(pq.extended_query(config.auth_query, [user]))
             status = conn.read_until_ready(timeout, on_message=on_message)
         except BaseException as exc:
@@ -448,7 +502,7 @@ class Logins:
                 pool.discard(key, conn, f"auth_query failed: {exc}")
             if not isinstance(exc, (ServerError, AuthFailed, ServerGone, pq.ProtocolError, struct.error)):
                 raise
-            log.error("auth_query as %s on %s/%s failed: %s", auth_user, db.node, dbname, exc)
+            log.error("auth_query as %s on %s/%s failed: %s", auth_user, node.name, dbname, exc)
             raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT,
                               f"threadpool_proxy could not look up the user with auth_query: {exc}") from None
         pool.checkin(key, conn, reset_ok=status == pq.IDLE)
@@ -467,6 +521,14 @@ class Logins:
         if config.auth_password is not None:
             return ServerCredentials(password=config.auth_password)
         return credentials_from_secret(self._file_secret(config.auth_user))
+
+
+class _NodeRefused(Exception):
+    """A node refused a pass-through login before the client saw anything: try another node."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _salt_key(config: Config, auth_file: AuthFile | None) -> bytes | None:

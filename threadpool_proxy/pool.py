@@ -48,7 +48,7 @@ import time
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from . import tls
-from .errors import ClientGone, PoolClosed, PoolTimeout, QueryCanceled
+from .errors import ClientGone, NodeDown, PoolClosed, PoolTimeout, QueryCanceled
 
 __all__ = ["ALL_SERVERS", "BackendIdlePool", "key_matches", "PoolClosed", "PoolTimeout", "Waiter", "pool_key", "probe_alive"]
 
@@ -123,14 +123,20 @@ class Waiter:
 
 
 class _NodeDown:
-    """A server whose last dial failed: no new dial before ``retry_at``, one at a time."""
+    """A server whose last dial (or health check) failed: no new dial before ``retry_at``, one at a time.
 
-    __slots__ = ("retry_at", "probing_since", "error")
+    ``checked``: a health check marked it down, so parked connections of it are
+    closed (and those given back are not parked again) until it is up again.
+    """
+
+    __slots__ = ("retry_at", "probing_since", "error", "checked", "since")
 
     def __init__(self, retry_at: float) -> None:
         self.retry_at = retry_at
         self.probing_since: Optional[float] = None
         self.error: Any = None          # what the last dial said
+        self.checked = False
+        self.since = time.time()
 
 
 def _close(conn: Any, key: str, reason: str) -> None:
@@ -212,6 +218,21 @@ class BackendIdlePool:
                 self.stats["stale_evicted"] += 1
                 self._forget_locked(key)
 
+    def checkout_any(self, keys, prefer: Optional[Callable[[Any], bool]] = None) -> Tuple[Optional[str], Any]:
+        """(key, connection): a live parked connection of the first of ``keys`` that has one, else (None, None).
+
+        Never waits and never dials (several nodes: reuse before dialing
+        anywhere); keys paused by PAUSE are skipped.
+        """
+        idle = self._idle
+        for key in keys:
+            if not idle.get(key) or (self._held and self._held_key(key)):
+                continue
+            conn = self.checkout(key, prefer)
+            if conn is not None:
+                return key, conn
+        return None, None
+
     def checkin(self, key: str, conn: Any, reset_ok: bool = True) -> bool:
         """Park ``conn`` (reset by the caller) or close it; True if parked.
 
@@ -230,6 +251,8 @@ class BackendIdlePool:
             if self._close_before and self._stale_locked(key, conn):
                 self.stats["reconnected"] += 1
                 reason = "RECONNECT, KILL or RELOAD asked for it to be closed once released"
+            elif self._down and self._closing_node_locked(key):
+                reason = "its server is marked down"
             elif reset_ok and not self._closed:
                 dq = self._idle.get(key)
                 if dq is None:
@@ -270,7 +293,7 @@ class BackendIdlePool:
 
     def acquire(self, key: str, limit: int, timeout: float,
                 prefer: Optional[Callable[[Any], bool]] = None, dial: bool = True,
-                waiter: Optional[Waiter] = None, paced: bool = False) -> Any:
+                waiter: Optional[Waiter] = None, paced: bool = False, failover: bool = False) -> Any:
         """Get a parked connection of ``key`` or the right to dial a new one.
 
         Returns a connection, or None meaning "a slot is yours, dial" (the
@@ -318,6 +341,8 @@ class BackendIdlePool:
                             return None
                     elif self._open[key] < limit:
                         wake_at = self._dial_pause_locked(key) if paced else None
+                        if wake_at is not None and failover:
+                            raise NodeDown()
                         if wake_at is None:
                             self._open[key] += 1
                             return None
@@ -358,20 +383,30 @@ class BackendIdlePool:
         down.probing_since = now           # this caller's dial tells whether the server is back
         return None
 
-    def dial_failed(self, key: str, retry_after: float, error: Any = None) -> None:
-        """A dial of ``key``'s server failed because the server is down (``error``): pause its dials."""
+    def dial_failed(self, key: str, retry_after: float, error: Any = None, elsewhere: bool = False) -> None:
+        """A dial of ``key``'s server failed because the server is down (``error``): pause its dials.
+
+        ``elsewhere``: the client has other nodes to go to (the log says so).
+        """
         with self._lock:
             self.stats["dials_failed"] += 1
             node = _node_of(key)
             down = self._down.get(node)
             if down is None:
-                log.warning("server %s is not accepting connections; clients wait for it "
-                            "(a new attempt every %g s)", node, retry_after)
+                if elsewhere:
+                    log.warning("node %s is down: a connection to it failed (%s); clients go to the other "
+                                "nodes", node, error)
+                else:
+                    log.warning("server %s is not accepting connections; clients wait for it "
+                                "(a new attempt every %g s)", node, retry_after)
                 down = self._down[node] = _NodeDown(0.0)
             down.retry_at = time.monotonic() + retry_after
             down.probing_since = None
             down.error = error
+            down.checked = down.checked or elsewhere
             self._notify_node_locked(node)
+        if elsewhere:
+            self.close_parked_of_node(node)
 
     def dial_succeeded(self, key: str) -> None:
         """A dial of ``key``'s server worked: it is up, every waiter may dial again."""
@@ -380,8 +415,66 @@ class BackendIdlePool:
         with self._lock:
             node = _node_of(key)
             if self._down.pop(node, None) is not None:
-                log.warning("server %s accepts connections again", node)
+                log.warning("server %s accepts connections again (node %s is up)", node, node)
                 self._notify_node_locked(node)
+
+    def mark_down(self, node: str, retry_after: float, error: Any = None) -> bool:
+        """A health check found ``node`` down: no new connections go there, its parked ones are closed.
+
+        Clients keeping an idle connection of it give it back (it is closed,
+        not parked).  Returns True if it was up before.
+        """
+        with self._lock:
+            down = self._down.get(node)
+            was_up = down is None
+            if was_up:
+                down = self._down[node] = _NodeDown(0.0)
+            down.retry_at = time.monotonic() + retry_after
+            down.error = error
+            down.checked = True
+            for key, held in self._lingering.items():
+                if held and _node_of(key) == node:
+                    for holder in list(held):
+                        del held[holder]
+                        holder.wake()
+            self._notify_node_locked(node)
+        self.close_parked_of_node(node)
+        return was_up
+
+    def mark_up(self, node: str) -> bool:
+        """A health check reached ``node``: it takes clients again.  True if it was down before."""
+        with self._lock:
+            if self._down.pop(node, None) is None:
+                return False
+            self._notify_node_locked(node)
+            return True
+
+    def is_down(self, node: str) -> bool:
+        """Whether ``node`` is marked down (a failed dial or health check); no lock: a hint for routing."""
+        return node in self._down
+
+    def down_nodes(self) -> dict:
+        """node -> (wall-clock time marked down, the error) of every node marked down."""
+        with self._lock:
+            return {node: (d.since, d.error) for node, d in self._down.items()}
+
+    def close_parked_of_node(self, node: str) -> int:
+        """Close every parked connection of ``node`` (it went down)."""
+        victims = []
+        with self._lock:
+            for key, dq in self._idle.items():
+                if dq and _node_of(key) == node:
+                    while dq:
+                        victims.append((dq.pop()[0], key))
+                        self._total_idle -= 1
+                        self._forget_locked(key)
+        for conn, key in victims:
+            _close(conn, key, "its server is marked down")
+        return len(victims)
+
+    def _closing_node_locked(self, key: str) -> bool:
+        down = self._down.get(_node_of(key))
+        return down is not None and down.checked
 
     def server_down(self, key: str) -> Any:
         """The error of the last failed dial of ``key``'s server if it is down now, else None."""
@@ -775,11 +868,14 @@ ALL_SERVERS = ("*", "*")
 
 
 def key_matches(key: str, target) -> bool:
-    """Whether the client pool key ``key`` belongs to ``target`` ((node, database) or ALL_SERVERS)."""
+    """Whether the client pool key ``key`` belongs to ``target`` ((node or nodes, database) or ALL_SERVERS)."""
     parts = key.split("\0")
     if len(parts) != 3:
         return False
-    return target == ALL_SERVERS or (parts[0] == target[0] and parts[2] == target[1])
+    if target == ALL_SERVERS:
+        return True
+    nodes = target[0]
+    return parts[2] == target[1] and (parts[0] in nodes if isinstance(nodes, tuple) else parts[0] == nodes)
 
 
 def _node_of(key: str) -> str:

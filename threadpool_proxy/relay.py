@@ -443,6 +443,7 @@ class Relay:
         with self.backend_lock:
             self.backend = conn
         conn.holder_pid = self.client_pid
+        self.key = self.checkout.key      # several nodes: the key of this connection's node
         self.ssock = conn.sock
         self.sfd = conn.sock.fileno()
         self.server_due = ((self.sfd, _POLLIN),)

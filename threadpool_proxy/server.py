@@ -35,6 +35,7 @@ from .admin import ALL, CommandError
 from . import tls
 from .login import Logins
 from .peers import PeerListener, Peers, WorkerSlot, owner_of
+from .nodes import Router
 from .pool import ALL_SERVERS, BackendIdlePool, key_matches, pool_key
 from .session import ClientSession
 
@@ -253,7 +254,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._fd_refusals = 0                   # clients refused for want of a descriptor, since the last log
         # Before binding: a bad auth file or TLS file (ConfigError) must not leave a listening socket behind.
         self.client_tls, server_tls = tls.contexts(config)
-        self.logins = Logins(config, self.pool, server_tls)
+        self.router = Router(self.pool)
+        self.logins = Logins(config, self.pool, server_tls, self.router)
         super().__init__((config.listen_host, config.listen_port), _Handler)
         self._take_spare_fd()
 
@@ -476,12 +478,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             if checkout is None or request is None:
                 continue
             entry = new.lookup_database(request.database)
-            if (entry is None or entry.node != checkout.db.node
+            if (entry is None or _node_names(entry) != _node_names(checkout.db)
                     or entry.server_dbname(request.database) != checkout.dbname):
                 kept[request.database] += 1
                 continue
             checkout.config = new
-            checkout.db = entry
+            checkout.route(entry)
         for database, n in kept.items():
             log.warning("RELOAD: %d clients of database %s keep their old server until they reconnect", n, database)
         return new
@@ -630,7 +632,7 @@ class ConsoleControl:
         if database is None:
             return ALL_SERVERS
         entry = self.server.config.lookup_database(database)
-        return (entry.node, entry.server_dbname(database))
+        return (_node_names(entry), entry.server_dbname(database))
 
     def _pause(self, database: str | None) -> None:
         """Hold new transactions of ``database`` (None: all), then wait until none runs."""
@@ -695,6 +697,11 @@ class ConsoleControl:
     def shutdown(self):
         log.info("SHUTDOWN on the admin console")
         return self.server.request_stop       # run once the answer is sent
+
+
+def _node_names(entry) -> tuple:
+    """The host:port of every server of a database entry (a PAUSE/RECONNECT target's node part)."""
+    return tuple(n.name for n in entry.nodes)
 
 
 #: Settings RELOAD changes in a running proxy (listen.* needs a restart).

@@ -356,11 +356,15 @@ class ClientSession:
         client = self.client
         checkout = self.checkout = ServerCheckout(
             self.server.pool, self.config, db, request.key, request.user, db.server_dbname(request.database),
-            self.settings, dial=None if passthrough else lambda params: logins.proxy_login(request, params),
-            client_alive=lambda: client_connected(client), stats=self.stats, backends=self.server.backends)
+            self.settings,
+            dial=None if passthrough else lambda params, node, key: logins.proxy_login(request, params, node, key),
+            client_alive=lambda: client_connected(client), stats=self.stats, backends=self.server.backends,
+            router=self.server.router)
         if passthrough:
             conn = logins.passthrough_login(channel, request, checkout.startup_params())
             checkout.adopt(conn)
+            if checkout.routed:
+                checkout.check_login_target(conn)
         else:
             logins.authenticate(channel, request)
             conn = checkout.obtain()
@@ -374,7 +378,8 @@ class ClientSession:
         relay.client_pid = self.cancel_pid
         relay.attach(conn)
         self.stats.client_login_count = 1
-        self.server.stats.note_key(request.key, self.stats.pool)
+        for key in checkout.node_keys.values() if checkout.routed else (request.key,):
+            self.server.stats.note_key(key, self.stats.pool)
         self.relay = relay
         try:
             ahead = channel.ready_for_relay()

@@ -1,0 +1,257 @@
+"""Several servers per database: nodes, load balancing, health checks, failover, read/write routing.
+
+Two real clusters: ``pg`` (read-write) and ``pg_ro`` (the same roles and
+passwords, ``default_transaction_read_only = on``, which libpq's
+target_session_attrs reads as read-only).  Where a node is stopped it is
+``pg_ro``, started again before the test ends.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import psycopg
+import pytest
+
+from helpers import connect, wait_until, write_auth_file
+from threadpool_proxy.config import ConfigError, from_dict
+from threadpool_proxy.nodes import Router, fits, NodeState
+from threadpool_proxy.pool import BackendIdlePool, pool_key
+
+
+def node(cluster, **extra):
+    return {"host": cluster.host, "port": cluster.port, **extra}
+
+
+@pytest.fixture
+def plain_auth_file(tmp_path):
+    """Plain passwords: the proxy logs in to either cluster (their SCRAM salts differ)."""
+    return write_auth_file(tmp_path / "users.yaml", {
+        "app": {"password": "app-secret"},
+        "postgres": {"password": "postgres-secret"},
+    })
+
+
+def nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, entry: dict, **overrides):
+    """A proxy whose appdb has the two clusters as nodes (plus ``entry``), proxy-terminated auth."""
+    databases = {"appdb": {"nodes": [node(pg), node(pg_ro)], **entry}}
+    databases.update(overrides.pop("databases", {}))
+    settings = dict(auth_type="scram-sha-256", auth_file=str(plain_auth_file), health_check_user="postgres",
+                    health_check_period=0.3, health_check_timeout=2, health_check_failures=1,
+                    server_login_retry=0.2, databases=databases)
+    settings.update(overrides)
+    return proxy_factory(**settings)
+
+
+def server_port(conn) -> int:
+    return conn.execute("SELECT inet_server_port()").fetchone()[0]
+
+
+def hold_transactions(pg, proxy, n: int, dbname: str = "appdb", **params) -> tuple[list, list]:
+    """``n`` clients, each inside a transaction (so each holds its own server connection); their ports."""
+    conns, ports = [], []
+    for _ in range(n):
+        conn = connect(pg, proxy, dbname=dbname, autocommit=False, **params)
+        conns.append(conn)
+        ports.append(server_port(conn))
+    return conns, ports
+
+
+def close_all(conns) -> None:
+    """End each client's transaction (its server connection is parked), then the client."""
+    for conn in conns:
+        try:
+            conn.rollback()
+            conn.close()
+        except Exception:
+            pass
+
+
+# -- configuration ------------------------------------------------------------------
+
+def test_single_server_entry_is_one_node_and_routes_nothing():
+    config = from_dict({"databases": {"app": {"host": "127.0.0.1", "port": 5433}}})
+    db = config.databases["app"]
+    assert [n.name for n in db.nodes] == ["127.0.0.1:5433"]
+    assert db.node == "127.0.0.1:5433" and not db.multi
+
+
+def test_nodes_are_parsed_with_roles_weights_and_defaults():
+    config = from_dict({"load_balance": "least-connections", "databases": {
+        "app": {"nodes": [{"host": "10.0.0.1", "role": "primary"}, "10.0.0.2:5433",
+                          {"host": "10.0.0.3", "port": 5434, "role": "replica", "weight": 3}]},
+        "app_ro": {"dbname": "app", "nodes": ["10.0.0.1:5432", {"host": "10.0.0.3", "port": 5434, "role": "replica"}],
+                   "role": "replica", "target_session_attrs": "read-only", "load_balance": "disable"}}})
+    app, ro = config.databases["app"], config.databases["app_ro"]
+    assert [(n.name, n.role, n.weight) for n in app.nodes] == [
+        ("10.0.0.1:5432", "primary", 1), ("10.0.0.2:5433", None, 1), ("10.0.0.3:5434", "replica", 3)]
+    assert app.multi and app.load_balance == "least-connections" and app.target_session_attrs == "any"
+    assert (app.host, app.port) == ("10.0.0.1", 5432)
+    assert [n.name for n in ro.usable_nodes] == ["10.0.0.3:5434"]
+    assert ro.load_balance == "disable" and ro.target_session_attrs == "read-only"
+    assert config.health_check_period == 5.0 and config.health_check_failures == 2
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"host": "a", "nodes": ["b:1"]}, "databases.app.host: give either host/port or nodes, not both"),
+    ({"nodes": []}, "databases.app.nodes: expected a non-empty list of nodes"),
+    ({"nodes": ["a:1", "a:1"]}, "databases.app.nodes[1]: a:1 is listed twice"),
+    ({"nodes": ["a:x"]}, "databases.app.nodes[0]: expected host:port"),
+    ({"nodes": [{"port": 1}]}, "databases.app.nodes[0].host: required"),
+    ({"nodes": [{"host": "a", "role": "leader"}]}, "databases.app.nodes[0].role: expected one of primary, replica"),
+    ({"nodes": [{"host": "a", "weight": 0}]}, "databases.app.nodes[0].weight: expected a positive integer"),
+    ({"nodes": ["a:1"], "role": "replica"}, "databases.app.role: no node has role replica"),
+    ({"nodes": ["a:1"], "load_balance": "fastest"}, "databases.app.load_balance: expected one of round-robin"),
+    ({"nodes": ["a:1"], "target_session_attrs": "writable"}, "databases.app.target_session_attrs: expected one of"),
+    ({}, "databases.app.host: required (or nodes: a list of servers)"),
+])
+def test_bad_nodes_are_named(entry, message):
+    with pytest.raises(ConfigError) as info:
+        from_dict({"databases": {"app": entry}})
+    assert str(info.value).startswith(message)
+
+
+# -- choosing a node, no server involved --------------------------------------------------
+
+def router_for(entry: dict):
+    pool = BackendIdlePool(10, 100)
+    db = from_dict({"pool_size": 4, "databases": {"app": entry}}).databases["app"]
+    return Router(pool), pool, db
+
+
+def test_round_robin_follows_weights_and_skips_down_nodes():
+    router, pool, db = router_for({"nodes": ["a:1", {"host": "b", "port": 2, "weight": 2}]})
+    picks = collections.Counter(router.for_dial(db, lambda n: 0).name for _ in range(300))
+    assert picks == {"a:1": 100, "b:2": 200}
+    pool.mark_down("b:2", 1.0)
+    assert {router.for_dial(db, lambda n: 0).name for _ in range(10)} == {"a:1"}
+    pool.mark_down("a:1", 1.0)
+    assert router.for_dial(db, lambda n: 0) is None
+    assert router.fallback(db).name == "a:1"          # every node down: wait for the first
+    pool.mark_up("b:2")
+    assert router.for_dial(db, lambda n: 0).name == "b:2"
+
+
+def test_least_connections_disable_and_full_nodes():
+    router, pool, db = router_for({"nodes": ["a:1", "b:2", "c:3"], "load_balance": "least-connections"})
+    counts = {"a:1": 3, "b:2": 1, "c:3": 2}
+    assert router.for_dial(db, lambda n: counts[n.name]).name == "b:2"
+    router, pool, db = router_for({"nodes": ["a:1", "b:2"], "load_balance": "disable"})
+    assert {router.for_dial(db, lambda n: 0).name for _ in range(10)} == {"a:1"}
+    assert [n.name for n in router.reuse_order(db)] == ["a:1"]      # pinned: not even idle ones elsewhere
+    pool.mark_down("a:1", 1.0)
+    assert router.for_dial(db, lambda n: 0).name == "b:2"
+    # round-robin prefers a node with a free pool_size slot to one where the client would wait
+    router, pool, db = router_for({"nodes": ["a:1", "b:2"]})
+    full = {"a:1": 4, "b:2": 1}
+    assert {router.for_dial(db, lambda n: full[n.name]).name for _ in range(10)} == {"b:2"}
+
+
+def test_target_session_attrs_by_what_is_known_and_by_role():
+    state = NodeState("x")
+    assert fits("read-write", state) and fits("standby", state)          # not seen yet: tried
+    assert not fits("read-write", state, "replica") and fits("read-only", state, "replica")
+    assert not fits("standby", state, "primary")
+    state.in_recovery, state.read_only = False, True                      # default_transaction_read_only
+    assert not fits("read-write", state) and fits("read-only", state) and fits("primary", state)
+    assert not fits("standby", state) and fits("prefer-standby", state)
+    state.in_recovery, state.read_only = True, True                       # a hot standby
+    assert fits("standby", state) and not fits("primary", state) and state.kind == "standby"
+
+
+# -- real clusters ---------------------------------------------------------------------
+
+def test_round_robin_spreads_connections_over_both_clusters(pg, pg_ro, proxy_factory, plain_auth_file):
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {})
+    conns, ports = hold_transactions(pg, proxy, 6)
+    try:
+        assert collections.Counter(ports) == {pg.port: 3, pg_ro.port: 3}
+        assert len(pg.backend_pids(user="app", dbname="appdb")) >= 3
+        assert len(pg_ro.backend_pids(user="app", dbname="appdb")) >= 3
+        keys = proxy.pool.snapshot()["open"]
+        assert keys[pool_key(f"{pg.host}:{pg.port}", "app", "appdb")] == 3
+        assert keys[pool_key(f"{pg_ro.host}:{pg_ro.port}", "app", "appdb")] == 3
+    finally:
+        close_all(conns)
+
+
+def test_least_connections_and_disable_on_real_clusters(pg, pg_ro, proxy_factory, plain_auth_file):
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {"load_balance": "least-connections"})
+    conns, ports = hold_transactions(pg, proxy, 4)
+    close_all(conns)
+    assert collections.Counter(ports) == {pg.port: 2, pg_ro.port: 2}
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {"load_balance": "disable"})
+    conns, ports = hold_transactions(pg, proxy, 4)
+    close_all(conns)
+    assert set(ports) == {pg.port}
+
+
+def test_idle_connections_are_reused_on_any_node_before_dialing(pg, pg_ro, proxy_factory, plain_auth_file):
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {})
+    conns, _ = hold_transactions(pg, proxy, 4)
+    close_all(conns)                  # four parked connections, two on each node
+    logins = proxy.server.logins.server_logins
+    with connect(pg, proxy) as conn:
+        ports = {server_port(conn) for _ in range(20)}
+    assert proxy.server.logins.server_logins == logins      # no new server login
+    assert ports <= {pg.port, pg_ro.port}
+
+
+def test_target_session_attrs_read_write_picks_the_writable_cluster(pg, pg_ro, proxy_factory, plain_auth_file):
+    # The read-only cluster first, so that a proxy that ignored the target would use it.
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {
+        "nodes": [node(pg_ro), node(pg)], "target_session_attrs": "read-write"},
+        health_check_period=60)     # only the first round, at start: the dials decide afterwards too
+    conns, ports = hold_transactions(pg, proxy, 4)
+    try:
+        assert set(ports) == {pg.port}
+        conns[0].execute("CREATE TEMP TABLE t (x int)")          # writable
+    finally:
+        close_all(conns)
+    states = proxy.server.router
+    assert wait_until(lambda: states.state(f"{pg_ro.host}:{pg_ro.port}").kind == "read-only")
+    assert states.state(f"{pg.host}:{pg.port}").kind == "primary"
+
+
+def test_read_only_target_and_replica_alias_use_only_the_read_only_cluster(pg, pg_ro, proxy_factory,
+                                                                           plain_auth_file):
+    nodes = [node(pg, role="primary"), node(pg_ro, role="replica")]
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {"nodes": nodes}, databases={
+        "appdb_ro": {"dbname": "appdb", "nodes": nodes, "role": "replica"},
+        "appdb_standby_ok": {"dbname": "appdb", "nodes": nodes, "target_session_attrs": "read-only"}})
+    for dbname in ("appdb_ro", "appdb_standby_ok"):
+        conns, ports = hold_transactions(pg, proxy, 4, dbname=dbname)
+        try:
+            assert set(ports) == {pg_ro.port}, dbname
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conns[0].execute("CREATE TEMP TABLE t (x int)")
+        finally:
+            close_all(conns)
+    # The plain entry uses both: first the four connections the aliases parked (the same
+    # user, server database and node: the same pool key), then new ones on either node.
+    conns, ports = hold_transactions(pg, proxy, 8)
+    close_all(conns)
+    assert set(ports) == {pg.port, pg_ro.port}
+
+
+def test_passthrough_spreads_logins_and_read_write_is_checked_at_login(pg, pg_ro, proxy_factory):
+    proxy = proxy_factory(databases={"appdb": {"nodes": [node(pg), node(pg_ro)]},
+                                     "appdb_rw": {"dbname": "appdb", "nodes": [node(pg_ro), node(pg)],
+                                                  "target_session_attrs": "read-write"}},
+                          health_check_period=0.3)
+    conns, ports = hold_transactions(pg, proxy, 4)
+    close_all(conns)
+    assert set(ports) == {pg.port, pg_ro.port}
+    # Pass-through with no health-check user: TCP checks only, so the first login may land on the
+    # read-only node, is refused and teaches the proxy; the next ones go to the writable node.
+    refused = 0
+    for _ in range(4):
+        try:
+            with connect(pg, proxy, dbname="appdb_rw") as conn:
+                assert server_port(conn) == pg.port
+        except psycopg.OperationalError as exc:
+            assert "target_session_attrs read-write" in str(exc)
+            refused += 1
+    assert refused <= 1
