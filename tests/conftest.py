@@ -218,13 +218,14 @@ def pg():
         cluster.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pg_ro():
     """A second, independent cluster with the same roles and passwords as ``pg``, read-only by default.
 
     ``default_transaction_read_only = on`` (set after the roles are made), so
     libpq's target_session_attrs sees it as read-only, as a replica would be:
-    the tests of several nodes route between ``pg`` and this one.
+    the tests of several nodes route between ``pg`` and this one.  Per module:
+    it stops when the module using it is done.
     """
     try:
         cluster = PgCluster()
