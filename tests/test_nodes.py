@@ -9,6 +9,7 @@ target_session_attrs reads as read-only).  Where a node is stopped it is
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 
@@ -192,6 +193,7 @@ def test_idle_connections_are_reused_on_any_node_before_dialing(pg, pg_ro, proxy
     proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {})
     conns, _ = hold_transactions(pg, proxy, 4)
     close_all(conns)                  # four parked connections, two on each node
+    assert wait_until(lambda: proxy.pool.idle_count() == 4), proxy.pool.snapshot()
     logins = proxy.server.logins.server_logins
     with connect(pg, proxy) as conn:
         ports = {server_port(conn) for _ in range(20)}
@@ -255,3 +257,164 @@ def test_passthrough_spreads_logins_and_read_write_is_checked_at_login(pg, pg_ro
             assert "target_session_attrs read-write" in str(exc)
             refused += 1
     assert refused <= 1
+
+
+def test_console_shows_nodes_and_their_state(pg, pg_ro, proxy_factory, plain_auth_file):
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {}, admin_users=["postgres"])
+    ro, rw = f"{pg_ro.host}:{pg_ro.port}", f"{pg.host}:{pg.port}"
+    assert wait_until(lambda: proxy.server.router.state(ro).kind == "read-only")
+    conns, _ = hold_transactions(pg, proxy, 2)
+    try:
+        with connect(pg, proxy, user="postgres", dbname="pgbouncer") as console:
+            cur = console.execute("SHOW DATABASES")
+            names = [d.name for d in cur.description]
+            rows = {r[0]: dict(zip(names, r)) for r in cur.fetchall()}
+            assert rows["appdb"]["nodes"] == f"{rw} up primary, {ro} up read-only"
+            assert rows["appdb"]["load_balance_hosts"] == "round-robin"
+            cur = console.execute("SHOW SERVERS")
+            names = [d.name for d in cur.description]
+            servers = [dict(zip(names, r)) for r in cur.fetchall()]
+            assert {(s["node"], s["node_state"]) for s in servers} == {(rw, "up primary"), (ro, "up read-only")}
+    finally:
+        close_all(conns)
+
+
+# -- failover -----------------------------------------------------------------------------
+
+class Load:
+    """Clients in threads, each running short transactions in a loop and noting where each ran.
+
+    A client whose transaction fails notes the error and connects again (a
+    FATAL ends its connection to the proxy, as it would end one to PostgreSQL).
+    """
+
+    def __init__(self, pg, proxy, clients: int) -> None:
+        self.pg, self.proxy = pg, proxy
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.done: list = []                       # (monotonic time, client, port)
+        self.errors: dict = collections.defaultdict(list)
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(clients)]
+
+    def run(self, i: int) -> None:
+        conn = None
+        while not self.stop.is_set():
+            try:
+                if conn is None:
+                    conn = connect(self.pg, self.proxy, autocommit=False, connect_timeout=60)
+                port = server_port(conn)
+                conn.execute("SELECT pg_sleep(0.01)")
+                conn.commit()
+                with self.lock:
+                    self.done.append((time.monotonic(), i, port))
+            except psycopg.Error as exc:
+                with self.lock:
+                    self.errors[i].append(f"{type(exc).__name__}: {exc}")
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.05)
+            time.sleep(0.005)
+        if conn is not None:
+            conn.close()
+
+    def ports_since(self, since: float) -> collections.Counter:
+        with self.lock:
+            return collections.Counter(port for t, _, port in self.done if t >= since)
+
+    def clients_since(self, since: float) -> set:
+        with self.lock:
+            return {i for t, i, _ in self.done if t >= since}
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def test_a_node_stopped_mid_load_loses_only_in_flight_transactions_and_comes_back(
+        pg, pg_ro, proxy_factory, plain_auth_file, caplog):
+    caplog.set_level(logging.INFO, logger="threadpool_proxy")
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {}, pool_size=2)
+    ro = f"{pg_ro.host}:{pg_ro.port}"
+    clients = 6
+    seen = {}
+    with Load(pg, proxy, clients) as load:
+        assert wait_until(lambda: len(load.ports_since(0)) == 2, timeout=30), "both nodes serve at first"
+
+        def while_down():
+            assert wait_until(lambda: proxy.pool.is_down(ro), timeout=30), "the stopped node is marked down"
+            seen["down"] = time.monotonic()
+            settle = seen["down"] + 0.5
+            assert wait_until(lambda: load.clients_since(settle) == set(range(clients)), timeout=60), \
+                "every client goes on with the other node"
+            seen["while_down"] = load.ports_since(settle)
+
+        pg_ro.restart(mode="fast", while_down=while_down)
+        up = time.monotonic()
+        assert wait_until(lambda: not proxy.pool.is_down(ro), timeout=30), "the health check finds it back"
+        assert wait_until(lambda: load.ports_since(up)[pg_ro.port] > 0, timeout=30), "it is used again"
+        errors_at_end = {i: list(e) for i, e in load.errors.items()}
+    assert set(seen["while_down"]) == {pg.port}
+    # At most one error per client: the transaction it had on the stopped node (if any).
+    assert all(len(e) <= 1 for e in errors_at_end.values()), errors_at_end
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"node {ro} is down" in m for m in messages)
+    assert any(f"node {ro} is up again" in m or f"server {ro} accepts connections again" in m for m in messages)
+
+
+def test_passthrough_logins_go_to_the_other_node_while_one_is_down(pg, pg_ro, proxy_factory):
+    proxy = proxy_factory(databases={"appdb": {"nodes": [node(pg_ro), node(pg)], "load_balance": "disable"}},
+                          health_check_period=0.3, health_check_failures=1, server_login_retry=0.2)
+    ro = f"{pg_ro.host}:{pg_ro.port}"
+    with connect(pg, proxy) as conn:
+        assert server_port(conn) == pg_ro.port             # pinned to the first node
+    after = {}
+
+    def while_down():
+        # Whether or not a health check noticed yet, the login goes to the node that is up.
+        with connect(pg, proxy) as conn:
+            after["port"] = server_port(conn)
+        after["down"] = proxy.pool.is_down(ro)
+
+    pg_ro.restart(mode="fast", while_down=while_down)
+    assert after == {"port": pg.port, "down": True}
+    assert wait_until(lambda: not proxy.pool.is_down(ro), timeout=30)
+    with connect(pg, proxy) as conn:
+        assert server_port(conn) == pg_ro.port             # back on the first node once it is up
+
+
+def test_health_check_marks_an_idle_node_down_closes_its_parked_connections_and_up_again(
+        pg, pg_ro, proxy_factory, plain_auth_file, caplog):
+    caplog.set_level(logging.INFO, logger="threadpool_proxy")
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {}, health_check_failures=2)
+    ro = f"{pg_ro.host}:{pg_ro.port}"
+    ro_key = pool_key(ro, "app", "appdb")
+    conns, _ = hold_transactions(pg, proxy, 4)
+    close_all(conns)
+    assert wait_until(lambda: proxy.pool.idle_count(ro_key) == 2), proxy.pool.snapshot()
+    seen = {}
+
+    def while_down():
+        # No client does anything: only the health checks can notice.
+        seen["down"] = wait_until(lambda: proxy.pool.is_down(ro), timeout=30)
+        seen["idle"] = proxy.pool.idle_count(ro_key)
+        seen["open"] = proxy.pool.open_count(ro_key)
+        with connect(pg, proxy) as conn:                      # a new client goes to the node that is up
+            seen["port"] = server_port(conn)
+
+    pg_ro.restart(mode="fast", while_down=while_down)
+    assert seen == {"down": True, "idle": 0, "open": 0, "port": pg.port}
+    assert wait_until(lambda: not proxy.pool.is_down(ro), timeout=30)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"node {ro} is down: 2 health checks failed in a row" in m for m in messages), messages
+    assert any(f"health check of node {ro} failed (1 of 2" in m for m in messages)
+    assert any(f"node {ro} is up again (health check answered)" in m for m in messages)
+    conns, ports = hold_transactions(pg, proxy, 4)                # new connections go there again
+    close_all(conns)
+    assert pg_ro.port in ports

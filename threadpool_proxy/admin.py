@@ -335,8 +335,9 @@ class Console:
                          timestamp(s.connect_time),
                          timestamp(client.stats.request_time if client else s.idle_since or s.connect_time),
                          0, 0, int(s.close_needed), self._ptr(s.ptr), self._ptr(client.ptr if client else None),
-                         s.remote_pid, "", client.application_name if client else "", s.prepared, self._id(s.id)])
-        return CONNECTION_COLUMNS, rows
+                         s.remote_pid, "", client.application_name if client else "", s.prepared, self._id(s.id),
+                         f"{s.addr}:{s.port}", self.control.node_state(f"{s.addr}:{s.port}")])
+        return SERVER_COLUMNS, rows
 
     def show_servers(self) -> bytes:
         return self._show("servers")
@@ -347,11 +348,14 @@ class Console:
         paused = self.control.paused_databases()
         rows = []
         for name, db in config.databases.items():
+            nodes = ", ".join(f"{n.name} {self.control.node_state(n.name)}" + (f" role={n.role}" if n.role else "")
+                              + (f" weight={n.weight}" if n.weight != 1 else "") for n in db.nodes)
             rows.append([name, db.host, db.port, db.dbname if db.dbname else (None if name == "*" else name),
-                         None, db.pool_size, 0, 0, 0, db.pool_mode, None, 0, obs.server_count(name), 0,
-                         obs.client_count(name), int(paused is ALL or name in paused), 0])
+                         None, db.pool_size, 0, 0, 0, db.pool_mode, db.load_balance if db.multi else None, 0,
+                         obs.server_count(name), 0, obs.client_count(name), int(paused is ALL or name in paused), 0,
+                         nodes, db.target_session_attrs, db.role])
         rows.append([CONSOLE_DATABASES[0], None, self.control.listen_port, CONSOLE_DATABASES[0], None, 0, 0, 0, 0,
-                     "statement", None, 0, 0, 0, obs.console_clients, 0, 0])
+                     "statement", None, 0, 0, 0, obs.console_clients, 0, 0, None, None, None])
         return DATABASE_COLUMNS, rows
 
     def show_databases(self) -> bytes:
@@ -523,7 +527,12 @@ DATABASE_COLUMNS = [("name", "s"), ("host", "s"), ("port", "i"), ("database", "s
                     ("pool_size", "i"), ("min_pool_size", "i"), ("reserve_pool_size", "i"),
                     ("server_lifetime", "i"), ("pool_mode", "s"), ("load_balance_hosts", "s"),
                     ("max_connections", "i"), ("current_connections", "i"), ("max_client_connections", "i"),
-                    ("current_client_connections", "i"), ("paused", "i"), ("disabled", "i")]
+                    ("current_client_connections", "i"), ("paused", "i"), ("disabled", "i"),
+                    ("nodes", "s"), ("target_session_attrs", "s"), ("role", "s")]
+
+#: SHOW SERVERS: PgBouncer's columns, then the server's node (host:port) and what the proxy
+#: knows of it ("up primary", "down unknown"...: ConsoleControl.node_state).
+SERVER_COLUMNS = CONNECTION_COLUMNS + [("node", "s"), ("node_state", "s")]
 
 
 def _identifier(word: str) -> str:

@@ -516,6 +516,37 @@ class Logins:
             log.warning("auth_query: the stored password of user %r is unusable: %s", user, exc)
             return None
 
+    # -- health checks -------------------------------------------------------------
+
+    def health_check_user(self) -> str | None:
+        """The user health checks log in as: ``health_check_user``, else ``auth_user``; None: TCP checks only."""
+        return self.config.health_check_user or self.config.auth_user
+
+    def health_check_login(self, node: NodeConfig, dbname: str, timeout: float) -> ServerConnection:
+        """A dedicated server connection of the health-check user to ``node`` (raises on failure).
+
+        Its secret: ``auth_password`` for ``auth_user``, else the auth file's
+        plain password or md5 hash, else what the user's own last login to the
+        proxy proved (SCRAM pass-through); with none, the server must trust it.
+        """
+        user = self.health_check_user()
+        creds = NO_CREDENTIALS
+        if user == self.config.auth_user and self.config.auth_password is not None:
+            creds = ServerCredentials(password=self.config.auth_password)
+        if creds is NO_CREDENTIALS:
+            creds = credentials_from_secret(self._file_secret(user))
+        if creds is NO_CREDENTIALS:
+            creds = self.credentials_for(user)
+        conn = ServerConnection.dial(node.host, node.port, timeout, self.server_tls)
+        try:
+            params = {"user": user, "database": dbname, "application_name": "threadpool_proxy health check"}
+            conn.complete_login(pq.startup_message(params), _answer_from(creds.login(user), user),
+                                time.monotonic() + timeout, None, timeout)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     def _auth_user_credentials(self) -> ServerCredentials:
         config = self.config
         if config.auth_password is not None:

@@ -33,6 +33,7 @@ from . import protocol as pq
 from . import stats as stats_mod
 from .admin import ALL, CommandError
 from . import tls
+from .health import HealthChecker
 from .login import Logins
 from .peers import PeerListener, Peers, WorkerSlot, owner_of
 from .nodes import Router
@@ -621,6 +622,11 @@ class ConsoleControl:
             names.update(row[0] for row in rows)
         return names
 
+    def node_state(self, name: str) -> str:
+        """"up" or "down", then what the node is (primary, standby, read-only, unknown): "up primary"."""
+        server = self.server
+        return f"{'down' if server.pool.is_down(name) else 'up'} {server.router.state(name).kind}"
+
     def paused_databases(self) -> frozenset:
         with self._lock:
             return ALL if None in self._paused else frozenset(self._paused)
@@ -736,6 +742,7 @@ class Proxy:
         self._stop_lock = threading.Lock()
         self.server: ProxyServer | None = None
         self.metrics = None                     # metrics.MetricsEndpoint when metrics_listen is set
+        self.health: HealthChecker | None = None   # health checks of the entries with several nodes
         self._threads: list[threading.Thread] = []
         self._stop_janitor = threading.Event()
 
@@ -785,6 +792,7 @@ class Proxy:
         self._threads += [serve, janitor]
         for t in self._threads:
             t.start()
+        self.health = HealthChecker(self.server).start()
         log.info("threadpool_proxy listening on %s:%d", self.host, self.port)
         return self
 
@@ -844,6 +852,8 @@ class Proxy:
         if server is None:
             return
         self._stop_janitor.set()
+        if self.health is not None:
+            self.health.stop(wait)
         if self.metrics is not None:
             self.metrics.stop()
         if self.peer_listener is not None:
