@@ -8,6 +8,10 @@
     other      LOGIN, 'other-secret', owns database otherdb
     md5user    LOGIN, 'md5-secret' stored as md5, hba method md5
     trustuser  LOGIN, hba method trust
+    repl       LOGIN REPLICATION, 'repl-secret' (pg_hba: replication connections, scram-sha-256)
+
+with ``wal_level = logical`` (WAL senders and replication slots at their defaults,
+10 each), so that physical and logical replication clients can run through a proxy.
 
 ``proxy_factory`` (function): ``proxy_factory(**overrides)`` starts a proxy in
 front of ``pg`` and stops it (and every other one it started) at teardown.
@@ -57,12 +61,16 @@ class PgCluster(pgcluster.PgCluster):
         "host    all  trustuser  127.0.0.1/32  trust",
         "host    all  all        127.0.0.1/32  scram-sha-256",
         "host    all  all        ::1/128       scram-sha-256",
+        "host    replication  all  127.0.0.1/32  scram-sha-256",
     )
     SETTINGS = {
         "max_connections": 200,
         "log_connections": "on",
         "log_disconnections": "on",
         "log_line_prefix": "%m [%p] %u@%d ",
+        "wal_level": "logical",
+        "max_wal_senders": 10,
+        "max_replication_slots": 10,
     }
 
     def __init__(self) -> None:
@@ -89,6 +97,7 @@ class PgCluster(pgcluster.PgCluster):
                  f"CREATE ROLE app LOGIN PASSWORD {_lit(pw['app'])}",
                  f"CREATE ROLE other LOGIN PASSWORD {_lit(pw['other'])}",
                  f"CREATE ROLE trustuser LOGIN PASSWORD {_lit(pw['trustuser'])}",
+                 f"CREATE ROLE repl LOGIN REPLICATION PASSWORD {_lit(pw['repl'])}",
                  "SET password_encryption = 'md5'",
                  f"CREATE ROLE md5user LOGIN PASSWORD {_lit(pw['md5user'])}",
                  "RESET password_encryption",

@@ -22,6 +22,7 @@ PASSWORDS = {
     "other": "other-secret",
     "md5user": "md5-secret",
     "trustuser": "trust-secret",
+    "repl": "repl-secret",
 }
 
 

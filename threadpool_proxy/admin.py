@@ -315,7 +315,7 @@ class Console:
         rows = []
         for c in obs.clients:
             wait = now - c.stats.wait_since if c.waiting else 0.0
-            rows.append(["C", c.stats.user, c.stats.database, "none", c.state, c.addr, c.port,
+            rows.append(["C", c.stats.user, c.stats.database, c.replication, c.state, c.addr, c.port,
                          c.local_addr, c.local_port, timestamp(c.stats.connect_time),
                          timestamp(c.stats.request_time or c.stats.connect_time),
                          int(wait), int((wait % 1) * 1e6), 0, self._ptr(c.ptr),
@@ -331,7 +331,7 @@ class Console:
         rows = []
         for s in obs.servers:
             client = s.client
-            rows.append(["S", s.user, s.database, "none", s.state, s.addr, s.port, s.local_addr, s.local_port,
+            rows.append(["S", s.user, s.database, s.replication, s.state, s.addr, s.port, s.local_addr, s.local_port,
                          timestamp(s.connect_time),
                          timestamp(client.stats.request_time if client else s.idle_since or s.connect_time),
                          0, 0, int(s.close_needed), self._ptr(s.ptr), self._ptr(client.ptr if client else None),

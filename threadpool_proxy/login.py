@@ -90,6 +90,7 @@ class LoginRequest:
     db: DatabaseConfig        # the entry that name resolved to
     key: str                  # the pool key: node, user, server-side database name
     address: tuple            # the client's (host, port)
+    replication: str = ""     # "physical" or "logical": a replication connection (no pool slot)
 
     @property
     def who(self) -> str:
@@ -229,6 +230,9 @@ class Logins:
         ``startup`` is the server's StartupMessage parameters.  Returns after
         the server's ReadyForQuery.  With a ``node`` (several nodes), a refusal
         before anything reached the client raises _NodeRefused.
+
+        A replication login (``request.replication``) takes no slot: once
+        accepted it gives its pending place back and belongs to its client alone.
         """
         db, config, pool = request.db, self.config, self.pool
         try:
@@ -241,19 +245,26 @@ class Logins:
                                    "and database.") from None
         channel.shorten(time.monotonic() + config.pending_login_timeout, "pending_login_timeout")
         promoted = False
+        unslotted = False              # an accepted replication login: outside the pool
         dialed = []
         relayed = []
 
         def release(conn: ServerConnection | None, reason: str) -> None:
             if promoted:
                 pool.give_back(key, conn, reason)
+            elif unslotted:
+                if conn is not None:
+                    conn.close(reason)
             else:
                 pool.give_back_pending(key, conn, reason)
 
         def relay_request(code: int, body: bytes) -> bytes | None:
-            nonlocal promoted
+            nonlocal promoted, unslotted
             relayed.append(code)
-            if code == pq.AUTH_OK:
+            if code == pq.AUTH_OK and request.replication:
+                pool.give_back_pending(key, None, "")     # accepted: its place is free, and no slot taken
+                unslotted = True
+            elif code == pq.AUTH_OK:
                 # PostgreSQL accepted the client: from here on the login is an
                 # authenticated connection like any other, in a pool_size slot.
                 try:
@@ -403,25 +414,59 @@ class Logins:
         with self._lock:
             return self._credentials.get(user, NO_CREDENTIALS)
 
+    def replication_login(self, channel: ClientChannel, request: LoginRequest, startup: dict) -> ServerConnection:
+        """A replication connection for a client the proxy authenticated: no ``pool_size`` slot.
+
+        While it logs in it holds one of the key's ``max_pending_logins`` places,
+        as a pass-through login does (so PAUSE holds it too, and a burst of them
+        is bounded); the server's refusal reaches the client in its own words.
+        """
+        config = self.config
+        try:
+            self.pool.acquire_pending(request.key, config.max_pending_logins, channel.remaining())
+        except PoolTimeout:
+            raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS,
+                              f"too many logins of user \"{request.user}\" are in progress "
+                              f"(max_pending_logins {config.max_pending_logins}); try again") from None
+        try:
+            return self.proxy_login(request, startup, slot=False)
+        finally:
+            self.pool.give_back_pending(request.key, None, "")
+
     def proxy_login(self, request: LoginRequest, startup: dict, node: NodeConfig | None = None,
-                    key: str | None = None) -> ServerConnection:
+                    key: str | None = None, slot: bool = True) -> ServerConnection:
         """A new server connection for an authenticated client, logged in as its user.
 
         Called with a pool_size slot of ``key`` (default: the request's) already
         taken; on failure the slot is given back and ClientFatal raised.
-        ``node`` is the server (default: the entry's first).
+        ``node`` is the server (default: the entry's first).  ``slot=False``: a
+        connection that holds none (a replication connection); a failure only
+        closes what was opened, and the server's refusal is passed on as it is.
         """
         user, db = request.user, request.db
         node = node or db.nodes[0]
         creds = self.credentials_for(user)
         timeout = self.config.server_connect_timeout
         key = key or request.key
+        if slot:
+            def release(conn, reason):
+                self.pool.give_back(key, conn, reason)
+        else:
+            def release(conn, reason):
+                if conn is not None:
+                    conn.close(reason)
         try:
             conn = self._open(db, startup, _answer_from(creds.login(user), user), time.monotonic() + timeout,
-                              lambda conn, reason: self.pool.give_back(key, conn, reason), node=node)
+                              release, node=node)
         except (ServerError, AuthFailed, ServerGone) as exc:
             with self._lock:
                 self.server_login_failures += 1
+            if not slot and isinstance(exc, ServerError):
+                # A replication login fails for reasons of its own (no REPLICATION
+                # role, no pg_hba.conf line for replication): PostgreSQL's words.
+                f = exc.fields
+                raise ClientFatal(f.get("C", pq.SQLSTATE_CONNECTION_FAILURE), f.get("M", "server error"),
+                                  f.get("D"), f.get("H"), raw=pq.error_response_from_fields(f, pq.FATAL)) from None
             raise _login_failed(user, node.name, exc) from None
         with self._lock:
             self.server_logins += 1

@@ -25,6 +25,7 @@ from .config import CONSOLE_DATABASES
 from .errors import ClientFatal, ClientGone, PoolClosed, ProtocolError, ProxyError, ServerError
 from .login import LoginRequest
 from .relay import Relay
+from . import replication as repl
 from .stats import ClientStats
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class ClientSession:
         self.cancel_pid = 0
         self.tls = False               # the client's socket is an ssl.SSLSocket (after the handshake)
         self.killed = False                # KILL on the admin console ended it
+        self.replication = ""              # "physical" or "logical" for a replication connection
 
     # -- life cycle -------------------------------------------------------------
 
@@ -166,7 +168,9 @@ class ClientSession:
     def _goodbye(self, exc: ProxyError) -> None:
         """What the client is told when ``exc`` ends its connection (nothing for some)."""
         if self.killed:
-            self.channel.send_quietly(KILL_NOTICE)
+            relay = self.relay
+            if relay is None or relay.sscan.at_boundary:      # (not into a half-sent message: a stream)
+                self.channel.send_quietly(KILL_NOTICE)
         elif self.server.stopping or isinstance(exc, PoolClosed):
             # The proxy is stopping (that is why the client's socket or server
             # connection was shut down): say so, unless a message is half sent.
@@ -318,22 +322,27 @@ class ClientSession:
         user = params.get("user")
         if not user:
             raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
-        if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
-            raise ClientFatal(pq.SQLSTATE_FEATURE_NOT_SUPPORTED,
-                              "replication connections are not supported by threadpool_proxy")
+        replication = self.replication = repl.replication_kind(params.get("replication"))
         database = params.get("database") or user
         settings = {}
         for name, value in params.items():
             if name in ("user", "database", "replication", "options") or name.startswith("_pq_."):
                 continue
             settings[name] = value
-        if params.get("options"):
+        if replication:
+            # The server connection is the client's alone, for life: its options go as sent.
+            if params.get("options"):
+                settings["options"] = params["options"]
+        elif params.get("options"):
             settings.update(parse_options(params["options"]))
         for name, value in settings.items():
             if not valid_guc_name(name):
                 raise ClientFatal(pq.SQLSTATE_UNDEFINED_OBJECT, f'unrecognized configuration parameter "{name}"')
             self.settings.set(name, value)
         if database in CONSOLE_DATABASES:
+            if replication:
+                raise ClientFatal(pq.SQLSTATE_FEATURE_NOT_SUPPORTED,
+                                  "the admin console does not take replication connections")
             self.console = ConsoleClient(self.server, user, database, self.address, settings)
             self.request = self.console.request
             return
@@ -341,8 +350,11 @@ class ClientSession:
         if db is None:
             raise ClientFatal(pq.SQLSTATE_INVALID_CATALOG_NAME, f'database "{database}" does not exist',
                               hint="threadpool_proxy has no entry for it in 'databases' and no '*' entry.")
+        if replication:
+            repl.check_entry(database, db)
         self.request = LoginRequest(user=user, database=database, db=db,
-                                    key=self.server.key_for(db, user, database), address=self.address)
+                                    key=self.server.key_for(db, user, database), address=self.address,
+                                    replication=replication)
         stats = self.stats
         stats.database, stats.user, stats.key = database, user, self.request.key
 
@@ -354,17 +366,27 @@ class ClientSession:
         db = request.db
         passthrough = db.auth_type == "passthrough"
         client = self.client
-        checkout = self.checkout = ServerCheckout(
-            self.server.pool, self.config, db, request.key, request.user, db.server_dbname(request.database),
-            self.settings,
-            dial=None if passthrough else lambda params, node, key: logins.proxy_login(request, params, node, key),
-            client_alive=lambda: client_connected(client), stats=self.stats, backends=self.server.backends,
-            router=self.server.router)
+        args = (self.server.pool, self.config, db, request.key, request.user, db.server_dbname(request.database),
+                self.settings)
+        kwargs = dict(client_alive=lambda: client_connected(client), stats=self.stats,
+                      backends=self.server.backends)
+        if request.replication:
+            checkout = self.checkout = repl.ReplicationCheckout(*args, dial=None, kind=request.replication,
+                                                                **kwargs)
+        else:
+            checkout = self.checkout = ServerCheckout(
+                *args,
+                dial=None if passthrough else lambda params, node, key: logins.proxy_login(request, params, node, key),
+                router=self.server.router, **kwargs)
         if passthrough:
             conn = logins.passthrough_login(channel, request, checkout.startup_params())
             checkout.adopt(conn)
             if checkout.routed:
                 checkout.check_login_target(conn)
+        elif request.replication:
+            logins.authenticate(channel, request)
+            conn = logins.replication_login(channel, request, checkout.startup_params())
+            checkout.adopt(conn)
         else:
             logins.authenticate(channel, request)
             conn = checkout.obtain()
@@ -387,7 +409,8 @@ class ClientSession:
         except (OSError, ClientGone):
             relay.detach(park=True)     # idle, but it may carry SETs made for this client
             raise ClientGone() from None
-        log.debug("client %s logged in (%s mode)", self.who, db.pool_mode)
+        log.debug("client %s logged in (%s)", self.who,
+                  f"{request.replication} replication" if request.replication else f"{db.pool_mode} mode")
         if ahead:
             relay.replay(ahead)
         return relay

@@ -218,6 +218,7 @@ class ServerView:
     close_needed: bool
     prepared: int
     client: "ClientView | None" = None
+    replication: str = "none"   # physical, logical: a replication client's own connection (no pool slot)
 
 
 @dataclasses.dataclass
@@ -232,6 +233,7 @@ class ClientView:
     application_name: str
     prepared: int
     server: ServerView | None = None
+    replication: str = "none"   # none, physical, logical
 
     @property
     def id(self) -> int:
@@ -372,10 +374,12 @@ def observe(sessions, pool, registry: StatsRegistry, config, closing=None) -> Ob
                             port=address[1] if len(address) > 1 else None,
                             local_addr=local_addr, local_port=local_port, state=state,
                             application_name=session.settings.values.get("application_name", ""),
-                            prepared=len(prepared.statements) if prepared is not None else 0)
+                            prepared=len(prepared.statements) if prepared is not None else 0,
+                            replication=getattr(session, "replication", "") or "none")
         if backend is not None:
             server = _server_view(backend, stats.key, stats.pool, "idle" if lingering else "active", 0.0,
                                   closing(stats.key, backend))
+            server.replication = client.replication
             server.client, client.server = client, server
             obs.servers.append(server)
         obs.clients.append(client)

@@ -1,0 +1,234 @@
+"""Replication connections through the proxy (issue 11, item 3).
+
+In session mode a ``replication=true`` (physical) or ``replication=database``
+(logical) client gets a server connection of its own, relayed both ways (COPY
+both mode included), never reset, parked or handed on, closed when the client
+leaves, and holding no pool_size slot.  Real clients: pg_basebackup,
+pg_receivewal, pg_recvlogical, psql.  In transaction and statement mode such a
+client is refused with 0A000 naming session mode.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import psycopg
+import pytest
+
+from helpers import PASSWORDS, connect, parse_error_fields, psql, raw_login, read_message, startup_packet, wait_until
+from threadpool_proxy import pgcluster
+
+TOOL_TIMEOUT = 240
+
+
+def _tool(name: str) -> str:
+    path = os.path.join(pgcluster.find_bindir(need=(name,)), name)
+    if not os.path.exists(path):
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def _env(user: str = "repl") -> dict:
+    env = dict(os.environ, PGPASSWORD=PASSWORDS[user], PGCONNECT_TIMEOUT="20")
+    for name in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE", "PGSSLMODE"):
+        env.pop(name, None)
+    return env
+
+
+def _run(argv, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, env=_env(), **kwargs)
+    assert proc.returncode == 0, f"{argv[0]} failed ({proc.returncode}): {proc.stderr}"
+    return proc
+
+
+def _walsenders(pg) -> int:
+    with pg.superuser_conn() as su:
+        return su.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'").fetchone()[0]
+
+
+@pytest.fixture(params=["passthrough", "scram-sha-256"])
+def session_proxy(request, proxy_factory, tmp_path, rolpasswords):
+    """Session mode; pass-through auth, or the proxy checking passwords (then logging in with
+    the client's SCRAM key: SCRAM pass-through)."""
+    from helpers import write_auth_file
+    extra = {}
+    if request.param != "passthrough":
+        extra["auth_file"] = write_auth_file(tmp_path / "users.yaml", {
+            "repl": {"scram": rolpasswords["repl"]}, "app": {"scram": rolpasswords["app"]}})
+    return proxy_factory(pool_mode="session", auth_type=request.param, **extra)
+
+
+def test_pg_basebackup_streams_a_whole_backup_through_the_proxy(pg, session_proxy, tmp_path):
+    target = tmp_path / "backup"
+    _run([_tool("pg_basebackup"), "-h", session_proxy.host, "-p", str(session_proxy.port), "-U", "repl",
+          "-D", str(target), "-X", "stream", "-c", "fast", "--no-sync", "-w"])
+    assert (target / "PG_VERSION").read_text().strip() == pg.sql("SHOW server_version_num").strip()[:2]
+    assert (target / "backup_label").exists() and (target / "global" / "pg_control").exists()
+    wal = [f for f in os.listdir(target / "pg_wal") if len(f) == 24]
+    assert wal, "no WAL segment was streamed (-X stream runs a second replication connection)"
+    wait_until(lambda: _walsenders(pg) == 0, timeout=20)
+    assert session_proxy.pool.idle_count() == 0            # never parked
+
+
+def test_pg_receivewal_streams_wal_up_to_an_end_position(pg, session_proxy, tmp_path):
+    lsn = pg.sql("SELECT pg_current_wal_insert_lsn()").strip()
+    # WAL past the end position, flushed: the stream reaches it at once (else pg_receivewal
+    # learns it only from a keepalive, up to wal_sender_timeout / 2 later).
+    pg.sql("CREATE TABLE IF NOT EXISTS tpp_wal (x int)", "INSERT INTO tpp_wal VALUES (1)", "DROP TABLE tpp_wal")
+    target = tmp_path / "wal"
+    target.mkdir()
+    _run([_tool("pg_receivewal"), "-h", session_proxy.host, "-p", str(session_proxy.port), "-U", "repl",
+          "-D", str(target), "-E", lsn, "--no-loop", "--no-sync", "-w"])
+    assert any(len(f.split(".")[0]) == 24 for f in os.listdir(target))
+
+
+def test_pg_recvlogical_receives_the_rows_inserted(pg, session_proxy):
+    slot = f"tpp_slot_{session_proxy.port}"
+    common = ["-h", session_proxy.host, "-p", str(session_proxy.port), "-U", "repl", "-d", "appdb", "-S", slot, "-w"]
+    recvlogical = _tool("pg_recvlogical")
+    try:
+        _run([recvlogical, *common, "--create-slot", "-P", "test_decoding"])
+        with connect(pg, session_proxy) as app:
+            app.execute("CREATE TABLE IF NOT EXISTS tpp_decoded (id int, note text)")
+            app.execute("INSERT INTO tpp_decoded VALUES (1, 'first'), (2, 'second through the proxy')")
+            end = app.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
+        out = _run([recvlogical, *common, "--start", "-E", str(end), "-f", "-", "--no-loop"]).stdout
+        assert "table public.tpp_decoded: INSERT: id[integer]:1 note[text]:'first'" in out, out
+        assert "id[integer]:2 note[text]:'second through the proxy'" in out, out
+        _run([recvlogical, *common, "--drop-slot"])
+        with pg.superuser_conn() as su:
+            assert su.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
+                              (slot,)).fetchone() == (0,)
+    finally:
+        with pg.superuser_conn() as su:
+            su.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                       "WHERE slot_name = %s AND NOT active", (slot,))
+        with pg.superuser_conn("appdb") as su:
+            su.execute("DROP TABLE IF EXISTS tpp_decoded")
+
+
+@pytest.mark.parametrize("replication", ["database", "true"])
+def test_psql_identify_system_answers_what_the_server_answers(pg, session_proxy, replication):
+    sql = "IDENTIFY_SYSTEM"
+    dbname = f"dbname=appdb replication={replication}"
+    through = psql(session_proxy, sql=sql, user="repl", dbname=dbname, check=True).stdout.strip()
+    direct = psql(pg, sql=sql, user="repl", dbname=dbname, check=True).stdout.strip()
+    system_id = through.split("|")[0]
+    assert system_id == direct.split("|")[0] and system_id.isdigit()
+    assert through.split("|")[3] == ("appdb" if replication == "database" else "")
+
+
+@pytest.mark.parametrize("auth", ["passthrough", "scram-sha-256"])
+def test_a_replication_connection_takes_no_pool_slot(pg, proxy_factory, tmp_path, rolpasswords, auth):
+    """pool_size 1: a streaming pg_recvlogical of the same user and database leaves the one
+    slot to an ordinary client, and gives back none when it stops (its server connection is
+    closed, not parked, and the slot count stays the ordinary client's)."""
+    from helpers import write_auth_file
+    extra = {} if auth == "passthrough" else {
+        "auth_file": write_auth_file(tmp_path / "users.yaml", {"repl": {"scram": rolpasswords["repl"]}})}
+    proxy = proxy_factory(pool_mode="session", pool_size=1, query_wait_timeout=5, auth_type=auth, **extra)
+    slot = f"tpp_slot_busy_{proxy.port}"
+    recvlogical = _tool("pg_recvlogical")
+    common = ["-h", proxy.host, "-p", str(proxy.port), "-U", "repl", "-d", "appdb", "-S", slot, "-w"]
+    _run([recvlogical, *common, "--create-slot", "-P", "test_decoding"])
+    stream = subprocess.Popen([recvlogical, *common, "--start", "-f", os.devnull], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _walsenders(pg) == 1, timeout=30)
+        with psycopg.connect(pg.dsn(user="repl", dbname="appdb", host=proxy.host, port=proxy.port),
+                             autocommit=True) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("repl",)
+            assert stream.poll() is None, stream.stderr.read() if stream.poll() is not None else ""
+            assert sum(proxy.pool.snapshot()["open"].values()) == 1
+            stream.send_signal(signal.SIGINT)
+            stream.wait(30)
+            wait_until(lambda: _walsenders(pg) == 0, timeout=30)
+            assert sum(proxy.pool.snapshot()["open"].values()) == 1     # still the ordinary client's
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+            stream.wait(10)
+        wait_until(lambda: _walsenders(pg) == 0, timeout=30)
+        with pg.superuser_conn() as su:
+            su.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    assert proxy.pool.idle_count() == (0 if auth == "passthrough" else 1)   # only the ordinary one parks
+    if auth == "passthrough":
+        wait_until(lambda: not pg.backend_pids(user="repl"), timeout=20)
+
+
+def _refusal(proxy, params: dict) -> dict:
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        sock.sendall(startup_packet({"user": "repl", "database": "appdb", **params}))
+        kind, body = read_message(sock)
+    assert kind == "E", (kind, body)
+    return parse_error_fields(body)
+
+
+@pytest.mark.parametrize("pool_mode", ["transaction", "statement"])
+@pytest.mark.parametrize("replication", ["database", "true", "on", "1", "yes"])
+def test_replication_is_refused_outside_session_mode(pg, proxy_factory, pool_mode, replication):
+    proxy = proxy_factory(pool_mode=pool_mode)
+    fields = _refusal(proxy, {"replication": replication})
+    assert (fields["S"], fields["C"]) == ("FATAL", "0A000"), fields
+    assert "pool_mode session" in fields["M"] and pool_mode in fields["M"], fields
+    assert "session" in fields["H"]
+
+
+def test_replication_false_is_an_ordinary_connection(pg, proxy_factory):
+    proxy = proxy_factory(pool_mode="transaction")
+    for value in ("false", "off", "0", "no"):
+        result = raw_login(proxy.host, proxy.port, "app", "appdb", PASSWORDS["app"], options={"replication": value})
+        assert result.ok, (value, result.error)
+
+
+def test_a_bad_replication_value_gets_postgresqls_error(pg, proxy_factory):
+    proxy = proxy_factory(pool_mode="session")
+    fields = _refusal(proxy, {"replication": "sometimes"})
+    assert fields["C"] == "22023"
+    assert fields["M"] == 'invalid value for parameter "replication": "sometimes"'
+
+
+def test_postgresqls_refusal_of_a_replication_login_reaches_the_client(pg, session_proxy):
+    """app has no REPLICATION attribute: PostgreSQL's own FATAL, whoever logs in to the server."""
+    proc = psql(session_proxy, sql="IDENTIFY_SYSTEM", user="app", dbname="dbname=appdb replication=database")
+    assert proc.returncode != 0
+    assert "permission denied to start WAL sender" in proc.stderr or "must be superuser or replication role" in proc.stderr, proc.stderr
+
+
+def test_show_names_the_replication_kind_and_kill_ends_the_stream(pg, proxy_factory):
+    proxy = proxy_factory(pool_mode="session", admin_users="postgres")
+    slot = f"tpp_slot_show_{proxy.port}"
+    recvlogical = _tool("pg_recvlogical")
+    common = ["-h", proxy.host, "-p", str(proxy.port), "-U", "repl", "-d", "appdb", "-S", slot, "-w"]
+    _run([recvlogical, *common, "--create-slot", "-P", "test_decoding"])
+    stream = subprocess.Popen([recvlogical, *common, "--start", "--no-loop", "-f", os.devnull], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _walsenders(pg) == 1, timeout=30)
+        with psycopg.connect(pg.dsn(user="postgres", dbname="pgbouncer", host=proxy.host, port=proxy.port),
+                             autocommit=True) as admin:
+            admin.prepare_threshold = None
+            clients = admin.execute("SHOW CLIENTS").fetchall()
+            servers = admin.execute("SHOW SERVERS").fetchall()
+            assert [(r[1], r[3]) for r in clients if r[1] == "repl"] == [("repl", "logical")]
+            assert [(r[1], r[3]) for r in servers if r[1] == "repl"] == [("repl", "logical")]
+            admin.execute("KILL appdb")
+            assert stream.wait(30) != 0                   # the stream ended with its client
+            assert "KILL on the admin console" in stream.stderr.read()
+            wait_until(lambda: _walsenders(pg) == 0, timeout=30)
+            admin.execute("RESUME appdb")
+    finally:
+        stream.send_signal(signal.SIGINT)
+        try:
+            stream.wait(30)
+        except subprocess.TimeoutExpired:
+            stream.kill()
+            stream.wait(10)
+        wait_until(lambda: _walsenders(pg) == 0, timeout=30)
+        with pg.superuser_conn() as su:
+            su.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
