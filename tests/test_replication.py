@@ -14,13 +14,14 @@ import os
 import signal
 import socket
 import subprocess
-import time
 
 import psycopg
 import pytest
 
 from helpers import PASSWORDS, connect, parse_error_fields, psql, raw_login, read_message, startup_packet, wait_until
 from threadpool_proxy import pgcluster
+from threadpool_proxy.errors import ClientFatal
+from threadpool_proxy.replication import replication_kind
 
 TOOL_TIMEOUT = 240
 
@@ -232,3 +233,18 @@ def test_show_names_the_replication_kind_and_kill_ends_the_stream(pg, proxy_fact
         wait_until(lambda: _walsenders(pg) == 0, timeout=30)
         with pg.superuser_conn() as su:
             su.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+
+
+@pytest.mark.parametrize("value, kind", [
+    ("database", "logical"), ("true", "physical"), ("t", "physical"), ("TRUE", "physical"), ("yes", "physical"),
+    ("y", "physical"), ("on", "physical"), ("1", "physical"), ("false", ""), ("f", ""), ("no", ""), ("n", ""),
+    ("off", ""), ("of", ""), ("0", ""), (None, "")])
+def test_replication_values_read_as_postgresql_reads_them(value, kind):
+    assert replication_kind(value) == kind
+
+
+@pytest.mark.parametrize("value", ["", "o", "Database", "2", "truee", "physical"])
+def test_replication_values_postgresql_refuses(value):
+    with pytest.raises(ClientFatal) as caught:
+        replication_kind(value)
+    assert caught.value.sqlstate == "22023"
