@@ -248,3 +248,12 @@ def test_replication_values_postgresql_refuses(value):
     with pytest.raises(ClientFatal) as caught:
         replication_kind(value)
     assert caught.value.sqlstate == "22023"
+
+
+def test_an_entry_with_several_nodes_refuses_replication(pg, proxy_factory):
+    """A WAL sender is not routed by role (yet): refused before anything else, naming the count."""
+    nodes = [{"host": pg.host, "port": pg.port}, {"host": "127.0.0.2", "port": pg.port}]   # (never dialed)
+    proxy = proxy_factory(pool_mode="session", databases={"appdb": {"nodes": nodes}})
+    fields = _refusal(proxy, {"replication": "database"})
+    assert (fields["C"], fields["M"]) == ("0A000", 'replication connections need a database entry with one '
+                                                   'server, but database "appdb" has 2 nodes'), fields
