@@ -45,6 +45,16 @@ def set_statements(settings: dict) -> str:
     return ";".join(f"SET {name} TO {quote_literal(value)}" for name, value in settings.items())
 
 
+#: Reset queries whose whole answer is one CommandComplete: the bytes a healthy
+#: idle server sends back (ReadyForQuery 'I' included), so that checking it is a comparison.
+_RESET_TAGS = {"DISCARD ALL": "DISCARD ALL", "RESET ALL": "RESET", "DEALLOCATE ALL": "DEALLOCATE ALL"}
+
+
+def _expected_reset_answer(reset_query: str) -> bytes:
+    tag = _RESET_TAGS.get(reset_query.strip().rstrip(";").strip().upper())
+    return pq.command_complete(tag) + pq.ready_for_query(pq.IDLE) if tag else b""
+
+
 def out_of_descriptors(exc: OSError) -> ClientFatal:
     """The client's error when the proxy has no file descriptor left for it (EMFILE/ENFILE)."""
     log.warning("out of file descriptors (%s): raise the open files limit or lower max_client_conn",
@@ -66,8 +76,8 @@ class ServerConnection:
 
     __slots__ = ("sock", "raw_socket", "tls", "node", "host", "port", "pid", "secret",
                  "params", "param_names", "login_params", "unreported",
-                 "_buf", "_poller", "reset_pending", "reset_timeout", "statements", "created", "serial",
-                 "holder_pid", "__weakref__")
+                 "_buf", "_poller", "reset_pending", "reset_timeout", "reset_answer", "statements", "created",
+                 "serial", "holder_pid", "__weakref__")
 
     def __init__(self, sock: socket.socket, host: str, port: int) -> None:
         self.sock = sock
@@ -88,6 +98,7 @@ class ServerConnection:
         self._poller = None
         self.reset_pending = False    # a reset query was sent and its answer not read yet
         self.reset_timeout = 15.0
+        self.reset_answer = b""       # what a healthy server answers the pending reset, where known
         self.statements = None        # prepared.ServerStatements: the proxy's named statements held here
         self.created = time.time()    # for SHOW SERVERS
         self.serial = next(_SERIALS)
@@ -304,6 +315,7 @@ class ServerConnection:
         except ServerGone:
             return False
         self.reset_pending = True
+        self.reset_answer = _expected_reset_answer(reset_query)
         return True
 
     def finish_reset_verdict(self) -> str:
@@ -313,6 +325,25 @@ class ServerConnection:
         if not self.reset_pending:
             return "ok"
         self.reset_pending = False
+        expected = self.reset_answer
+        if expected and not self._buf and not self.tls:
+            # Usually the whole answer is here, and only it: one non-blocking
+            # read and a comparison, no parsing.  Anything else is read the long way.
+            try:
+                chunk = self.sock.recv(16384, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                chunk = None                      # not here yet: wait for it below
+            except OSError as exc:
+                log.info("server connection lost while parked (%r): %s", self, exc)
+                return "dead"
+            if chunk == expected:
+                self.unreported = {k: v for k, v in self.login_params.items() if k not in self.params}
+                return "ok"
+            if chunk is not None:
+                if not chunk:
+                    log.info("server connection lost while parked (%r): it closed", self)
+                    return "dead"
+                self._buf += chunk
         try:
             status = self.read_until_ready(self.reset_timeout)
         except ServerError as exc:

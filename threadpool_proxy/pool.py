@@ -110,16 +110,14 @@ class Waiter:
     still connected; ``waiting`` and ``canceled`` are guarded by the pool's lock.
     """
 
-    __slots__ = ("alive", "key", "waiting", "canceled")
+    __slots__ = ("alive", "key", "waiting", "canceled", "slice_ended")
 
     def __init__(self, alive: Optional[Callable[[], bool]] = None) -> None:
         self.alive = alive
         self.key: Optional[str] = None      # what it waits for
         self.waiting = False
         self.canceled = False
-
-    def client_gone(self) -> bool:
-        return self.alive is not None and not self.alive()
+        self.slice_ended = False      # its last wait ended by time, not by a notify
 
 
 class _NodeDown:
@@ -202,13 +200,18 @@ class BackendIdlePool:
                 return None
             if getattr(conn, "reset_pending", False):
                 verdict = conn.finish_reset_verdict()
-                if verdict != "ok":
-                    _close(conn, key, "its reset query failed" if verdict == "failed"
-                           else "it closed or spoke while parked")
+                if verdict == "ok":
+                    # The reset's answer was read just now, and nothing after it
+                    # (a FATAL, end of file) came with it: that read was the probe.
                     with self._lock:
-                        self.stats["reset_failed" if verdict == "failed" else "stale_evicted"] += 1
-                        self._forget_locked(key)
-                    continue
+                        self.stats["reuses"] += 1
+                    return conn
+                _close(conn, key, "its reset query failed" if verdict == "failed"
+                       else "it closed or spoke while parked")
+                with self._lock:
+                    self.stats["reset_failed" if verdict == "failed" else "stale_evicted"] += 1
+                    self._forget_locked(key)
+                continue
             if probe_alive(conn):
                 with self._lock:
                     self.stats["reuses"] += 1
@@ -313,17 +316,20 @@ class BackendIdlePool:
         down dials wait for ``retry_at``, one at a time.
         """
         deadline = None
+        # Whether the waiting client is still there is asked (a non-blocking peek,
+        # one syscall) once it has waited and is about to be handed something, and
+        # after a wait that ended by its time slice; not after every wake-up.
+        check_client = waiter is not None and waiter.alive is not None
         try:
             while True:
-                if deadline is not None and waiter is not None and waiter.client_gone():
-                    self._count("waiters_gone")
-                    raise ClientGone()
                 if self._held and self._held_key(key):
                     deadline = self._wait_while_held(key, deadline, timeout, waiter)
+                    if check_client:
+                        self._check_client(waiter)
                     continue
                 conn = self.checkout(key, prefer)
                 if conn is not None:
-                    if deadline is not None and waiter is not None and waiter.client_gone():
+                    if deadline is not None and check_client and not waiter.alive():
                         self.checkin(key, conn)          # untouched: parked again for the next one
                         self._count("waiters_gone")
                         raise ClientGone()
@@ -344,14 +350,25 @@ class BackendIdlePool:
                         if wake_at is not None and failover:
                             raise NodeDown()
                         if wake_at is None:
+                            if deadline is not None and check_client and not waiter.alive():
+                                self.stats["waiters_gone"] += 1
+                                raise ClientGone()
                             self._open[key] += 1
                             return None
                     deadline = self._wait_locked(key, deadline, timeout, waiter, wake_at)
+                    timed_out = waiter is not None and waiter.slice_ended
+                if timed_out and check_client:
+                    self._check_client(waiter)
         finally:
             if waiter is not None and waiter.waiting:
                 with self._lock:
                     waiter.waiting = False
                     waiter.canceled = False
+
+    def _check_client(self, waiter: Waiter) -> None:
+        if not waiter.alive():
+            self._count("waiters_gone")
+            raise ClientGone()
 
     def cancel_wait(self, waiter: Waiter) -> bool:
         """End ``waiter``'s wait in ``acquire`` with QueryCanceled; False if it is not waiting."""
@@ -632,9 +649,11 @@ class BackendIdlePool:
             remaining = min(remaining, WAIT_SLICE)
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
-            self._cond_locked(key).wait(remaining)
+            notified = self._cond_locked(key).wait(remaining)
         finally:
             self._waiting[key] -= 1
+        if waiter is not None:
+            waiter.slice_ended = not notified
         return deadline
 
     def release_slot(self, key: str) -> None:

@@ -183,6 +183,10 @@ def query(sql: str) -> bytes:
     return message(QUERY, _cstr(sql))
 
 
+def command_complete(tag: str) -> bytes:
+    return message(COMMAND_COMPLETE, _cstr(tag))
+
+
 def password_message(body: bytes) -> bytes:
     """PasswordMessage / SASLInitialResponse / SASLResponse: the body is the caller's."""
     return message(PASSWORD_MESSAGE, body)
