@@ -156,6 +156,13 @@ class Relay:
                     # or a TLS socket has bytes decrypted that poll() cannot see.
                     self.due = ()
                     events = due
+                elif self.backend is None and not self.timer_at:
+                    # Between transactions with no server connection (it went to
+                    # a waiter): only the client can speak, so its socket is read
+                    # straight away, without a poll() first.  A KILL or shutdown
+                    # wakes this read as it would the poll (shutdown of the socket).
+                    on_client_readable()
+                    continue
                 else:
                     if self.timer_at:        # only while a client timer is armed
                         events = poll(self._timer_poll_ms())
