@@ -6,10 +6,12 @@ than ``pool_size`` connections of one (node, user, database) key.
 
 Design notes
 ------------
-* One lock guards everything.  Waiters wait on a per-key ``threading.Condition``
-  built on that same lock, so a release of key K wakes exactly one waiter of K
-  instead of every waiter of every key (``notify_all`` on one condition would
-  wake 50 threads to hand out one connection).
+* One lock guards everything.  Waiters of a key queue first come, first
+  served (``_HandOff``), each on a gate of its own: a connection released while
+  somebody waits is handed to the longest waiter directly, never parked for
+  whoever comes next, and its gate opens after the pool lock is let go, so the
+  woken thread does not start by waiting for that lock (a Condition's notify
+  under the lock would make it do just that, on every hand-off).
 * No socket I/O happens while the lock is held: connections to close or to
   probe are taken out of the structure under the lock and handled after it.
 * Parked connections are reused LIFO (the most recently parked is the warmest);
@@ -110,14 +112,74 @@ class Waiter:
     still connected; ``waiting`` and ``canceled`` are guarded by the pool's lock.
     """
 
-    __slots__ = ("alive", "key", "waiting", "canceled", "slice_ended")
+    __slots__ = ("alive", "key", "waiting", "canceled", "slice_ended", "gate", "handed", "takes_connection")
 
-    def __init__(self, alive: Optional[Callable[[], bool]] = None) -> None:
+    def __init__(self, alive: Optional[Callable[[], bool]] = None, takes_connection: bool = True) -> None:
         self.alive = alive
         self.key: Optional[str] = None      # what it waits for
         self.waiting = False
         self.canceled = False
-        self.slice_ended = False      # its last wait ended by time, not by a notify
+        self.slice_ended = False      # its last wait ended by time, not by a wake-up
+        self.gate: Any = None         # the lock it sleeps on while queued (_HandOff)
+        self.handed: Any = None       # a connection handed to it while it slept
+        self.takes_connection = takes_connection   # False: it waits for a free slot (promote)
+
+
+class _HandOff:
+    """The waiters of one key, first come first served; guarded by the pool lock.
+
+    ``wait`` queues a waiter and sleeps on its own gate (the pool lock let go
+    meanwhile); ``hand`` gives a released connection to the longest waiter
+    that takes one and returns it, for the caller to ``open`` once it has let
+    go of the pool lock; ``wake_all`` opens every gate with nothing handed (a
+    slot was freed, a server came back, RESUME, a cancel, shutdown: each
+    waiter looks again).
+    """
+
+    __slots__ = ("lock", "queue")
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.queue: Deque[Waiter] = collections.deque()
+
+    def wait(self, waiter: Waiter, timeout: float) -> bool:
+        """Sleep up to ``timeout`` (pool lock held on entry and on return); True if woken."""
+        gate = waiter.gate = threading.Lock()
+        gate.acquire()
+        self.queue.append(waiter)
+        self.lock.release()
+        woken = False
+        try:
+            woken = gate.acquire(True, timeout) if timeout > 0 else False
+        finally:
+            self.lock.acquire()
+            if not woken:
+                try:
+                    self.queue.remove(waiter)
+                except ValueError:
+                    woken = True     # opened (or handed a connection) just as the time ran out
+        return woken
+
+    def hand(self, conn: Any) -> Optional[Waiter]:
+        """Give ``conn`` to the longest waiter that takes one (None: nobody); waiters met on
+        the way that only want a slot are woken to look again."""
+        queue = self.queue
+        while queue:
+            waiter = queue.popleft()
+            if waiter.takes_connection:
+                # No longer waiting: a CancelRequest from now on is for the server connection.
+                waiter.handed, waiter.waiting = conn, False
+                return waiter
+            waiter.gate.release()
+        return None
+
+    def wake_all(self) -> None:
+        queue = self.queue
+        while queue:
+            queue.popleft().gate.release()
+
+
+_NO_HANDOFF = _HandOff(None)
 
 
 class _NodeDown:
@@ -169,10 +231,9 @@ class BackendIdlePool:
         self._total_idle = 0
         self._open: Dict[str, int] = collections.Counter()
         self._pending: Dict[str, int] = collections.Counter()
-        self._key_conds: Dict[str, threading.Condition] = {}
+        self._handoffs: Dict[str, _HandOff] = {}
         self._pending_conds: Dict[str, threading.Condition] = {}
         self._down: Dict[str, _NodeDown] = {}
-        self._waiting: Dict[str, int] = {}
         self._lingering: Dict[str, Dict[Any, None]] = {}
         self._defaults: Dict[str, Dict[str, str]] = {}
         self._closed = False
@@ -180,7 +241,7 @@ class BackendIdlePool:
         self._close_before: Dict[Any, float] = {}   # RECONNECT: target -> close connections created until then
         self._draining = False            # graceful shutdown: nobody keeps an idle connection
         self.stats = collections.Counter(
-            reuses=0, parked=0, over_capacity=0, stale_evicted=0, reaped=0, reconnected=0,
+            reuses=0, parked=0, handed_on=0, over_capacity=0, stale_evicted=0, reaped=0, reconnected=0,
             reset_failed=0, evicted_for_login=0, waits=0, wait_timeouts=0,
             pending_timeouts=0, waits_canceled=0, waiters_gone=0, dials_failed=0)
 
@@ -198,6 +259,13 @@ class BackendIdlePool:
                 conn = self._pop_locked(key, prefer)
             if conn is None:
                 return None
+            conn = self._vet(key, conn)
+            if conn is not None:
+                return conn
+
+    def _vet(self, key: str, conn: Any) -> Any:
+        """``conn`` if its reset went well and it is alive; else closed (slot freed), and None."""
+        if True:
             if getattr(conn, "reset_pending", False):
                 verdict = conn.finish_reset_verdict()
                 if verdict == "ok":
@@ -211,7 +279,7 @@ class BackendIdlePool:
                 with self._lock:
                     self.stats["reset_failed" if verdict == "failed" else "stale_evicted"] += 1
                     self._forget_locked(key)
-                continue
+                return None
             if probe_alive(conn):
                 with self._lock:
                     self.stats["reuses"] += 1
@@ -220,6 +288,7 @@ class BackendIdlePool:
             with self._lock:
                 self.stats["stale_evicted"] += 1
                 self._forget_locked(key)
+            return None
 
     def checkout_any(self, keys, prefer: Optional[Callable[[Any], bool]] = None) -> Tuple[Optional[str], Any]:
         """(key, connection): a live parked connection of the first of ``keys`` that has one, else (None, None).
@@ -249,33 +318,45 @@ class BackendIdlePool:
         or that would exceed ``max_idle_per_key`` or ``max_total_idle``, is
         closed, and its pool_size slot is freed.
         """
+        taker = None
         with self._lock:
-            reason = "the proxy is shutting down"
-            if self._close_before and self._stale_locked(key, conn):
-                self.stats["reconnected"] += 1
-                reason = "RECONNECT, KILL or RELOAD asked for it to be closed once released"
-            elif self._down and self._closing_node_locked(key):
-                reason = "its server is marked down"
-            elif reset_ok and not self._closed:
-                dq = self._idle.get(key)
-                if dq is None:
-                    dq = self._idle[key] = collections.deque()
-                if len(dq) < self.max_idle_per_key and self._total_idle < self.max_total_idle:
-                    dq.append((conn, time.monotonic()))
+            reason = self._refusal_locked(key, conn, reset_ok)
+            if reason is None:
+                handoff = self._handoffs.get(key)
+                if handoff is not None and handoff.queue and not (self._held and self._held_key(key)):
+                    taker = handoff.hand(conn)
+                if taker is not None:
+                    self.stats["handed_on"] += 1
+                else:
+                    self._idle.setdefault(key, collections.deque()).append((conn, time.monotonic()))
                     self._total_idle += 1
                     self.stats["parked"] += 1
-                    cond = self._key_conds.get(key)
-                    if cond is not None:
-                        cond.notify()
-                    return True
-                self.stats["over_capacity"] += 1
-                reason = "max_idle_per_key or max_total_idle reached"
-            elif not reset_ok:
-                self.stats["reset_failed"] += 1
-                reason = "its reset query could not be sent"
-            self._forget_locked(key)
-        _close(conn, key, reason)
-        return False
+            else:
+                self._forget_locked(key)
+        if reason is not None:
+            _close(conn, key, reason)
+            return False
+        if taker is not None:
+            taker.gate.release()          # after the pool lock: the taker goes straight on
+        return True
+
+    def _refusal_locked(self, key: str, conn: Any, reset_ok: bool) -> Optional[str]:
+        """Why a released ``conn`` cannot be parked or handed on (counted), or None."""
+        if self._close_before and self._stale_locked(key, conn):
+            self.stats["reconnected"] += 1
+            return "RECONNECT, KILL or RELOAD asked for it to be closed once released"
+        if self._down and self._closing_node_locked(key):
+            return "its server is marked down"
+        if not reset_ok:
+            self.stats["reset_failed"] += 1
+            return "its reset query could not be sent"
+        if self._closed:
+            return "the proxy is shutting down"
+        if (len(self._idle.get(key, ())) >= self.max_idle_per_key or self._total_idle >= self.max_total_idle) \
+                and not self._handoffs.get(key, _NO_HANDOFF).queue:
+            self.stats["over_capacity"] += 1
+            return "max_idle_per_key or max_total_idle reached"
+        return None
 
     def reap_idle(self, max_age: float) -> int:
         """Close parked connections idle for longer than ``max_age`` seconds."""
@@ -316,10 +397,12 @@ class BackendIdlePool:
         down dials wait for ``retry_at``, one at a time.
         """
         deadline = None
+        if waiter is None:
+            waiter = Waiter()
         # Whether the waiting client is still there is asked (a non-blocking peek,
         # one syscall) once it has waited and is about to be handed something, and
         # after a wait that ended by its time slice; not after every wake-up.
-        check_client = waiter is not None and waiter.alive is not None
+        check_client = waiter.alive is not None
         try:
             while True:
                 if self._held and self._held_key(key):
@@ -329,11 +412,7 @@ class BackendIdlePool:
                     continue
                 conn = self.checkout(key, prefer)
                 if conn is not None:
-                    if deadline is not None and check_client and not waiter.alive():
-                        self.checkin(key, conn)          # untouched: parked again for the next one
-                        self._count("waiters_gone")
-                        raise ClientGone()
-                    return conn
+                    return self._hand_to_client(key, conn, waiter, deadline is not None and check_client)
                 with self._lock:
                     # Decide here: a parked connection appeared, a slot is free, or wait.
                     if self._closed:
@@ -356,14 +435,27 @@ class BackendIdlePool:
                             self._open[key] += 1
                             return None
                     deadline = self._wait_locked(key, deadline, timeout, waiter, wake_at)
-                    timed_out = waiter is not None and waiter.slice_ended
-                if timed_out and check_client:
+                    conn, waiter.handed = waiter.handed, None
+                if conn is not None:
+                    # Released by its last holder straight to us: in use all along, never parked.
+                    conn = self._vet(key, conn)
+                    if conn is not None:
+                        return self._hand_to_client(key, conn, waiter, check_client)
+                elif waiter.slice_ended and check_client:
                     self._check_client(waiter)
         finally:
-            if waiter is not None and waiter.waiting:
+            if waiter.waiting:
                 with self._lock:
                     waiter.waiting = False
                     waiter.canceled = False
+
+    def _hand_to_client(self, key: str, conn: Any, waiter: Waiter, check_client: bool) -> Any:
+        """``conn`` for a client that waited, if it is still there; else back to the pool."""
+        if check_client and not waiter.alive():
+            self.checkin(key, conn)          # untouched: parked (or handed) again for the next one
+            self._count("waiters_gone")
+            raise ClientGone()
+        return conn
 
     def _check_client(self, waiter: Waiter) -> None:
         if not waiter.alive():
@@ -376,7 +468,7 @@ class BackendIdlePool:
             if not waiter.waiting:
                 return False
             waiter.canceled = True
-            self._cond_locked(waiter.key).notify_all()
+            self._handoff_locked(waiter.key).wake_all()
             return True
 
     def _check_canceled_locked(self, waiter: Optional[Waiter]) -> None:
@@ -511,9 +603,9 @@ class BackendIdlePool:
 
     def _notify_node_locked(self, node: str) -> None:
         prefix = node + "\0"
-        for key, cond in self._key_conds.items():
+        for key, handoff in self._handoffs.items():
             if key.startswith(prefix):
-                cond.notify_all()
+                handoff.wake_all()
 
     # -- pass-through logins not yet authenticated ------------------------------
 
@@ -599,7 +691,7 @@ class BackendIdlePool:
         ``wake()`` is called: a waiter calls it instead of waiting blindly.
         """
         with self._lock:
-            if self._waiting.get(key) or self._closed or self._draining or (self._held and self._held_key(key)):
+            if self._handoffs.get(key, _NO_HANDOFF).queue or self._closed or self._draining or (self._held and self._held_key(key)):
                 return False
             if conn is not None and self._close_before and self._stale_locked(key, conn):
                 return False
@@ -644,16 +736,12 @@ class BackendIdlePool:
                 holder = next(iter(held))
                 del held[holder]
                 holder.wake()          # a non-blocking eventfd write
-        if waiter is not None:
-            waiter.key, waiter.waiting = key, True
+        if waiter is None:
+            waiter = Waiter(takes_connection=False)
+        elif waiter.alive is not None:
             remaining = min(remaining, WAIT_SLICE)
-        self._waiting[key] = self._waiting.get(key, 0) + 1
-        try:
-            notified = self._cond_locked(key).wait(remaining)
-        finally:
-            self._waiting[key] -= 1
-        if waiter is not None:
-            waiter.slice_ended = not notified
+        waiter.key, waiter.waiting = key, True
+        waiter.slice_ended = not self._handoff_locked(key).wait(waiter, remaining)
         return deadline
 
     def release_slot(self, key: str) -> None:
@@ -723,7 +811,9 @@ class BackendIdlePool:
                 self._held.clear()
             else:
                 self._held.discard(target)
-            for cond in (*self._key_conds.values(), *self._pending_conds.values()):
+            for handoff in self._handoffs.values():
+                handoff.wake_all()
+            for cond in self._pending_conds.values():
                 cond.notify_all()
 
     def held(self) -> set:
@@ -831,7 +921,9 @@ class BackendIdlePool:
                     self._forget_locked(key)
                 dq.clear()
             self._total_idle = 0
-            for cond in (*self._key_conds.values(), *self._pending_conds.values()):
+            for handoff in self._handoffs.values():
+                handoff.wake_all()
+            for cond in self._pending_conds.values():
                 cond.notify_all()
             holders = [h for held in self._lingering.values() for h in held]
             self._lingering.clear()
@@ -865,17 +957,21 @@ class BackendIdlePool:
         """
         if self._open[key] > 0:
             self._open[key] -= 1
-        cond = self._key_conds.get(key)
-        if cond is not None:
-            cond.notify_all()
+        handoff = self._handoffs.get(key)
+        if handoff is not None:
+            handoff.wake_all()
 
     def _count(self, stat: str) -> None:
         with self._lock:
             self.stats[stat] += 1
 
-    def _cond_locked(self, key: str, table: Optional[Dict[str, threading.Condition]] = None
-                     ) -> threading.Condition:
-        table = self._key_conds if table is None else table
+    def _handoff_locked(self, key: str) -> _HandOff:
+        handoff = self._handoffs.get(key)
+        if handoff is None:
+            handoff = self._handoffs[key] = _HandOff(self._lock)
+        return handoff
+
+    def _cond_locked(self, key: str, table: Dict[str, threading.Condition]) -> threading.Condition:
         cond = table.get(key)
         if cond is None:
             cond = table[key] = threading.Condition(self._lock)
