@@ -10,6 +10,7 @@ here when the relay takes over.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import re
@@ -50,9 +51,12 @@ def set_statements(settings: dict) -> str:
 _RESET_TAGS = {"DISCARD ALL": "DISCARD ALL", "RESET ALL": "RESET", "DEALLOCATE ALL": "DEALLOCATE ALL"}
 
 
-def _expected_reset_answer(reset_query: str) -> bytes:
+@functools.lru_cache(maxsize=8)
+def _reset_messages(reset_query: str) -> tuple[bytes, bytes]:
+    """The reset's Query message, and its whole answer from a healthy idle server where known (else b"")."""
     tag = _RESET_TAGS.get(reset_query.strip().rstrip(";").strip().upper())
-    return pq.command_complete(tag) + pq.ready_for_query(pq.IDLE) if tag else b""
+    answer = pq.command_complete(tag) + pq.ready_for_query(pq.IDLE) if tag else b""
+    return pq.query(reset_query), answer
 
 
 def out_of_descriptors(exc: OSError) -> ClientFatal:
@@ -310,12 +314,12 @@ class ServerConnection:
         if not reset_query:
             self.reset_pending = False
             return True
+        message, self.reset_answer = _reset_messages(reset_query)
         try:
-            self.send(pq.query(reset_query))
+            self.send(message)
         except ServerGone:
             return False
         self.reset_pending = True
-        self.reset_answer = _expected_reset_answer(reset_query)
         return True
 
     def finish_reset_verdict(self) -> str:

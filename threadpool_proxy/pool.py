@@ -690,6 +690,8 @@ class BackendIdlePool:
         holder must give its connection back (reset, ``checkin``) when its
         ``wake()`` is called: a waiter calls it instead of waiting blindly.
         """
+        if self._handoffs.get(key, _NO_HANDOFF).queue:
+            return False        # somebody waits (read without the lock: refusing is always safe)
         with self._lock:
             if self._handoffs.get(key, _NO_HANDOFF).queue or self._closed or self._draining or (self._held and self._held_key(key)):
                 return False

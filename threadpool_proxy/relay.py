@@ -193,7 +193,7 @@ class Relay:
         cscan, sscan = self.cscan, self.sscan
         return (self.pending == 0 and not cscan.unsynced and cscan.at_boundary and sscan.at_boundary
                 and sscan.status == _IDLE and not sscan.copy_in
-                and (self.prepared is None or self.prepared.idle()))
+                and (not self.tracking or self.prepared.idle()))
 
     def on_client_readable(self) -> None:
         cscan = self.cscan
@@ -475,7 +475,7 @@ class Relay:
         self.server_due = ()
         self.srecv = None
         self.unanswered = False
-        if self.prepared is not None and not self.prepared.idle():
+        if self.tracking and not self.prepared.idle():
             self.prepared.reset()        # what was in flight died with the connection
         if park:
             self.checkout.park(conn)
