@@ -323,7 +323,9 @@ class ServerConnection:
         return True
 
     def finish_reset_verdict(self) -> str:
-        """"ok"; "failed" (the reset query erred or left a transaction open); or
+        """"clean" (the expected answer and nothing after it: the whole socket was
+        read, so no liveness probe is needed); "ok" (answered well; what may
+        follow in the socket is unread); "failed" (the reset query erred or left a transaction open); or
         "dead" (the server closed, or spoke after answering: e.g. the FATAL of
         pg_terminate_backend on a parked connection)."""
         if not self.reset_pending:
@@ -342,7 +344,7 @@ class ServerConnection:
                 return "dead"
             if chunk == expected:
                 self.unreported = {k: v for k, v in self.login_params.items() if k not in self.params}
-                return "ok"
+                return "clean"
             if chunk is not None:
                 if not chunk:
                     log.info("server connection lost while parked (%r): it closed", self)

@@ -265,30 +265,30 @@ class BackendIdlePool:
 
     def _vet(self, key: str, conn: Any) -> Any:
         """``conn`` if its reset went well and it is alive; else closed (slot freed), and None."""
-        if True:
-            if getattr(conn, "reset_pending", False):
-                verdict = conn.finish_reset_verdict()
-                if verdict == "ok":
-                    # The reset's answer was read just now, and nothing after it
-                    # (a FATAL, end of file) came with it: that read was the probe.
-                    with self._lock:
-                        self.stats["reuses"] += 1
-                    return conn
+        if getattr(conn, "reset_pending", False):
+            verdict = conn.finish_reset_verdict()
+            if verdict == "clean":
+                # The reset's answer was read just now, and nothing after it (a
+                # FATAL, end of file) came with it: that read was the probe.
+                with self._lock:
+                    self.stats["reuses"] += 1
+                return conn
+            if verdict != "ok":
                 _close(conn, key, "its reset query failed" if verdict == "failed"
                        else "it closed or spoke while parked")
                 with self._lock:
                     self.stats["reset_failed" if verdict == "failed" else "stale_evicted"] += 1
                     self._forget_locked(key)
                 return None
-            if probe_alive(conn):
-                with self._lock:
-                    self.stats["reuses"] += 1
-                return conn
-            _close(conn, key, "it closed while parked (liveness probe)")
+        if probe_alive(conn):
             with self._lock:
-                self.stats["stale_evicted"] += 1
-                self._forget_locked(key)
-            return None
+                self.stats["reuses"] += 1
+            return conn
+        _close(conn, key, "it closed while parked (liveness probe)")
+        with self._lock:
+            self.stats["stale_evicted"] += 1
+            self._forget_locked(key)
+        return None
 
     def checkout_any(self, keys, prefer: Optional[Callable[[Any], bool]] = None) -> Tuple[Optional[str], Any]:
         """(key, connection): a live parked connection of the first of ``keys`` that has one, else (None, None).
