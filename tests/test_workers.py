@@ -128,7 +128,9 @@ def test_both_workers_accept_clients_and_the_console_shows_them_all(pg, workers_
     try:
         for i, conn in enumerate(conns):
             assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
-        workers = proxy.workers()
+        # (a console connection of an earlier SHOW may take a moment to leave)
+        workers = wait_until(lambda: (ws := proxy.workers()) and sum(w["console_clients"] for w in ws) == 1 and ws,
+                             timeout=20) or proxy.workers()
         assert [w["worker"] for w in workers] == [0, 1]
         assert len({w["pid"] for w in workers}) == 2
         assert all(_ppid(w["pid"]) == proxy.proc.pid for w in workers)
@@ -140,8 +142,9 @@ def test_both_workers_accept_clients_and_the_console_shows_them_all(pg, workers_
         clients = [c for c in proxy.show("CLIENTS") if c["database"] == "appdb"]
         assert len(clients) == 16
         assert len({c["id"] for c in clients}) == 16 and len({c["ptr"] for c in clients}) == 16
-        lists = {r["list"]: r["items"] for r in proxy.show("LISTS")}
-        assert lists["used_clients"] == 17 and lists["pools"] == 1 and lists["users"] == 1
+        lists = wait_until(lambda: (ls := {r["list"]: r["items"] for r in proxy.show("LISTS")})
+                           and ls["used_clients"] == 17 and ls, timeout=20)
+        assert lists and lists["pools"] == 1 and lists["users"] == 1, proxy.show("LISTS")
         pools = proxy.show("POOLS")
         assert [(p["database"], p["user"], p["cl_active"]) for p in pools] == [("appdb", "app", 16)]
         stats = {r["database"]: r for r in proxy.show("STATS_TOTALS")}
