@@ -9,6 +9,7 @@ has an even chance), rather than hoping for it.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -393,3 +394,5 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(pg, workers_pr
     proxy.proc.wait(10)
     assert wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=30), proxy.log()
     assert proxy.log().count("the supervisor (pid") == 2
+    rundirs = set(re.findall(r"peer channel in (\S+)", proxy.log()))
+    assert len(rundirs) == 1 and not os.path.exists(rundirs.pop())      # the last worker out removed it

@@ -127,13 +127,20 @@ def worker_main(spec: WorkerSpec, ready) -> None:
                                                                signal.SIGTERM if graceful else signal.SIGINT)
     ready.send(("ready", proxy.port))
     ready.close()
+    orphan = False
     try:
         while not stop.wait(0.5):
             if os.getppid() != spec.supervisor:
                 log.warning("the supervisor (pid %d) is gone: stopping", spec.supervisor)
+                orphan = True
                 break
     finally:
         proxy.stop()
+        if orphan:            # the supervisor cannot remove the peer directory now: the last worker out does
+            try:
+                os.rmdir(spec.slot.rundir)
+            except OSError:
+                pass
 
 
 def _reload(proxy) -> None:
@@ -183,6 +190,7 @@ class Supervisor:
         for line in config_mod.split_warnings(self.config):
             log.warning("%s", line)
         self.rundir = tempfile.mkdtemp(prefix="threadpool_proxy-")      # mode 0700: the peer sockets
+        log.info("peer channel in %s", self.rundir)
         wake_r, wake_w = socket.socketpair()
         try:
             for sock in (wake_r, wake_w):
