@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 from . import config as config_mod
 from .server import Proxy
+from .stopping import StopSignals
 
 log = logging.getLogger("threadpool_proxy")
 
@@ -62,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if config.workers > 1 and not demo:
         from . import workers
         return workers.run(config, args.config, overrides, level)
-    stop = threading.Event()
     proxy = Proxy(config, config_path=None if demo else args.config, overrides=overrides)
+    signals = StopSignals(proxy)
     try:
         try:
             proxy.start()
@@ -74,16 +77,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"threadpool-proxy: cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}",
                   file=sys.stderr)
             return 1
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signals.install()
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(proxy,),
                                                                      name="threadpool_proxy-reload").start())
         if demo:
             print(demo.banner(proxy.port), flush=True)
-        while not stop.wait(0.5):
-            if proxy.stopping:          # SHUTDOWN on the admin console
-                break
+        # The stop runs in a thread of its own; this one only sleeps (signal handlers
+        # run here and take no lock) and acts on what they noted.
+        while not proxy.stopped:
+            signals.act()
+            time.sleep(0.2)
     finally:
         proxy.stop()
         if demo:

@@ -61,7 +61,8 @@ RESUME [db]        end a PAUSE
 RECONNECT [db]     close server connections as they are released; new ones are opened as needed
 KILL db            disconnect the database's clients and close its server connections
 RELOAD             re-read the configuration file and the auth file
-SHUTDOWN           stop the proxy"""
+SHUTDOWN           stop the proxy now (as SIGINT)
+SHUTDOWN WAIT_FOR_SERVERS  stop once running transactions end, within shutdown_timeout (as SIGTERM)"""
 
 
 def version_string() -> str:
@@ -215,6 +216,13 @@ class Console:
                                f'permission denied: {verb} needs an admin user; "{self.user}" is in stats_users',
                                hint="Add the user to admin_users.")
         takes, needs = action
+        if verb == "SHUTDOWN" and args:
+            if len(args) != 1 or args[0].upper() != "WAIT_FOR_SERVERS":
+                raise CommandError(SQLSTATE_SYNTAX_ERROR, "syntax error: usage: SHUTDOWN [WAIT_FOR_SERVERS]",
+                                   hint="WAIT_FOR_CLIENTS is not supported.")
+            log.info("admin console: %s runs SHUTDOWN WAIT_FOR_SERVERS", self.user)
+            self.after.append(self.control.shutdown("WAIT_FOR_SERVERS"))
+            return command_complete("SHUTDOWN")
         if len(args) > (1 if takes else 0) or (needs and not args):
             usage = f"{verb} db" if needs else f"{verb} [db]" if takes else verb
             raise CommandError(SQLSTATE_SYNTAX_ERROR, f"syntax error: usage: {usage}")

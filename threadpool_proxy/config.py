@@ -114,6 +114,7 @@ class Config:
     max_pending_logins: int = 3
     pending_login_timeout: float = 10.0
     server_login_retry: float = 1.0
+    shutdown_timeout: float = 30.0          # SIGTERM: how long running transactions may take to finish
     reset_query: str = DEFAULT_RESET_QUERY
     max_prepared_statements: int = 200
     auth_type: str = "passthrough"
@@ -225,6 +226,7 @@ _TOP_LEVEL = {
     "max_pending_logins": _COUNT,
     "pending_login_timeout": _SECONDS,
     "server_login_retry": _SECONDS,
+    "shutdown_timeout": (_SECONDS_OR_OFF[0], "a number of seconds >= 0 (0: SIGTERM stops at once, as SIGINT)"),
     "reset_query": (_str, "a string (empty for no reset)"),
     "max_prepared_statements": (_non_negative_int, "an integer >= 0 (0: no tracking)"),
     "auth_type": (_choice(AUTH_TYPES), "one of " + ", ".join(AUTH_TYPES)),

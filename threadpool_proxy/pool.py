@@ -343,6 +343,8 @@ class BackendIdlePool:
     def _refusal_locked(self, key: str, conn: Any, reset_ok: bool) -> Optional[str]:
         """Why a released ``conn`` cannot be parked or handed on (counted), or None."""
         if self._close_before and self._stale_locked(key, conn):
+            if self._draining:
+                return "the proxy is shutting down"
             self.stats["reconnected"] += 1
             return "RECONNECT, KILL or RELOAD asked for it to be closed once released"
         if self._down and self._closing_node_locked(key):
@@ -619,7 +621,7 @@ class BackendIdlePool:
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
-                if self._closed:
+                if self._closed or self._draining:
                     raise PoolClosed()
                 if self._held and self._held_key(key):       # PAUSE: the login waits for RESUME
                     remaining = deadline - time.monotonic()
@@ -648,7 +650,7 @@ class BackendIdlePool:
         while True:
             victim = None
             with self._lock:
-                if self._closed:
+                if self._closed or self._draining:
                     raise PoolClosed()
                 if self._open[key] < limit:
                     self._open[key] += 1
@@ -813,6 +815,8 @@ class BackendIdlePool:
                 self._held.clear()
             else:
                 self._held.discard(target)
+            if self._draining:
+                self._held.add(ALL_SERVERS)       # a shutdown's hold outlives any RESUME
             for handoff in self._handoffs.values():
                 handoff.wake_all()
             for cond in self._pending_conds.values():
@@ -839,7 +843,8 @@ class BackendIdlePool:
             self._wake_lingering_locked(target)
         return self.close_parked(target, before)
 
-    def close_parked(self, target, before: float | None = None) -> int:
+    def close_parked(self, target, before: float | None = None,
+                     reason: str = "closed by the admin console (RECONNECT or KILL)") -> int:
         """Close the parked connections of ``target`` (those created at or before ``before``, if given)."""
         victims = []
         with self._lock:
@@ -856,7 +861,7 @@ class BackendIdlePool:
                         keep.append((conn, since))
                 self._idle[key] = keep
         for conn, key in victims:
-            _close(conn, key, "closed by the admin console (RECONNECT or KILL)")
+            _close(conn, key, reason)
         return len(victims)
 
     def close_needed(self, key: str, conn: Any) -> bool:
@@ -864,15 +869,35 @@ class BackendIdlePool:
         with self._lock:
             return bool(self._close_before) and self._stale_locked(key, conn)
 
-    def drain(self) -> None:
-        """Graceful shutdown: clients keeping idle connections give them back; nobody keeps one again."""
+    def drain(self) -> int:
+        """Graceful shutdown: no transaction starts any more; connections close as they are released.
+
+        Parked connections are closed now (how many is returned); clients
+        keeping idle ones are woken to give them back; a connection released
+        later is closed, never parked, kept or handed on; waiting checkouts
+        and pending pass-through logins end with PoolClosed, and so do new
+        ones.  Costs the hot path nothing: it rides on the PAUSE hold
+        (``_held``) and the RECONNECT cutoff (``_close_before``) that
+        checkouts and releases already look at.
+        """
         with self._lock:
             self._draining = True
+            self._held.add(ALL_SERVERS)
+            self._close_before[ALL_SERVERS] = float("inf")
             self._wake_lingering_locked(ALL_SERVERS)
+            for handoff in self._handoffs.values():
+                handoff.wake_all()
+            for cond in self._pending_conds.values():
+                cond.notify_all()
+        return self.close_parked(ALL_SERVERS, reason="the proxy is shutting down")
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def _wait_while_held(self, key: str, deadline, timeout: float, waiter) -> float:
         with self._lock:
-            if self._closed:
+            if self._closed or self._draining:
                 raise PoolClosed()
             self._check_canceled_locked(waiter)
             if self._held_key(key):

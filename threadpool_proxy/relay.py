@@ -25,7 +25,7 @@ from . import tls
 from .backend import ServerConnection
 from .prepared import ClientStatements, PreparedRelay, ServerStatements
 from .checkout import ClientSettings, ServerCheckout
-from .errors import ClientFatal, ClientGone, ErrorAlreadySent, QueryCanceled
+from .errors import ClientFatal, ClientGone, ErrorAlreadySent, PoolClosed, QueryCanceled
 
 # Buffers are per client thread, so they decide the memory of many idle clients:
 # requests are small (16 KiB, COPY IN just takes more reads); the server buffer
@@ -69,7 +69,8 @@ class Relay:
                  "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "check_release",
                  "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
                  "tracking", "stats", "unanswered", "idle_timeout", "idle_transaction_timeout",
-                 "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark", "client_pid")
+                 "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark", "client_pid",
+                 "stop_requested")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
@@ -130,6 +131,8 @@ class Relay:
         # The pid this client was told (BackendKeyData): each server connection it
         # takes remembers it, so a NOTIFY it sends can be shown to listeners as its own.
         self.client_pid = 0
+        # A graceful shutdown asked this client to leave at its next release point (request_stop).
+        self.stop_requested = False
 
     # -- the loop -------------------------------------------------------------------
 
@@ -141,6 +144,8 @@ class Relay:
         on_server_readable = self.on_server_readable
         if tls.is_tls(self.client) and self.client.pending():
             self._due(((cfd, _POLLIN),))     # decrypted during login, unseen by poll()
+        if self.wake_rfd < 0:
+            self._make_wake_fd()             # how waiters, and a graceful shutdown, reach this thread
         if self.idle_timers:
             self._arm_idle_timer()
         try:
@@ -320,7 +325,8 @@ class Relay:
                 sscan.xacts = 0
                 if self.idle_timers:
                     self._arm_idle_timer()
-        self.check_release = self.pooled and self.pending == 0
+        # (Session mode looks for a release point only while a graceful shutdown waits for it.)
+        self.check_release = (self.pooled or self.stop_requested) and self.pending == 0
 
     def _start_tracking(self, new_requests: int) -> None:
         """The client's first extended-protocol chunk: from here on both streams go
@@ -438,11 +444,31 @@ class Relay:
         return n
 
     def on_wake(self) -> None:
-        """A waiter wants our lingering connection: reset and park it for them."""
+        """A waiter wants our lingering connection: reset and park it for them.
+
+        Or a graceful shutdown asks this client to leave (``request_stop``):
+        now if it is between transactions, else at its next release point.
+        """
         self._drain_wake()
         if self.lingering:
             self.lingering = False
             self.detach(park=True)
+        if self.stop_requested and (self.backend is None or self.at_release_point()):
+            self.detach(park=True)
+            raise PoolClosed()
+
+    def request_stop(self) -> bool:
+        """From another thread (graceful shutdown): leave at the next release point.
+
+        The client is told SHUTDOWN_NOTICE there (session.py), after its
+        transaction's last answer.  False if the thread cannot be woken yet
+        (its relay has not started): ask again later.
+        """
+        self.stop_requested = True
+        if self.wake_wfd < 0:
+            return False
+        self.wake()
+        return True
 
     # -- the attached server connection -------------------------------------------
 
@@ -504,6 +530,8 @@ class Relay:
             self.lingering = True
         else:
             self.detach(park=True)
+            if self.stop_requested:         # a graceful shutdown waited for this release point
+                raise PoolClosed()
 
     def _linger_expired(self) -> None:
         """Idle past server_idle_timeout: park it, so the janitor may close it (or a waiter take it)."""

@@ -242,6 +242,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._sessions_lock = threading.Lock()
         self._sessions_empty = threading.Condition(self._sessions_lock)
         self._stopping = False
+        self._accepting = True                  # until stop_accepting()
+        self._serving = False                   # serve_forever() was entered
+        self._force_stop = False                # a graceful shutdown ends now (force_stop)
         self._admitted = 0                      # clients accepted and not yet closed
         self._refusing = 0                      # connections being refused in a thread of their own
         self._refusals: dict = {}               # socket -> why it is refused (until closed)
@@ -441,9 +444,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             raise ValueError("this proxy has no reload hook")
         self.reloader()
 
-    def request_stop(self) -> None:
+    def request_stop(self, graceful: bool = False) -> None:
+        """Stop the proxy from another thread (SHUTDOWN on the console): ``stopper(graceful)``."""
         if self.stopper is not None:
-            self.stopper()
+            self.stopper(graceful)
 
     def apply_config(self, new: config_mod.Config) -> config_mod.Config:
         """RELOAD: use ``new`` from now on; clients stay connected.
@@ -488,6 +492,86 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         for database, n in kept.items():
             log.warning("RELOAD: %d clients of database %s keep their old server until they reconnect", n, database)
         return new
+
+    # -- stopping -------------------------------------------------------------------
+
+    def close_down(self, timeout: float = 0.0, wait: float = 5.0) -> None:
+        """Stop serving; the one shutdown path (SIGTERM, SIGINT, SHUTDOWN on the console, ``Proxy.stop``).
+
+        New connections are refused at once (the listening socket is
+        closed).  With ``timeout`` > 0 (``shutdown_timeout``: SIGTERM,
+        ``SHUTDOWN WAIT_FOR_SERVERS``) clients first get up to ``timeout``
+        seconds to finish the transaction they are in: each is told
+        ``SHUTDOWN_NOTICE`` and disconnected at its next release point (at
+        once if it is between transactions, or waiting for a server
+        connection), and server connections are closed as they are released.
+        Then, or at once with ``timeout`` 0, the clients left are disconnected
+        mid-transaction (``disconnect_all``) and the pool is closed.
+        ``force_stop()`` from any thread (a second signal) ends the wait.
+        The caller stops its accept thread's loop first or lets this do it:
+        whoever runs ``serve_forever`` (a Proxy, a worker process) calls this.
+        """
+        self.stop_accepting()
+        with self._sessions_lock:
+            self._stopping = True
+        if timeout > 0 and not self._force_stop:
+            self._drain(timeout)
+        self.disconnect_all(wait)
+        self.pool.close()
+
+    def force_stop(self) -> None:
+        """End a graceful ``close_down`` now (a second signal).  Sets a flag only: safe in a signal handler."""
+        self._force_stop = True
+
+    def stop_accepting(self) -> None:
+        """Stop the accept loop and close the listening socket (once): new clients are refused by the OS."""
+        with self._sessions_lock:
+            if not self._accepting:
+                return
+            self._accepting = False
+        if self._serving:
+            self.shutdown()        # waits for serve_forever() to return: call it from another thread
+        self.server_close()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        with self._sessions_lock:
+            if not self._accepting:
+                return
+            self._serving = True
+        super().serve_forever(poll_interval)
+
+    def _drain(self, timeout: float) -> None:
+        """Let running transactions finish: every client leaves at its next release point."""
+        parked = self.pool.drain()
+        deadline = time.monotonic() + timeout
+        sessions = self.sessions()
+        log.info("shutting down: no new clients; waiting up to %g s (shutdown_timeout) for %d clients to "
+                 "finish their transactions; %d parked server connections closed", timeout, len(sessions), parked)
+        asked: set = set()
+        while not self._force_stop:
+            sessions = self.sessions()
+            if not sessions or time.monotonic() >= deadline:
+                break
+            for session in sessions:
+                if session in asked:
+                    continue
+                relay = session.relay
+                if session.console is not None or relay is None:
+                    session.interrupt()           # the console, or a login: nothing to finish
+                    asked.add(session)
+                elif relay.request_stop():
+                    asked.add(session)
+            with self._sessions_lock:
+                if self._sessions:
+                    self._sessions_empty.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+        left = self.session_count()
+        if self._force_stop and left:
+            log.warning("shutting down: a second signal; disconnecting %d clients now", left)
+        elif left:
+            log.warning("shutting down: shutdown_timeout (%g s) passed; disconnecting %d clients "
+                        "mid-transaction", timeout, left)
+        else:
+            log.info("shutting down: every client finished")
 
     def disconnect_all(self, wait: float) -> None:
         """Tell every client the proxy is stopping and wait for their threads.
@@ -700,9 +784,11 @@ class ConsoleControl:
     def _reload(self, _database=None) -> None:
         self.server.reload()
 
-    def shutdown(self):
-        log.info("SHUTDOWN on the admin console")
-        return self.server.request_stop       # run once the answer is sent
+    def shutdown(self, mode: str | None = None):
+        """SHUTDOWN: as SIGINT (now); SHUTDOWN WAIT_FOR_SERVERS: as SIGTERM (running transactions finish)."""
+        graceful = mode is not None
+        log.info("SHUTDOWN%s on the admin console", " WAIT_FOR_SERVERS" if graceful else "")
+        return lambda: self.server.request_stop(graceful)      # run once the answer is sent
 
 
 def _node_names(entry) -> tuple:
@@ -745,6 +831,7 @@ class Proxy:
         self.health: HealthChecker | None = None   # health checks of the entries with several nodes
         self._threads: list[threading.Thread] = []
         self._stop_janitor = threading.Event()
+        self._stopped = False
 
     def _share(self, config: config_mod.Config) -> config_mod.Config:
         worker = self.worker
@@ -837,20 +924,45 @@ class Proxy:
         """True once a stop began (SHUTDOWN on the console, a signal, ``stop()``)."""
         return self.server is not None and self.server.stopping
 
-    def stop_in_background(self) -> threading.Thread:
-        """``stop()`` from a thread of its own (SHUTDOWN on the console: its own client is stopped too)."""
-        t = threading.Thread(target=self.stop, name="threadpool_proxy-stop", daemon=True)
+    @property
+    def stopped(self) -> bool:
+        """True once a stop has finished (every client gone, the pool closed)."""
+        return self._stopped
+
+    def stop_in_background(self, graceful: bool = False) -> threading.Thread:
+        """``stop()`` (or ``shutdown()`` when ``graceful``) from a thread of its own.
+
+        SHUTDOWN on the console (its own client is stopped too) and the
+        command line's signal handling use this.
+        """
+        t = threading.Thread(target=self.shutdown if graceful else self.stop, name="threadpool_proxy-stop",
+                             daemon=True)
         t.start()
         return t
 
     def stop(self, wait: float = 5.0) -> None:
-        with self._stop_lock:
-            self._stop(wait)
+        """Stop now: every client is disconnected (mid-transaction too); as SIGINT.
 
-    def _stop(self, wait: float) -> None:
+        Ends a graceful ``shutdown()`` under way in another thread.
+        """
+        if self.server is not None:
+            self.server.force_stop()
+        with self._stop_lock:
+            self._stop(wait, 0.0)
+
+    def shutdown(self, timeout: float | None = None, wait: float = 5.0) -> None:
+        """Stop gracefully, as SIGTERM: running transactions get ``timeout`` seconds to finish.
+
+        ``timeout`` defaults to ``shutdown_timeout``; see ProxyServer.close_down.
+        """
+        with self._stop_lock:
+            self._stop(wait, self.config.shutdown_timeout if timeout is None else timeout)
+
+    def _stop(self, wait: float, timeout: float) -> None:
         server = self.server
-        if server is None:
+        if server is None or self._stopped:
             return
+        server.close_down(timeout, wait)
         self._stop_janitor.set()
         if self.health is not None:
             self.health.stop(wait)
@@ -858,13 +970,10 @@ class Proxy:
             self.metrics.stop()
         if self.peer_listener is not None:
             self.peer_listener.close()
-        server.shutdown()
-        server.server_close()
-        server.disconnect_all(wait)
-        server.pool.close()
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(wait)
+        self._stopped = True
         log.info("threadpool_proxy stopped")
 
     def __enter__(self) -> "Proxy":

@@ -52,6 +52,7 @@ import time
 
 from . import config as config_mod
 from .peers import WorkerSlot
+from .stopping import StopSignals
 
 log = logging.getLogger("threadpool_proxy.workers")
 
@@ -105,11 +106,9 @@ def worker_main(spec: WorkerSpec, ready) -> None:
         except config_mod.ConfigError as exc:
             log.warning("%s; starting with the configuration the proxy was last (re)loaded with", exc)
             config = spec.config
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGQUIT, lambda *_: stop.set())
     proxy = Proxy(config, config_path=spec.config_path, overrides=spec.overrides, worker=spec.slot)
+    signals = StopSignals(proxy)       # SIGTERM graceful, SIGINT/SIGQUIT now, as the command line
+    signals.install()
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(proxy,),
                                                              name="threadpool_proxy-reload").start())
     try:
@@ -129,11 +128,13 @@ def worker_main(spec: WorkerSpec, ready) -> None:
     ready.close()
     orphan = False
     try:
-        while not stop.wait(0.5):
+        while not proxy.stopped:
+            signals.act()
             if os.getppid() != spec.supervisor:
                 log.warning("the supervisor (pid %d) is gone: stopping", spec.supervisor)
                 orphan = True
                 break
+            time.sleep(0.2)
     finally:
         proxy.stop()
         if orphan:            # the supervisor cannot remove the peer directory now: the last worker out does
