@@ -237,3 +237,21 @@ def test_console_shutdown_wait_for_servers_waits_for_transactions(pg, proxy_fact
     busy.execute("COMMIT")
     assert wait_until(lambda: proxy.stopped, timeout=20)
     assert direct.execute(f"SELECT count(*) FROM {name}").fetchone() == (2,)
+
+
+def test_sigterm_to_the_supervisor_of_workers_lets_transactions_commit(pg, cli, table):
+    name, direct = table
+    proxy = cli(workers=2, shutdown_timeout=60)
+    busy = [connect(pg, proxy) for _ in range(4)]           # spread over both workers by the kernel
+    for i, conn in enumerate(busy):
+        conn.execute("BEGIN")
+        conn.execute(f"INSERT INTO {name} VALUES ({i})")
+    proxy.signal(signal.SIGTERM)
+    assert wait_until(lambda: not port_open(proxy.port), timeout=10), "still accepting after SIGTERM"
+    time.sleep(0.5)
+    assert proxy.proc.poll() is None
+    for conn in busy:
+        conn.execute("COMMIT")
+    code, err = proxy.wait(timeout=30)
+    assert code == 0, err
+    assert direct.execute(f"SELECT count(*) FROM {name}").fetchone() == (4,)
