@@ -94,6 +94,8 @@ def test_unknown_key_is_named(raw, key):
     ({"max_idle_per_key": -1}, "max_idle_per_key"),
     ({"query_wait_timeout": "soon"}, "query_wait_timeout"),
     ({"query_wait_timeout": 0}, "query_wait_timeout"),
+    ({"shutdown_timeout": -1}, "shutdown_timeout"),
+    ({"shutdown_timeout": "30s"}, "shutdown_timeout"),
     ({"reset_query": None}, "reset_query"),
     ({"listen": {"port": 70000}}, "listen.port"),
     ({"listen": {"port": "6432"}}, "listen.port"),
