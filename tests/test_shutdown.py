@@ -241,7 +241,7 @@ def test_console_shutdown_wait_for_servers_waits_for_transactions(pg, proxy_fact
 
 def test_sigterm_to_the_supervisor_of_workers_lets_transactions_commit(pg, cli, table):
     name, direct = table
-    proxy = cli(workers=2, shutdown_timeout=60)
+    proxy = cli(workers=2, pool_size=10, query_wait_timeout=10, shutdown_timeout=60)
     busy = [connect(pg, proxy) for _ in range(4)]           # spread over both workers by the kernel
     for i, conn in enumerate(busy):
         conn.execute("BEGIN")
