@@ -10,7 +10,7 @@ import pytest
 
 from threadpool_proxy import pool as pool_mod
 from threadpool_proxy.errors import ClientGone, QueryCanceled
-from threadpool_proxy.pool import BackendIdlePool, PoolClosed, PoolTimeout, Waiter, pool_key, probe_alive
+from threadpool_proxy.pool import CLIENT_CHECK_AFTER, BackendIdlePool, PoolClosed, PoolTimeout, Waiter, pool_key, probe_alive
 
 from helpers import wait_until
 
@@ -530,6 +530,7 @@ def test_a_waiter_whose_client_left_is_handed_nothing(pairs):
     t, out = run_thread(lambda: p.acquire(K, 1, 30, waiter=waiter))
     assert wait_until(lambda: p.stats["waits"] == 1)
     there["alive"] = False
+    time.sleep(CLIENT_CHECK_AFTER * 2)                 # a client that waited this long is asked
     s, _ = pairs()
     p.checkin(K, s)                                    # wakes the waiter: its client is gone
     t.join(5)

@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 
 #: Longest a waiting client sleeps before checking that it is still connected.
 WAIT_SLICE = 1.0
+#: A client that waited at least this long is asked whether it is still there
+#: before it is handed a connection (a peek, one syscall).  One that waited less
+#: is not: PostgreSQL too runs a query whose client left just after sending it,
+#: and under contention nearly every transaction waits a little.
+CLIENT_CHECK_AFTER = 0.01
 
 #: A dial of a down server not reported back within this long no longer blocks others.
 PROBE_STALE = 120.0
@@ -414,7 +419,7 @@ class BackendIdlePool:
                     continue
                 conn = self.checkout(key, prefer)
                 if conn is not None:
-                    return self._hand_to_client(key, conn, waiter, deadline is not None and check_client)
+                    return self._hand_to_client(key, conn, waiter, check_client and self._waited_long(deadline, timeout))
                 with self._lock:
                     # Decide here: a parked connection appeared, a slot is free, or wait.
                     if self._closed:
@@ -431,7 +436,7 @@ class BackendIdlePool:
                         if wake_at is not None and failover:
                             raise NodeDown()
                         if wake_at is None:
-                            if deadline is not None and check_client and not waiter.alive():
+                            if check_client and self._waited_long(deadline, timeout) and not waiter.alive():
                                 self.stats["waiters_gone"] += 1
                                 raise ClientGone()
                             self._open[key] += 1
@@ -442,7 +447,8 @@ class BackendIdlePool:
                     # Released by its last holder straight to us: in use all along, never parked.
                     conn = self._vet(key, conn)
                     if conn is not None:
-                        return self._hand_to_client(key, conn, waiter, check_client)
+                        return self._hand_to_client(key, conn, waiter,
+                                                    check_client and self._waited_long(deadline, timeout))
                 elif waiter.slice_ended and check_client:
                     self._check_client(waiter)
         finally:
@@ -450,6 +456,11 @@ class BackendIdlePool:
                 with self._lock:
                     waiter.waiting = False
                     waiter.canceled = False
+
+    @staticmethod
+    def _waited_long(deadline: Optional[float], timeout: float) -> bool:
+        """Whether a caller that first waited ``deadline - timeout`` has waited CLIENT_CHECK_AFTER."""
+        return deadline is not None and time.monotonic() - (deadline - timeout) >= CLIENT_CHECK_AFTER
 
     def _hand_to_client(self, key: str, conn: Any, waiter: Waiter, check_client: bool) -> Any:
         """``conn`` for a client that waited, if it is still there; else back to the pool."""
