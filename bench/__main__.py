@@ -20,7 +20,8 @@ from . import report
 from .cluster import PgCluster, ensure_packages, ensure_pg_user, server_version_string
 from .scenarios import (DEFAULT_SCENARIOS, QUICK_SCENARIOS, SCENARIOS, bigresult_bytes, expected_to_fail, run_idle,
                         run_pgbench, write_scripts)
-from .targets import (PGBOUNCER_TARGETS, REPO_ROOT, TARGET_NAMES, WORKERS_TARGET, DirectTarget, PgBouncerTarget,
+from .targets import (CALIBRATION_SCENARIOS, CALIBRATION_TARGETS, DEFAULT_CALIBRATION_DIR, PGBOUNCER_TARGETS, REPO_ROOT,
+                      TARGET_NAMES, WORKERS_TARGET, CalibrationTarget, DirectTarget, PgBouncerTarget,
                       ProxyTarget, Target, is_target_name, make_tls_files, target_order)
 from .util import BenchError, become_subreaper, log, parse_cpus, raise_nofile
 
@@ -62,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--targets", type=_csv, default=None,
                    help=f"comma list from {','.join(TARGET_NAMES)} (default: all; proxy-base only "
                         f"with --proxy-base-src), and proxy-wN: the proxy with `workers: N` (e.g. proxy-w2)")
+    p.add_argument("--calibration-dir", metavar="DIR", default=DEFAULT_CALIBRATION_DIR,
+                   help="where targets pypool and pyrelay (pypool.py, pyrelay.py: thinnest thread-per-client "
+                        "pooling relay and plain relay, simple protocol only, select-c10/c50 only) live "
+                        "(default: ../shared/calibration beside the repo)")
     p.add_argument("--pin-poolers", metavar="CPUS", default=None,
                    help="run PgBouncer and the proxy on these CPUs only (taskset syntax: 1, 0,2, 2-3)")
     p.add_argument("--pin-load", metavar="CPUS", default=None,
@@ -105,7 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--proxy-base-src: {a.proxy_base_src} has no threadpool_proxy/__init__.py "
                     f"(give the root of a source tree)")
     if a.targets is None:
-        a.targets = [t for t in TARGET_NAMES if t != "proxy-base" or a.proxy_base_src]
+        a.targets = [t for t in TARGET_NAMES if (t != "proxy-base" or a.proxy_base_src)
+                     and t not in CALIBRATION_TARGETS]
     bad = [t for t in a.targets if not is_target_name(t)]
     if bad or not a.targets:
         p.error(f"--targets: unknown {','.join(bad) or '(empty)'}; choose from {','.join(TARGET_NAMES)}, proxy-wN")
@@ -186,6 +192,8 @@ def main(argv=None) -> int:
         for name in args.targets:
             if name == "direct":
                 t: Target = DirectTarget(cluster)
+            elif name in CALIBRATION_TARGETS:
+                t = CalibrationTarget(cluster, name, args.calibration_dir, args.pool_size, cpus=args.pin_poolers)
             elif name in PGBOUNCER_TARGETS:
                 t = PgBouncerTarget(cluster, bouncer_exe, workdir, os_user, args.pool_size,
                                     args.max_client_conn, args.pgbouncer_config_extra,
@@ -273,7 +281,7 @@ def main(argv=None) -> int:
                     break
                 k = rnd % len(avail)
                 for t in avail[k:] + avail[:k]:
-                    if not usable(t):
+                    if not usable(t) or (t.name in CALIBRATION_TARGETS and sc.name not in CALIBRATION_SCENARIOS):
                         continue
                     rec = run_pgbench(cluster, t, sc, args.duration, scripts.get(sc.name), cpus=args.pin_load)
                     rec["round"] = rnd + 1

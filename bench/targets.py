@@ -17,9 +17,14 @@ from .util import (BenchError, chown_to, free_port, log, make_preexec, proc_cpu_
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # canonical (report) order; proxy-base exists only with --proxy-base-src
-TARGET_NAMES = ("direct", "pgbouncer", "pgbouncer-reset", "proxy-base", "proxy")
+TARGET_NAMES = ("direct", "pgbouncer", "pgbouncer-reset", "proxy-base", "proxy", "pypool", "pyrelay")
 PGBOUNCER_TARGETS = ("pgbouncer", "pgbouncer-reset")
 PROXY_TARGETS = ("proxy-base", "proxy")
+#: Measuring sticks, not products: the thinnest thread-per-client pooling relay and plain relay
+#: (shared/calibration/, outside this repo; --calibration-dir), simple protocol only.
+CALIBRATION_TARGETS = ("pypool", "pyrelay")
+CALIBRATION_SCENARIOS = ("select-c10", "select-c50")
+DEFAULT_CALIBRATION_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "calibration")
 #: proxy-w2, proxy-w4, ...: threadpool_proxy from this tree with `workers: N`, listed after proxy.
 WORKERS_TARGET = re.compile(r"^proxy-w([1-9][0-9]?)$")
 
@@ -79,6 +84,35 @@ class Target:
 
     def version(self) -> str:
         return ""
+
+
+class CalibrationTarget(Target):
+    """``pypool.py PORT DSN POOL`` or ``pyrelay.py PORT PG_PORT`` from --calibration-dir:
+    the floor the design's shape allows in pure Python, measured in the same run."""
+
+    def __init__(self, cluster: PgCluster, name: str, directory: str, pool_size: int,
+                 cpus: set[int] | None = None):
+        super().__init__()
+        self.cluster, self.name, self.pool_size, self.cpus = cluster, name, pool_size, cpus
+        self.script = os.path.join(directory, f"{name}.py")
+
+    def start(self) -> None:
+        if not os.path.isfile(self.script):
+            raise BenchError(f"{self.script} not found (--calibration-dir)")
+        self.port = free_port()
+        if self.name == "pypool":
+            dsn = (f"host=127.0.0.1 port={self.cluster.port} user={BENCH_ROLE} dbname={BENCH_DB} "
+                   f"password={self.cluster.password} sslmode=disable")
+            argv = [sys.executable, self.script, str(self.port), dsn, str(self.pool_size)]
+        else:
+            argv = [sys.executable, self.script, str(self.port), str(self.cluster.port)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=make_preexec(None, self.cpus))
+        wait_port(self.port, 30, self.proc, self.name)
+
+    def version(self) -> str:
+        return f"{self.script} (calibration)"
 
 
 class DirectTarget(Target):
