@@ -23,7 +23,7 @@ from .config import DEFAULT_RESET_QUERY, Config, DatabaseConfig
 from .errors import (ClientFatal, ClientGone, NodeDown, PoolTimeout, QueryCanceled, ServerError, ServerGone,
                      ServerUnavailable)
 from .nodes import Router, query_session_attrs, session_fits
-from .pool import BackendIdlePool, Waiter, pool_key
+from .pool import BackendIdlePool, Limits, Waiter, pool_key
 from .stats import ClientStats
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class ServerCheckout:
     def route(self, db: DatabaseConfig) -> None:
         """Take entry ``db`` (at start and on RELOAD): several nodes are routed, one is not."""
         self.db = db
+        self.limits = Limits.of(self.config, db)     # None unless a cap or reserve applies
         self.routed = self.router is not None and db.multi
         self.node_keys = {n.name: pool_key(n.name, self.user, self.dbname) for n in db.nodes}
 
@@ -168,7 +169,7 @@ class ServerCheckout:
                 try:
                     conn = pool.acquire(self.key, db.pool_size, max(remaining, 0.0),
                                         prefer=lambda c: c.login_params == settings, dial=self.dial is not None,
-                                        waiter=self.waiter, paced=True)
+                                        waiter=self.waiter, paced=True, limits=self.limits)
                 except PoolTimeout:
                     raise self._wait_timed_out(pool.server_down(self.key)) from None
                 except QueryCanceled:
@@ -302,7 +303,8 @@ class ServerCheckout:
         key = keys[node.name]
         try:
             conn = pool.acquire(key, db.pool_size, max(remaining, 0.0), prefer=prefer,
-                                dial=self.dial is not None, waiter=self.waiter, paced=True, failover=failover)
+                                dial=self.dial is not None, waiter=self.waiter, paced=True, failover=failover,
+                                limits=self.limits)
         except NodeDown:
             return None, None
         except PoolTimeout:

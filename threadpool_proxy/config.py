@@ -69,6 +69,9 @@ class DatabaseConfig:
     load_balance: str = "round-robin"
     target_session_attrs: str = "any"
     role: str | None = None    # only nodes of this role serve the entry (a replica alias)
+    min_pool_size: int = 0     # server connections kept open per key once used (proxy-terminated auth)
+    reserve_pool_size: int = 0  # extra connections per key for clients waiting reserve_pool_timeout
+    max_db_connections: int = 0  # server connections of the entry's database, all users; 0: no limit
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -101,6 +104,11 @@ class Config:
     listen_port: int = 6432
     pool_mode: str = "session"
     pool_size: int = 20
+    min_pool_size: int = 0                  # 0: off
+    reserve_pool_size: int = 0              # 0: off
+    reserve_pool_timeout: float = 5.0
+    max_db_connections: int = 0             # 0: no limit
+    max_user_connections: int = 0           # 0: no limit
     max_client_conn: int = 1000
     max_idle_per_key: int = 20
     max_total_idle: int = 200
@@ -214,6 +222,11 @@ _TOP_LEVEL = {
     "pool_mode": (_choice(POOL_MODES), "one of " + ", ".join(POOL_MODES)),
     "pool_size": _COUNT,
     "max_client_conn": _COUNT,
+    "min_pool_size": (_non_negative_int, "an integer >= 0 (0: off)"),
+    "reserve_pool_size": (_non_negative_int, "an integer >= 0 (0: off)"),
+    "reserve_pool_timeout": _SECONDS,
+    "max_db_connections": (_non_negative_int, "an integer >= 0 (0: no limit)"),
+    "max_user_connections": (_non_negative_int, "an integer >= 0 (0: no limit)"),
     "max_idle_per_key": _COUNT_OR_ZERO,
     "max_total_idle": _COUNT_OR_ZERO,
     "server_idle_timeout": _SECONDS,
@@ -268,6 +281,9 @@ _DATABASE = {
     "pool_size": _TOP_LEVEL["pool_size"],
     "auth_type": _TOP_LEVEL["auth_type"],
     "max_prepared_statements": _TOP_LEVEL["max_prepared_statements"],
+    "min_pool_size": _TOP_LEVEL["min_pool_size"],
+    "reserve_pool_size": _TOP_LEVEL["reserve_pool_size"],
+    "max_db_connections": _TOP_LEVEL["max_db_connections"],
     "nodes": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0, "a non-empty list of nodes"),
     "load_balance": _TOP_LEVEL["load_balance"],
     "target_session_attrs": _TOP_LEVEL["target_session_attrs"],
@@ -385,6 +401,9 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
             load_balance=fields.get("load_balance", defaults.load_balance),
             target_session_attrs=fields.get("target_session_attrs", defaults.target_session_attrs),
             role=fields.get("role"),
+            min_pool_size=fields.get("min_pool_size", defaults.min_pool_size),
+            reserve_pool_size=fields.get("reserve_pool_size", defaults.reserve_pool_size),
+            max_db_connections=fields.get("max_db_connections", defaults.max_db_connections),
         )
     config = dataclasses.replace(defaults, databases=entries)
     _check_auth(config)
@@ -411,7 +430,11 @@ def worker_share(total: int, index: int, count: int, at_least: int = 1) -> int:
 
 #: The limits ``for_worker`` divides between worker processes: what PostgreSQL or the
 #: machine sees in all must stay what the configuration says.
-SPLIT_LIMITS = ("pool_size", "max_pending_logins", "max_client_conn", "max_idle_per_key", "max_total_idle")
+SPLIT_LIMITS = ("pool_size", "max_pending_logins", "max_client_conn", "max_idle_per_key", "max_total_idle",
+                "min_pool_size", "reserve_pool_size", "max_db_connections", "max_user_connections")
+
+#: The limits of a database entry that ``for_worker`` divides too.
+SPLIT_ENTRY_LIMITS = ("pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections")
 
 
 def for_worker(config: Config, index: int, count: int) -> Config:
@@ -419,7 +442,8 @@ def for_worker(config: Config, index: int, count: int) -> Config:
     (per database entry too: ``pool_size``) divided by ``worker_share``."""
     if count <= 1:
         return config
-    entries = {name: dataclasses.replace(db, pool_size=worker_share(db.pool_size, index, count))
+    entries = {name: dataclasses.replace(db, **{key: worker_share(getattr(db, key), index, count)
+                                                for key in SPLIT_ENTRY_LIMITS})
                for name, db in config.databases.items()}
     limits = {key: worker_share(getattr(config, key), index, count) for key in SPLIT_LIMITS}
     return dataclasses.replace(config, databases=entries, **limits)

@@ -67,7 +67,7 @@ from .channel import ClientChannel
 from .config import Config, ConfigError, DatabaseConfig, NodeConfig
 from .errors import ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone, ServerUnavailable
 from .nodes import Router
-from .pool import BackendIdlePool, pool_key
+from .pool import BackendIdlePool, Limits, pool_key
 from . import tls
 from .tls import ServerTLS
 
@@ -268,7 +268,7 @@ class Logins:
                 # PostgreSQL accepted the client: from here on the login is an
                 # authenticated connection like any other, in a pool_size slot.
                 try:
-                    pool.promote(key, db.pool_size, config.query_wait_timeout)
+                    pool.promote(key, db.pool_size, config.query_wait_timeout, Limits.of(config, db))
                 except PoolTimeout:
                     raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS,
                                       f"query_wait_timeout: no server connection slot for user "

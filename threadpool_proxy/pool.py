@@ -52,7 +52,7 @@ from typing import Any, Callable, Deque, Dict, Optional, Tuple
 from . import tls
 from .errors import ClientGone, NodeDown, PoolClosed, PoolTimeout, QueryCanceled
 
-__all__ = ["ALL_SERVERS", "BackendIdlePool", "key_matches", "PoolClosed", "PoolTimeout", "Waiter", "pool_key", "probe_alive"]
+__all__ = ["ALL_SERVERS", "BackendIdlePool", "Limits", "key_matches", "PoolClosed", "PoolTimeout", "Waiter", "pool_key", "probe_alive"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ WAIT_SLICE = 1.0
 #: is not: PostgreSQL too runs a query whose client left just after sending it,
 #: and under contention nearly every transaction waits a little.
 CLIENT_CHECK_AFTER = 0.01
+
+#: How often a client that waits because of max_db_connections or max_user_connections looks again
+#: (a connection of another pool of its database or user may have closed or become parked meanwhile).
+CAP_SLICE = 0.05
 
 #: A dial of a down server not reported back within this long no longer blocks others.
 PROBE_STALE = 120.0
@@ -128,6 +132,34 @@ class Waiter:
         self.gate: Any = None         # the lock it sleeps on while queued (_HandOff)
         self.handed: Any = None       # a connection handed to it while it slept
         self.takes_connection = takes_connection   # False: it waits for a free slot (promote)
+
+
+class Limits:
+    """The limits beyond ``pool_size`` that one client's checkouts obey (None when all are off).
+
+    ``db_cap``: server connections of the key's database, all users and
+    nodes (max_db_connections); ``user_cap``: of the key's user, all
+    databases (max_user_connections); ``reserve_size`` more connections of
+    the key for a caller that has waited ``reserve_timeout`` seconds
+    (reserve_pool_size, reserve_pool_timeout).  0: off.
+    """
+
+    __slots__ = ("db_cap", "user_cap", "reserve_size", "reserve_timeout")
+
+    def __init__(self, db_cap: int = 0, user_cap: int = 0, reserve_size: int = 0,
+                 reserve_timeout: float = 5.0) -> None:
+        self.db_cap = db_cap
+        self.user_cap = user_cap
+        self.reserve_size = reserve_size
+        self.reserve_timeout = reserve_timeout
+
+    @classmethod
+    def of(cls, config, db) -> "Optional[Limits]":
+        """The limits of entry ``db`` under ``config``, or None when none is set (the checkout costs nothing more)."""
+        if not (db.max_db_connections or config.max_user_connections or db.reserve_pool_size):
+            return None
+        return cls(db.max_db_connections, config.max_user_connections, db.reserve_pool_size,
+                   config.reserve_pool_timeout)
 
 
 class _HandOff:
@@ -235,6 +267,10 @@ class BackendIdlePool:
         self._idle: Dict[str, Deque[Tuple[Any, float]]] = {}
         self._total_idle = 0
         self._open: Dict[str, int] = collections.Counter()
+        # Open connections per ("d", database) and ("u", user) of client keys, for
+        # max_db_connections and max_user_connections; changed only when one opens or closes.
+        self._open_groups: Dict[Tuple[str, str], int] = collections.Counter()
+        self._key_groups: Dict[str, tuple] = {}
         self._pending: Dict[str, int] = collections.Counter()
         self._handoffs: Dict[str, _HandOff] = {}
         self._pending_conds: Dict[str, threading.Condition] = {}
@@ -248,7 +284,8 @@ class BackendIdlePool:
         self.stats = collections.Counter(
             reuses=0, parked=0, handed_on=0, over_capacity=0, stale_evicted=0, reaped=0, reconnected=0,
             reset_failed=0, evicted_for_login=0, waits=0, wait_timeouts=0,
-            pending_timeouts=0, waits_canceled=0, waiters_gone=0, dials_failed=0)
+            pending_timeouts=0, waits_canceled=0, waiters_gone=0, dials_failed=0, evicted_for_limit=0,
+            reserve_used=0)
 
     # -- the idle structure -------------------------------------------------
 
@@ -365,13 +402,17 @@ class BackendIdlePool:
             return "max_idle_per_key or max_total_idle reached"
         return None
 
-    def reap_idle(self, max_age: float) -> int:
-        """Close parked connections idle for longer than ``max_age`` seconds."""
+    def reap_idle(self, max_age: float, keep: Optional[Dict[str, int]] = None) -> int:
+        """Close parked connections idle for longer than ``max_age`` seconds.
+
+        ``keep``: key -> connections it keeps open anyway (min_pool_size).
+        """
         cutoff = time.monotonic() - max_age
         victims = []
         with self._lock:
             for key, dq in self._idle.items():
-                while dq and dq[0][1] <= cutoff:
+                floor = keep.get(key, 0) if keep else 0
+                while dq and dq[0][1] <= cutoff and (not floor or self._open[key] > floor):
                     victims.append((dq.popleft()[0], key))
                     self._total_idle -= 1
                     self.stats["reaped"] += 1
@@ -384,7 +425,8 @@ class BackendIdlePool:
 
     def acquire(self, key: str, limit: int, timeout: float,
                 prefer: Optional[Callable[[Any], bool]] = None, dial: bool = True,
-                waiter: Optional[Waiter] = None, paced: bool = False, failover: bool = False) -> Any:
+                waiter: Optional[Waiter] = None, paced: bool = False, failover: bool = False,
+                limits: Optional[Limits] = None) -> Any:
         """Get a parked connection of ``key`` or the right to dial a new one.
 
         Returns a connection, or None meaning "a slot is yours, dial" (the
@@ -402,8 +444,16 @@ class BackendIdlePool:
         With ``paced`` the caller reports its dial back (``dial_failed``,
         ``dial_succeeded`` or ``dial_abandoned``), and while the server is
         down dials wait for ``retry_at``, one at a time.
+
+        ``limits`` (Limits) are looked at only when a new connection would be
+        dialed: beyond ``pool_size`` a caller that has waited
+        ``reserve_timeout`` may take one of ``reserve_size`` more; a new
+        connection that would exceed its database's or user's cap closes the
+        oldest parked connection of another pool of that database or user, or
+        waits (asking clients keeping idle ones of it to give them back).
         """
         deadline = None
+        victims: list = []
         if waiter is None:
             waiter = Waiter()
         # Whether the waiting client is still there is asked (a non-blocking peek,
@@ -427,21 +477,29 @@ class BackendIdlePool:
                     self._check_canceled_locked(waiter)
                     if self._idle.get(key):
                         continue
-                    wake_at = None
+                    wake_at = slice_end = None
                     if not dial:
                         if self._open[key] == 0:
                             return None
-                    elif self._open[key] < limit:
-                        wake_at = self._dial_pause_locked(key) if paced else None
-                        if wake_at is not None and failover:
-                            raise NodeDown()
+                    elif self._open[key] < limit or (
+                            limits is not None and self._reserve_locked(key, limit, limits, deadline, timeout)):
+                        if limits is not None and not self._room_locked(key, limits, victims):
+                            wake_at = time.monotonic() + CAP_SLICE
+                        else:
+                            wake_at = self._dial_pause_locked(key) if paced else None
+                            if wake_at is not None and failover:
+                                raise NodeDown()
                         if wake_at is None:
                             if check_client and self._waited_long(deadline, timeout) and not waiter.alive():
                                 self.stats["waiters_gone"] += 1
                                 raise ClientGone()
-                            self._open[key] += 1
+                            self._opened_locked(key)
                             return None
-                    deadline = self._wait_locked(key, deadline, timeout, waiter, wake_at)
+                    elif limits is not None and limits.reserve_size:
+                        # Wake when the reserve becomes this caller's (it has waited reserve_timeout).
+                        slice_end = (time.monotonic() if deadline is None else deadline - timeout) \
+                            + limits.reserve_timeout
+                    deadline = self._wait_locked(key, deadline, timeout, waiter, wake_at, slice_end)
                     conn, waiter.handed = waiter.handed, None
                 if conn is not None:
                     # Released by its last holder straight to us: in use all along, never parked.
@@ -456,6 +514,9 @@ class BackendIdlePool:
                 with self._lock:
                     waiter.waiting = False
                     waiter.canceled = False
+            for conn, other in victims:
+                _close(conn, other, "evicted: max_db_connections or max_user_connections reached, "
+                                    "and another pool needs a connection")
 
     @staticmethod
     def _waited_long(deadline: Optional[float], timeout: float) -> bool:
@@ -650,7 +711,7 @@ class BackendIdlePool:
                     raise PoolTimeout()
                 self._cond_locked(key, self._pending_conds).wait(remaining)
 
-    def promote(self, key: str, limit: int, timeout: float) -> None:
+    def promote(self, key: str, limit: int, timeout: float, limits: Optional[Limits] = None) -> None:
         """The server accepted a pending login of ``key``: move it into a ``pool_size`` slot.
 
         When the key is full but one of its connections is parked, that one is
@@ -660,11 +721,15 @@ class BackendIdlePool:
         deadline = None
         while True:
             victim = None
+            victims: list = []
             with self._lock:
                 if self._closed or self._draining:
                     raise PoolClosed()
+                if limits is not None and not self._room_locked(key, limits, victims):
+                    deadline = self._wait_locked(key, deadline, timeout, None, time.monotonic() + CAP_SLICE)
+                    continue
                 if self._open[key] < limit:
-                    self._open[key] += 1
+                    self._opened_locked(key)
                 else:
                     dq = self._idle.get(key)
                     if not dq:
@@ -676,6 +741,9 @@ class BackendIdlePool:
                 self._pending_done_locked(key)
             if victim is not None:
                 _close(victim, key, "its slot is taken by a new pass-through login")
+            for conn, other in victims:
+                _close(conn, other, "evicted: max_db_connections or max_user_connections reached, "
+                                    "and another pool needs a connection")
             return
 
     def give_back_pending(self, key: str, conn: Any, reason: str) -> None:
@@ -726,7 +794,8 @@ class BackendIdlePool:
             return False
 
     def _wait_locked(self, key: str, deadline: Optional[float], timeout: float,
-                     waiter: Optional[Waiter] = None, wake_at: Optional[float] = None) -> float:
+                     waiter: Optional[Waiter] = None, wake_at: Optional[float] = None,
+                     slice_end: Optional[float] = None) -> float:
         """Wait for a release of ``key``, first asking one lingering holder to let go.
 
         ``deadline`` is None on a caller's first wait (it is computed once, here,
@@ -751,6 +820,8 @@ class BackendIdlePool:
                 holder = next(iter(held))
                 del held[holder]
                 holder.wake()          # a non-blocking eventfd write
+        if slice_end is not None:
+            remaining = min(remaining, max(0.0, slice_end - now))
         if waiter is None:
             waiter = Waiter(takes_connection=False)
         elif waiter.alive is not None:
@@ -758,6 +829,23 @@ class BackendIdlePool:
         waiter.key, waiter.waiting = key, True
         waiter.slice_ended = not self._handoff_locked(key).wait(waiter, remaining)
         return deadline
+
+    def take_slot(self, key: str, upto: int, limits: Optional[Limits] = None) -> bool:
+        """min_pool_size: take a slot of ``key`` for a new connection if fewer than ``upto`` are open
+        or logging in, within the caps of ``limits`` (no eviction, no wait); False otherwise."""
+        with self._lock:
+            if self._closed or self._draining or self._open[key] + self._pending[key] >= upto:
+                return False
+            if self._held and self._held_key(key):
+                return False
+            if limits is not None:
+                for group, cap in zip(self._groups_locked(key), (limits.db_cap, limits.user_cap)):
+                    if cap and self._open_groups[group] >= cap:
+                        return False
+            if self._down and _node_of(key) in self._down:
+                return False
+            self._opened_locked(key)
+            return True
 
     def release_slot(self, key: str) -> None:
         """Give back a slot whose connection was never made or is already closed."""
@@ -995,9 +1083,78 @@ class BackendIdlePool:
         """
         if self._open[key] > 0:
             self._open[key] -= 1
+            for group in self._groups_locked(key):
+                self._open_groups[group] -= 1
         handoff = self._handoffs.get(key)
         if handoff is not None:
             handoff.wake_all()
+
+    def _opened_locked(self, key: str) -> None:
+        """A slot of ``key`` is taken (a connection is being opened): count it, for its groups too."""
+        self._open[key] += 1
+        for group in self._groups_locked(key):
+            self._open_groups[group] += 1
+
+    def _groups_locked(self, key: str) -> tuple:
+        """(("d", database), ("u", user)) of a client key; () for the proxy's own keys."""
+        groups = self._key_groups.get(key)
+        if groups is None:
+            parts = key.split("\0")
+            groups = self._key_groups[key] = (("d", parts[2]), ("u", parts[1])) if len(parts) == 3 else ()
+        return groups
+
+    def _reserve_locked(self, key: str, limit: int, limits: Limits, deadline, timeout: float) -> bool:
+        """Whether a caller that has waited may take one of ``reserve_size`` connections beyond ``limit``."""
+        if not limits.reserve_size or deadline is None or self._open[key] >= limit + limits.reserve_size:
+            return False
+        waited = time.monotonic() - (deadline - timeout)
+        if waited < limits.reserve_timeout:
+            return False
+        self.stats["reserve_used"] += 1
+        log.warning("%s: a client waited %.1f s (reserve_pool_timeout %g s): taking a connection from "
+                    "reserve_pool (%d of %d in use)", _show(key), waited, limits.reserve_timeout,
+                    self._open[key] - limit + 1, limits.reserve_size)
+        return True
+
+    def _room_locked(self, key: str, limits: Limits, victims: list) -> bool:
+        """Whether one more connection of ``key`` fits its database's and user's caps.
+
+        Makes room by taking out the oldest parked connection of another pool
+        of the same database or user (into ``victims``, closed by the caller
+        after the lock), as PgBouncer evicts; failing that, asks one client
+        keeping an idle connection of that group to give it back.
+        """
+        for group, cap in zip(self._groups_locked(key), (limits.db_cap, limits.user_cap)):
+            while cap and self._open_groups[group] >= cap:
+                victim = self._evict_locked(group)
+                if victim is None:
+                    self._wake_lingering_group_locked(group)
+                    return False
+                victims.append(victim)
+        return True
+
+    def _evict_locked(self, group) -> Optional[Tuple[Any, str]]:
+        """Take out the oldest parked connection of ``group`` (its slot freed); (conn, key) or None."""
+        oldest = None
+        for other, dq in self._idle.items():
+            if dq and group in self._groups_locked(other) and (oldest is None or dq[0][1] < oldest[1]):
+                oldest = (other, dq[0][1])
+        if oldest is None:
+            return None
+        other = oldest[0]
+        conn = self._idle[other].popleft()[0]
+        self._total_idle -= 1
+        self.stats["evicted_for_limit"] += 1
+        self._forget_locked(other)
+        return conn, other
+
+    def _wake_lingering_group_locked(self, group) -> None:
+        for other, held in self._lingering.items():
+            if held and group in self._groups_locked(other):
+                holder = next(iter(held))
+                del held[holder]
+                holder.wake()
+                return
 
     def _count(self, stat: str) -> None:
         with self._lock:

@@ -245,6 +245,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._accepting = True                  # until stop_accepting()
         self._serving = False                   # serve_forever() was entered
         self._force_stop = False                # a graceful shutdown ends now (force_stop)
+        self.warm_pools: dict = {}              # pool key -> a LoginRequest that used it (min_pool_size)
+        self._warming: threading.Thread | None = None
         self._admitted = 0                      # clients accepted and not yet closed
         self._refusing = 0                      # connections being refused in a thread of their own
         self._refusals: dict = {}               # socket -> why it is refused (until closed)
@@ -492,6 +494,65 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         for database, n in kept.items():
             log.warning("RELOAD: %d clients of database %s keep their old server until they reconnect", n, database)
         return new
+
+    # -- min_pool_size ---------------------------------------------------------------
+
+    def note_pool_use(self, request) -> None:
+        """A client logged in with proxy-terminated auth: its pool may be kept warm (min_pool_size) from now on.
+
+        Only such pools: the proxy needs the user's password (or SCRAM keys)
+        to open connections with no client waiting for them.
+        """
+        self.warm_pools[request.key] = request
+
+    def keep_warm(self) -> dict:
+        """The janitor's turn for min_pool_size: open what is missing (in a thread of its own).
+
+        Returns key -> how many connections to keep, for ``reap_idle``.
+        """
+        keep: dict = {}
+        if self._stopping or not self.warm_pools:
+            return keep
+        config = self.config
+        todo = []
+        for key, request in list(self.warm_pools.items()):
+            entry = config.lookup_database(request.database)
+            if entry is None or entry.auth_type == "passthrough" or entry.multi or not entry.min_pool_size:
+                continue
+            if self.key_for(entry, request.user, request.database) != key:
+                continue                    # the entry points elsewhere since RELOAD
+            keep[key] = min(entry.min_pool_size, entry.pool_size)
+            if self.pool.open_count(key) + self.pool.pending_count(key) < keep[key]:
+                todo.append((key, dataclasses.replace(request, db=entry), keep[key]))
+        warming = self._warming
+        if todo and (warming is None or not warming.is_alive()):
+            self._warming = threading.Thread(target=self._warm, args=(todo,), name="threadpool_proxy-warm",
+                                             daemon=True)
+            self._warming.start()
+        return keep
+
+    def _warm(self, todo) -> None:
+        """Open server connections up to min_pool_size for each pool in ``todo`` and park them."""
+        from .pool import Limits
+        for key, request, want in todo:
+            limits = Limits.of(self.config, request.db)
+            opened = 0
+            while not self._stopping and self.pool.take_slot(key, want, limits):
+                dbname = request.db.server_dbname(request.database)
+                try:
+                    conn = self.logins.proxy_login(request, {"user": request.user, "database": dbname})
+                except Exception as exc:             # the slot was given back; try again next round
+                    log.info("min_pool_size: could not open a server connection for %s/%s: %s",
+                             request.user, dbname, exc)
+                    break
+                conn.login_params, conn.unreported = {}, {}
+                self.pool.learn_defaults(key, dict(conn.params))
+                self.backends[(conn.node, conn.pid)] = conn
+                self.pool.checkin(key, conn)
+                opened += 1
+            if opened:
+                log.info("min_pool_size: opened %d server connections for %s/%s", opened, request.user,
+                         request.db.server_dbname(request.database))
 
     # -- stopping -------------------------------------------------------------------
 
@@ -885,14 +946,19 @@ class Proxy:
 
     def _janitor(self) -> None:
         """Periodic maintenance: close server connections parked for too long."""
-        interval = min(5.0, max(0.05, self.config.server_idle_timeout / 4), self.config.stats_period)
-        while not self._stop_janitor.wait(interval):
+        while not self._stop_janitor.wait(self._janitor_interval()):
             try:
-                self.server.pool.reap_idle(self.config.server_idle_timeout)
+                keep = self.server.keep_warm()
+                self.server.pool.reap_idle(self.config.server_idle_timeout, keep)
                 self.server.junk_log.flush()
                 self.server.stats.tick([s.stats for s in self.server.sessions() if s.relay is not None])
             except Exception:
                 log.exception("janitor failed")
+
+    def _janitor_interval(self) -> float:
+        """Seconds between two janitor rounds: a fraction of the shortest period it keeps (RELOAD may change them)."""
+        config = self.config
+        return min(5.0, max(0.05, config.server_idle_timeout / 4), config.stats_period)
 
     def serve_forever(self) -> None:
         """Run in the calling thread until stop() is called from another thread or a signal."""
