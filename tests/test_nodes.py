@@ -418,3 +418,46 @@ def test_health_check_marks_an_idle_node_down_closes_its_parked_connections_and_
     conns, ports = hold_transactions(pg, proxy, 4)                # new connections go there again
     close_all(conns)
     assert pg_ro.port in ports
+
+
+def test_when_no_node_fits_the_client_waits_then_is_told_why(pg, pg_ro, proxy_factory, plain_auth_file):
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {
+        "nodes": [node(pg_ro)], "target_session_attrs": "read-write"}, query_wait_timeout=1.5)
+    ro = f"{pg_ro.host}:{pg_ro.port}"
+    assert wait_until(lambda: proxy.server.router.state(ro).kind == "read-only")
+    t0 = time.monotonic()
+    with pytest.raises(psycopg.OperationalError) as info:
+        connect(pg, proxy)
+    waited = time.monotonic() - t0
+    assert 1.0 <= waited < 30
+    assert (f'no server of database "appdb" fits target_session_attrs read-write ({ro} is read-only)'
+            in str(info.value))
+
+
+def test_a_health_check_that_cannot_log_in_leaves_the_node_up(pg, pg_ro, proxy_factory, plain_auth_file, caplog):
+    caplog.set_level(logging.INFO, logger="threadpool_proxy")
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {}, health_check_user="nosuchuser")
+    ro = f"{pg_ro.host}:{pg_ro.port}"
+    assert wait_until(lambda: proxy.health.rounds >= 3, timeout=30)
+    assert not proxy.pool.is_down(ro)
+    assert any(f"health check of node {ro} cannot log in as nosuchuser" in r.getMessage() for r in caplog.records)
+    conns, ports = hold_transactions(pg, proxy, 4)
+    close_all(conns)
+    assert set(ports) == {pg.port, pg_ro.port}
+
+
+def test_reload_turns_a_single_server_entry_into_nodes(pg, pg_ro, proxy_factory, plain_auth_file):
+    proxy = proxy_factory(auth_type="scram-sha-256", auth_file=str(plain_auth_file),
+                          databases={"appdb": node(pg)})
+    before = connect(pg, proxy)
+    assert server_port(before) == pg.port
+    config = proxy_factory.config(auth_type="scram-sha-256", auth_file=str(plain_auth_file),
+                                  databases={"appdb": {"nodes": [node(pg), node(pg_ro)]}})
+    proxy.server.apply_config(from_dict(config))
+    try:
+        assert {server_port(before) for _ in range(5)} == {pg.port}     # keeps its server until it reconnects
+        conns, ports = hold_transactions(pg, proxy, 4)
+        close_all(conns)
+        assert set(ports) == {pg.port, pg_ro.port}
+    finally:
+        before.close()

@@ -294,7 +294,8 @@ class ServerCheckout:
                     raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE,
                                       f"query_wait_timeout: no server of database \"{self.dbname}\" fits "
                                       f"target_session_attrs {db.target_session_attrs} ({router.misfits(db)})")
-                if self.waiter.client_gone():
+                alive = self.waiter.alive
+                if alive is not None and not alive():
                     raise ClientGone()
                 time.sleep(min(1.0, remaining))
                 return None, None
