@@ -97,6 +97,8 @@ def test_unknown_key_is_named(raw, key):
     ({"shutdown_timeout": -1}, "shutdown_timeout"),
     ({"shutdown_timeout": "30s"}, "shutdown_timeout"),
     ({"min_pool_size": -1}, "min_pool_size"),
+    ({"server_lifetime": -5}, "server_lifetime"),
+    ({"query_timeout": "1m"}, "query_timeout"),
     ({"reserve_pool_size": 1.5}, "reserve_pool_size"),
     ({"reserve_pool_timeout": 0}, "reserve_pool_timeout"),
     ({"max_db_connections": -2}, "max_db_connections"),

@@ -359,7 +359,8 @@ class Console:
             nodes = ", ".join(f"{n.name} {self.control.node_state(n.name)}" + (f" role={n.role}" if n.role else "")
                               + (f" weight={n.weight}" if n.weight != 1 else "") for n in db.nodes)
             rows.append([name, db.host, db.port, db.dbname if db.dbname else (None if name == "*" else name),
-                         None, db.pool_size, db.min_pool_size, db.reserve_pool_size, 0, db.pool_mode,
+                         None, db.pool_size, db.min_pool_size, db.reserve_pool_size, int(config.server_lifetime),
+                         db.pool_mode,
                          db.load_balance if db.multi else None, db.max_db_connections,
                          obs.server_count(name), 0, obs.client_count(name), int(paused is ALL or name in paused), 0,
                          nodes, db.target_session_attrs, db.role])

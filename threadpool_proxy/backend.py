@@ -81,7 +81,7 @@ class ServerConnection:
     __slots__ = ("sock", "raw_socket", "tls", "node", "host", "port", "pid", "secret",
                  "params", "param_names", "login_params", "unreported",
                  "_buf", "_poller", "reset_pending", "reset_timeout", "reset_answer", "statements", "created",
-                 "serial", "holder_pid", "__weakref__")
+                 "serial", "holder_pid", "ended_by", "__weakref__")
 
     def __init__(self, sock: socket.socket, host: str, port: int) -> None:
         self.sock = sock
@@ -104,7 +104,8 @@ class ServerConnection:
         self.reset_timeout = 15.0
         self.reset_answer = b""       # what a healthy server answers the pending reset, where known
         self.statements = None        # prepared.ServerStatements: the proxy's named statements held here
-        self.created = time.time()    # for SHOW SERVERS
+        self.created = time.time()    # for SHOW SERVERS, server_lifetime
+        self.ended_by = None          # (setting, seconds) when the proxy cut it short (query_timeout)
         self.serial = next(_SERIALS)
         self.holder_pid = 0           # the pid told to the client that holds it, or held it last
 

@@ -113,6 +113,8 @@ class Config:
     max_idle_per_key: int = 20
     max_total_idle: int = 200
     server_idle_timeout: float = 600.0
+    server_lifetime: float = 3600.0         # 0: a server connection serves once
+    query_timeout: float = 0.0              # 0: off
     query_wait_timeout: float = 120.0
     client_idle_timeout: float = 0.0        # 0: off
     idle_transaction_timeout: float = 0.0   # 0: off
@@ -230,6 +232,8 @@ _TOP_LEVEL = {
     "max_idle_per_key": _COUNT_OR_ZERO,
     "max_total_idle": _COUNT_OR_ZERO,
     "server_idle_timeout": _SECONDS,
+    "server_lifetime": (_SECONDS_OR_OFF[0], "a number of seconds >= 0 (0: each server connection serves once)"),
+    "query_timeout": _SECONDS_OR_OFF,
     "query_wait_timeout": _SECONDS,
     "client_idle_timeout": _SECONDS_OR_OFF,
     "idle_transaction_timeout": _SECONDS_OR_OFF,

@@ -281,11 +281,14 @@ class BackendIdlePool:
         self._held: set = set()           # PAUSE: targets ((node, database) or ALL_SERVERS) whose checkouts wait
         self._close_before: Dict[Any, float] = {}   # RECONNECT: target -> close connections created until then
         self._draining = False            # graceful shutdown: nobody keeps an idle connection
+        # server_lifetime: connections created at or before this (time.time()) are closed once
+        # released; kept by expire() (the janitor), inf for a lifetime of 0 (use once).
+        self._born_before = 0.0
         self.stats = collections.Counter(
             reuses=0, parked=0, handed_on=0, over_capacity=0, stale_evicted=0, reaped=0, reconnected=0,
             reset_failed=0, evicted_for_login=0, waits=0, wait_timeouts=0,
             pending_timeouts=0, waits_canceled=0, waiters_gone=0, dials_failed=0, evicted_for_limit=0,
-            reserve_used=0)
+            reserve_used=0, lifetime_closed=0)
 
     # -- the idle structure -------------------------------------------------
 
@@ -384,6 +387,9 @@ class BackendIdlePool:
 
     def _refusal_locked(self, key: str, conn: Any, reset_ok: bool) -> Optional[str]:
         """Why a released ``conn`` cannot be parked or handed on (counted), or None."""
+        if self._born_before and conn.created <= self._born_before:
+            self.stats["lifetime_closed"] += 1
+            return "server_lifetime: it is older than that"
         if self._close_before and self._stale_locked(key, conn):
             if self._draining:
                 return "the proxy is shutting down"
@@ -776,7 +782,8 @@ class BackendIdlePool:
         with self._lock:
             if self._handoffs.get(key, _NO_HANDOFF).queue or self._closed or self._draining or (self._held and self._held_key(key)):
                 return False
-            if conn is not None and self._close_before and self._stale_locked(key, conn):
+            if conn is not None and ((self._born_before and conn.created <= self._born_before)
+                                     or (self._close_before and self._stale_locked(key, conn))):
                 return False
             self._lingering.setdefault(key, {})[holder] = None
             return True
@@ -829,6 +836,34 @@ class BackendIdlePool:
         waiter.key, waiter.waiting = key, True
         waiter.slice_ended = not self._handoff_locked(key).wait(waiter, remaining)
         return deadline
+
+    def expire(self, lifetime: float) -> int:
+        """server_lifetime (the janitor, each round): connections older than ``lifetime`` seconds
+        are closed: parked ones now, lingering ones are asked back (and closed at checkin), the
+        others when released.  0: every connection serves once.  Returns how many closed now."""
+        cutoff = float("inf") if lifetime == 0 else time.time() - lifetime
+        victims = []
+        with self._lock:
+            self._born_before = cutoff
+            for key, dq in self._idle.items():
+                if dq and any(conn.created <= cutoff for conn, _ in dq):
+                    keep = collections.deque()
+                    for conn, since in dq:
+                        if conn.created <= cutoff:
+                            victims.append((conn, key))
+                            self._total_idle -= 1
+                            self.stats["lifetime_closed"] += 1
+                            self._forget_locked(key)
+                        else:
+                            keep.append((conn, since))
+                    self._idle[key] = keep
+            for held in self._lingering.values():
+                for holder in [h for h in held if getattr(getattr(h, "backend", None), "created", cutoff + 1) <= cutoff]:
+                    del held[holder]
+                    holder.wake()
+        for conn, key in victims:
+            _close(conn, key, f"server_lifetime: open for longer than {lifetime:g} s")
+        return len(victims)
 
     def take_slot(self, key: str, upto: int, limits: Optional[Limits] = None) -> bool:
         """min_pool_size: take a slot of ``key`` for a new connection if fewer than ``upto`` are open

@@ -508,6 +508,25 @@ class Relay:
         else:
             self.checkout.discard(conn, reason)
 
+    def end_query(self, started: float, name: str, seconds: float):
+        """From another thread (the janitor, query_timeout): end the query that started at ``started``.
+
+        The server connection is shut down, which wakes this client's thread
+        (``_server_lost`` tells the client why and closes it), and its
+        (host, port, pid, secret) returned for a CancelRequest that stops the
+        query on the server; None if that query is no longer running.
+        """
+        with self.backend_lock:
+            conn = self.backend
+            if conn is None or self.stats.query_start != started or conn.ended_by is not None:
+                return None
+            conn.ended_by = (name, seconds)
+            try:
+                tls.shutdown(conn.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return conn.host, conn.port, conn.pid, conn.secret
+
     def cancel_target(self) -> tuple[str, int, int, bytes] | None:
         """(host, port, pid, secret) of the server connection held now, for a CancelRequest."""
         with self.backend_lock:
@@ -680,7 +699,20 @@ class Relay:
         close, as it would from PostgreSQL, and nothing of the proxy's own.
         ``unread``: a send failed, so what the server said before it closed
         may still wait in the socket; it is forwarded first.
+
+        When the proxy itself cut the connection (``end_query``: query_timeout),
+        the client is told that, as PgBouncer tells it.
         """
+        backend = self.backend
+        if backend is not None and backend.ended_by is not None:
+            name, seconds = backend.ended_by
+            self.detach(park=False, reason=f"{name} ({seconds:g} s): its query ran too long")
+            if not self.sscan.at_boundary:
+                raise ErrorAlreadySent()    # a server message is half relayed: nothing can follow it
+            raise ClientFatal(pq.SQLSTATE_QUERY_CANCELED,
+                              f"terminating connection due to {name}: the query ran longer than {seconds:g} s",
+                              detail=f"threadpool_proxy: {name} is {seconds:g} s; the query was canceled and "
+                                     f"its server connection closed.")
         if unread and self.sfd >= 0:
             poller = select.poll()
             poller.register(self.sfd, _POLLIN)

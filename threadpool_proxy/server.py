@@ -234,6 +234,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.cancel_counts = collections.Counter()   # received (from clients), forwarded (to another worker)
         self._cancel_lock = threading.Lock()
         self.pool = BackendIdlePool(config.max_idle_per_key, config.max_total_idle)
+        self.pool.expire(config.server_lifetime)    # then each janitor round, and at RELOAD
         self.cancel_keys = CancelKeys(worker.index, worker.count) if worker is not None else CancelKeys()
         # (node, real pid) -> server connection opened for a client, whose holder_pid is
         # the pid its client was told: names NOTIFY senders (Relay._name_notifiers).
@@ -302,6 +303,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             if session.cancel_wait():
                 log.debug("client %s: cancel request ended its wait for a server connection", session.who)
             return            # else nothing is running for that client
+        self.send_cancel(target)
+
+    def send_cancel(self, target) -> None:
+        """A CancelRequest to the server connection ``target`` = (host, port, pid, secret)."""
         host, port, server_pid, server_secret = target
         timeout = self.config.server_connect_timeout
         try:
@@ -310,6 +315,33 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 s.recv(1)     # the server closes it when done
         except OSError as exc:
             log.warning("could not forward a cancel request to %s:%d: %s", host, port, exc)
+
+    def enforce_query_timeout(self) -> int:
+        """query_timeout (the janitor, each round): end queries that run longer, as PgBouncer does.
+
+        The client is told ``FATAL 57014 terminating connection due to
+        query_timeout`` and disconnected, its server connection closed, and a
+        CancelRequest stops the query on the server (which would otherwise run
+        on until it next wrote to the closed connection).  Returns how many.
+        """
+        limit = self.config.query_timeout
+        if not limit:
+            return 0
+        now = time.monotonic()
+        targets = []
+        for session in self.sessions():
+            relay = session.relay
+            started = session.stats.query_start
+            if relay is None or not started or now - started <= limit:
+                continue
+            target = relay.end_query(started, "query_timeout", limit)
+            if target is not None:
+                log.info("client %s: query_timeout (%g s): canceling its query and closing its connection",
+                         session.who, limit)
+                targets.append(target)
+        for target in targets:
+            self.send_cancel(target)
+        return len(targets)
 
     def peer_query(self, request: dict):
         """Another worker's question on the peer channel (peers.py): the console's, the metrics'."""
@@ -474,6 +506,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.client_tls, self.logins.server_tls = client_tls, server_tls
         self.pool.max_idle_per_key = new.max_idle_per_key
         self.pool.max_total_idle = new.max_total_idle
+        self.pool.expire(new.server_lifetime)
         self.stats.period = new.stats_period
         self.config = new
         if new.log_level != old.log_level:
@@ -950,6 +983,8 @@ class Proxy:
             try:
                 keep = self.server.keep_warm()
                 self.server.pool.reap_idle(self.config.server_idle_timeout, keep)
+                self.server.pool.expire(self.config.server_lifetime)
+                self.server.enforce_query_timeout()
                 self.server.junk_log.flush()
                 self.server.stats.tick([s.stats for s in self.server.sessions() if s.relay is not None])
             except Exception:
@@ -958,7 +993,9 @@ class Proxy:
     def _janitor_interval(self) -> float:
         """Seconds between two janitor rounds: a fraction of the shortest period it keeps (RELOAD may change them)."""
         config = self.config
-        return min(5.0, max(0.05, config.server_idle_timeout / 4), config.stats_period)
+        periods = [config.server_idle_timeout, config.stats_period * 4]
+        periods += [p for p in (config.server_lifetime, config.query_timeout) if p > 0]
+        return min(5.0, max(0.05, min(periods) / 4))
 
     def serve_forever(self) -> None:
         """Run in the calling thread until stop() is called from another thread or a signal."""
