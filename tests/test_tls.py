@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import ssl
 import struct
@@ -652,3 +653,40 @@ def test_reload_reads_rotated_certificates(pg, proxy_factory, certs, tmp_path):
             proxy.reload()
         assert presented() != certs.leaf_der
         assert kept.execute("SELECT 2").fetchone() == (2,)
+
+
+# -- the tls column of SHOW CLIENTS and SHOW SERVERS ---------------------------------------
+
+def _show(pg, proxy, what, **params):
+    with connect(pg, proxy, dbname="pgbouncer", **params) as console:
+        cur = console.execute(f"SHOW {what}")
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def test_show_clients_tls_column(pg, proxy_factory, certs):
+    proxy = proxy_factory(admin_users=["app"], **certs.client_settings("prefer"))
+    with connect(pg, proxy, sslmode="require") as secure, connect(pg, proxy, sslmode="disable") as plain:
+        secure_pid = secure.execute("SELECT pg_backend_pid()").fetchone()[0]
+        plain.execute("SELECT 1")
+        clients = _show(pg, proxy, "CLIENTS", sslmode="disable")
+        app = sorted((c["tls"] for c in clients if c["database"] == "appdb"), key=len)
+        assert len(app) == 2 and app[0] == "", app
+        # PgBouncer's format: protocol/cipher (OpenSSL's names), as libpq sees it
+        assert re.fullmatch(r"TLSv1\.[23]/[A-Z0-9_-]+", app[1]), app
+        # The proxy's server connections are plain text here.
+        servers = _show(pg, proxy, "SERVERS", sslmode="disable")
+        assert secure_pid in {s["remote_pid"] for s in servers}
+        assert all(s["tls"] == "" for s in servers)
+
+
+def test_show_servers_tls_column(pg_tls, tls_proxy_factory, certs):
+    proxy = tls_proxy_factory(admin_users=["app"], **_server_tls(certs))
+    with connect(pg_tls, proxy, sslmode="disable") as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        version, cipher = conn.execute("SELECT version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+                                       ).fetchone()
+        servers = {s["remote_pid"]: s for s in _show(pg_tls, proxy, "SERVERS", sslmode="disable")}
+        assert servers[pid]["tls"] == f"{version}/{cipher}"
+        clients = _show(pg_tls, proxy, "CLIENTS", sslmode="disable")
+        assert all(c["tls"] == "" for c in clients)

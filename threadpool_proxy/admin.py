@@ -328,7 +328,7 @@ class Console:
                          timestamp(c.stats.request_time or c.stats.connect_time),
                          int(wait), int((wait % 1) * 1e6), 0, self._ptr(c.ptr),
                          self._ptr(c.server.ptr if c.server else None),
-                         None, "", c.application_name, c.prepared, self._id(c.id)])
+                         None, c.tls, c.application_name, c.prepared, self._id(c.id)])
         return CONNECTION_COLUMNS, rows
 
     def show_clients(self) -> bytes:
@@ -343,7 +343,7 @@ class Console:
                          timestamp(s.connect_time),
                          timestamp(client.stats.request_time if client else s.idle_since or s.connect_time),
                          0, 0, int(s.close_needed), self._ptr(s.ptr), self._ptr(client.ptr if client else None),
-                         s.remote_pid, "", client.application_name if client else "", s.prepared, self._id(s.id),
+                         s.remote_pid, s.tls, client.application_name if client else "", s.prepared, self._id(s.id),
                          f"{s.addr}:{s.port}", self.control.node_state(f"{s.addr}:{s.port}")])
         return SERVER_COLUMNS, rows
 

@@ -219,6 +219,7 @@ class ServerView:
     prepared: int
     client: "ClientView | None" = None
     replication: str = "none"   # physical, logical: a replication client's own connection (no pool slot)
+    tls: str = ""               # "TLSv1.3/TLS_AES_256_GCM_SHA384" (tls_info), "" in plain text
 
 
 @dataclasses.dataclass
@@ -234,6 +235,7 @@ class ClientView:
     prepared: int
     server: ServerView | None = None
     replication: str = "none"   # none, physical, logical
+    tls: str = ""               # as ServerView.tls
 
     @property
     def id(self) -> int:
@@ -252,6 +254,22 @@ def _local(sock) -> tuple:
         return None, None
 
 
+def tls_info(sock) -> str:
+    """PgBouncer's ``tls`` column: protocol/cipher ("TLSv1.3/TLS_AES_256_GCM_SHA384"); "" in plain text.
+
+    PgBouncer adds the key exchange ("/ECDH=X25519"); Python's ssl module does
+    not tell it, so it is left out.
+    """
+    version = getattr(sock, "version", None)
+    if version is None:
+        return ""
+    try:
+        cipher = sock.cipher()
+        return f"{version() or '-'}/{cipher[0] if cipher else '-'}"
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def _server_view(conn, key: str, pool: tuple[str, str], state: str, idle_since: float,
                  close_needed: bool) -> ServerView:
     local_addr, local_port = _local(conn.sock)
@@ -259,7 +277,8 @@ def _server_view(conn, key: str, pool: tuple[str, str], state: str, idle_since: 
     return ServerView(id=conn.serial, ptr=f"{id(conn):x}", key=key, user=pool[1], database=pool[0],
                       state=state, addr=conn.host, port=conn.port, local_addr=local_addr, local_port=local_port,
                       connect_time=conn.created, idle_since=idle_since, remote_pid=conn.pid,
-                      close_needed=close_needed, prepared=len(statements) if statements else 0)
+                      close_needed=close_needed, prepared=len(statements) if statements else 0,
+                      tls=tls_info(conn.sock) if getattr(conn, "tls", False) else "")
 
 
 @dataclasses.dataclass
@@ -375,7 +394,8 @@ def observe(sessions, pool, registry: StatsRegistry, config, closing=None) -> Ob
                             local_addr=local_addr, local_port=local_port, state=state,
                             application_name=session.settings.values.get("application_name", ""),
                             prepared=len(prepared.statements) if prepared is not None else 0,
-                            replication=getattr(session, "replication", "") or "none")
+                            replication=getattr(session, "replication", "") or "none",
+                            tls=tls_info(session.client) if session.tls else "")
         if backend is not None:
             server = _server_view(backend, stats.key, stats.pool, "idle" if lingering else "active", 0.0,
                                   closing(stats.key, backend))
