@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 
 import psycopg
 import pytest
@@ -472,3 +473,80 @@ def test_metrics_endpoint_shows_the_consoles_counters(pg, proxy_factory):
 
 def test_metrics_are_off_by_default(pg, proxy):
     assert proxy.metrics is None
+
+
+# -- SET, DISABLE, ENABLE ----------------------------------------------------------------
+
+def config_values(pg, proxy):
+    return {c["key"]: c["value"] for c in show(pg, proxy, "CONFIG")}
+
+
+def test_set_changes_a_setting_until_the_next_reload(pg, proxy_factory, tmp_path):
+    import threadpool_proxy
+    path = tmp_path / "proxy.yaml"
+    proxy = threadpool_proxy.start(write_config(path, pg, pool_size=5))
+    proxy_factory.started.append(proxy)
+    with connect(pg, proxy) as client:
+        with console(pg, proxy) as conn:
+            assert conn.execute("SET pool_size = 7").statusmessage == "SET"
+            assert conn.execute("SET query_wait_timeout TO 33").statusmessage == "SET"
+            assert conn.execute("SET reset_query = 'DISCARD ALL; SELECT 1'").statusmessage == "SET"
+            assert conn.execute("set client_idle_timeout = '0.5'").statusmessage == "SET"
+        values = config_values(pg, proxy)
+        assert values["pool_size"] == "7" and values["query_wait_timeout"] == "33"
+        assert values["reset_query"] == "DISCARD ALL; SELECT 1"
+        # Entries without their own pool_size take it; logged-in clients at their next transaction.
+        assert {d["name"]: d for d in show(pg, proxy, "DATABASES")}["appdb"]["pool_size"] == 7
+        assert [s.checkout.db.pool_size for s in proxy.server.sessions() if s.checkout] == [7]
+        # client_idle_timeout applies to new clients: this one idles past it and is ended.
+        with connect(pg, proxy) as idle:
+            idle.execute("SELECT 1")
+            time.sleep(1.5)
+            with pytest.raises(psycopg.OperationalError, match="idle-session timeout"):
+                idle.execute("SELECT 1")
+        with console(pg, proxy) as conn:
+            assert conn.execute("RELOAD").statusmessage == "RELOAD"      # the file wins again
+        assert config_values(pg, proxy)["pool_size"] == "5"
+        assert client.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("sql, error, message", [
+    ("SET pool_size = 0", psycopg.errors.InvalidParameterValue, "pool_size: expected a positive integer"),
+    ("SET pool_size = lots", psycopg.errors.InvalidParameterValue, "pool_size: expected a positive integer"),
+    ("SET pool_mode = 'sometimes'", psycopg.errors.InvalidParameterValue, "pool_mode: expected one of"),
+    ("SET no_such_thing = 1", psycopg.errors.InvalidParameterValue, "no_such_thing: unknown key"),
+    ("SET listen_port = 7000", psycopg.errors.InvalidParameterValue, "listen_port: changes only with a restart"),
+    ("SET pool_size", psycopg.errors.SyntaxError, "usage: SET key = value"),
+])
+def test_set_refuses_bad_input_and_changes_nothing(pg, proxy, sql, error, message):
+    with console(pg, proxy) as conn:
+        with pytest.raises(error, match=message):
+            conn.execute(sql)
+    assert config_values(pg, proxy)["pool_size"] == "5"
+
+
+def test_set_is_for_admin_users_only(pg, proxy):
+    with console(pg, proxy, user="other") as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SET pool_size = 9")
+
+
+def test_disable_refuses_new_clients_of_the_database_until_enable(pg, proxy):
+    staying = connect(pg, proxy)
+    with console(pg, proxy) as conn:
+        assert conn.execute("DISABLE appdb").statusmessage == "DISABLE"
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="is not disabled"):
+            conn.execute("ENABLE otherdb")
+    result = raw_login(proxy.host, proxy.port, "app", "appdb", password="app-secret")
+    assert result.sqlstate == "55000", result.error
+    assert 'database "appdb" is not currently accepting connections' in result.error["M"]
+    assert "ENABLE appdb" in result.error.get("H", "")
+    assert staying.execute("SELECT 1").fetchone() == (1,)                 # clients already in stay
+    with connect(pg, proxy, dbname="otherdb") as other_db:                 # other databases are not touched
+        assert other_db.execute("SELECT 1").fetchone() == (1,)
+    assert {d["name"]: d for d in show(pg, proxy, "DATABASES")}["appdb"]["disabled"] == 1
+    with console(pg, proxy) as conn:
+        assert conn.execute("ENABLE appdb").statusmessage == "ENABLE"
+    with connect(pg, proxy) as again:
+        assert again.execute("SELECT 1").fetchone() == (1,)
+    staying.close()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -61,6 +62,9 @@ RESUME [db]        end a PAUSE
 RECONNECT [db]     close server connections as they are released; new ones are opened as needed
 KILL db            disconnect the database's clients and close its server connections
 RELOAD             re-read the configuration file and the auth file
+SET key = value    change a setting now (as RELOAD would), until the next RELOAD
+DISABLE db         refuse new clients of the database
+ENABLE db          end a DISABLE
 SHUTDOWN           stop the proxy now (as SIGINT)
 SHUTDOWN WAIT_FOR_SERVERS  stop once running transactions end, within shutdown_timeout (as SIGTERM)"""
 
@@ -177,7 +181,7 @@ class Console:
 
     def query(self, sql: str) -> bytes:
         """The answer to one simple Query (without its ReadyForQuery); stops at the first error."""
-        statements = [s.strip() for s in sql.split(";")]
+        statements = [s.strip() for s in _split_statements(sql)]
         statements = [s for s in statements if s]
         if not statements:
             return pq.message(pq.EMPTY_QUERY_RESPONSE)
@@ -207,6 +211,8 @@ class Console:
             if show is None or not what.replace("_", "").isalpha():
                 raise CommandError(SQLSTATE_SYNTAX_ERROR, f"unknown SHOW item: {args[0]!r}", hint="Try SHOW HELP.")
             return show()
+        if verb == "SET":
+            return self._set(statement)
         action = _ACTIONS.get(verb)
         if action is None:
             raise CommandError(SQLSTATE_SYNTAX_ERROR, f"unknown admin console command: {statement!r}",
@@ -227,7 +233,9 @@ class Console:
             usage = f"{verb} db" if needs else f"{verb} [db]" if takes else verb
             raise CommandError(SQLSTATE_SYNTAX_ERROR, f"syntax error: usage: {usage}")
         database = _identifier(args[0]) if args else None
-        if database is not None and database not in self.control.database_names():
+        if verb in ("DISABLE", "ENABLE") and self.control.config.lookup_database(database) is not None:
+            pass            # any name an entry serves ("*" too), used by a client yet or not
+        elif database is not None and database not in self.control.database_names():
             raise CommandError(pq.SQLSTATE_INVALID_CATALOG_NAME, f'database "{database}" does not exist',
                                hint="Name an entry of databases, or a database some client is using.")
         log.info("admin console: %s runs %s", self.user, " ".join([verb] + args))
@@ -241,6 +249,29 @@ class Console:
         if callable(after):
             self.after.append(after)
         return command_complete(verb)
+
+    def _set(self, statement: str) -> bytes:
+        """SET key = value (or TO value): change a setting as RELOAD would, until the next RELOAD."""
+        if self.role != ADMIN:
+            raise CommandError(SQLSTATE_INSUFFICIENT_PRIVILEGE,
+                               f'permission denied: SET needs an admin user; "{self.user}" is in stats_users',
+                               hint="Add the user to admin_users.")
+        match = _SET.fullmatch(statement)
+        if match is None:
+            raise CommandError(SQLSTATE_SYNTAX_ERROR, "syntax error: usage: SET key = value",
+                               hint="Quote values with spaces: SET reset_query = 'DISCARD ALL'")
+        key, text = match.group(1).lower(), match.group(2).strip()
+        if len(text) >= 2 and text[0] == text[-1] == "'":
+            text = text[1:-1].replace("''", "'")
+        log.info("admin console: %s runs SET %s", self.user, key)
+        try:
+            self.control.set(key, text)
+        except CommandError:
+            raise
+        except ValueError as exc:          # ConfigError: unknown key, restart only, bad value
+            raise CommandError(SQLSTATE_INVALID_PARAMETER, f"SET failed: {exc}",
+                               hint="SHOW CONFIG lists the settings and whether each is changeable.") from None
+        return command_complete("SET")
 
     # -- SHOW --------------------------------------------------------------------
 
@@ -354,6 +385,7 @@ class Console:
         obs = self.control.observe()
         config: Config = self.control.config
         paused = self.control.paused_databases()
+        disabled = self.control.disabled_databases()
         rows = []
         for name, db in config.databases.items():
             nodes = ", ".join(f"{n.name} {self.control.node_state(n.name)}" + (f" role={n.role}" if n.role else "")
@@ -362,7 +394,8 @@ class Console:
                          None, db.pool_size, db.min_pool_size, db.reserve_pool_size, int(config.server_lifetime),
                          db.pool_mode,
                          db.load_balance if db.multi else None, db.max_db_connections,
-                         obs.server_count(name), 0, obs.client_count(name), int(paused is ALL or name in paused), 0,
+                         obs.server_count(name), 0, obs.client_count(name), int(paused is ALL or name in paused),
+                         int(name in disabled),
                          nodes, db.target_session_attrs, db.role])
         rows.append([CONSOLE_DATABASES[0], None, self.control.listen_port, CONSOLE_DATABASES[0], None, 0, 0, 0, 0,
                      "statement", None, 0, 0, 0, obs.console_clients, 0, 0, None, None, None])
@@ -506,7 +539,25 @@ _ACTIONS = {
     "KILL": (True, True),
     "RELOAD": (False, False),
     "SHUTDOWN": (False, False),
+    "DISABLE": (True, True),
+    "ENABLE": (True, True),
 }
+
+#: SET key = value, or SET key TO value.
+_SET = re.compile(r"SET\s+([A-Za-z_][A-Za-z0-9_]*)\s*(?:=|\s[Tt][Oo]\s)\s*(.*)", re.S | re.I)
+
+
+def _split_statements(sql: str) -> list:
+    """``sql`` cut at the semicolons outside single quotes (a quoted SET value may hold one)."""
+    out, start, quoted = [], 0, False
+    for i, ch in enumerate(sql):
+        if ch == "'":
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            out.append(sql[start:i])
+            start = i + 1
+    out.append(sql[start:])
+    return out
 
 #: ``paused_databases()`` returns this when the whole proxy is paused.
 ALL = frozenset(("*all*",))

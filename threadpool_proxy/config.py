@@ -372,7 +372,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
 
     kwargs: dict[str, Any] = {}
     for key, value in top.items():
-        if key.endswith(("_timeout", "_seconds", "_retry", "_period")):
+        if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime")):
             value = float(value)
         elif key in ("admin_users", "stats_users"):
             value = _as_user_tuple(value)
@@ -414,6 +414,54 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
     _check_console(config)
     _check_tls(config)
     return config
+
+
+#: Settings a database entry takes from the top level unless it sets its own.
+ENTRY_DEFAULTS = ("pool_mode", "pool_size", "auth_type", "max_prepared_statements", "load_balance",
+                  "target_session_attrs", "min_pool_size", "reserve_pool_size", "max_db_connections")
+
+
+def with_setting(config: Config, key: str, text: str) -> Config:
+    """``config`` with top-level setting ``key`` set to ``text`` (the console's ``SET key = value``).
+
+    ``text`` is read as the setting's type (a number, a string, a list of
+    users); it must pass the same checks as in a file (ConfigError naming the
+    key otherwise).  Database entries that had the old top-level value of a
+    setting they can override take the new one.
+    """
+    if key in ("listen", "listen_host", "listen_port", "databases") or key not in _TOP_LEVEL:
+        raise ConfigError(f"{key}: unknown key" if key not in _TOP_LEVEL and key not in ("listen", "databases")
+                          else f"{key}: cannot be changed while running")
+    check, expected = _TOP_LEVEL[key]
+    current = getattr(config, key)
+    value: Any = text
+    if isinstance(current, int):
+        try:
+            value = int(text)
+        except ValueError:
+            pass
+    elif isinstance(current, float):
+        try:
+            value = float(text)
+        except ValueError:
+            pass
+    elif current is None and text == "":
+        value = None
+    if value is not None and not check(value):
+        raise ConfigError(f"{key}: expected {expected}, got {text!r}")
+    if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime")) and value is not None:
+        value = float(value)
+    elif key in ("admin_users", "stats_users"):
+        value = _as_user_tuple(value)
+    new = dataclasses.replace(config, **{key: value})
+    if key in ENTRY_DEFAULTS:
+        entries = {name: dataclasses.replace(db, **{key: value}) if getattr(db, key) == current else db
+                   for name, db in config.databases.items()}
+        new = dataclasses.replace(new, databases=entries)
+    _check_auth(new)
+    _check_console(new)
+    _check_tls(new)
+    return new
 
 
 def worker_share(total: int, index: int, count: int, at_least: int = 1) -> int:

@@ -115,6 +115,7 @@ SQLSTATE_INVALID_SQL_STATEMENT_NAME = "26000"      # e.g. prepared statement "x"
 SQLSTATE_DUPLICATE_PREPARED_STATEMENT = "42P05"
 SQLSTATE_CONFIGURATION_LIMIT_EXCEEDED = "53400"
 SQLSTATE_INTERNAL_ERROR = "XX000"
+SQLSTATE_OBJECT_NOT_IN_STATE = "55000"
 
 # -- integer fields (network byte order) ----------------------------------------
 INT16 = struct.Struct("!h")

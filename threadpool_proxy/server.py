@@ -256,6 +256,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.stats = stats_mod.StatsRegistry(config.stats_period)
         self.console_control = ConsoleControl(self)
         self.reloader = None                    # Proxy.reload: RELOAD on the console
+        self.setter = None                      # Proxy.set_setting: SET on the console
+        self.disabled: set = set()              # DISABLE on the console: database names refused
         self.stopper = None                     # stops the Proxy from another thread: SHUTDOWN
         self._spare_fd = -1                     # given up to accept (and refuse) a client when out of fds
         self._fd_refusals = 0                   # clients refused for want of a descriptor, since the last log
@@ -747,7 +749,8 @@ class ConsoleControl:
         if kind == "figures":
             from .metrics import local_figures
             return local_figures(self.server)
-        if kind == "action" and request.get("verb") in ("pause", "resume", "reconnect", "kill", "reload"):
+        if kind == "action" and request.get("verb") in ("pause", "resume", "reconnect", "kill", "reload", "set",
+                                                        "disable", "enable"):
             database = request.get("database")
             try:
                 getattr(self, "_" + request["verb"])(database)
@@ -875,6 +878,40 @@ class ConsoleControl:
     def reload(self) -> None:
         self._everywhere("reload", None)
 
+    def set(self, key: str, text: str) -> None:
+        """SET key = value: here and in every other worker (each takes its share of a divided limit)."""
+        if self.server.setter is None:
+            raise CommandError("55000", "this proxy cannot change settings")
+        self.server.setter(key, text)          # a bad value fails here first, with nothing changed
+        if self.server.peers is not None:
+            answers = self.server.peers.ask_all({"kind": "action", "verb": "set", "database": [key, text]},
+                                                timeout=None)
+            for index, answer in sorted(answers.items()):
+                if isinstance(answer, dict) and answer.get("error"):
+                    log.warning("SET %s in worker %d: %s", key, index, answer["error"])
+
+    def _set(self, pair) -> None:
+        self.server.setter(*pair)
+
+    def disable(self, database: str) -> None:
+        self._everywhere("disable", database)
+
+    def enable(self, database: str) -> None:
+        if database not in self.server.disabled:
+            raise CommandError("55000", f'database "{database}" is not disabled')
+        self._everywhere("enable", database)
+
+    def _disable(self, database: str) -> None:
+        self.server.disabled.add(database)
+        log.info("DISABLE %s: new clients of it are refused", database)
+
+    def _enable(self, database: str) -> None:
+        self.server.disabled.discard(database)
+        log.info("ENABLE %s", database)
+
+    def disabled_databases(self) -> frozenset:
+        return frozenset(self.server.disabled)
+
     def _reload(self, _database=None) -> None:
         self.server.reload()
 
@@ -951,6 +988,7 @@ class Proxy:
         self.server = ProxyServer(self.config, self.worker)
         self.server.whole_config = self.whole_config
         self.server.reloader = self.reload
+        self.server.setter = self.set_setting
         self.server.stopper = self.stop_in_background
         try:
             if self.worker is not None:
@@ -1004,6 +1042,23 @@ class Proxy:
         for t in self._threads:
             while t.is_alive():
                 t.join(0.5)
+
+    def set_setting(self, key: str, text: str) -> config_mod.Config:
+        """SET key = value on the console: this setting changes now, as RELOAD would apply it.
+
+        Not written to the configuration file: the next RELOAD (or SIGHUP)
+        reads the file again, and its value wins.  ConfigError (naming the
+        key) for an unknown key, one that needs a restart, or a bad value.
+        """
+        if key not in CHANGEABLE:
+            known = key in {f.name for f in dataclasses.fields(config_mod.Config)}
+            raise config_mod.ConfigError(f"{key}: " + ("changes only with a restart" if known else "unknown key"))
+        with self._reload_lock:
+            new = config_mod.with_setting(self.whole_config, key, text)
+            self.config = self.server.apply_config(self._share(new))
+            self.whole_config = self.server.whole_config = new
+            log.info("SET %s = %s", key, "********" if key == "auth_password" else text)
+            return self.config
 
     def reload(self) -> config_mod.Config:
         """Re-read the configuration file (if started from one) and the auth file; SIGHUP and RELOAD.

@@ -350,6 +350,11 @@ class ClientSession:
         if db is None:
             raise ClientFatal(pq.SQLSTATE_INVALID_CATALOG_NAME, f'database "{database}" does not exist',
                               hint="threadpool_proxy has no entry for it in 'databases' and no '*' entry.")
+        if self.server.disabled and database in self.server.disabled:
+            raise ClientFatal(pq.SQLSTATE_OBJECT_NOT_IN_STATE,
+                              f'database "{database}" is not currently accepting connections',
+                              detail="threadpool_proxy: DISABLE on the admin console.",
+                              hint=f"An admin lifts it with ENABLE {database}.")
         if replication:
             repl.check_entry(database, db)
         self.request = LoginRequest(user=user, database=database, db=db,
