@@ -396,3 +396,23 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(pg, workers_pr
     assert proxy.log().count("the supervisor (pid") == 2
     rundirs = set(re.findall(r"peer channel in (\S+)", proxy.log()))
     assert len(rundirs) == 1 and not os.path.exists(rundirs.pop())      # the last worker out removed it
+
+
+def test_set_and_disable_on_the_console_reach_every_worker(pg, workers_proxy):
+    proxy = workers_proxy()
+    with proxy.connect(dbname="pgbouncer") as console:
+        assert console.execute("SET pool_size = 6").statusmessage == "SET"
+        assert console.execute("DISABLE appdb").statusmessage == "DISABLE"
+    assert wait_until(lambda: proxy.log().count("SET pool_size = 6") >= 2, timeout=30), proxy.log()
+    assert "[worker 0]" in proxy.log() and "[worker 1]" in proxy.log()
+    # Whichever worker the kernel picks, appdb is refused: ten logins make both likely to be asked.
+    for _ in range(10):
+        with pytest.raises(psycopg.OperationalError, match="not currently accepting connections"):
+            proxy.connect()
+    assert proxy.log().count("DISABLE appdb: new clients of it are refused") == 2, proxy.log()
+    with proxy.connect(dbname="pgbouncer") as console:
+        assert console.execute("ENABLE appdb").statusmessage == "ENABLE"
+    for _ in range(4):
+        with proxy.connect() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert proxy.stop() == 0
