@@ -62,6 +62,7 @@ class PgCluster(pgcluster.PgCluster):
         "host    all  all        127.0.0.1/32  scram-sha-256",
         "host    all  all        ::1/128       scram-sha-256",
         "host    replication  all  127.0.0.1/32  scram-sha-256",
+        "local   replication  all                trust",     # pg_basebackup of a standby (PgStandby)
     )
     SETTINGS = {
         "max_connections": 200,
@@ -227,6 +228,45 @@ def pg():
         cluster.stop()
 
 
+class PgStandby(PgCluster):
+    """A hot standby of ``primary``: pg_basebackup over its unix socket, then streaming replication.
+
+    The same roles, passwords and databases as the primary (it is a copy);
+    pg_is_in_recovery() is true and it reports in_hot_standby = on, until
+    ``promote()``.
+    """
+
+    def __init__(self, primary: PgCluster) -> None:
+        super().__init__()
+        self.primary = primary
+
+    def start(self) -> "PgStandby":
+        import os as _os
+        try:
+            if _os.geteuid() == 0:
+                self.run_as = pgcluster.ensure_os_user()
+            self._make_dir()
+            p = self.primary
+            self.run([self.bin("pg_basebackup"), "-h", p.sockdir, "-p", p.port, "-U", "postgres",
+                      "-D", self.datadir, "-X", "stream", "--no-sync", "-c", "fast"], what="pg_basebackup")
+            with open(_os.path.join(self.datadir, "standby.signal"), "w"):
+                pass
+            self._give_to_run_as(_os.path.join(self.datadir, "standby.signal"))
+            self.settings = {**self.settings,
+                             "primary_conninfo": f"host={p.sockdir} port={p.port} user=postgres"}
+            self._start_server(None)
+        except pgcluster.PgClusterError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}\n{exc.output}") from None
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def promote(self) -> None:
+        self.run([self.bin("pg_ctl"), "-D", self.datadir, "-w", "-t", "60", "promote"], what="pg_ctl promote")
+
+
 @pytest.fixture(scope="module")
 def pg_ro():
     """A second, independent cluster with the same roles and passwords as ``pg``, read-only by default.
@@ -247,6 +287,24 @@ def pg_ro():
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def standby_factory(pg):
+    """``standby_factory()`` -> a new hot standby of ``pg`` (PgStandby), stopped and removed at teardown."""
+    made = []
+
+    def make() -> PgStandby:
+        standby = PgStandby(pg)
+        atexit.register(standby.stop)
+        made.append(standby)
+        return standby.start()
+
+    try:
+        yield make
+    finally:
+        for standby in made:
+            standby.stop()
 
 
 # -- proxies ------------------------------------------------------------------

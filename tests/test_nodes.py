@@ -461,3 +461,57 @@ def test_reload_turns_a_single_server_entry_into_nodes(pg, pg_ro, proxy_factory,
         assert set(ports) == {pg.port, pg_ro.port}
     finally:
         before.close()
+
+
+# -- a real hot standby (streaming replication from pg) ------------------------------------
+
+def test_target_session_attrs_with_a_hot_standby(pg, standby_factory, proxy_factory, plain_auth_file, caplog):
+    caplog.set_level(logging.INFO, logger="threadpool_proxy")
+    standby = standby_factory()
+    nodes = [node(standby), node(pg)]
+    targets = ("primary", "standby", "prefer-standby", "read-write", "read-only", "any")
+    proxy = proxy_factory(auth_type="scram-sha-256", auth_file=str(plain_auth_file), health_check_user="postgres",
+                          health_check_period=0.3, databases={
+                              f"appdb_{t}": {"dbname": "appdb", "nodes": nodes, "target_session_attrs": t}
+                              for t in targets})
+    sb = f"{standby.host}:{standby.port}"
+    assert wait_until(lambda: proxy.server.router.state(sb).kind == "standby")
+    expected = {"primary": {pg.port}, "standby": {standby.port}, "prefer-standby": {standby.port},
+                "read-write": {pg.port}, "read-only": {standby.port}, "any": {pg.port, standby.port}}
+    for target in targets:
+        conns, ports = hold_transactions(pg, proxy, 4, dbname=f"appdb_{target}")
+        close_all(conns)
+        assert set(ports) == expected[target], target
+    assert any(f"node {sb} is a standby" in r.getMessage() for r in caplog.records)
+
+
+def test_failover_to_a_promoted_standby_under_load(pg, standby_factory, proxy_factory, plain_auth_file, caplog):
+    """The primary stops; the standby is promoted; clients asking for a primary follow it."""
+    caplog.set_level(logging.INFO, logger="threadpool_proxy")
+    standby = standby_factory()
+    proxy = proxy_factory(auth_type="scram-sha-256", auth_file=str(plain_auth_file), health_check_user="postgres",
+                          health_check_period=0.3, health_check_failures=1, server_login_retry=0.2,
+                          databases={"appdb": {"nodes": [node(pg, role="primary"), node(standby, role="replica")],
+                                               "target_session_attrs": "primary"}})
+    sb = f"{standby.host}:{standby.port}"
+    assert wait_until(lambda: proxy.server.router.state(sb).kind == "standby")
+    clients = 6
+    seen = {}
+    with Load(pg, proxy, clients) as load:
+        assert wait_until(lambda: len(load.done) >= 20, timeout=30)
+        assert set(load.ports_since(0)) == {pg.port}
+
+        def while_down():
+            standby.promote()
+            promoted = time.monotonic()
+            assert wait_until(lambda: load.clients_since(promoted + 0.5) == set(range(clients)), timeout=60), \
+                "every client goes on with the promoted standby"
+            seen["after"] = load.ports_since(promoted + 0.5)
+            seen["kind"] = proxy.server.router.state(sb).kind
+
+        pg.restart(mode="fast", while_down=while_down)
+        errors = {i: list(e) for i, e in load.errors.items()}
+    assert set(seen["after"]) == {standby.port} and seen["kind"] == "primary"
+    assert all(len(e) <= 1 for e in errors.values()), errors
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"node {sb} changed from standby to primary (health check)" in m for m in messages), messages
