@@ -515,3 +515,43 @@ def test_failover_to_a_promoted_standby_under_load(pg, standby_factory, proxy_fa
     assert all(len(e) <= 1 for e in errors.values()), errors
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"node {sb} changed from standby to primary (health check)" in m for m in messages), messages
+
+
+# -- the rest of the proxy with several nodes ------------------------------------------------
+
+@pytest.mark.parametrize("auth", ["scram-sha-256", "passthrough"])
+def test_session_mode_spreads_clients_over_the_nodes(pg, pg_ro, proxy_factory, plain_auth_file, auth):
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {}, pool_mode="session", auth_type=auth)
+    conns = [connect(pg, proxy) for _ in range(4)]
+    try:
+        ports = [server_port(c) for c in conns]
+        assert collections.Counter(ports) == {pg.port: 2, pg_ro.port: 2}
+        assert all({server_port(c) for _ in range(3)} == {p} for c, p in zip(conns, ports))   # for life
+    finally:
+        close_all(conns)
+
+
+def test_pause_and_kill_cover_every_node_of_the_entry(pg, pg_ro, proxy_factory, plain_auth_file):
+    proxy = nodes_proxy(proxy_factory, pg, pg_ro, plain_auth_file, {}, admin_users=["postgres"])
+    conns, ports = hold_transactions(pg, proxy, 2)
+    assert set(ports) == {pg.port, pg_ro.port}
+    console = connect(pg, proxy, user="postgres", dbname="pgbouncer")
+    try:
+        done = threading.Event()
+        threading.Thread(target=lambda: (console.execute("PAUSE appdb"), done.set()), daemon=True).start()
+        assert not done.wait(0.5), "PAUSE returned while transactions ran on the nodes"
+        conns[0].rollback()
+        assert not done.wait(0.5), "PAUSE returned while a transaction ran on the other node"
+        conns[1].rollback()
+        assert done.wait(10)
+        console.execute("RESUME appdb")
+        console.execute("KILL appdb")
+        for conn in conns:
+            with pytest.raises(psycopg.OperationalError, match="KILL on the admin console"):
+                conn.execute("SELECT 1")
+        assert wait_until(lambda: not pg.backend_pids(user="app", dbname="appdb")
+                          and not pg_ro.backend_pids(user="app", dbname="appdb"))
+        console.execute("RESUME appdb")
+    finally:
+        console.close()
+        close_all(conns)
