@@ -134,6 +134,9 @@ class HealthChecker:
         return self._answered(node, conn, in_recovery, read_only)
 
     def _answered(self, node, conn, in_recovery: bool, read_only: bool) -> None:
+        if self._stop.is_set():
+            conn.close()              # stop() may have closed the others already: keep none
+            return None
         self._conns[node.name] = conn
         self._login_warned.discard(node.name)
         self.server.router.learn(node.name, in_recovery, read_only, "health check")
