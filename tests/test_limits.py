@@ -186,3 +186,20 @@ def show_databases(pg, proxy):
         cur = conn.execute("SHOW DATABASES")
         names = [d.name for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def test_set_max_db_connections_applies_to_logged_in_clients(pg, start):
+    proxy = start(admin_users=["app"], query_wait_timeout=1.5)
+    waiting = connect(pg, proxy, user="other")           # logged in before the limit exists
+    waiting.execute("SELECT 1")
+    with connect(pg, proxy, dbname="pgbouncer") as console:
+        console.execute("SET max_db_connections = 1")
+    assert proxy.pool.snapshot()["stats"]["evicted_for_limit"] == 0
+    holders = busy(pg, proxy, 1)
+    # other's idle connection is taken over for app; now other needs one back and app holds the only one.
+    assert proxy.pool.snapshot()["stats"]["evicted_for_limit"] == 1
+    with pytest.raises(psycopg.OperationalError, match="query_wait_timeout"):
+        waiting.execute("SELECT 2")
+    assert server_count(pg, dbname="appdb") == 1
+    holders[0].close()
+    waiting.close()

@@ -84,3 +84,24 @@ def test_query_timeout_is_off_by_default(pg, proxy_factory):
     assert proxy.config.query_timeout == 0
     with connect(pg, proxy) as conn:
         conn.execute("SELECT pg_sleep(1.5)")
+
+
+def test_server_lifetime_leaves_passthrough_connections_alone(pg, proxy_factory):
+    proxy = proxy_factory(server_lifetime=0.5)
+    with connect(pg, proxy) as conn:
+        first = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        time.sleep(1.5)
+        # The proxy could not log in again for this client: the connection stays, the client goes on.
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == first
+    assert proxy.pool.snapshot()["stats"]["lifetime_closed"] == 0
+
+
+def test_set_query_timeout_applies_to_logged_in_clients(pg, proxy_factory):
+    proxy = proxy_factory(admin_users=["app"])
+    conn = connect(pg, proxy)
+    conn.execute("SELECT pg_sleep(1.2)")                  # off: runs
+    with connect(pg, proxy, dbname="pgbouncer") as console:
+        console.execute("SET query_timeout = 0.5")
+    with pytest.raises(psycopg.OperationalError, match="query_timeout"):
+        conn.execute("SELECT pg_sleep(5)")
+    conn.close()

@@ -282,8 +282,11 @@ class BackendIdlePool:
         self._close_before: Dict[Any, float] = {}   # RECONNECT: target -> close connections created until then
         self._draining = False            # graceful shutdown: nobody keeps an idle connection
         # server_lifetime: connections created at or before this (time.time()) are closed once
-        # released; kept by expire() (the janitor), inf for a lifetime of 0 (use once).
+        # released; kept by expire() (the janitor), inf for a lifetime of 0 (use once).  Only those
+        # of ``renewable`` keys: ones the proxy can log in to again by itself (proxy-terminated
+        # auth); a pass-through client whose last connection closed would have to reconnect.
         self._born_before = 0.0
+        self.renewable: set = set()
         self.stats = collections.Counter(
             reuses=0, parked=0, handed_on=0, over_capacity=0, stale_evicted=0, reaped=0, reconnected=0,
             reset_failed=0, evicted_for_login=0, waits=0, wait_timeouts=0,
@@ -387,7 +390,7 @@ class BackendIdlePool:
 
     def _refusal_locked(self, key: str, conn: Any, reset_ok: bool) -> Optional[str]:
         """Why a released ``conn`` cannot be parked or handed on (counted), or None."""
-        if self._born_before and conn.created <= self._born_before:
+        if self._born_before and conn.created <= self._born_before and key in self.renewable:
             self.stats["lifetime_closed"] += 1
             return "server_lifetime: it is older than that"
         if self._close_before and self._stale_locked(key, conn):
@@ -782,7 +785,8 @@ class BackendIdlePool:
         with self._lock:
             if self._handoffs.get(key, _NO_HANDOFF).queue or self._closed or self._draining or (self._held and self._held_key(key)):
                 return False
-            if conn is not None and ((self._born_before and conn.created <= self._born_before)
+            if conn is not None and ((self._born_before and conn.created <= self._born_before
+                                      and key in self.renewable)
                                      or (self._close_before and self._stale_locked(key, conn))):
                 return False
             self._lingering.setdefault(key, {})[holder] = None
@@ -846,7 +850,7 @@ class BackendIdlePool:
         with self._lock:
             self._born_before = cutoff
             for key, dq in self._idle.items():
-                if dq and any(conn.created <= cutoff for conn, _ in dq):
+                if dq and key in self.renewable and any(conn.created <= cutoff for conn, _ in dq):
                     keep = collections.deque()
                     for conn, since in dq:
                         if conn.created <= cutoff:
@@ -857,7 +861,9 @@ class BackendIdlePool:
                         else:
                             keep.append((conn, since))
                     self._idle[key] = keep
-            for held in self._lingering.values():
+            for key, held in self._lingering.items():
+                if key not in self.renewable:
+                    continue
                 for holder in [h for h in held if getattr(getattr(h, "backend", None), "created", cutoff + 1) <= cutoff]:
                     del held[holder]
                     holder.wake()

@@ -532,13 +532,15 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     # -- min_pool_size ---------------------------------------------------------------
 
-    def note_pool_use(self, request) -> None:
+    def note_pool_use(self, request, keys=()) -> None:
         """A client logged in with proxy-terminated auth: its pool may be kept warm (min_pool_size) from now on.
 
         Only such pools: the proxy needs the user's password (or SCRAM keys)
         to open connections with no client waiting for them.
         """
         self.warm_pools[request.key] = request
+        self.pool.renewable.add(request.key)        # server_lifetime applies to its connections
+        self.pool.renewable.update(keys)            # (each node's, for an entry with several)
 
     def keep_warm(self) -> dict:
         """The janitor's turn for min_pool_size: open what is missing (in a thread of its own).

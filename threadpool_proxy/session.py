@@ -394,7 +394,7 @@ class ClientSession:
             checkout.adopt(conn)
         else:
             logins.authenticate(channel, request)
-            self.server.note_pool_use(request)      # min_pool_size may keep this pool warm from now on
+            self.server.note_pool_use(request, checkout.node_keys.values())   # min_pool_size, server_lifetime
             conn = checkout.obtain()
         # The client keeps its login connection; in transaction and statement
         # mode the relay lets it go as soon as another client waits for one.
