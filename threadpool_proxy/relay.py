@@ -386,9 +386,7 @@ class Relay:
         name, sqlstate, text = self.timer
         seconds = {CLIENT_IDLE: self.idle_timeout, IDLE_TRANSACTION: self.idle_transaction_timeout,
                    CLIENT_STALL: self.stall_timeout}[self.timer]
-        if self.lingering:
-            self.lingering = False
-            self.pool.unlinger(self.key, self)
+        self._stop_lingering()
         self.detach(park=False, reason=f"{name} ({seconds:g} s) ended its client")
         if not self.sscan.at_boundary:
             raise ErrorAlreadySent()        # a server message is half relayed: nothing can follow it
@@ -535,11 +533,16 @@ class Relay:
 
     def leave(self, clean: bool) -> None:
         """The client is leaving: park the server connection only if it is idle and in sync."""
-        if self.lingering:
-            self.lingering = False
-            self.pool.unlinger(self.key, self)
+        self._stop_lingering()
         self.detach(park=clean and self.at_release_point(), reason="the client left mid-transaction"
                     if clean else "the client's connection ended abnormally")
+
+    def _stop_lingering(self) -> bool:
+        """No longer keep the idle connection for a waiter to claim; False if one had claimed it."""
+        if not self.lingering:
+            return True
+        self.lingering = False
+        return self.pool.unlinger(self.key, self)
 
     def _keep_or_hand_on(self) -> None:
         """At a release point: keep the connection while nobody waits, else hand it on."""
@@ -554,8 +557,7 @@ class Relay:
 
     def _linger_expired(self) -> None:
         """Idle past server_idle_timeout: park it, so the janitor may close it (or a waiter take it)."""
-        self.lingering = False
-        self.pool.unlinger(self.key, self)
+        self._stop_lingering()
         self.detach(park=True)
 
     def _lingering_backend_spoke(self, view, n: int) -> None:
@@ -588,8 +590,7 @@ class Relay:
                     return
             else:
                 sscan.__init__()
-        self.lingering = False
-        self.pool.unlinger(self.key, self)
+        self._stop_lingering()
         if answer:
             # The server ended the connection in answer to what the client sent
             # last (e.g. a message type only the server knew to be invalid).
