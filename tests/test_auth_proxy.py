@@ -20,7 +20,6 @@ import time
 
 import pytest
 import scramp
-import yaml
 
 from helpers import PASSWORDS, connect, psql, raw_login, read_message, startup_packet, wait_until, write_auth_file
 from threadpool_proxy import ConfigError

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from helpers import (cancel_packet, connect, gssenc_request, psql, raw_login, read_message, ssl_request,
-                     startup_packet, wait_until)
+                     startup_packet)
 
 MODES = ["session", "transaction", "statement"]
 

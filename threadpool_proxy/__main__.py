@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 from . import config as config_mod
 from .server import Proxy
-from .stopping import StopSignals
+from .stopping import StopSignals, install_reload
 
 log = logging.getLogger("threadpool_proxy")
 
@@ -78,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         signals.install()
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(proxy,),
-                                                                     name="threadpool_proxy-reload").start())
+        install_reload(proxy)
         if demo:
             print(demo.banner(proxy.port), flush=True)
         # The stop runs in a thread of its own; this one only sleeps (signal handlers
@@ -93,16 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         if demo:
             demo.stop()
     return 0
-
-
-def _reload(proxy: Proxy) -> None:
-    """SIGHUP: re-read the configuration file and the auth file; keep the old ones if either is bad."""
-    try:
-        proxy.reload()
-    except config_mod.ConfigError as exc:
-        log.error("SIGHUP: configuration not reloaded, the old one stays: %s", exc)
-    except Exception:
-        log.exception("SIGHUP: configuration not reloaded, the old one stays")
 
 
 if __name__ == "__main__":

@@ -176,16 +176,7 @@ class ServerCheckout:
                     raise QueryCanceled(CANCELED_ANSWER) from None
                 if conn is None:
                     if self.dial is None:
-                        raise ClientFatal(
-                            pq.SQLSTATE_CONNECTION_FAILURE,
-                            "no server connection is left for this login (the server closed them, "
-                            "e.g. it restarted); with auth_type passthrough the proxy cannot log in "
-                            "without the client: reconnect",
-                            detail="With auth_type passthrough only a client's own login opens server "
-                                   "connections (the proxy never learns the password), and all of this "
-                                   "user's have closed.",
-                            hint="Reconnect to go on. With auth_type scram-sha-256 (auth_file) or auth_query "
-                                 "the proxy logs in again by itself and clients wait for the server.")
+                        self._no_connection_left()
                     try:
                         conn = self.dial(self.startup_params(), None, self.key)
                     except ServerUnavailable as exc:

@@ -1,4 +1,4 @@
-"""The stop signals of a proxy process: SIGTERM stops gracefully, SIGINT and SIGQUIT at once.
+"""The signals of a proxy process: SIGTERM stops gracefully, SIGINT and SIGQUIT at once, SIGHUP reloads.
 
 Used by the command line and by each worker process (workers.py), so both
 answer signals alike.  The stop itself runs in a thread of its own
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 
 log = logging.getLogger("threadpool_proxy")
 
@@ -68,3 +69,21 @@ class StopSignals:
         for signum in STOP_SIGNALS:
             signal.signal(signum, self.handle)
 
+
+
+def install_reload(proxy) -> None:
+    """SIGHUP re-reads the configuration and auth files, in a thread (the handler itself only starts it)."""
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(proxy,),
+                                                                 name="threadpool_proxy-reload").start())
+
+
+def _reload(proxy) -> None:
+    """Keep the old configuration (and auth file) if the new one is bad."""
+    from .config import ConfigError
+    try:
+        proxy.reload()
+    except ConfigError as exc:
+        log.error("SIGHUP: configuration not reloaded, the old one stays: %s", exc)
+    except Exception:
+        log.exception("SIGHUP: configuration not reloaded, the old one stays")

@@ -47,12 +47,11 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 
 from . import config as config_mod
 from .peers import WorkerSlot
-from .stopping import StopSignals
+from .stopping import StopSignals, install_reload
 
 log = logging.getLogger("threadpool_proxy.workers")
 
@@ -109,8 +108,7 @@ def worker_main(spec: WorkerSpec, ready) -> None:
     proxy = Proxy(config, config_path=spec.config_path, overrides=spec.overrides, worker=spec.slot)
     signals = StopSignals(proxy)       # SIGTERM graceful, SIGINT/SIGQUIT now, as the command line
     signals.install()
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(proxy,),
-                                                             name="threadpool_proxy-reload").start())
+    install_reload(proxy)
     try:
         proxy.start()
     except config_mod.ConfigError as exc:
@@ -142,15 +140,6 @@ def worker_main(spec: WorkerSpec, ready) -> None:
                 os.rmdir(spec.slot.rundir)
             except OSError:
                 pass
-
-
-def _reload(proxy) -> None:
-    try:
-        proxy.reload()
-    except config_mod.ConfigError as exc:
-        log.error("SIGHUP: configuration not reloaded, the old one stays: %s", exc)
-    except Exception:
-        log.exception("SIGHUP: configuration not reloaded, the old one stays")
 
 
 # -- the supervisor ------------------------------------------------------------------
