@@ -189,25 +189,12 @@ class ServerCheckout:
                     pool.dial_succeeded(self.key)
                     self.adopt(conn)
                     return conn
-                needed = self._needed_settings(conn)
-                if needed is None:
-                    pool.discard(self.key, conn, "it carries a setting that cannot be put back for this client")
-                    unfit += 1
-                    if unfit > db.pool_size + 2:
-                        raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE, "no compatible server connection "
-                                          "could be found for this client's settings")
-                    continue
-                try:
-                    conn.apply_settings(needed, config.server_connect_timeout)
-                except ServerGone as exc:
-                    pool.discard(self.key, conn, f"applying the client's settings failed: {exc}")
-                    continue
-                except ServerError as exc:
-                    self.park(conn)
-                    # The server refused a setting the client asked for: end the client with those words.
-                    raise ClientFatal(exc.fields.get("C", pq.SQLSTATE_CONNECTION_FAILURE), str(exc),
-                                      raw=pq.error_response_from_fields(exc.fields, pq.FATAL)) from None
-                return conn
+                if self._give_settings(self.key, conn):
+                    return conn
+                unfit += 1
+                if unfit > db.pool_size + 2:
+                    raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE, "no compatible server connection "
+                                      "could be found for this client's settings")
         finally:
             self.cancelable = False
 
@@ -239,24 +226,12 @@ class ServerCheckout:
                         self.key = self.key_of(conn)
                         return conn
                 self.key = key
-                needed = self._needed_settings(conn)
-                if needed is None:
-                    pool.discard(key, conn, "it carries a setting that cannot be put back for this client")
-                    unfit += 1
-                    if unfit > db.pool_size * len(db.nodes) + 2:
-                        raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE, "no compatible server connection "
-                                          "could be found for this client's settings")
-                    continue
-                try:
-                    conn.apply_settings(needed, config.server_connect_timeout)
-                except ServerGone as exc:
-                    pool.discard(key, conn, f"applying the client's settings failed: {exc}")
-                    continue
-                except ServerError as exc:
-                    self.park(conn)
-                    raise ClientFatal(exc.fields.get("C", pq.SQLSTATE_CONNECTION_FAILURE), str(exc),
-                                      raw=pq.error_response_from_fields(exc.fields, pq.FATAL)) from None
-                return conn
+                if self._give_settings(key, conn):
+                    return conn
+                unfit += 1
+                if unfit > db.pool_size * len(db.nodes) + 2:
+                    raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE, "no compatible server connection "
+                                      "could be found for this client's settings")
         finally:
             self.cancelable = False
 
@@ -367,6 +342,28 @@ class ServerCheckout:
                    "user's have closed.",
             hint="Reconnect to go on. With auth_type scram-sha-256 (auth_file) or auth_query "
                  "the proxy logs in again by itself and clients wait for the server.")
+
+    def _give_settings(self, key: str, conn: ServerConnection) -> bool:
+        """SET what makes ``conn`` this client's session; False (``conn`` closed) if it cannot be.
+
+        A connection carrying a setting that cannot be put back, or that failed
+        while being set, is closed; a setting the server refuses ends the client
+        with the server's words (the connection is parked: it is unchanged).
+        """
+        needed = self._needed_settings(conn)
+        if needed is None:
+            self.pool.discard(key, conn, "it carries a setting that cannot be put back for this client")
+            return False
+        try:
+            conn.apply_settings(needed, self.config.server_connect_timeout)
+        except ServerGone as exc:
+            self.pool.discard(key, conn, f"applying the client's settings failed: {exc}")
+            return False
+        except ServerError as exc:
+            self.park(conn)
+            raise ClientFatal(exc.fields.get("C", pq.SQLSTATE_CONNECTION_FAILURE), str(exc),
+                              raw=pq.error_response_from_fields(exc.fields, pq.FATAL)) from None
+        return True
 
     def _wait_timed_out(self, server_down: ServerUnavailable | None) -> ClientFatal:
         """The client's FATAL after query_wait_timeout: the server is down, or every connection was busy."""
