@@ -466,8 +466,9 @@ class BackendIdlePool:
         if waiter is None:
             waiter = Waiter()
         # Whether the waiting client is still there is asked (a non-blocking peek,
-        # one syscall) once it has waited and is about to be handed something, and
-        # after a wait that ended by its time slice; not after every wake-up.
+        # one syscall) when it is about to be handed something after waiting
+        # CLIENT_CHECK_AFTER or more, and after a wait that ended by its time
+        # slice; not after every wake-up.
         check_client = waiter.alive is not None
         try:
             while True:
