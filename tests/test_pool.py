@@ -610,3 +610,51 @@ def test_snapshot(pairs):
     assert snap["open"] == {K: 2}
     assert snap["total_idle"] == 1
     assert snap["stats"]["parked"] == 1
+
+
+# -- hand-off: a released connection goes to the longest waiter ------------------
+
+def test_released_connections_go_to_waiters_in_arrival_order(pairs):
+    p = BackendIdlePool(5, 10)
+    assert p.acquire(K, limit=1, timeout=1) is None          # the only slot: in use
+    first_t, first = run_thread(lambda: p.acquire(K, 1, 30, waiter=Waiter()))
+    assert wait_until(lambda: p.stats["waits"] == 1)
+    second_t, second = run_thread(lambda: p.acquire(K, 1, 30, waiter=Waiter()))
+    assert wait_until(lambda: p.stats["waits"] == 2)
+    s, _ = pairs()
+    p.checkin(K, s)
+    first_t.join(5)
+    assert first.get("result") is s                          # the longest waiter, not a newcomer
+    assert p.stats["handed_on"] == 1 and p.idle_count(K) == 0   # handed over, never parked
+    assert second_t.is_alive() and not second
+    p.checkin(K, s)
+    second_t.join(5)
+    assert second.get("result") is s and p.stats["handed_on"] == 2
+
+
+class _ResetFails:
+    """A released server connection whose reset query's answer says it failed."""
+
+    def __init__(self, sock):
+        self.raw_socket = sock
+        self.reset_pending = True
+
+    def finish_reset_verdict(self):
+        self.reset_pending = False
+        return "failed"
+
+    def close(self):
+        self.raw_socket.close()
+
+
+def test_a_handed_connection_whose_reset_failed_is_closed_and_its_slot_dialed(pairs):
+    p = BackendIdlePool(5, 10)
+    assert p.acquire(K, limit=1, timeout=1) is None
+    t, out = run_thread(lambda: p.acquire(K, 1, 30, waiter=Waiter()))
+    assert wait_until(lambda: p.stats["waits"] == 1)
+    s, _ = pairs()
+    p.checkin(K, _ResetFails(s))
+    t.join(5)
+    assert "error" not in out and out.get("result") is None   # nothing usable: the freed slot, to dial
+    assert closed(s) and p.stats["reset_failed"] == 1
+    assert p.open_count(K) == 1                                # the waiter's dial holds the one slot
