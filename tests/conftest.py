@@ -213,9 +213,9 @@ def _lit(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-@pytest.fixture(scope="session")
-def pg():
-    """The session's PostgreSQL cluster (a PgCluster)."""
+def _running_cluster(*setup_sql):
+    """A started PgCluster (``setup_sql`` run on it first) for a fixture to yield; stopped after,
+    and at exit should the test run be cut short."""
     try:
         cluster = PgCluster()
     except RuntimeError as exc:
@@ -223,9 +223,17 @@ def pg():
     atexit.register(cluster.stop)
     try:
         cluster.start()
+        if setup_sql:
+            cluster.sql(*setup_sql)
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """The session's PostgreSQL cluster (a PgCluster)."""
+    yield from _running_cluster()
 
 
 class PgStandby(PgCluster):
@@ -276,17 +284,7 @@ def pg_ro():
     the tests of several nodes route between ``pg`` and this one.  Per module:
     it stops when the module using it is done.
     """
-    try:
-        cluster = PgCluster()
-    except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    atexit.register(cluster.stop)
-    try:
-        cluster.start()
-        cluster.sql("ALTER SYSTEM SET default_transaction_read_only = on", "SELECT pg_reload_conf()")
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from _running_cluster("ALTER SYSTEM SET default_transaction_read_only = on", "SELECT pg_reload_conf()")
 
 
 @pytest.fixture
