@@ -102,12 +102,22 @@ def architecture_rows() -> list[str]:
 
 
 def package_imports(module: str) -> set[str]:
-    """The package's modules ``module`` imports (at the top or inside a function)."""
+    """The package's modules ``module`` imports at run time (at the top or inside a function)."""
     with open(os.path.join(PACKAGE, module), encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    modules = set(package_modules())
+        return imports_of(f.read(), module, set(package_modules()))
+
+
+def imports_of(source: str, module: str, modules: set[str]) -> set[str]:
+    """Which of ``modules`` the source of ``module`` imports at run time."""
+    tree = ast.parse(source)
+    type_only = set()                              # under "if TYPE_CHECKING:": never imported at run time
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            type_only.update(id(n) for stmt in node.body for n in ast.walk(stmt))
     found = set()
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             if node.module:
                 found.add(node.module.split(".")[0] + ".py")
@@ -159,6 +169,19 @@ def test_architecture_lists_modules_in_import_order():
             if position.get(imported, len(order)) >= position[module]:
                 wrong.append(f"{module} imports {imported}, listed below it")
     assert wrong == []
+
+
+def test_the_import_check_sees_every_kind_of_import_but_type_checking_ones():
+    source = ("from typing import TYPE_CHECKING\n"
+              "from . import config as config_mod, __version__\n"
+              "from .pool import BackendIdlePool\n"
+              "import threadpool_proxy.stats\n"
+              "if TYPE_CHECKING:\n"
+              "    from .server import ProxyServer\n"
+              "def later():\n"
+              "    from .metrics import local_figures\n")
+    modules = {"config.py", "pool.py", "stats.py", "server.py", "metrics.py", "relay.py"}
+    assert imports_of(source, "relay.py", modules) == {"config.py", "pool.py", "stats.py", "metrics.py"}
 
 
 def test_readme_keeps_the_two_commands_and_the_test_command_ci_runs():
