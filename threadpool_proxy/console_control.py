@@ -57,7 +57,7 @@ class ConsoleControl:
     #: Seconds between two looks while PAUSE waits for transactions to end, or KILL for clients to leave.
     POLL = 0.05
 
-    def __init__(self, server: "ProxyServer") -> None:
+    def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self._lock = threading.Lock()
         self._paused: dict = {}               # database name (or None: everything) -> pool target
