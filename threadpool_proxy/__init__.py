@@ -10,7 +10,7 @@ Embedding::
 
 from .config import Config, ConfigError, load as load_config
 from .pool import BackendIdlePool, pool_key
-from .server import Proxy, serve, start
+from .embed import Proxy, serve, start
 
 __all__ = ["Config", "ConfigError", "load_config", "BackendIdlePool", "pool_key", "Proxy", "serve", "start"]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import sys
 import time
 
 from . import config as config_mod
-from .server import Proxy
+from .embed import Proxy
 from .stopping import StopSignals, install_reload
 
 log = logging.getLogger("threadpool_proxy")

@@ -15,8 +15,8 @@ Three parts:
 ``Console``
     sans-I/O: takes one client message (type, body), returns the bytes to
     answer; parses the commands and builds the result sets from what
-    ``control`` reports.  ``control`` is the proxy (server.ProxyServer's
-    ``ConsoleControl``): ``config``, ``observe()`` (a stats.Observation),
+    ``control`` reports.  ``control`` is the proxy's
+    ``console_control.ConsoleControl``: ``config``, ``observe()`` (a stats.Observation),
     and the actions ``pause``, ``resume``, ``reload``, ``kill``,
     ``reconnect``, ``shutdown``.
 ``ConsoleClient``

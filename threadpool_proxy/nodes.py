@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 ATTRS_QUERY = "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.current_setting('transaction_read_only')"
 
 
+def node_names(entry: DatabaseConfig) -> tuple:
+    """The host:port of every server of a database entry (a PAUSE/RECONNECT target's node part)."""
+    return tuple(n.name for n in entry.nodes)
+
+
 class NodeState:
     """What the proxy knows of one server: None while it has not been seen."""
 

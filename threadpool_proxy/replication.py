@@ -14,7 +14,7 @@ handed to anyone, and is closed when the client leaves.
 Only in session mode: a pool mode that moves clients between server
 connections has nothing to offer a connection that must never move, so in
 transaction and statement mode the client is refused (PgBouncer instead serves
-them as session-pooled there; see README, Replication connections).
+them as session-pooled there; see docs/pool-modes.md, "Replication connections").
 
 Replication connections hold no ``pool_size`` slot (a long-running stream
 would otherwise starve the pool's ordinary clients; PostgreSQL limits them by

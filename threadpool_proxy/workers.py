@@ -88,7 +88,7 @@ class WorkerSpec:
 
 def worker_main(spec: WorkerSpec, ready) -> None:
     """A worker's life: a Proxy with its slot, until SIGTERM/SIGINT, SHUTDOWN, or its supervisor is gone."""
-    from .server import Proxy
+    from .embed import Proxy
 
     os.setpgrp()        # a terminal's Ctrl-C reaches the supervisor only, which passes it on once
     logging.basicConfig(level=spec.log_level, format=LOG_FORMAT.replace("%(name)s", f"[worker {spec.slot.index}] "
