@@ -79,6 +79,9 @@ def tenant_pg():
         with psycopg.connect(cluster.dsn(user="alice", dbname="t"), autocommit=True) as conn:
             # the poison works for any session that does not pin its search_path
             assert conn.execute("SELECT count(*) FROM pg_shadow").fetchone() == (1,)
+        # The strongest per-database setting PostgreSQL has (a role's in one database), standing in
+        # for whatever a tenant could set: the auth_user's startup options must beat it too.
+        cluster.sql("ALTER ROLE postgres IN DATABASE t SET search_path = evil, pg_catalog")
         with psycopg.connect(cluster._socket_conninfo("payroll"), autocommit=True) as conn:
             conn.execute("CREATE SCHEMA proxy_auth")
             conn.execute("CREATE TABLE proxy_auth.users AS SELECT usename, passwd FROM pg_catalog.pg_shadow")
@@ -154,3 +157,20 @@ def test_a_verifier_fetched_in_one_database_never_serves_another(tenant_pg, tena
     assert session_as(proxy, "postgres", "payroll", ATTACKER_PASSWORD) == ("28P01", FAILED.format("postgres"))
     assert session_as(proxy, "postgres", "payroll", tenant_pg.passwords["postgres"]) == (
         "postgres", "postgres", "payroll")
+
+
+def test_which_database_auth_query_runs_in():
+    from threadpool_proxy.config import ConfigError, auth_database, from_dict, with_setting
+    entries = {"app": {"host": "h"}, "renamed": {"host": "h", "dbname": "real"}, "*": {"host": "h"},
+               "own": {"host": "h", "auth_dbname": "authdb"}}
+    config = from_dict({"databases": entries})
+    assert {name: auth_database(config, db) for name, db in config.databases.items()} == {
+        "app": "app", "renamed": "real", "*": "postgres", "own": "authdb"}
+    config = from_dict({"auth_dbname": "central", "databases": entries})
+    assert {name: auth_database(config, db) for name, db in config.databases.items()} == {
+        "app": "central", "renamed": "central", "*": "central", "own": "authdb"}
+    assert auth_database(with_setting(config, "auth_dbname", "other"), config.databases["*"]) == "other"
+    for bad, where in (({"auth_dbname": ""}, "auth_dbname"), ({"auth_dbname": 5}, "auth_dbname"),
+                       ({"databases": {"a": {"host": "h", "auth_dbname": ["x"]}}}, "databases.a.auth_dbname")):
+        with pytest.raises(ConfigError, match=f"^{where}: expected a database name"):
+            from_dict({"databases": {"a": {"host": "h"}}, **bad})
