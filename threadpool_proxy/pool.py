@@ -296,8 +296,8 @@ class BackendIdlePool:
         self.stats = collections.Counter(
             reuses=0, parked=0, handed_on=0, over_capacity=0, stale_evicted=0, reaped=0, reconnected=0,
             reset_failed=0, evicted_for_login=0, waits=0, wait_timeouts=0,
-            pending_timeouts=0, pending_refused=0, waits_canceled=0, waiters_gone=0, dials_failed=0, evicted_for_limit=0,
-            reserve_used=0, lifetime_closed=0)
+            pending_timeouts=0, waits_canceled=0, waiters_gone=0, dials_failed=0, evicted_for_limit=0,
+            reserve_used=0, lifetime_closed=0, pending_refused=0)
 
     # -- the idle structure -------------------------------------------------
 
