@@ -628,12 +628,12 @@ class ConsoleClient:
 
     def __init__(self, server, user: str, database: str, address, settings: dict) -> None:
         config: Config = server.config
+        # Asked only once the user is authenticated (``login``): before that, a user who may
+        # not use the console goes through the same exchange as one who may, so the answer
+        # does not tell who the admins are.
         self.role = console_role(config, user)
-        if self.role is None:
-            log.info("client %s:%s: user %r refused on the admin console", address[0], address[1], user)
-            raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION,
-                              f'user "{user}" may not use the admin console',
-                              hint="The admin console admits users listed in admin_users or stats_users.")
+        if not (config.admin_users or config.stats_users):
+            self._refuse(user)         # nobody may: that tells nothing about anybody
         self.server = server
         self.settings = settings
         entry = console_auth_entry(config)
@@ -660,6 +660,14 @@ class ConsoleClient:
             self.server.pool.discard(request.key, conn, "it only checked an admin console password")
         else:
             logins.authenticate(channel, request)
+        if self.role is None:
+            log.info("client %s: user refused on the admin console", request.who)
+            self._refuse(request.user)
+
+    @staticmethod
+    def _refuse(user: str):
+        raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION, f'user "{user}" may not use the admin console',
+                          hint="The admin console admits users listed in admin_users or stats_users.")
 
     def welcome(self) -> bytes:
         from . import __version__

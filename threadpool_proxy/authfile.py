@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -305,12 +306,27 @@ def _read_auth_file(path: str) -> tuple[dict[str, Secret], bytes]:
     return parse_auth_text(text, where=path), data
 
 
+def typical_secret(users: Mapping[str, Secret]) -> tuple[int, str]:
+    """(iterations, method) most of ``users`` have: what an unknown user must look like.
+
+    ``iterations``: the most common count of the SCRAM verifiers (ties: the
+    larger), DEFAULT_ITERATIONS when there are none.  ``method``: "md5" when
+    more users are stored as md5 hashes than as SCRAM verifiers, else "scram"
+    (plain passwords can do either and are not counted).
+    """
+    counts = collections.Counter(s.iterations for s in users.values() if s.kind == "scram")
+    iterations = max(counts, key=lambda i: (counts[i], i)) if counts else DEFAULT_ITERATIONS
+    md5 = sum(1 for s in users.values() if s.kind == "md5")
+    return iterations, "md5" if md5 > sum(counts.values()) else "scram"
+
+
 class AuthFile:
     """The users of one auth file, safe to share between threads.
 
-    For callers: lookup(), scram_secret(), reload(), len().  The contents are
-    an immutable mapping replaced in one assignment, so a lookup never sees a
-    half-loaded file; reload() that fails keeps the previous contents.
+    For callers: lookup(), scram_secret(), reload(), len(), and
+    ``typical_iterations``/``typical_method`` (see typical_secret).  The
+    contents are an immutable mapping replaced in one assignment, so a lookup
+    never sees a half-loaded file; reload() that fails keeps the previous contents.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -322,6 +338,7 @@ class AuthFile:
         #: that must not change either, see ``scram_secret`` and login.py.
         self.salt_key = hmac.new(b"threadpool_proxy salt key", data, hashlib.sha256).digest()
         self._users: Mapping[str, Secret] = MappingProxyType(users)
+        self.typical_iterations, self.typical_method = typical_secret(users)
         # user -> (plain Secret it was derived from, derived scram Secret)
         self._derived: dict[str, tuple[Secret, Secret]] = {}
 
@@ -344,18 +361,20 @@ class AuthFile:
             return None
         if secret.kind == "scram":
             return secret
+        iterations = self.typical_iterations
         with self._lock:
             cached = self._derived.get(user)
-        if cached is not None and cached[0] is secret:
+        if cached is not None and cached[0] is secret and cached[1].iterations == iterations:
             return cached[1]
         # PBKDF2 runs outside the lock; if two threads race, the first stored wins.
         # The salt is derived from the user name, so a restart does not change
-        # it (a changing salt would set this user apart from the others).
+        # it, and the iteration count is the one most users have (either
+        # differing would set this user apart from the others, and from unknown users).
         salt = hmac.new(self.salt_key, b"password\0" + user.encode("utf-8"), hashlib.sha256).digest()
-        derived = scram_secret_from_password(secret.password, salt=salt[:DEFAULT_SALT_LEN])
+        derived = scram_secret_from_password(secret.password, salt=salt[:DEFAULT_SALT_LEN], iterations=iterations)
         with self._lock:
             cached = self._derived.get(user)
-            if cached is not None and cached[0] is secret:
+            if cached is not None and cached[0] is secret and cached[1].iterations == iterations:
                 return cached[1]
             self._derived[user] = (secret, derived)
             return derived
@@ -377,5 +396,6 @@ class AuthFile:
                     fresh[user] = prev
             self._derived = {u: d for u, d in self._derived.items() if fresh.get(u) is d[0]}
             self._users = MappingProxyType(fresh)
+            self.typical_iterations, self.typical_method = typical_secret(fresh)
         log.debug("auth file %s reloaded: %d users", self.path, len(fresh))
         return len(fresh)

@@ -17,7 +17,14 @@ import yaml
 POOL_MODES = ("session", "transaction", "statement")
 AUTH_TYPES = ("passthrough", "scram-sha-256", "md5", "trust", "auth_query")
 DEFAULT_RESET_QUERY = "DISCARD ALL"
-DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
+#: Schema-qualified, so that no search_path (a tenant's ALTER DATABASE ... SET) can put another
+#: pg_shadow in front of pg_catalog's; the auth_user's session pins search_path too (login.py).
+DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename=$1"
+#: The database auth_query runs in for a "*" entry without dbname or auth_dbname: never the
+#: name a client asked for, which a tenant may own (the admin console's choice too).
+DEFAULT_AUTH_DBNAME = "postgres"
+#: Settings whose values carry secrets: never echoed in an error message.
+SECRET_KEYS = ("auth_password",)
 #: The admin console's virtual database, and the name PgBouncer's tools ask for.
 CONSOLE_DATABASES = ("threadpool_proxy", "pgbouncer")
 #: Most worker processes (``workers``); the worker's index is encoded in cancel key secrets.
@@ -72,6 +79,7 @@ class DatabaseConfig:
     min_pool_size: int = 0     # server connections kept open per key once used (proxy-terminated auth)
     reserve_pool_size: int = 0  # extra connections per key for clients waiting reserve_pool_timeout
     max_db_connections: int = 0  # server connections of the entry's database, all users; 0: no limit
+    auth_dbname: str | None = None   # where auth_query runs for this entry; None: see auth_database()
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -122,6 +130,7 @@ class Config:
     server_connect_timeout: float = 15.0
     client_login_timeout: float = 60.0
     max_pending_logins: int = 3
+    max_pending_logins_total: int = 50      # pass-through logins still authenticating, all keys together
     pending_login_timeout: float = 10.0
     server_login_retry: float = 1.0
     shutdown_timeout: float = 30.0          # SIGTERM: how long running transactions may take to finish
@@ -133,6 +142,8 @@ class Config:
     auth_password: str | None = None
     auth_query: str = DEFAULT_AUTH_QUERY
     auth_query_cache_seconds: float = 30.0
+    auth_query_cache_size: int = 1000       # most users whose verifiers the auth_query cache keeps
+    auth_dbname: str | None = None          # where auth_query runs (per entry too); see auth_database()
     log_level: str = "info"
     admin_users: tuple = ()              # may use every admin console command
     stats_users: tuple = ()              # may use the console's SHOW commands only
@@ -241,6 +252,7 @@ _TOP_LEVEL = {
     "server_connect_timeout": _SECONDS,
     "client_login_timeout": _SECONDS,
     "max_pending_logins": _COUNT,
+    "max_pending_logins_total": _COUNT,
     "pending_login_timeout": _SECONDS,
     "server_login_retry": _SECONDS,
     "shutdown_timeout": (_SECONDS_OR_OFF[0], "a number of seconds >= 0 (0: SIGTERM stops at once, as SIGINT)"),
@@ -253,6 +265,8 @@ _TOP_LEVEL = {
     "auth_query": (_nonempty_str, "an SQL query with one parameter, $1"),
     "auth_query_cache_seconds": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
                                  "a number of seconds >= 0"),
+    "auth_query_cache_size": _COUNT,
+    "auth_dbname": (_nonempty_str, "a database name"),
     "log_level": (_choice(("debug", "info", "warning", "error")), "one of debug, info, warning, error"),
     "admin_users": (_user_list, "a list of user names (or one comma-separated string)"),
     "stats_users": (_user_list, "a list of user names (or one comma-separated string)"),
@@ -292,6 +306,7 @@ _DATABASE = {
     "load_balance": _TOP_LEVEL["load_balance"],
     "target_session_attrs": _TOP_LEVEL["target_session_attrs"],
     "role": (_choice(NODE_ROLES), "one of " + ", ".join(NODE_ROLES)),
+    "auth_dbname": _TOP_LEVEL["auth_dbname"],
 }
 
 _NODE = {
@@ -353,7 +368,7 @@ def _check_section(section: Mapping[str, Any], rules, where: str) -> dict:
             raise ConfigError(f"{path}: unknown key")
         check, expected = rules[key]
         if not check(value):
-            raise ConfigError(f"{path}: expected {expected}, got {value!r}")
+            raise ConfigError(f"{path}: expected {expected}, got {_shown(key, value)}")
         out[key] = value
     return out
 
@@ -408,6 +423,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
             min_pool_size=fields.get("min_pool_size", defaults.min_pool_size),
             reserve_pool_size=fields.get("reserve_pool_size", defaults.reserve_pool_size),
             max_db_connections=fields.get("max_db_connections", defaults.max_db_connections),
+            auth_dbname=fields.get("auth_dbname"),
         )
     config = dataclasses.replace(defaults, databases=entries)
     _check_auth(config)
@@ -448,7 +464,7 @@ def with_setting(config: Config, key: str, text: str) -> Config:
     elif current is None and text == "":
         value = None
     if value is not None and not check(value):
-        raise ConfigError(f"{key}: expected {expected}, got {text!r}")
+        raise ConfigError(f"{key}: expected {expected}, got {_shown(key, text)}")
     if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime")) and value is not None:
         value = float(value)
     elif key in ("admin_users", "stats_users"):
@@ -482,8 +498,9 @@ def worker_share(total: int, index: int, count: int, at_least: int = 1) -> int:
 
 #: The limits ``for_worker`` divides between worker processes: what PostgreSQL or the
 #: machine sees in all must stay what the configuration says.
-SPLIT_LIMITS = ("pool_size", "max_pending_logins", "max_client_conn", "max_idle_per_key", "max_total_idle",
-                "min_pool_size", "reserve_pool_size", "max_db_connections", "max_user_connections")
+SPLIT_LIMITS = ("pool_size", "max_pending_logins", "max_pending_logins_total", "max_client_conn",
+                "max_idle_per_key", "max_total_idle", "min_pool_size", "reserve_pool_size", "max_db_connections",
+                "max_user_connections")
 
 #: The limits of a database entry that ``for_worker`` divides too.
 SPLIT_ENTRY_LIMITS = ("pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections")
@@ -518,6 +535,24 @@ def split_warnings(config: Config) -> list[str]:
 def console_auth_entry(config: Config) -> DatabaseConfig | None:
     """The database entry the admin console authenticates like: ``admin_auth_database``, else ``*``."""
     return config.databases.get(config.admin_auth_database or "*")
+
+
+def auth_database(config: Config, db: DatabaseConfig) -> str:
+    """The server-side database auth_query runs in for entry ``db``: one fixed name, never the client's.
+
+    The entry's ``auth_dbname``, else the top-level ``auth_dbname``, else the
+    entry's ``dbname``, else the entry's name (``DEFAULT_AUTH_DBNAME`` for
+    ``*``, whose clients name any database, a tenant's own included).
+    """
+    return (db.auth_dbname or config.auth_dbname or db.dbname
+            or (db.name if db.name != "*" else DEFAULT_AUTH_DBNAME))
+
+
+def _shown(key, value) -> str:
+    """A bad value as an error message may show it: a secret-bearing key's only by its type."""
+    if key in SECRET_KEYS:
+        return f"a value of type {type(value).__name__} (not shown: {key} is secret)"
+    return repr(value)
 
 
 def _check_console(config: Config) -> None:

@@ -58,6 +58,10 @@ class PoolTimeout(ProxyError):
     """No server connection became free within the wait limit."""
 
 
+class TooManyPending(ProxyError):
+    """As many pass-through logins as ``max_pending_logins_total`` allows are still authenticating."""
+
+
 class PoolClosed(ProxyError):
     """The pool was closed (the proxy is shutting down)."""
 

@@ -21,8 +21,10 @@ Where a user's secret comes from, by ``auth_type``:
                  so it fails like a wrong password, as in PostgreSQL)
   md5            the auth file; md5 challenge, or SCRAM if only a SCRAM
                  verifier is stored (what PostgreSQL's "md5" method does)
-  auth_query     PostgreSQL itself, asked as ``auth_user`` with ``auth_query``;
-                 SCRAM or md5 by what is stored; results cached per user
+  auth_query     PostgreSQL itself, asked as ``auth_user`` with ``auth_query``
+                 in one fixed database (``config.auth_database``), its
+                 search_path pinned; SCRAM or md5 by what is stored; results
+                 cached per (server, that database, user), bounded (authcache.py)
   trust          nothing is checked (loopback clients only)
 
 How the proxy logs in to the server for a client: with the plain password if
@@ -34,11 +36,18 @@ Those credentials are kept in memory per user, never logged.
 An unknown user goes through the same exchange as a known one and fails at the
 same step; every password failure is answered after the same fixed delay with
 PostgreSQL's own 28P01 message, so neither the wording nor the timing tells
-whether the user exists.
+whether the user exists.  Which exchange that is does not depend on it either:
+an unknown user gets what most known users get (``_typical``: the method, and
+the SCRAM iteration count; the fake salt is an HMAC of the name).  Whatever
+makes a login fail before the client is in (a wrong password, an unknown
+user, an auth_query that failed, a server that cannot be reached), the client
+learns no address, database or role the proxy uses: the reason goes to the
+proxy's log, rate-limited.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -61,11 +70,13 @@ from .auth import (
     parse_sasl_initial_response,
     sasl_mechanisms_payload,
 )
-from .authfile import AuthFile, AuthFileError, Secret, secret_from_rolpassword
+from .authcache import MISS, VerifierCache
+from .authfile import DEFAULT_ITERATIONS, AuthFile, AuthFileError, Secret, secret_from_rolpassword
 from .backend import ServerConnection
 from .channel import ClientChannel
-from .config import Config, ConfigError, DatabaseConfig, NodeConfig
-from .errors import ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone, ServerUnavailable
+from .config import Config, ConfigError, DatabaseConfig, NodeConfig, auth_database
+from .errors import (ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone, ServerUnavailable,
+                     TooManyPending)
 from .nodes import Router
 from .pool import BackendIdlePool, Limits, pool_key
 from . import tls
@@ -79,6 +90,17 @@ FAILURE_DELAY = 0.3
 
 #: Server connections auth_query may hold open per (node, database).
 AUTH_QUERY_POOL_SIZE = 2
+
+#: The auth_user's session resolves names in pg_catalog (then its own pg_temp) only.  Sent in
+#: its StartupMessage: PostgreSQL applies startup options with a priority above ALTER DATABASE
+#: and ALTER ROLE ... SET, so nothing a database's owner sets can move it.
+AUTH_QUERY_OPTIONS = "-c search_path=pg_catalog,pg_temp"
+
+#: Distinct (method, iteration count) pairs of fetched verifiers tallied for ``_typical``.
+_TALLY_LIMIT = 32
+
+#: What a pass-through client is told when the server cannot be reached (the address only in the log).
+_SERVER_UNREACHABLE = "threadpool_proxy: could not connect to the server; try again later"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,14 +140,17 @@ class Logins:
     failure_delay = FAILURE_DELAY
 
     def __init__(self, config: Config, pool: BackendIdlePool, server_tls: ServerTLS | None = None,
-                 router: Router | None = None) -> None:
+                 router: Router | None = None, junk_log=None) -> None:
         self.config = config
         self.pool = pool
         self.router = router
         self.server_tls = server_tls       # replaced on RELOAD
+        self.junk_log = junk_log           # rate-limits what failed logins log (server.JunkLog); None: log each
         self._lock = threading.Lock()
         self._credentials: dict[str, ServerCredentials] = {}   # user -> how to log in for them
-        self._query_cache: dict[tuple[str, str], tuple[Secret | None, float]] = {}
+        self._query_cache = VerifierCache(config.auth_query_cache_seconds, config.auth_query_cache_size)
+        # (method, iterations) of the verifiers auth_query fetched: what its unknown users look like.
+        self._fetched: collections.Counter = collections.Counter()
         self.server_logins = 0
         self.server_login_failures = 0
         self.auth_queries = 0
@@ -147,8 +172,7 @@ class Logins:
         On error the old contents stay and AuthFileError is raised.  Users no
         longer in the file lose their stored server credentials.
         """
-        with self._lock:
-            self._query_cache.clear()
+        self._query_cache.clear()
         if self.auth_file is None:
             return 0
         count = self.auth_file.reload()
@@ -177,7 +201,7 @@ class Logins:
         with self._lock:
             self.config = config
             self.auth_file = auth_file
-            self._query_cache.clear()
+            self._query_cache = VerifierCache(config.auth_query_cache_seconds, config.auth_query_cache_size)
             self._credentials = {u: c for u, c in self._credentials.items() if auth_file is None or u in auth_file}
 
     # -- pass-through: PostgreSQL checks the client --------------------------------
@@ -203,10 +227,12 @@ class Logins:
                 # Every node is down: try the first once (it may be back), as a single server would be.
                 node = None if tried else router.fallback(db)
             if node is None:
+                self._log_refusal("pass-through logins with no server", logging.WARNING,
+                                  "client %s: no server accepts connections (%s; refused now: %s)",
+                                  request.who, router.misfits(db), ", ".join(sorted(tried)) or "none")
                 raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT,
                                   f"threadpool_proxy: no server of database \"{request.database}\" accepts "
-                                  f"connections ({router.misfits(db)}; refused now: "
-                                  f"{', '.join(sorted(tried)) or 'none'})")
+                                  f"connections now; try again later")
             key = pool_key(node.name, request.user, dbname)
             try:
                 conn = self._passthrough(channel, request, startup, node, key)
@@ -235,14 +261,7 @@ class Logins:
         accepted it gives its pending place back and belongs to its client alone.
         """
         db, config, pool = request.db, self.config, self.pool
-        try:
-            pool.acquire_pending(key, config.max_pending_logins, channel.remaining())
-        except PoolTimeout:
-            raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS,
-                              f"too many logins of user \"{request.user}\" are in progress "
-                              f"(max_pending_logins {config.max_pending_logins}); try again",
-                              hint="Logins that have not finished authenticating are limited per user "
-                                   "and database.") from None
+        self._take_pending(request, key, channel)
         channel.shorten(time.monotonic() + config.pending_login_timeout, "pending_login_timeout")
         promoted = False
         unslotted = False              # an accepted replication login: outside the pool
@@ -298,7 +317,38 @@ class Logins:
         except ServerGone as exc:
             if node is not None and not relayed:
                 raise _NodeRefused(ServerUnavailable(pq.SQLSTATE_CANNOT_CONNECT, f"threadpool_proxy: {exc}")) from None
-            raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT, f"threadpool_proxy: {exc}") from None
+            self._log_refusal("pass-through logins that lost the server", logging.WARNING,
+                              "client %s: pass-through login failed: %s", request.who, exc)
+            raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT, _SERVER_UNREACHABLE) from None
+
+    def _take_pending(self, request: LoginRequest, key: str, channel: ClientChannel) -> None:
+        """One of the places of logins still authenticating with the server (per key, and in all)."""
+        config = self.config
+        try:
+            self.pool.acquire_pending(key, config.max_pending_logins, channel.remaining(),
+                                      config.max_pending_logins_total)
+        except PoolTimeout:
+            raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS,
+                              f"too many logins of user \"{request.user}\" are in progress "
+                              f"(max_pending_logins {config.max_pending_logins}); try again",
+                              hint="Logins that have not finished authenticating are limited per user "
+                                   "and database.") from None
+        except TooManyPending:
+            self._log_refusal("logins refused by max_pending_logins_total", logging.WARNING,
+                              "client %s: refused: %d logins are already authenticating "
+                              "(max_pending_logins_total)", request.who, config.max_pending_logins_total)
+            raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS,
+                              f"too many logins are in progress (max_pending_logins_total "
+                              f"{config.max_pending_logins_total}); try again",
+                              hint="Logins that have not finished authenticating with the server are "
+                                   "limited in all.") from None
+
+    def _log_refusal(self, kind: str, level: int, msg: str, *args) -> None:
+        """Log why a login failed, at most one line per ``kind`` and interval (the junk log)."""
+        if self.junk_log is not None:
+            self.junk_log.log(kind, msg, *args, level=level)
+        else:
+            log.log(level, msg, *args)
 
     def _sasl_offer_for(self, channel: ClientChannel, conn: ServerConnection, body: bytes) -> bytes:
         """The server's SASL mechanisms as a pass-through client may see them.
@@ -334,26 +384,52 @@ class Logins:
             if creds is not NO_CREDENTIALS:
                 self._remember(user, creds)
             return
+        # Which exchange: what the stored secret allows; where it allows both
+        # (a plain password) or there is none (an unknown user), what most
+        # users get, so that the challenge does not tell whether a user exists.
+        typical_method, iterations = self._typical(auth_type)
         if auth_type == "auth_query":
             secret = self._query_secret(request)
-            use_scram = secret is None or secret.kind == "scram"
+            use_scram = typical_method == "scram" if secret is None else secret.kind == "scram"
         else:
             secret = self._file_secret(user)
             if auth_type == "md5":
-                use_scram = secret is not None and secret.kind == "scram"
+                kind = secret.kind if secret is not None else None
+                use_scram = kind == "scram" or (kind != "md5" and typical_method == "scram")
             else:
                 use_scram = True
                 if secret is not None and secret.kind == "md5":
                     secret = None    # no SCRAM from an md5 hash: fails like PostgreSQL's mock exchange
         if use_scram:
-            self._scram(channel, request, secret)
+            self._scram(channel, request, secret, iterations)
         else:
             self._md5(channel, request, secret)
+
+    def _typical(self, auth_type: str) -> tuple[str, int]:
+        """("scram" or "md5", SCRAM iteration count) most known users get: how an unknown user looks.
+
+        The auth file's (authfile.typical_secret); for auth_query, the
+        verifiers it has fetched so far (SCRAM and 4096 before any).
+        """
+        if auth_type != "auth_query" and self.auth_file is not None:
+            return self.auth_file.typical_method, self.auth_file.typical_iterations
+        with self._lock:
+            fetched = list(self._fetched.items())
+        scram = collections.Counter()
+        md5 = 0
+        for (method, iterations), n in fetched:
+            if method == "scram":
+                scram[iterations] += n
+            else:
+                md5 += n
+        iterations = max(scram, key=lambda i: (scram[i], i)) if scram else DEFAULT_ITERATIONS
+        return ("md5" if md5 > sum(scram.values()) else "scram"), iterations
 
     def _file_secret(self, user: str) -> Secret | None:
         return self.auth_file.lookup(user) if self.auth_file is not None else None
 
-    def _scram(self, channel: ClientChannel, request: LoginRequest, secret: Secret | None) -> None:
+    def _scram(self, channel: ClientChannel, request: LoginRequest, secret: Secret | None,
+              iterations: int = DEFAULT_ITERATIONS) -> None:
         user = request.user
         verifier = None
         if secret is not None:
@@ -362,7 +438,8 @@ class Logins:
         # SCRAM-SHA-256-PLUS over TLS: bound to the proxy's own certificate.
         binding = channel.end_point_hash
         exchange = (ScramServerExchange(verifier, user, channel_binding=binding) if verifier is not None
-                    else ScramServerExchange.for_unknown_user(user, key=self.salt_key, channel_binding=binding))
+                    else ScramServerExchange.for_unknown_user(user, iterations, key=self.salt_key,
+                                                              channel_binding=binding))
         channel.send(pq.authentication(pq.AUTH_SASL, sasl_mechanisms_payload(exchange.mechanisms())))
         answered = time.monotonic()
         try:
@@ -399,7 +476,8 @@ class Logins:
 
     def _reject(self, request: LoginRequest, reason: str, since: float):
         """Answer a failed password check, always the same way and after the same delay."""
-        log.info("client %s: password authentication failed: %s", request.who, reason)
+        self._log_refusal("failed password logins", logging.INFO,
+                          "client %s: password authentication failed: %s", request.who, reason)
         wait = self.failure_delay - (time.monotonic() - since)
         if wait > 0:
             time.sleep(wait)
@@ -421,13 +499,7 @@ class Logins:
         as a pass-through login does (so PAUSE holds it too, and a burst of them
         is bounded); the server's refusal reaches the client in its own words.
         """
-        config = self.config
-        try:
-            self.pool.acquire_pending(request.key, config.max_pending_logins, channel.remaining())
-        except PoolTimeout:
-            raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS,
-                              f"too many logins of user \"{request.user}\" are in progress "
-                              f"(max_pending_logins {config.max_pending_logins}); try again") from None
+        self._take_pending(request, request.key, channel)
         try:
             return self.proxy_login(request, startup, slot=False)
         finally:
@@ -494,26 +566,30 @@ class Logins:
     # -- auth_query --------------------------------------------------------------
 
     def _query_secret(self, request: LoginRequest) -> Secret | None:
-        """The user's secret as PostgreSQL stores it, from the cache or auth_query."""
+        """The user's secret as PostgreSQL stores it, from the cache or auth_query; None: no such
+        user, no password, or the lookup failed (all fail alike; the log says which)."""
         db, user = request.db, request.user
-        cache_key = (db.node, user)
-        ttl = self.config.auth_query_cache_seconds
-        now = time.monotonic()
-        with self._lock:
-            hit = self._query_cache.get(cache_key)
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        secret = self._run_auth_query(db, db.server_dbname(request.database), user)
-        if ttl > 0:
-            with self._lock:
-                self._query_cache[cache_key] = (secret, now + ttl)
+        dbname = auth_database(self.config, db)
+        cache_key = (db.node, dbname, user)
+        cached = self._query_cache.get(cache_key)
+        if cached is not MISS:
+            return cached
+        try:
+            secret, found = self._run_auth_query(db, dbname, user)
+        except _LookupFailed as exc:
+            self._log_refusal("failed auth_query lookups", logging.ERROR, "client %s: %s", request.who, exc)
+            return None
+        self._query_cache.put(cache_key, secret, found)
         return secret
 
-    def _run_auth_query(self, db: DatabaseConfig, dbname: str, user: str) -> Secret | None:
-        """Run auth_query for ``user`` on a dedicated server connection of auth_user.
+    def _run_auth_query(self, db: DatabaseConfig, dbname: str, user: str) -> tuple[Secret | None, bool]:
+        """Run auth_query for ``user`` in database ``dbname`` on a dedicated server connection of auth_user.
 
-        Those connections are parked in the proxy's pool under their own key
-        (never a client's), so the janitor and shutdown close them like any other.
+        Returns (secret or None, whether the server has the user).  Those
+        connections pin their search_path (AUTH_QUERY_OPTIONS) and are parked
+        in the proxy's pool under their own key (never a client's), so the
+        janitor and shutdown close them like any other.  Raises _LookupFailed
+        saying why for the log (never for the client: it names servers and roles).
         """
         config, pool = self.config, self.pool
         auth_user = config.auth_user
@@ -526,8 +602,8 @@ class Logins:
         try:
             conn = pool.acquire(key, AUTH_QUERY_POOL_SIZE, timeout)
         except PoolTimeout:
-            raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT,
-                              "threadpool_proxy: no auth_query connection became free in time") from None
+            raise _LookupFailed(f"no auth_query connection to {node.name}/{dbname} became free "
+                                f"within {timeout:g} s") from None
         rows: list[list[bytes | None]] = []
 
         def on_message(t, body):
@@ -536,7 +612,8 @@ class Logins:
 
         try:
             if conn is None:
-                params = {"user": auth_user, "database": dbname, "application_name": "threadpool_proxy auth_query"}
+                params = {"user": auth_user, "database": dbname, "options": AUTH_QUERY_OPTIONS,
+                          "application_name": "threadpool_proxy auth_query"}
                 conn = self._open(db, params, _answer_from(self._auth_user_credentials().login(auth_user),
                                                            auth_user), time.monotonic() + timeout,
                                   lambda conn, reason: pool.give_back(key, conn, reason), node=node)
@@ -547,19 +624,28 @@ class Logins:
                 pool.discard(key, conn, f"auth_query failed: {exc}")
             if not isinstance(exc, (ServerError, AuthFailed, ServerGone, pq.ProtocolError, struct.error)):
                 raise
-            log.error("auth_query as %s on %s/%s failed: %s", auth_user, node.name, dbname, exc)
-            raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT,
-                              f"threadpool_proxy could not look up the user with auth_query: {exc}") from None
+            raise _LookupFailed(f"auth_query as {auth_user} on {node.name}/{dbname} failed: {exc}") from None
         pool.checkin(key, conn, reset_ok=status == pq.IDLE)
         with self._lock:
             self.auth_queries += 1
-        if not rows or len(rows[0]) < 2 or rows[0][1] is None:
-            return None            # unknown user or no password: fails like a wrong password
+        if not rows or not rows[0] or rows[0][0] is None:
+            return None, False     # no such user: fails like a wrong password
+        if len(rows[0]) < 2 or rows[0][1] is None:
+            return None, True      # a user without a password: the same
         try:
-            return secret_from_rolpassword(rows[0][1].decode("utf-8"))
+            secret = secret_from_rolpassword(rows[0][1].decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
             log.warning("auth_query: the stored password of user %r is unusable: %s", user, exc)
-            return None
+            return None, True
+        self._tally(secret)
+        return secret, True
+
+    def _tally(self, secret: Secret) -> None:
+        """Count a fetched verifier's method and iteration count (see ``_typical``)."""
+        pair = ("scram", secret.iterations) if secret.kind == "scram" else ("md5", 0)
+        with self._lock:
+            if pair in self._fetched or len(self._fetched) < _TALLY_LIMIT:
+                self._fetched[pair] += 1
 
     # -- health checks -------------------------------------------------------------
 
@@ -597,6 +683,10 @@ class Logins:
         if config.auth_password is not None:
             return ServerCredentials(password=config.auth_password)
         return credentials_from_secret(self._file_secret(config.auth_user))
+
+
+class _LookupFailed(Exception):
+    """auth_query could not be run; str() says why, for the proxy's log only."""
 
 
 class _NodeRefused(Exception):

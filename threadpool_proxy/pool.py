@@ -32,6 +32,10 @@ Accounting per key, under the lock:
   Once PostgreSQL accepts it, ``promote`` moves it into a slot (closing a
   parked connection of the key, or waiting, when the key is full).  So
   PostgreSQL sees at most ``pool_size + max_pending_logins`` connections of a key.
+  All keys together hold at most ``max_pending_logins_total`` places (a client
+  picks its key: invented user names must not multiply the allowance), and a
+  key whose count is back to 0, with nobody waiting, is forgotten: what a login
+  that never authenticated leaves behind is nothing.
 
 Waiting clients (``acquire`` with a ``Waiter``) are woken at least every
 ``WAIT_SLICE`` seconds to check that their client is still connected, can be
@@ -50,7 +54,7 @@ import time
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from . import tls
-from .errors import ClientGone, NodeDown, PoolClosed, PoolTimeout, QueryCanceled
+from .errors import ClientGone, NodeDown, PoolClosed, PoolTimeout, QueryCanceled, TooManyPending
 
 __all__ = ["ALL_SERVERS", "BackendIdlePool", "Limits", "key_matches", "PoolClosed", "PoolTimeout", "Waiter", "pool_key", "probe_alive"]
 
@@ -274,6 +278,8 @@ class BackendIdlePool:
         self._pending: Dict[str, int] = collections.Counter()
         self._handoffs: Dict[str, _HandOff] = {}
         self._pending_conds: Dict[str, threading.Condition] = {}
+        self._pending_waiters: Dict[str, int] = collections.Counter()   # threads waiting on _pending_conds
+        self._pending_total = 0
         self._down: Dict[str, _NodeDown] = {}
         self._lingering: Dict[str, Dict[Any, None]] = {}
         self._defaults: Dict[str, Dict[str, str]] = {}
@@ -291,7 +297,7 @@ class BackendIdlePool:
             reuses=0, parked=0, handed_on=0, over_capacity=0, stale_evicted=0, reaped=0, reconnected=0,
             reset_failed=0, evicted_for_login=0, waits=0, wait_timeouts=0,
             pending_timeouts=0, waits_canceled=0, waiters_gone=0, dials_failed=0, evicted_for_limit=0,
-            reserve_used=0, lifetime_closed=0)
+            reserve_used=0, lifetime_closed=0, pending_refused=0)
 
     # -- the idle structure -------------------------------------------------
 
@@ -693,33 +699,59 @@ class BackendIdlePool:
 
     # -- pass-through logins not yet authenticated ------------------------------
 
-    def acquire_pending(self, key: str, allowance: int, timeout: float) -> None:
+    def acquire_pending(self, key: str, allowance: int, timeout: float, total_allowance: int = 0) -> None:
         """Let a pass-through login of ``key`` dial: one of its ``allowance`` places.
 
         Takes no ``pool_size`` slot and evicts nothing.  Waits (first come,
         first served) while ``allowance`` logins of the key are pending; raises
-        PoolTimeout after ``timeout`` seconds.
+        PoolTimeout after ``timeout`` seconds.  Raises TooManyPending at once
+        when ``total_allowance`` (0: no limit) logins of all keys are pending.
         """
         deadline = time.monotonic() + timeout
         with self._lock:
-            while True:
-                if self._closed or self._draining:
-                    raise PoolClosed()
-                if self._held and self._held_key(key):       # PAUSE: the login waits for RESUME
+            try:
+                while True:
+                    if self._closed or self._draining:
+                        raise PoolClosed()
+                    if self._held and self._held_key(key):       # PAUSE: the login waits for RESUME
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            self.stats["pending_timeouts"] += 1
+                            raise PoolTimeout()
+                        self._wait_pending_locked(key, min(remaining, WAIT_SLICE))
+                        continue
+                    if self._pending[key] < allowance:
+                        if total_allowance and self._pending_total >= total_allowance:
+                            self.stats["pending_refused"] += 1
+                            raise TooManyPending()
+                        self._pending[key] += 1
+                        self._pending_total += 1
+                        return
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         self.stats["pending_timeouts"] += 1
                         raise PoolTimeout()
-                    self._cond_locked(key, self._pending_conds).wait(min(remaining, WAIT_SLICE))
-                    continue
-                if self._pending[key] < allowance:
-                    self._pending[key] += 1
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.stats["pending_timeouts"] += 1
-                    raise PoolTimeout()
-                self._cond_locked(key, self._pending_conds).wait(remaining)
+                    self._wait_pending_locked(key, remaining)
+            finally:
+                self._tidy_pending_locked(key)
+
+    def _wait_pending_locked(self, key: str, timeout: float) -> None:
+        """Wait on the key's pending condition, counted, so that it is not forgotten meanwhile."""
+        cond = self._cond_locked(key, self._pending_conds)
+        self._pending_waiters[key] += 1
+        try:
+            cond.wait(timeout)
+        finally:
+            self._pending_waiters[key] -= 1
+            if not self._pending_waiters[key]:
+                del self._pending_waiters[key]
+
+    def _tidy_pending_locked(self, key: str) -> None:
+        """Forget a key with no pending login: its count, and its condition when nobody waits on it."""
+        if not self._pending.get(key):
+            self._pending.pop(key, None)
+            if not self._pending_waiters.get(key):
+                self._pending_conds.pop(key, None)
 
     def promote(self, key: str, limit: int, timeout: float, limits: Optional[Limits] = None) -> None:
         """The server accepted a pending login of ``key``: move it into a ``pool_size`` slot.
@@ -764,11 +796,13 @@ class BackendIdlePool:
             self._pending_done_locked(key)
 
     def _pending_done_locked(self, key: str) -> None:
-        if self._pending[key] > 0:
+        if self._pending.get(key, 0) > 0:
             self._pending[key] -= 1
+            self._pending_total -= 1
         cond = self._pending_conds.get(key)
         if cond is not None:
             cond.notify()
+        self._tidy_pending_locked(key)
 
     # -- lingering: connections kept by their last client until someone needs them
 

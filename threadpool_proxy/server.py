@@ -74,7 +74,7 @@ class JunkLog:
         self._suppressed: collections.Counter = collections.Counter()
         self.total: collections.Counter = collections.Counter()
 
-    def log(self, kind: str, msg: str, *args) -> None:
+    def log(self, kind: str, msg: str, *args, level: int = logging.INFO) -> None:
         now = time.monotonic()
         with self._lock:
             self.total[kind] += 1
@@ -87,7 +87,7 @@ class JunkLog:
         if more:
             msg += " (and %d more %s in the last %.0f s)"
             args += (more, kind, now - last)
-        self.logger.info(msg, *args)
+        self.logger.log(level, msg, *args)
 
     def flush(self) -> None:
         """Log the counts of kinds that went quiet since their last line."""
@@ -264,7 +264,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         # Before binding: a bad auth file or TLS file (ConfigError) must not leave a listening socket behind.
         self.client_tls, server_tls = tls.contexts(config)
         self.router = Router(self.pool)
-        self.logins = Logins(config, self.pool, server_tls, self.router)
+        self.logins = Logins(config, self.pool, server_tls, self.router, junk_log=self.junk_log)
         super().__init__((config.listen_host, config.listen_port), _Handler)
         self._take_spare_fd()
 
