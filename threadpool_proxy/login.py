@@ -70,8 +70,9 @@ from .nodes import Router
 from .pool import BackendIdlePool, Limits, pool_key
 from . import tls
 from .tls import ServerTLS
+from .logs import JunkLog, get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Seconds from the client's last authentication message to the 28P01 answer,
 #: whatever the reason (unknown user, wrong password, user without password).
@@ -129,6 +130,7 @@ class Logins:
         self.server_logins = 0
         self.server_login_failures = 0
         self.auth_queries = 0
+        self.junk_log = JunkLog(log)       # lines about logins that failed: rate-limited (the server's own)
         self.auth_file: AuthFile | None = None
         if config.auth_file:
             try:
@@ -376,7 +378,8 @@ class Logins:
         except AuthFailed as exc:
             if exc.sqlstate == pq.SQLSTATE_INVALID_PASSWORD:
                 self._reject(request, str(exc), answered)
-            log.info("client %s: SCRAM protocol violation: %s", request.who, exc)
+            self.junk_log.log("SCRAM protocol violations", "client %s: SCRAM protocol violation: %s",
+                              request.who, exc)
             raise ClientFatal(exc.sqlstate, str(exc)) from None
         if secret.kind == "scram":
             creds = ServerCredentials(client_key=exchange.client_key, scram_secret=verifier)
@@ -399,7 +402,8 @@ class Logins:
 
     def _reject(self, request: LoginRequest, reason: str, since: float):
         """Answer a failed password check, always the same way and after the same delay."""
-        log.info("client %s: password authentication failed: %s", request.who, reason)
+        self.junk_log.log("failed password checks", "client %s: password authentication failed: %s",
+                          request.who, reason)
         wait = self.failure_delay - (time.monotonic() - since)
         if wait > 0:
             time.sleep(wait)
@@ -445,7 +449,12 @@ class Logins:
         """
         user, db = request.user, request.db
         node = node or db.nodes[0]
-        creds = self.credentials_for(user)
+        if db.auth_type == "trust":
+            # Nobody checked this client: only the proxy's own secret for the user (the
+            # auth file's) may log it in, never what another client proved elsewhere.
+            creds = credentials_from_secret(self._file_secret(user))
+        else:
+            creds = self.credentials_for(user)
         timeout = self.config.server_connect_timeout
         key = key or request.key
         if slot:
@@ -547,7 +556,8 @@ class Logins:
                 pool.discard(key, conn, f"auth_query failed: {exc}")
             if not isinstance(exc, (ServerError, AuthFailed, ServerGone, pq.ProtocolError, struct.error)):
                 raise
-            log.error("auth_query as %s on %s/%s failed: %s", auth_user, node.name, dbname, exc)
+            self.junk_log.log("auth_query failures", "auth_query as %s on %s/%s failed: %s", auth_user, node.name,
+                              dbname, exc, level=logging.ERROR)
             raise ClientFatal(pq.SQLSTATE_CANNOT_CONNECT,
                               f"threadpool_proxy could not look up the user with auth_query: {exc}") from None
         pool.checkin(key, conn, reset_ok=status == pq.IDLE)

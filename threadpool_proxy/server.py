@@ -39,8 +39,9 @@ from .peers import PeerListener, Peers, WorkerSlot, owner_of
 from .nodes import Router
 from .pool import ALL_SERVERS, BackendIdlePool, key_matches, pool_key
 from .session import ClientSession
+from .logs import JunkLog, get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Connections being refused (with a message after their startup packet) at once, at most.
 MAX_REFUSING = 16
@@ -51,54 +52,7 @@ FDS_PER_CLIENT = 3
 #: Descriptors kept for everything else: the listening socket, logs, cancel and auth_query connections.
 FD_RESERVE = 32
 
-#: Seconds between two log lines about the same kind of junk (bad startup packets, unknown cancel keys).
-JUNK_LOG_INTERVAL = 10.0
-
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
-
-
-class JunkLog:
-    """Log lines about hostile or broken connections, at most one per kind per ``interval``.
-
-    The first of a kind is logged at once; the ones after it within the
-    interval are counted, and the count is logged with the next line of that
-    kind (or by ``flush``, which the janitor calls): a flood of junk
-    connections costs a few lines, not one each.
-    """
-
-    def __init__(self, logger: logging.Logger, interval: float = JUNK_LOG_INTERVAL) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._suppressed: collections.Counter = collections.Counter()
-        self.total: collections.Counter = collections.Counter()
-
-    def log(self, kind: str, msg: str, *args) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self.total[kind] += 1
-            last = self._last.get(kind)
-            if last is not None and now - last < self.interval:
-                self._suppressed[kind] += 1
-                return
-            self._last[kind] = now
-            more = self._suppressed.pop(kind, 0)
-        if more:
-            msg += " (and %d more %s in the last %.0f s)"
-            args += (more, kind, now - last)
-        self.logger.info(msg, *args)
-
-    def flush(self) -> None:
-        """Log the counts of kinds that went quiet since their last line."""
-        now = time.monotonic()
-        with self._lock:
-            due = [(kind, n, now - self._last[kind]) for kind, n in self._suppressed.items()
-                   if now - self._last[kind] >= self.interval]
-            for kind, _, _ in due:
-                del self._suppressed[kind]
-        for kind, n, age in due:
-            self.logger.info("%d more %s in the last %.0f s", n, kind, age)
 
 
 def raise_fd_limit(config: config_mod.Config) -> int:
@@ -265,7 +219,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.client_tls, server_tls = tls.contexts(config)
         self.router = Router(self.pool)
         self.logins = Logins(config, self.pool, server_tls, self.router)
+        self.logins.junk_log = self.junk_log
         super().__init__((config.listen_host, config.listen_port), _Handler)
+        if worker is None or worker.index == 0:
+            _log_console_auth(config)
         self._take_spare_fd()
 
     @property
@@ -275,7 +232,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     # -- hooks used by sessions ---------------------------------------------------
 
     def key_for(self, db, user: str, database: str) -> str:
-        return pool_key(db.node, user, db.server_dbname(database))
+        return pool_key(db.node, user, db.server_dbname(database), trust=db.auth_type == "trust")
 
     def forward_cancel(self, pid: int, secret: bytes) -> None:
         """A client's CancelRequest: cancel here, or hand it to the worker that gave out the key."""
@@ -511,6 +468,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.pool.expire(new.server_lifetime)
         self.stats.period = new.stats_period
         self.config = new
+        if config_mod.console_auth_summary(new) != config_mod.console_auth_summary(old):
+            _log_console_auth(new)
         if new.log_level != old.log_level:
             logging.getLogger("threadpool_proxy").setLevel(new.log_level.upper())
         kept = collections.Counter()
@@ -922,6 +881,15 @@ class ConsoleControl:
         graceful = mode is not None
         log.info("SHUTDOWN%s on the admin console", " WAIT_FOR_SERVERS" if graceful else "")
         return lambda: self.server.request_stop(graceful)      # run once the answer is sent
+
+
+def _log_console_auth(config: config_mod.Config) -> None:
+    """Say in one line how the admin console checks its users (at start-up, and when RELOAD changes it)."""
+    if not (config.admin_users or config.stats_users):
+        return
+    how = config_mod.console_auth_type(config)
+    alarming = how == "trust" or (how in ("scram-sha-256", "md5") and not config.auth_file)
+    log.log(logging.WARNING if alarming else logging.INFO, "%s", config_mod.console_auth_summary(config))
 
 
 def _node_names(entry) -> tuple:
