@@ -498,6 +498,20 @@ def test_printable_escapes_what_could_break_a_line():
     assert printable("élan ü 名前") == "élan ü 名前"
 
 
+def test_log_arguments_are_escaped_whatever_the_format(caplog):
+    from threadpool_proxy.logs import get_logger
+    caplog.set_level(logging.INFO, logger="threadpool_proxy")
+    log = get_logger("threadpool_proxy.test_security_identity")
+    log.info("user %s from %s:%d took %.1f s", "a\nb", "h\x1bost", 5432, 1.25)
+    log.info("user %r", "a\nb\u2028")
+    log.info(ValueError("bad\nthing"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "user a\\nb from h\\x1bost:5432 took 1.2 s",
+        "user 'a\\nb\\u2028'",
+        "bad\\nthing",
+    ]
+
+
 def test_a_newline_in_a_user_name_stays_in_one_escaped_log_line(spg, proxies, caplog):
     caplog.set_level(logging.DEBUG, logger="threadpool_proxy")
     proxy = proxies("md5", "transaction", client_login_timeout=31)    # (its own rate limiter)

@@ -58,6 +58,8 @@ class _Escaped:
         return printable(str(self.value))
 
     def __repr__(self) -> str:
+        if isinstance(self.value, str):
+            return repr(self.value)      # Python escapes every character that is not printable already
         return printable(repr(self.value))
 
 
@@ -77,8 +79,8 @@ class EscapingFilter(logging.Filter):
                 record.args = {k: _escaped(v) for k, v in args.items()}
             else:
                 record.args = tuple(_escaped(a) for a in args)
-        elif isinstance(record.msg, str) and not record.msg.isprintable():
-            record.msg = printable(record.msg)           # a message built beforehand
+        elif not isinstance(record.msg, str) or not record.msg.isprintable():
+            record.msg = printable(str(record.msg))      # a message built beforehand
         return True
 
 
