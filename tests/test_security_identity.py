@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import re
 import socket
 import struct
+import subprocess
 
 import psycopg
 import pytest
@@ -32,7 +34,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import PgCluster, ProxyFactory
-from helpers import (PASSWORDS, _message, parse_error_fields, raw_login, read_message, startup_packet,
+from helpers import (PASSWORDS, _message, parse_error_fields, psql_path, raw_login, read_message, startup_packet,
                      wait_until, write_auth_file)
 from threadpool_proxy import config as cfg
 from threadpool_proxy.logs import printable
@@ -226,6 +228,22 @@ def test_replication_client_options_are_checked_like_everyones(spg, proxies):
                        options={"replication": "database", "options": "-c user=postgres"})
     assert (result.sqlstate, result.error["M"]) == _unrecognized("user")
     assert result.auth_requests == []
+
+
+def test_replication_client_options_still_set_its_session(spg, proxies):
+    """Its settings reach the WAL sender as every client's do (parameters of the StartupMessage)."""
+    proxy = proxies("passthrough", "session")
+    answers = []
+    for target in (spg, proxy):
+        conninfo = (f"host={target.host} port={target.port} user=repl dbname=app replication=database "
+                    f"options='-c work_mem=1234kB --lock-timeout=9s'")
+        result = subprocess.run([psql_path(spg.bindir), "-X", "-w", "-At", "-d", conninfo,
+                                 "-c", "SHOW work_mem", "-c", "SHOW lock_timeout"],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "PGPASSWORD": PASSWORDS["repl"], "PGCONNECT_TIMEOUT": "10"})
+        answers.append((result.returncode, result.stdout.split(), result.stderr))
+    assert answers[0] == (0, ["1234kB", "9s"], "")
+    assert answers[1] == answers[0]
 
 
 @pytest.mark.parametrize("options, sqlstate, message", [
