@@ -217,8 +217,11 @@ def raw_login(host: str, port: int, user: str, dbname: str, password: Optional[s
                     sock.sendall(_message(b"p", b"md5" + outer.encode() + b"\0"))
                 elif code == 10:
                     mechs = [m.decode() for m in msg[4:].split(b"\0") if m]
+                    # PostgreSQL takes the user from the startup packet, not from the exchange
+                    # (libpq sends none there); scramp wants one, and SASLprep refuses control
+                    # characters, so a name with them is stood in for.
                     scram = scramp.ScramClient([m for m in mechs if not m.endswith("-PLUS")],
-                                               user, password)
+                                               user if user.isprintable() else "*", password)
                     first = scram.get_client_first().encode()
                     sock.sendall(_message(b"p", scram.mechanism_name.encode() + b"\0"
                                           + struct.pack("!I", len(first)) + first))

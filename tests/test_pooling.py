@@ -41,8 +41,8 @@ from threadpool_proxy.pool import pool_key
 connect = functools.partial(helpers.connect, prepare_threshold=None)
 
 
-def app_key(pg, user="app", dbname="appdb"):
-    return pool_key(f"{pg.host}:{pg.port}", user, dbname)
+def app_key(pg, user="app", dbname="appdb", trust=False):
+    return pool_key(f"{pg.host}:{pg.port}", user, dbname, trust)
 
 
 def pid_of(conn) -> int:
@@ -271,7 +271,7 @@ def trust_connect(pg, proxy):
 
 def test_parked_connection_killed_while_idle_is_evicted(pg, proxy_factory):
     proxy = proxy_factory(pool_size=5, auth_type="trust")
-    key = app_key(pg, user="trustuser")
+    key = app_key(pg, user="trustuser", trust=True)   # (trust pools are apart)
     first, second = trust_connect(pg, proxy), trust_connect(pg, proxy)
     older, newest = pid_of(first), pid_of(second)      # each keeps its own while idle
     assert older != newest
@@ -316,7 +316,7 @@ def test_kept_connection_killed_between_transactions_is_replaced_quietly(pg, pro
 def test_parked_connections_all_dead_are_all_evicted(pg, proxy_factory):
     """Every parked connection of the key died while idle: checkout evicts them all and dials."""
     proxy = proxy_factory(pool_size=5, auth_type="trust")
-    key = app_key(pg, user="trustuser")
+    key = app_key(pg, user="trustuser", trust=True)   # (trust pools are apart)
     conns = [trust_connect(pg, proxy) for _ in range(3)]
     pids = {pid_of(c) for c in conns}
     for c in conns:

@@ -29,7 +29,6 @@ the result-set builders
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 import secrets
@@ -37,12 +36,13 @@ import socket
 import time
 
 from . import protocol as pq
-from .config import CONSOLE_DATABASES, Config, DatabaseConfig, console_auth_entry
+from .config import CONSOLE_DATABASES, Config, DatabaseConfig, console_auth_entry, console_auth_type
 from .errors import ClientFatal, ClientGone
 from .login import LoginRequest
 from .pool import pool_key
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SQLSTATE_SYNTAX_ERROR = "42601"
 SQLSTATE_INSUFFICIENT_PRIVILEGE = "42501"
@@ -640,6 +640,8 @@ class ConsoleClient:
         if entry is None:      # proxy-terminated auth with no entry to copy (checked by config.py)
             entry = DatabaseConfig(name="*", host="", port=0, dbname=None, pool_mode="statement",
                                    pool_size=1, auth_type=config.auth_type)
+        # The console's own method: trust only when admin_auth_type says so.
+        entry = dataclasses.replace(entry, auth_type=console_auth_type(config))
         dbname = entry.dbname or (entry.name if entry.name != "*" else "postgres")
         # auth_query runs there, pass-through logs in there: on one server (the first up, of several).
         router = getattr(server, "router", None)
@@ -661,7 +663,8 @@ class ConsoleClient:
         else:
             logins.authenticate(channel, request)
         if self.role is None:
-            log.info("client %s: user refused on the admin console", request.who)
+            self.server.junk_log.log("refused console users", "client %s: user refused on the admin console",
+                                     request.who)
             self._refuse(request.user)
 
     @staticmethod

@@ -24,7 +24,6 @@ import collections
 import dataclasses
 import hashlib
 import hmac
-import logging
 import os
 import re
 import secrets
@@ -34,12 +33,13 @@ from types import MappingProxyType
 from typing import Mapping
 
 import yaml
+from .logs import get_logger
 try:  # RFC 4013, the same tables PostgreSQL uses: scramp >= 1.5 keeps it in utils,
     from scramp.utils import saslprep
 except ImportError:  # scramp 1.4 (the newest for Python 3.10) in core
     from scramp.core import saslprep
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SCRAM_SHA_256 = "SCRAM-SHA-256"
 SCRAM_KEY_LEN = 32            # SHA-256 digest size: StoredKey, ServerKey, ClientKey

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import functools
 import itertools
-import logging
 import re
 import select
 import socket
@@ -21,8 +20,9 @@ import time
 from . import protocol as pq
 from . import tls
 from .errors import ClientFatal, ProtocolError, ServerError, ServerGone
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Numbers for server connections (SHOW SERVERS' id).
 _SERIALS = itertools.count(1)

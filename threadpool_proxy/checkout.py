@@ -12,7 +12,6 @@ unknown.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Callable
 
@@ -24,9 +23,11 @@ from .errors import (ClientFatal, ClientGone, NodeDown, PoolTimeout, QueryCancel
                      ServerUnavailable)
 from .nodes import Router, query_session_attrs, session_fits
 from .pool import BackendIdlePool, Limits, Waiter, pool_key
+from .startup import may_carry
 from .stats import ClientStats
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: What PostgreSQL answers a query canceled by a CancelRequest (the client is between transactions).
 CANCELED_ANSWER = (pq.error_response(pq.SQLSTATE_QUERY_CANCELED, "canceling statement due to user request",
@@ -49,16 +50,28 @@ class ClientSettings:
         self.names[lower] = name
 
     def follow(self, name: str, value: str) -> None:
-        """A reported setting the client changed follows it to its next server connection (PgBouncer's rule)."""
+        """A reported setting the client changed follows it to its next server connection (PgBouncer's rule).
+
+        Not an identity (``session_authorization``, ``is_superuser``): those
+        stay with the server connection they were set on.
+        """
+        if not may_carry(name):
+            return
         lower = name.lower()
         self.values[lower] = value
         self.names.setdefault(lower, name)
 
     def startup_params(self, user: str, dbname: str) -> dict:
-        """The server's StartupMessage parameters for a new connection of this client."""
-        params = {"user": user, "database": dbname}
-        for lower, value in self.values.items():
-            params[self.names[lower]] = value
+        """The server's StartupMessage parameters for a new connection of this client.
+
+        ``user`` and ``dbname`` are the proxy's (the authenticated user, the
+        entry's database) and nothing of the client's can stand in for them:
+        a setting named like a startup key never gets here (startup.py refuses
+        it at login), and is left out should one ever do.
+        """
+        params = {self.names[lower]: value for lower, value in self.values.items() if may_carry(lower)}
+        params["user"] = user
+        params["database"] = dbname
         return params
 
 
@@ -102,6 +115,8 @@ class ServerCheckout:
         self.router = router
         self.node_keys: dict[str, str] = {}
         self.routed = False
+        # How the client logged in, not what a RELOAD makes of its entry later: keys of trust pools.
+        self.trust = db.auth_type == "trust"
         self.route(db)
 
     def route(self, db: DatabaseConfig) -> None:
@@ -109,7 +124,7 @@ class ServerCheckout:
         self.db = db
         self.limits = Limits.of(self.config, db)     # None unless a cap or reserve applies
         self.routed = self.router is not None and db.multi
-        self.node_keys = {n.name: pool_key(n.name, self.user, self.dbname) for n in db.nodes}
+        self.node_keys = {n.name: pool_key(n.name, self.user, self.dbname, self.trust) for n in db.nodes}
 
     def key_of(self, conn: ServerConnection) -> str:
         """The pool key of one of this client's connections (its node's)."""

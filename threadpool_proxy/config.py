@@ -148,6 +148,7 @@ class Config:
     admin_users: tuple = ()              # may use every admin console command
     stats_users: tuple = ()              # may use the console's SHOW commands only
     admin_auth_database: str | None = None   # the entry the console authenticates like (default "*")
+    admin_auth_type: str | None = None   # how the console checks passwords; None: its entry's, never trust
     stats_period: float = 60.0           # the avg_* columns of SHOW STATS cover this many seconds
     metrics_listen: str | None = None    # "host:port" of the Prometheus endpoint; None: off
     client_tls_sslmode: str = "disable"
@@ -271,6 +272,7 @@ _TOP_LEVEL = {
     "admin_users": (_user_list, "a list of user names (or one comma-separated string)"),
     "stats_users": (_user_list, "a list of user names (or one comma-separated string)"),
     "admin_auth_database": (_nonempty_str, "the name of an entry of databases"),
+    "admin_auth_type": (_choice(AUTH_TYPES), "one of " + ", ".join(AUTH_TYPES)),
     "stats_period": _SECONDS,
     "metrics_listen": (_host_port, "host:port (port 0 picks a free one)"),
     "client_tls_sslmode": (_choice(SSLMODES), "one of " + ", ".join(SSLMODES)),
@@ -555,14 +557,55 @@ def _shown(key, value) -> str:
     return repr(value)
 
 
+def console_auth_type(config: Config) -> str:
+    """How the admin console checks its users: ``admin_auth_type``, else its entry's ``auth_type``.
+
+    Never ``trust`` unless ``admin_auth_type`` says so: an entry's (or the
+    top-level) trust lets local clients in as any user to reach a database, but
+    an admin may change ``reset_query`` and ``auth_query`` (SQL run as every
+    pooled user), so the console asks for a password (scram-sha-256, against
+    the auth file) in its place.
+    """
+    if config.admin_auth_type:
+        return config.admin_auth_type
+    entry = console_auth_entry(config)
+    inherited = entry.auth_type if entry is not None else config.auth_type
+    return "scram-sha-256" if inherited == "trust" else inherited
+
+
+def console_auth_summary(config: Config) -> str:
+    """One line for the log: how the admin console authenticates its users."""
+    if not (config.admin_users or config.stats_users):
+        return "admin console: off (no admin_users or stats_users)"
+    how = console_auth_type(config)
+    if how == "trust":
+        return "admin console: admin_auth_type trust: admins from loopback addresses log in without a password"
+    entry = console_auth_entry(config)
+    inherited = entry.auth_type if entry is not None else config.auth_type
+    line = f"admin console: admins log in with {how}"
+    if how in ("scram-sha-256", "md5"):
+        line += " against the auth file" if config.auth_file else ", but there is no auth_file: nobody can log in"
+    elif how == "passthrough":
+        line += f" (the server of database entry {entry.name!r} checks the password)"
+    if inherited == "trust" and not config.admin_auth_type:
+        line += " (auth_type trust does not apply to the console; admin_auth_type: trust would allow it)"
+    return line
+
+
 def _check_console(config: Config) -> None:
     if config.admin_auth_database and config.admin_auth_database not in config.databases:
         raise ConfigError(f"admin_auth_database: no entry {config.admin_auth_database!r} in databases")
-    if not (config.admin_users or config.stats_users) or console_auth_entry(config) is not None:
+    if not (config.admin_users or config.stats_users):
         return
-    if config.auth_type in ("passthrough", "auth_query"):
-        raise ConfigError(f"admin_auth_database: the admin console needs a database entry to check passwords "
-                          f"against with auth_type {config.auth_type}: name one, or add a '*' entry")
+    how = console_auth_type(config)
+    if config.admin_auth_type in ("scram-sha-256", "md5") and not config.auth_file:
+        raise ConfigError(f"auth_file: required when admin_auth_type is {config.admin_auth_type}")
+    if how in ("passthrough", "auth_query") and console_auth_entry(config) is None:
+        key = "admin_auth_type" if config.admin_auth_type else "admin_auth_database"
+        raise ConfigError(f"{key}: the admin console needs a database entry to check passwords "
+                          f"against with auth_type {how}: name one with admin_auth_database, or add a '*' entry")
+    if how == "auth_query" and not config.auth_user:
+        raise ConfigError("auth_user: required when admin_auth_type is auth_query")
 
 
 def _check_auth(config: Config) -> None:

@@ -18,11 +18,11 @@ module: the server builds its ConsoleControl, so the dependency runs one way.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 import time
 from typing import TYPE_CHECKING
 
+from .logs import get_logger
 from . import config as config_mod
 from . import stats as stats_mod
 from .admin import ADMIN, ALL, CommandError, Console
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .server import ProxyServer
 
 #: The logger these lines had before this module left server.py: log filters keep working.
-log = logging.getLogger("threadpool_proxy.server")
+log = get_logger("threadpool_proxy.server")
 
 #: Settings RELOAD and SET change in a running proxy (listen.*, metrics_listen and workers need a restart).
 CHANGEABLE = frozenset(f.name for f in dataclasses.fields(config_mod.Config)

@@ -16,10 +16,10 @@ and one stop.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import threading
 
+from .logs import get_logger
 from . import config as config_mod
 from .console_control import CHANGEABLE
 from .health import HealthChecker
@@ -28,7 +28,7 @@ from .pool import BackendIdlePool
 from .server import ProxyServer, raise_fd_limit
 
 #: The logger these lines had before this module left server.py: log filters keep working.
-log = logging.getLogger("threadpool_proxy.server")
+log = get_logger("threadpool_proxy.server")
 
 
 class Proxy:

@@ -21,7 +21,6 @@ answered; the log says the check could not log in.
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import time
@@ -30,8 +29,9 @@ from . import protocol as pq
 from .errors import ServerError, ServerGone
 from .nodes import query_session_attrs
 from .auth import AuthFailed
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def nodes_to_check(config) -> dict:

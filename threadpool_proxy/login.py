@@ -81,8 +81,9 @@ from .nodes import Router
 from .pool import BackendIdlePool, Limits, pool_key
 from . import tls
 from .tls import ServerTLS
+from .logs import JunkLog, get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Seconds from the client's last authentication message to the 28P01 answer,
 #: whatever the reason (unknown user, wrong password, user without password).
@@ -145,7 +146,6 @@ class Logins:
         self.pool = pool
         self.router = router
         self.server_tls = server_tls       # replaced on RELOAD
-        self.junk_log = junk_log           # rate-limits what failed logins log (server.JunkLog); None: log each
         self._lock = threading.Lock()
         self._credentials: dict[str, ServerCredentials] = {}   # user -> how to log in for them
         self._query_cache = VerifierCache(config.auth_query_cache_seconds, config.auth_query_cache_size)
@@ -154,6 +154,8 @@ class Logins:
         self.server_logins = 0
         self.server_login_failures = 0
         self.auth_queries = 0
+        # Lines about logins that failed, rate-limited: the server's JunkLog, or one of our own.
+        self.junk_log = junk_log if junk_log is not None else JunkLog(log)
         self.auth_file: AuthFile | None = None
         if config.auth_file:
             try:
@@ -345,10 +347,7 @@ class Logins:
 
     def _log_refusal(self, kind: str, level: int, msg: str, *args) -> None:
         """Log why a login failed, at most one line per ``kind`` and interval (the junk log)."""
-        if self.junk_log is not None:
-            self.junk_log.log(kind, msg, *args, level=level)
-        else:
-            log.log(level, msg, *args)
+        self.junk_log.log(kind, msg, *args, level=level)
 
     def _sasl_offer_for(self, channel: ClientChannel, conn: ServerConnection, body: bytes) -> bytes:
         """The server's SASL mechanisms as a pass-through client may see them.
@@ -453,7 +452,8 @@ class Logins:
         except AuthFailed as exc:
             if exc.sqlstate == pq.SQLSTATE_INVALID_PASSWORD:
                 self._reject(request, str(exc), answered)
-            log.info("client %s: SCRAM protocol violation: %s", request.who, exc)
+            self.junk_log.log("SCRAM protocol violations", "client %s: SCRAM protocol violation: %s",
+                              request.who, exc)
             raise ClientFatal(exc.sqlstate, str(exc)) from None
         if secret.kind == "scram":
             creds = ServerCredentials(client_key=exchange.client_key, scram_secret=verifier)
@@ -476,7 +476,7 @@ class Logins:
 
     def _reject(self, request: LoginRequest, reason: str, since: float):
         """Answer a failed password check, always the same way and after the same delay."""
-        self._log_refusal("failed password logins", logging.INFO,
+        self._log_refusal("failed password checks", logging.INFO,
                           "client %s: password authentication failed: %s", request.who, reason)
         wait = self.failure_delay - (time.monotonic() - since)
         if wait > 0:
@@ -517,7 +517,12 @@ class Logins:
         """
         user, db = request.user, request.db
         node = node or db.nodes[0]
-        creds = self.credentials_for(user)
+        if db.auth_type == "trust":
+            # Nobody checked this client: only the proxy's own secret for the user (the
+            # auth file's) may log it in, never what another client proved elsewhere.
+            creds = credentials_from_secret(self._file_secret(user))
+        else:
+            creds = self.credentials_for(user)
         timeout = self.config.server_connect_timeout
         key = key or request.key
         if slot:

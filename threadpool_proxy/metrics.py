@@ -10,12 +10,12 @@ prometheus-community's pgbouncer_exporter with the prefix ``threadpool_proxy_``
 
 from __future__ import annotations
 
-import logging
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PREFIX = "threadpool_proxy_"
 

@@ -28,7 +28,6 @@ lock; routing is a hint that the dial itself confirms.
 from __future__ import annotations
 
 import itertools
-import logging
 import random
 import threading
 from typing import Callable, Optional
@@ -36,8 +35,9 @@ from typing import Callable, Optional
 from . import protocol as pq
 from .config import DatabaseConfig, NodeConfig
 from .errors import ServerGone
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Asked of a server that does not report in_hot_standby (PostgreSQL before 14).
 ATTRS_QUERY = "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.current_setting('transaction_read_only')"

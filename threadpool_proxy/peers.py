@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import socket
 import socketserver
 import threading
 
 from . import protocol as pq
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Not a PostgreSQL request code (those are 1234 << 16 | small numbers); only peers send it.
 PEER_QUERY_CODE = 1234 << 16 | 7777

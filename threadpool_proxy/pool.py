@@ -47,7 +47,6 @@ server are paced: one attempt per ``server_login_retry``, one at a time.
 from __future__ import annotations
 
 import collections
-import logging
 import select
 import threading
 import time
@@ -55,10 +54,11 @@ from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from . import tls
 from .errors import ClientGone, NodeDown, PoolClosed, PoolTimeout, QueryCanceled, TooManyPending
+from .logs import get_logger
 
 __all__ = ["ALL_SERVERS", "BackendIdlePool", "Limits", "key_matches", "PoolClosed", "PoolTimeout", "Waiter", "pool_key", "probe_alive"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Longest a waiting client sleeps before checking that it is still connected.
 WAIT_SLICE = 1.0
@@ -76,12 +76,30 @@ CAP_SLICE = 0.05
 PROBE_STALE = 120.0
 
 
-def pool_key(node: str, user: str, database: str) -> str:
-    """``node\\0user\\0database``: NUL cannot occur in any component, so keys never collide."""
+#: The fourth part of the pool keys of database entries with ``auth_type: trust``.
+TRUST_KEY = "trust"
+
+
+def pool_key(node: str, user: str, database: str, trust: bool = False) -> str:
+    """``node\\0user\\0database``: NUL cannot occur in any component, so keys never collide.
+
+    ``trust``: for an entry with ``auth_type: trust`` (``\\0trust`` appended).
+    Its clients proved nothing, so its connections are a pool of their own: a
+    connection another entry's client logged in with a password (or with what
+    that client proved) is never handed to a client nobody checked.
+    """
     for part in (node, user, database):
         if "\0" in part:
             raise ValueError("pool key components cannot contain NUL")
-    return f"{node}\0{user}\0{database}"
+    return f"{node}\0{user}\0{database}\0{TRUST_KEY}" if trust else f"{node}\0{user}\0{database}"
+
+
+def _client_key_parts(key: str) -> list | None:
+    """[node, user, database] of a client pool key (trust or not); None for the proxy's own keys."""
+    parts = key.split("\0")
+    if len(parts) == 4 and parts[3] == TRUST_KEY:
+        return parts[:3]
+    return parts if len(parts) == 3 else None
 
 
 def probe_alive(conn: Any) -> bool:
@@ -1175,8 +1193,8 @@ class BackendIdlePool:
         """(("d", database), ("u", user)) of a client key; () for the proxy's own keys."""
         groups = self._key_groups.get(key)
         if groups is None:
-            parts = key.split("\0")
-            groups = self._key_groups[key] = (("d", parts[2]), ("u", parts[1])) if len(parts) == 3 else ()
+            parts = _client_key_parts(key)
+            groups = self._key_groups[key] = (("d", parts[2]), ("u", parts[1])) if parts else ()
         return groups
 
     def _reserve_locked(self, key: str, limit: int, limits: Limits, deadline, timeout: float) -> bool:
@@ -1255,8 +1273,8 @@ ALL_SERVERS = ("*", "*")
 
 def key_matches(key: str, target) -> bool:
     """Whether the client pool key ``key`` belongs to ``target`` ((node or nodes, database) or ALL_SERVERS)."""
-    parts = key.split("\0")
-    if len(parts) != 3:
+    parts = _client_key_parts(key)
+    if parts is None:
         return False
     if target == ALL_SERVERS:
         return True

@@ -81,12 +81,20 @@ SERVER_NAME_PREFIX = b"tpp_"
 #: holding several statements is one implicit transaction, so it could not be
 #: part of this string; the commands used here all run there (checked on
 #: PostgreSQL 15 by tests/test_prepared_unit.py).
+#:
+#: Every name in it is qualified with ``pg_catalog.`` (functions, the view, the
+#: type): it runs as the pooled user, after RESET ALL put back the search_path
+#: the role or the database sets, which a database owner chooses; an unqualified
+#: ``format(text, text)`` in any schema on that path would be called instead of
+#: pg_catalog's (an exact match beats its variadic signature wherever the
+#: schema comes), and a ``pg_prepared_statements`` or ``text`` in a schema before
+#: pg_catalog would be read instead.
 RESET_QUERY = (
     "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; "
-    "SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; "
-    "DO $tpp$DECLARE s text; BEGIN "
-    "FOR s IN SELECT name FROM pg_prepared_statements WHERE from_sql LOOP "
-    "EXECUTE format('DEALLOCATE %I', s); END LOOP; END$tpp$")
+    "SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; "
+    "DO $tpp$DECLARE s pg_catalog.text; BEGIN "
+    "FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP "
+    "EXECUTE pg_catalog.format('DEALLOCATE %I', s); END LOOP; END$tpp$")
 
 
 # Message type bytes as ints (a memoryview or bytearray indexes to int).

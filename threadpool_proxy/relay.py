@@ -13,7 +13,6 @@ client can see this client's session state.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import socket
@@ -26,6 +25,7 @@ from .backend import ServerConnection
 from .prepared import ClientStatements, PreparedRelay, ServerStatements
 from .checkout import ClientSettings, ServerCheckout
 from .errors import ClientFatal, ClientGone, ErrorAlreadySent, PoolClosed, QueryCanceled
+from .logs import get_logger
 
 # Buffers are per client thread, so they decide the memory of many idle clients:
 # requests are small (16 KiB, COPY IN just takes more reads); the server buffer
@@ -42,7 +42,7 @@ CLIENT_STATEMENTS_FACTOR = 10
 
 _POLLIN = select.POLLIN
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: The client timers (config key -> SQLSTATE and message).  The idle ones end
 #: the client with what PostgreSQL says for its own idle_session_timeout and

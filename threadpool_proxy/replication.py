@@ -4,8 +4,9 @@ A StartupMessage with ``replication=true`` (physical: pg_basebackup,
 pg_receivewal, a standby) or ``replication=database`` (logical: pg_recvlogical,
 subscriptions, drivers' replication APIs) asks PostgreSQL for a WAL sender.
 As PgBouncer 1.23+ does, the proxy pairs such a client with a server
-connection of its own, logged in with the client's startup parameters
-(``options`` passed verbatim) plus ``replication``, and relays both ways
+connection of its own, logged in as the authenticated user with the client's
+settings (its parameters and its ``options``, read and checked as for every
+client: startup.py) plus ``replication``, and relays both ways
 untouched, COPY both mode included (the relay's scanners only follow message
 headers; CopyBothResponse and CopyData are ordinary messages to them).  The
 pair lives and dies together: the server connection is never reset, parked or

@@ -39,8 +39,9 @@ from .peers import Peers, WorkerSlot, owner_of
 from .nodes import Router, node_names
 from .pool import BackendIdlePool, pool_key
 from .session import ClientSession
+from .logs import JunkLog, get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Connections being refused (with a message after their startup packet) at once, at most.
 MAX_REFUSING = 16
@@ -51,54 +52,7 @@ FDS_PER_CLIENT = 3
 #: Descriptors kept for everything else: the listening socket, logs, cancel and auth_query connections.
 FD_RESERVE = 32
 
-#: Seconds between two log lines about the same kind of junk (bad startup packets, unknown cancel keys).
-JUNK_LOG_INTERVAL = 10.0
-
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
-
-
-class JunkLog:
-    """Log lines about hostile or broken connections, at most one per kind per ``interval``.
-
-    The first of a kind is logged at once; the ones after it within the
-    interval are counted, and the count is logged with the next line of that
-    kind (or by ``flush``, which the janitor calls): a flood of junk
-    connections costs a few lines, not one each.
-    """
-
-    def __init__(self, logger: logging.Logger, interval: float = JUNK_LOG_INTERVAL) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._suppressed: collections.Counter = collections.Counter()
-        self.total: collections.Counter = collections.Counter()
-
-    def log(self, kind: str, msg: str, *args, level: int = logging.INFO) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self.total[kind] += 1
-            last = self._last.get(kind)
-            if last is not None and now - last < self.interval:
-                self._suppressed[kind] += 1
-                return
-            self._last[kind] = now
-            more = self._suppressed.pop(kind, 0)
-        if more:
-            msg += " (and %d more %s in the last %.0f s)"
-            args += (more, kind, now - last)
-        self.logger.log(level, msg, *args)
-
-    def flush(self) -> None:
-        """Log the counts of kinds that went quiet since their last line."""
-        now = time.monotonic()
-        with self._lock:
-            due = [(kind, n, now - self._last[kind]) for kind, n in self._suppressed.items()
-                   if now - self._last[kind] >= self.interval]
-            for kind, _, _ in due:
-                del self._suppressed[kind]
-        for kind, n, age in due:
-            self.logger.info("%d more %s in the last %.0f s", n, kind, age)
 
 
 def raise_fd_limit(config: config_mod.Config) -> int:
@@ -266,6 +220,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.router = Router(self.pool)
         self.logins = Logins(config, self.pool, server_tls, self.router, junk_log=self.junk_log)
         super().__init__((config.listen_host, config.listen_port), _Handler)
+        if worker is None or worker.index == 0:
+            _log_console_auth(config)
         self._take_spare_fd()
 
     @property
@@ -275,7 +231,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     # -- hooks used by sessions ---------------------------------------------------
 
     def key_for(self, db, user: str, database: str) -> str:
-        return pool_key(db.node, user, db.server_dbname(database))
+        return pool_key(db.node, user, db.server_dbname(database), trust=db.auth_type == "trust")
 
     def forward_cancel(self, pid: int, secret: bytes) -> None:
         """A client's CancelRequest: cancel here, or hand it to the worker that gave out the key."""
@@ -511,6 +467,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.pool.expire(new.server_lifetime)
         self.stats.period = new.stats_period
         self.config = new
+        if config_mod.console_auth_summary(new) != config_mod.console_auth_summary(old):
+            _log_console_auth(new)
         if new.log_level != old.log_level:
             logging.getLogger("threadpool_proxy").setLevel(new.log_level.upper())
         kept = collections.Counter()
@@ -694,3 +652,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             with self._sessions_lock:
                 while self._sessions and time.monotonic() < until:
                     self._sessions_empty.wait(until - time.monotonic())
+
+
+def _log_console_auth(config: config_mod.Config) -> None:
+    """Say in one line how the admin console checks its users (at start-up, and when RELOAD changes it)."""
+    if not (config.admin_users or config.stats_users):
+        return
+    how = config_mod.console_auth_type(config)
+    alarming = how == "trust" or (how in ("scram-sha-256", "md5") and not config.auth_file)
+    log.log(logging.WARNING if alarming else logging.INFO, "%s", config_mod.console_auth_summary(config))

@@ -11,14 +11,13 @@ place what the client is told.
 from __future__ import annotations
 
 import errno
-import logging
 import select
 import socket
 
 from . import protocol as pq
 from .admin import ConsoleClient
 from . import tls
-from .backend import ServerConnection, out_of_descriptors, valid_guc_name
+from .backend import ServerConnection, out_of_descriptors
 from .channel import ClientChannel
 from .checkout import ClientSettings, ServerCheckout
 from .config import CONSOLE_DATABASES
@@ -26,9 +25,11 @@ from .errors import ClientFatal, ClientGone, PoolClosed, ProtocolError, ProxyErr
 from .login import LoginRequest
 from .relay import Relay
 from . import replication as repl
+from .startup import client_settings
 from .stats import ClientStats
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Seconds a client turned away (max_client_conn, shutdown) gets to send its
 #: startup packet, so that it can read why; a silent one is closed after this.
@@ -64,52 +65,6 @@ def client_connected(sock: socket.socket) -> bool:
         return False
 
 
-def parse_options(options: str) -> dict:
-    """The ``-c name=value`` / ``--name=value`` settings of the ``options`` startup parameter.
-
-    Words are separated by unescaped white space; a backslash escapes the next
-    character, as PostgreSQL's pg_split_opts does.
-    """
-    words, word, escaped, in_word = [], [], False, False
-    for ch in options:
-        if escaped:
-            word.append(ch)
-            escaped, in_word = False, True
-        elif ch == "\\":
-            escaped, in_word = True, True
-        elif ch.isspace():
-            if in_word:
-                words.append("".join(word))
-                word, in_word = [], False
-        else:
-            word.append(ch)
-            in_word = True
-    if in_word:
-        words.append("".join(word))
-    settings = {}
-    i = 0
-    while i < len(words):
-        w = words[i]
-        if w == "-c" and i + 1 < len(words):
-            pair = words[i + 1]
-            i += 2
-        elif w.startswith("-c") and len(w) > 2:
-            pair = w[2:]
-            i += 1
-        elif w.startswith("--") and "=" in w:
-            pair = w[2:]
-            i += 1
-        else:
-            raise ClientFatal(pq.SQLSTATE_FEATURE_NOT_SUPPORTED,
-                              f"unsupported startup option: {w!r}",
-                              hint="Only -c name=value and --name=value settings are supported in options.")
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION, f"-c {name} requires a value")
-        settings[name.replace("-", "_")] = value
-    return settings
-
-
 class ClientSession:
     """One client connection.  ``run()`` is its whole life; it never raises.
 
@@ -136,6 +91,7 @@ class ClientSession:
         self.tls = False               # the client's socket is an ssl.SSLSocket (after the handshake)
         self.killed = False                # KILL on the admin console ended it
         self.replication = ""              # "physical" or "logical" for a replication connection
+        self.authenticated = False         # the proxy or the server accepted the client's login
 
     # -- life cycle -------------------------------------------------------------
 
@@ -191,9 +147,11 @@ class ClientSession:
         # turned into a ClientFatal where they happened: nothing more to say.
 
     def _log_failure(self, text: str, exc: Exception) -> None:
-        """Log why a client is turned away; junk before a valid startup packet only in summary."""
+        """Log why a client is turned away; one that never logged in only in summary (rate-limited)."""
         if self.request is None:
             self.server.junk_log.log("bad startup", "client %s: " + text, self.who, exc)
+        elif not self.authenticated:
+            self.server.junk_log.log("refused logins", "client %s: " + text, self.who, exc)
         else:
             log.info("client %s: " + text, self.who, exc)
 
@@ -324,20 +282,9 @@ class ClientSession:
             raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
         replication = self.replication = repl.replication_kind(params.get("replication"))
         database = params.get("database") or user
-        settings = {}
-        for name, value in params.items():
-            if name in ("user", "database", "replication", "options") or name.startswith("_pq_."):
-                continue
-            settings[name] = value
-        if replication:
-            # The server connection is the client's alone, for life: its options go as sent.
-            if params.get("options"):
-                settings["options"] = params["options"]
-        elif params.get("options"):
-            settings.update(parse_options(params["options"]))
+        # Settings only (options' included): whom the server logins are for is the proxy's to say.
+        settings = client_settings(params)
         for name, value in settings.items():
-            if not valid_guc_name(name):
-                raise ClientFatal(pq.SQLSTATE_UNDEFINED_OBJECT, f'unrecognized configuration parameter "{name}"')
             self.settings.set(name, value)
         if database in CONSOLE_DATABASES:
             if replication:
@@ -385,15 +332,18 @@ class ClientSession:
                 router=self.server.router, **kwargs)
         if passthrough:
             conn = logins.passthrough_login(channel, request, checkout.startup_params())
+            self.authenticated = True
             checkout.adopt(conn)
             if checkout.routed:
                 checkout.check_login_target(conn)
         elif request.replication:
             logins.authenticate(channel, request)
+            self.authenticated = True
             conn = logins.replication_login(channel, request, checkout.startup_params())
             checkout.adopt(conn)
         else:
             logins.authenticate(channel, request)
+            self.authenticated = True
             self.server.note_pool_use(request, checkout.node_keys.values())   # min_pool_size, server_lifetime
             conn = checkout.obtain()
         # The client keeps its login connection; in transaction and statement

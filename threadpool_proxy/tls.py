@@ -27,7 +27,6 @@ a peek at the raw bytes goes through ``raw_peek`` (the socket module's own
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import socket
 import ssl
@@ -35,8 +34,9 @@ import ssl
 from . import protocol as pq
 from .config import Config, ConfigError, check_tls_files
 from .errors import ClientFatal, ServerGone
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: What PostgreSQL 17 clients negotiate (ALPN) for direct TLS and after an SSLRequest.
 ALPN_PROTOCOL = "postgresql"
