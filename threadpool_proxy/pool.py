@@ -236,6 +236,28 @@ class _NodeDown:
         self.since = time.time()
 
 
+class IdentityPool:
+    """What the pool holds for one identity, ``node\\0user\\0database`` (PgBouncer's PgPool).
+
+    Guarded by the pool's one lock; ``BackendIdlePool`` keeps one per key in
+    its registry and only what spans identities beside it.
+    """
+
+    __slots__ = ("key", "idle", "open", "groups")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        #: Parked connections, (connection, monotonic time parked), oldest first:
+        #: reused from the right (LIFO), reaped from the left.
+        self.idle: Deque[Tuple[Any, float]] = collections.deque()
+        #: Authenticated connections, in use or parked: at most pool_size.
+        self.open = 0
+        #: (("d", database), ("u", user)) of a client key, whose open connections
+        #: max_db_connections and max_user_connections count; () for the proxy's own keys.
+        parts = key.split("\0")
+        self.groups = (("d", parts[2]), ("u", parts[1])) if len(parts) == 3 else ()
+
+
 def _close(conn: Any, key: str, reason: str) -> None:
     """Close a server connection the pool let go of, saying why in the log."""
     log.info("closing server connection %r of %s: %s", conn, _show(key), reason)
@@ -264,13 +286,11 @@ class BackendIdlePool:
         self.max_idle_per_key = max_idle_per_key
         self.max_total_idle = max_total_idle
         self._lock = threading.Lock()
-        self._idle: Dict[str, Deque[Tuple[Any, float]]] = {}
+        self._pools: Dict[str, IdentityPool] = {}     # the registry: key -> its identity's pool
         self._total_idle = 0
-        self._open: Dict[str, int] = collections.Counter()
         # Open connections per ("d", database) and ("u", user) of client keys, for
         # max_db_connections and max_user_connections; changed only when one opens or closes.
         self._open_groups: Dict[Tuple[str, str], int] = collections.Counter()
-        self._key_groups: Dict[str, tuple] = {}
         self._pending: Dict[str, int] = collections.Counter()
         self._handoffs: Dict[str, _HandOff] = {}
         self._pending_conds: Dict[str, threading.Condition] = {}
@@ -344,9 +364,10 @@ class BackendIdlePool:
         Never waits and never dials (several nodes: reuse before dialing
         anywhere); keys paused by PAUSE are skipped.
         """
-        idle = self._idle
+        pools = self._pools
         for key in keys:
-            if not idle.get(key) or (self._held and self._held_key(key)):
+            ident = pools.get(key)
+            if ident is None or not ident.idle or (self._held and self._held_key(key)):
                 continue
             conn = self.checkout(key, prefer)
             if conn is not None:
@@ -368,7 +389,8 @@ class BackendIdlePool:
         """
         taker = None
         with self._lock:
-            reason = self._refusal_locked(key, conn, reset_ok)
+            ident = self._pools.get(key) or self._identity_locked(key)
+            reason = self._refusal_locked(ident, conn, reset_ok)
             if reason is None:
                 handoff = self._handoffs.get(key)
                 if handoff is not None and handoff.queue and not (self._held and self._held_key(key)):
@@ -376,7 +398,7 @@ class BackendIdlePool:
                 if taker is not None:
                     self.stats["handed_on"] += 1
                 else:
-                    self._idle.setdefault(key, collections.deque()).append((conn, time.monotonic()))
+                    ident.idle.append((conn, time.monotonic()))
                     self._total_idle += 1
                     self.stats["parked"] += 1
             else:
@@ -388,8 +410,9 @@ class BackendIdlePool:
             taker.gate.release()          # after the pool lock: the taker goes straight on
         return True
 
-    def _refusal_locked(self, key: str, conn: Any, reset_ok: bool) -> Optional[str]:
+    def _refusal_locked(self, ident: IdentityPool, conn: Any, reset_ok: bool) -> Optional[str]:
         """Why a released ``conn`` cannot be parked or handed on (counted), or None."""
+        key = ident.key
         if self._born_before and conn.created <= self._born_before and key in self.renewable:
             self.stats["lifetime_closed"] += 1
             return "server_lifetime: it is older than that"
@@ -405,7 +428,7 @@ class BackendIdlePool:
             return "its reset query could not be sent"
         if self._closed:
             return "the proxy is shutting down"
-        if (len(self._idle.get(key, ())) >= self.max_idle_per_key or self._total_idle >= self.max_total_idle) \
+        if (len(ident.idle) >= self.max_idle_per_key or self._total_idle >= self.max_total_idle) \
                 and not self._handoffs.get(key, _NO_HANDOFF).queue:
             self.stats["over_capacity"] += 1
             return "max_idle_per_key or max_total_idle reached"
@@ -419,9 +442,10 @@ class BackendIdlePool:
         cutoff = time.monotonic() - max_age
         victims = []
         with self._lock:
-            for key, dq in self._idle.items():
+            for ident in list(self._pools.values()):
+                key, dq = ident.key, ident.idle
                 floor = keep.get(key, 0) if keep else 0
-                while dq and dq[0][1] <= cutoff and (not floor or self._open[key] > floor):
+                while dq and dq[0][1] <= cutoff and (not floor or ident.open > floor):
                     victims.append((dq.popleft()[0], key))
                     self._total_idle -= 1
                     self.stats["reaped"] += 1
@@ -485,13 +509,14 @@ class BackendIdlePool:
                     if self._closed:
                         raise PoolClosed()
                     self._check_canceled_locked(waiter)
-                    if self._idle.get(key):
+                    ident = self._pools.get(key) or self._identity_locked(key)
+                    if ident.idle:
                         continue
                     wake_at = slice_end = None
                     if not dial:
-                        if self._open[key] == 0:
+                        if ident.open == 0:
                             return None
-                    elif self._open[key] < limit or (
+                    elif ident.open < limit or (
                             limits is not None and self._reserve_locked(key, limit, limits, deadline, timeout)):
                         if limits is not None and not self._room_locked(key, limits, victims):
                             wake_at = time.monotonic() + CAP_SLICE
@@ -655,7 +680,8 @@ class BackendIdlePool:
         """Close every parked connection of ``node`` (it went down)."""
         victims = []
         with self._lock:
-            for key, dq in self._idle.items():
+            for ident in list(self._pools.values()):
+                key, dq = ident.key, ident.idle
                 if dq and _node_of(key) == node:
                     while dq:
                         victims.append((dq.pop()[0], key))
@@ -738,10 +764,11 @@ class BackendIdlePool:
                 if limits is not None and not self._room_locked(key, limits, victims):
                     deadline = self._wait_locked(key, deadline, timeout, None, time.monotonic() + CAP_SLICE)
                     continue
-                if self._open[key] < limit:
+                ident = self._identity_locked(key)
+                if ident.open < limit:
                     self._opened_locked(key)
                 else:
-                    dq = self._idle.get(key)
+                    dq = ident.idle
                     if not dq:
                         deadline = self._wait_locked(key, deadline, timeout)
                         continue
@@ -850,7 +877,8 @@ class BackendIdlePool:
         victims = []
         with self._lock:
             self._born_before = cutoff
-            for key, dq in self._idle.items():
+            for ident in list(self._pools.values()):
+                key, dq = ident.key, ident.idle
                 if dq and key in self.renewable and any(conn.created <= cutoff for conn, _ in dq):
                     keep = collections.deque()
                     for conn, since in dq:
@@ -861,7 +889,7 @@ class BackendIdlePool:
                             self._forget_locked(key)
                         else:
                             keep.append((conn, since))
-                    self._idle[key] = keep
+                    ident.idle = keep
             for key, held in self._lingering.items():
                 if key not in self.renewable:
                     continue
@@ -876,12 +904,13 @@ class BackendIdlePool:
         """min_pool_size: take a slot of ``key`` for a new connection if fewer than ``upto`` are open
         or logging in, within the caps of ``limits`` (no eviction, no wait); False otherwise."""
         with self._lock:
-            if self._closed or self._draining or self._open[key] + self._pending[key] >= upto:
+            ident = self._identity_locked(key)
+            if self._closed or self._draining or ident.open + self._pending[key] >= upto:
                 return False
             if self._held and self._held_key(key):
                 return False
             if limits is not None:
-                for group, cap in zip(self._groups_locked(key), (limits.db_cap, limits.user_cap)):
+                for group, cap in zip(ident.groups, (limits.db_cap, limits.user_cap)):
                     if cap and self._open_groups[group] >= cap:
                         return False
             if self._down and _node_of(key) in self._down:
@@ -921,7 +950,8 @@ class BackendIdlePool:
     def open_count(self, key: str) -> int:
         """Authenticated connections of ``key`` (in use or parked): at most its pool_size."""
         with self._lock:
-            return self._open[key]
+            ident = self._pools.get(key)
+            return 0 if ident is None else ident.open
 
     def pending_count(self, key: str) -> int:
         """Pass-through logins of ``key`` dialed and not yet accepted by the server."""
@@ -932,7 +962,8 @@ class BackendIdlePool:
         with self._lock:
             if key is None:
                 return self._total_idle
-            return len(self._idle.get(key, ()))
+            ident = self._pools.get(key)
+            return 0 if ident is None else len(ident.idle)
 
     # -- PAUSE, RECONNECT, draining (the admin console, shutdown) ------------------
     #
@@ -970,7 +1001,7 @@ class BackendIdlePool:
     def in_use(self, target) -> int:
         """Connections of ``target`` given out to clients (not parked); PAUSE waits for 0."""
         with self._lock:
-            return sum(n - len(self._idle.get(k, ())) for k, n in self._open.items() if key_matches(k, target))
+            return sum(ident.open - len(ident.idle) for k, ident in self._pools.items() if key_matches(k, target))
 
     def close_released(self, target, before: float) -> int:
         """RECONNECT: close connections of ``target`` created at or before ``before`` (time.time()).
@@ -989,7 +1020,8 @@ class BackendIdlePool:
         """Close the parked connections of ``target`` (those created at or before ``before``, if given)."""
         victims = []
         with self._lock:
-            for key, dq in self._idle.items():
+            for ident in list(self._pools.values()):
+                key, dq = ident.key, ident.idle
                 if not key_matches(key, target):
                     continue
                 keep = collections.deque()
@@ -1000,7 +1032,7 @@ class BackendIdlePool:
                         self._forget_locked(key)
                     else:
                         keep.append((conn, since))
-                self._idle[key] = keep
+                ident.idle = keep
         for conn, key in victims:
             _close(conn, key, reason)
         return len(victims)
@@ -1065,15 +1097,15 @@ class BackendIdlePool:
     def parked(self) -> list:
         """(key, connection, monotonic time parked) of every parked connection, for SHOW SERVERS."""
         with self._lock:
-            return [(key, conn, since) for key, dq in self._idle.items() for conn, since in dq]
+            return [(key, conn, since) for key, ident in self._pools.items() for conn, since in ident.idle]
 
     def snapshot(self) -> dict:
         """Counters and per-key sizes, for logs, tests and an admin console."""
         with self._lock:
             return {
                 "stats": dict(self.stats),
-                "idle": {k: len(v) for k, v in self._idle.items() if v},
-                "open": {k: v for k, v in self._open.items() if v},
+                "idle": {k: len(ident.idle) for k, ident in self._pools.items() if ident.idle},
+                "open": {k: ident.open for k, ident in self._pools.items() if ident.open},
                 "pending": {k: v for k, v in self._pending.items() if v},
                 "servers_down": sorted(self._down),
                 "total_idle": self._total_idle,
@@ -1083,11 +1115,11 @@ class BackendIdlePool:
         """Close every parked connection and wake every waiter (shutdown)."""
         with self._lock:
             self._closed = True
-            victims = [(c, key) for key, dq in self._idle.items() for c, _ in dq]
-            for key, dq in self._idle.items():
-                for _ in dq:
-                    self._forget_locked(key)
-                dq.clear()
+            victims = [(c, key) for key, ident in self._pools.items() for c, _ in ident.idle]
+            for ident in list(self._pools.values()):
+                for _ in range(len(ident.idle)):
+                    self._forget_locked(ident.key)
+                ident.idle.clear()
             self._total_idle = 0
             for handoff in self._handoffs.values():
                 handoff.wake_all()
@@ -1103,9 +1135,10 @@ class BackendIdlePool:
     # -- helpers (lock held) ------------------------------------------------
 
     def _pop_locked(self, key: str, prefer) -> Any:
-        dq = self._idle.get(key)
-        if not dq:
+        ident = self._pools.get(key)
+        if ident is None or not ident.idle:
             return None
+        dq = ident.idle
         if prefer is not None and len(dq) > 1:
             for i in range(len(dq) - 1, -1, -1):
                 if prefer(dq[i][0]):
@@ -1123,9 +1156,10 @@ class BackendIdlePool:
         All of them: a free slot is of use only to a waiter that may dial (a
         pass-through login); a woken query waiter would go back to sleep with it.
         """
-        if self._open[key] > 0:
-            self._open[key] -= 1
-            for group in self._groups_locked(key):
+        ident = self._pools.get(key)
+        if ident is not None and ident.open > 0:
+            ident.open -= 1
+            for group in ident.groups:
                 self._open_groups[group] -= 1
         handoff = self._handoffs.get(key)
         if handoff is not None:
@@ -1133,21 +1167,15 @@ class BackendIdlePool:
 
     def _opened_locked(self, key: str) -> None:
         """A slot of ``key`` is taken (a connection is being opened): count it, for its groups too."""
-        self._open[key] += 1
-        for group in self._groups_locked(key):
+        ident = self._identity_locked(key)
+        ident.open += 1
+        for group in ident.groups:
             self._open_groups[group] += 1
-
-    def _groups_locked(self, key: str) -> tuple:
-        """(("d", database), ("u", user)) of a client key; () for the proxy's own keys."""
-        groups = self._key_groups.get(key)
-        if groups is None:
-            parts = key.split("\0")
-            groups = self._key_groups[key] = (("d", parts[2]), ("u", parts[1])) if len(parts) == 3 else ()
-        return groups
 
     def _reserve_locked(self, key: str, limit: int, limits: Limits, deadline, timeout: float) -> bool:
         """Whether a caller that has waited may take one of ``reserve_size`` connections beyond ``limit``."""
-        if not limits.reserve_size or deadline is None or self._open[key] >= limit + limits.reserve_size:
+        open_now = self._pools[key].open
+        if not limits.reserve_size or deadline is None or open_now >= limit + limits.reserve_size:
             return False
         waited = time.monotonic() - (deadline - timeout)
         if waited < limits.reserve_timeout:
@@ -1155,7 +1183,7 @@ class BackendIdlePool:
         self.stats["reserve_used"] += 1
         log.warning("%s: a client waited %.1f s (reserve_pool_timeout %g s): taking a connection from "
                     "reserve_pool (%d of %d in use)", _show(key), waited, limits.reserve_timeout,
-                    self._open[key] - limit + 1, limits.reserve_size)
+                    open_now - limit + 1, limits.reserve_size)
         return True
 
     def _room_locked(self, key: str, limits: Limits, victims: list) -> bool:
@@ -1166,7 +1194,7 @@ class BackendIdlePool:
         after the lock), as PgBouncer evicts; failing that, asks one client
         keeping an idle connection of that group to give it back.
         """
-        for group, cap in zip(self._groups_locked(key), (limits.db_cap, limits.user_cap)):
+        for group, cap in zip(self._pools[key].groups, (limits.db_cap, limits.user_cap)):
             while cap and self._open_groups[group] >= cap:
                 victim = self._evict_locked(group)
                 if victim is None:
@@ -1178,13 +1206,14 @@ class BackendIdlePool:
     def _evict_locked(self, group) -> Optional[Tuple[Any, str]]:
         """Take out the oldest parked connection of ``group`` (its slot freed); (conn, key) or None."""
         oldest = None
-        for other, dq in self._idle.items():
-            if dq and group in self._groups_locked(other) and (oldest is None or dq[0][1] < oldest[1]):
-                oldest = (other, dq[0][1])
+        for ident in self._pools.values():
+            dq = ident.idle
+            if dq and group in ident.groups and (oldest is None or dq[0][1] < oldest.idle[0][1]):
+                oldest = ident
         if oldest is None:
             return None
-        other = oldest[0]
-        conn = self._idle[other].popleft()[0]
+        other = oldest.key
+        conn = oldest.idle.popleft()[0]
         self._total_idle -= 1
         self.stats["evicted_for_limit"] += 1
         self._forget_locked(other)
@@ -1192,11 +1221,18 @@ class BackendIdlePool:
 
     def _wake_lingering_group_locked(self, group) -> None:
         for other, held in self._lingering.items():
-            if held and group in self._groups_locked(other):
+            if held and group in self._identity_locked(other).groups:
                 holder = next(iter(held))
                 del held[holder]
                 holder.wake()
                 return
+
+    def _identity_locked(self, key: str) -> IdentityPool:
+        """The pool of ``key``'s identity, registered now if it has none."""
+        ident = self._pools.get(key)
+        if ident is None:
+            ident = self._pools[key] = IdentityPool(key)
+        return ident
 
     def _count(self, stat: str) -> None:
         with self._lock:
