@@ -22,10 +22,10 @@ Design notes
   ``MSG_PEEK``), so under TLS any record at all, or bytes already decrypted,
   mean the idle connection spoke and is not clean.
 
-Accounting per key, under the lock:
+Accounting per identity (``IdentityPool``, one per key), under the lock:
 
-* ``_open``: authenticated connections, in use or parked: at most ``pool_size``.
-* ``_pending``: pass-through logins dialed but not yet accepted by the server
+* ``open``: authenticated connections, in use or parked: at most ``pool_size``.
+* ``pending``: pass-through logins dialed but not yet accepted by the server
   (no AuthenticationOk yet): at most ``max_pending_logins``, a separate
   allowance, so a login that has proved nothing never takes a slot, never
   evicts a parked connection and never makes an authenticated client wait.
@@ -243,19 +243,38 @@ class IdentityPool:
     its registry and only what spans identities beside it.
     """
 
-    __slots__ = ("key", "idle", "open", "groups")
+    __slots__ = ("key", "lock", "idle", "open", "pending", "login_cond", "groups")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, lock: Any) -> None:
         self.key = key
+        self.lock = lock
         #: Parked connections, (connection, monotonic time parked), oldest first:
         #: reused from the right (LIFO), reaped from the left.
         self.idle: Deque[Tuple[Any, float]] = collections.deque()
         #: Authenticated connections, in use or parked: at most pool_size.
         self.open = 0
+        #: Pass-through logins dialed and not yet accepted by the server: at most max_pending_logins.
+        self.pending = 0
+        #: Where logins wait for a pending place (or for RESUME); made on the first wait.
+        self.login_cond: Optional[threading.Condition] = None
         #: (("d", database), ("u", user)) of a client key, whose open connections
         #: max_db_connections and max_user_connections count; () for the proxy's own keys.
         parts = key.split("\0")
         self.groups = (("d", parts[2]), ("u", parts[1])) if len(parts) == 3 else ()
+
+    def wait_for_login_place(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` until a pending login of this identity ends (pool lock held)."""
+        cond = self.login_cond
+        if cond is None:
+            cond = self.login_cond = threading.Condition(self.lock)
+        cond.wait(timeout)
+
+    def login_place_freed(self) -> None:
+        """One pending login ended: the longest waiting login may take its place."""
+        if self.pending > 0:
+            self.pending -= 1
+        if self.login_cond is not None:
+            self.login_cond.notify()
 
 
 def _close(conn: Any, key: str, reason: str) -> None:
@@ -291,9 +310,7 @@ class BackendIdlePool:
         # Open connections per ("d", database) and ("u", user) of client keys, for
         # max_db_connections and max_user_connections; changed only when one opens or closes.
         self._open_groups: Dict[Tuple[str, str], int] = collections.Counter()
-        self._pending: Dict[str, int] = collections.Counter()
         self._handoffs: Dict[str, _HandOff] = {}
-        self._pending_conds: Dict[str, threading.Condition] = {}
         self._down: Dict[str, _NodeDown] = {}
         self._lingering: Dict[str, Dict[Any, None]] = {}
         self._defaults: Dict[str, Dict[str, str]] = {}
@@ -731,21 +748,16 @@ class BackendIdlePool:
             while True:
                 if self._closed or self._draining:
                     raise PoolClosed()
-                if self._held and self._held_key(key):       # PAUSE: the login waits for RESUME
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        self.stats["pending_timeouts"] += 1
-                        raise PoolTimeout()
-                    self._cond_locked(key, self._pending_conds).wait(min(remaining, WAIT_SLICE))
-                    continue
-                if self._pending[key] < allowance:
-                    self._pending[key] += 1
+                ident = self._identity_locked(key)
+                held = self._held and self._held_key(key)     # PAUSE: the login waits for RESUME
+                if not held and ident.pending < allowance:
+                    ident.pending += 1
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.stats["pending_timeouts"] += 1
                     raise PoolTimeout()
-                self._cond_locked(key, self._pending_conds).wait(remaining)
+                ident.wait_for_login_place(min(remaining, WAIT_SLICE) if held else remaining)
 
     def promote(self, key: str, limit: int, timeout: float, limits: Optional[Limits] = None) -> None:
         """The server accepted a pending login of ``key``: move it into a ``pool_size`` slot.
@@ -791,11 +803,9 @@ class BackendIdlePool:
             self._pending_done_locked(key)
 
     def _pending_done_locked(self, key: str) -> None:
-        if self._pending[key] > 0:
-            self._pending[key] -= 1
-        cond = self._pending_conds.get(key)
-        if cond is not None:
-            cond.notify()
+        ident = self._pools.get(key)
+        if ident is not None:
+            ident.login_place_freed()
 
     # -- lingering: connections kept by their last client until someone needs them
 
@@ -905,7 +915,7 @@ class BackendIdlePool:
         or logging in, within the caps of ``limits`` (no eviction, no wait); False otherwise."""
         with self._lock:
             ident = self._identity_locked(key)
-            if self._closed or self._draining or ident.open + self._pending[key] >= upto:
+            if self._closed or self._draining or ident.open + ident.pending >= upto:
                 return False
             if self._held and self._held_key(key):
                 return False
@@ -956,7 +966,8 @@ class BackendIdlePool:
     def pending_count(self, key: str) -> int:
         """Pass-through logins of ``key`` dialed and not yet accepted by the server."""
         with self._lock:
-            return self._pending[key]
+            ident = self._pools.get(key)
+            return 0 if ident is None else ident.pending
 
     def idle_count(self, key: Optional[str] = None) -> int:
         with self._lock:
@@ -991,8 +1002,9 @@ class BackendIdlePool:
                 self._held.add(ALL_SERVERS)       # a shutdown's hold outlives any RESUME
             for handoff in self._handoffs.values():
                 handoff.wake_all()
-            for cond in self._pending_conds.values():
-                cond.notify_all()
+            for ident in self._pools.values():
+                if ident.login_cond is not None:
+                    ident.login_cond.notify_all()
 
     def held(self) -> set:
         with self._lock:
@@ -1060,8 +1072,9 @@ class BackendIdlePool:
             self._wake_lingering_locked(ALL_SERVERS)
             for handoff in self._handoffs.values():
                 handoff.wake_all()
-            for cond in self._pending_conds.values():
-                cond.notify_all()
+            for ident in self._pools.values():
+                if ident.login_cond is not None:
+                    ident.login_cond.notify_all()
         return self.close_parked(ALL_SERVERS, reason="the proxy is shutting down")
 
     @property
@@ -1106,7 +1119,7 @@ class BackendIdlePool:
                 "stats": dict(self.stats),
                 "idle": {k: len(ident.idle) for k, ident in self._pools.items() if ident.idle},
                 "open": {k: ident.open for k, ident in self._pools.items() if ident.open},
-                "pending": {k: v for k, v in self._pending.items() if v},
+                "pending": {k: ident.pending for k, ident in self._pools.items() if ident.pending},
                 "servers_down": sorted(self._down),
                 "total_idle": self._total_idle,
             }
@@ -1123,8 +1136,9 @@ class BackendIdlePool:
             self._total_idle = 0
             for handoff in self._handoffs.values():
                 handoff.wake_all()
-            for cond in self._pending_conds.values():
-                cond.notify_all()
+            for ident in self._pools.values():
+                if ident.login_cond is not None:
+                    ident.login_cond.notify_all()
             holders = [h for held in self._lingering.values() for h in held]
             self._lingering.clear()
             for holder in holders:
@@ -1231,7 +1245,7 @@ class BackendIdlePool:
         """The pool of ``key``'s identity, registered now if it has none."""
         ident = self._pools.get(key)
         if ident is None:
-            ident = self._pools[key] = IdentityPool(key)
+            ident = self._pools[key] = IdentityPool(key, self._lock)
         return ident
 
     def _count(self, stat: str) -> None:
@@ -1244,11 +1258,6 @@ class BackendIdlePool:
             handoff = self._handoffs[key] = _HandOff(self._lock)
         return handoff
 
-    def _cond_locked(self, key: str, table: Dict[str, threading.Condition]) -> threading.Condition:
-        cond = table.get(key)
-        if cond is None:
-            cond = table[key] = threading.Condition(self._lock)
-        return cond
 
 
 #: A PAUSE/RECONNECT target meaning every server and database.
