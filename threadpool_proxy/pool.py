@@ -7,7 +7,7 @@ than ``pool_size`` connections of one (node, user, database) key.
 Design notes
 ------------
 * One lock guards everything.  Waiters of a key queue first come, first
-  served (``_HandOff``), each on a gate of its own: a connection released while
+  served (``IdentityPool.wait``), each on a gate of its own: a connection released while
   somebody waits is handed to the longest waiter directly, never parked for
   whoever comes next, and its gate opens after the pool lock is let go, so the
   woken thread does not start by waiting for that lock (a Condition's notify
@@ -129,7 +129,7 @@ class Waiter:
         self.waiting = False
         self.canceled = False
         self.slice_ended = False      # its last wait ended by time, not by a wake-up
-        self.gate: Any = None         # the lock it sleeps on while queued (_HandOff)
+        self.gate: Any = None         # the lock it sleeps on while queued (IdentityPool.wait)
         self.handed: Any = None       # a connection handed to it while it slept
         self.takes_connection = takes_connection   # False: it waits for a free slot (promote)
 
@@ -162,63 +162,6 @@ class Limits:
                    config.reserve_pool_timeout)
 
 
-class _HandOff:
-    """The waiters of one key, first come first served; guarded by the pool lock.
-
-    ``wait`` queues a waiter and sleeps on its own gate (the pool lock let go
-    meanwhile); ``hand`` gives a released connection to the longest waiter
-    that takes one and returns it, for the caller to ``open`` once it has let
-    go of the pool lock; ``wake_all`` opens every gate with nothing handed (a
-    slot was freed, a server came back, RESUME, a cancel, shutdown: each
-    waiter looks again).
-    """
-
-    __slots__ = ("lock", "queue")
-
-    def __init__(self, lock: Any) -> None:
-        self.lock = lock
-        self.queue: Deque[Waiter] = collections.deque()
-
-    def wait(self, waiter: Waiter, timeout: float) -> bool:
-        """Sleep up to ``timeout`` (pool lock held on entry and on return); True if woken."""
-        gate = waiter.gate = threading.Lock()
-        gate.acquire()
-        self.queue.append(waiter)
-        self.lock.release()
-        woken = False
-        try:
-            woken = gate.acquire(True, timeout) if timeout > 0 else False
-        finally:
-            self.lock.acquire()
-            if not woken:
-                try:
-                    self.queue.remove(waiter)
-                except ValueError:
-                    woken = True     # opened (or handed a connection) just as the time ran out
-        return woken
-
-    def hand(self, conn: Any) -> Optional[Waiter]:
-        """Give ``conn`` to the longest waiter that takes one (None: nobody); waiters met on
-        the way that only want a slot are woken to look again."""
-        queue = self.queue
-        while queue:
-            waiter = queue.popleft()
-            if waiter.takes_connection:
-                # No longer waiting: a CancelRequest from now on is for the server connection.
-                waiter.handed, waiter.waiting = conn, False
-                return waiter
-            waiter.gate.release()
-        return None
-
-    def wake_all(self) -> None:
-        queue = self.queue
-        while queue:
-            queue.popleft().gate.release()
-
-
-_NO_HANDOFF = _HandOff(None)
-
-
 class _NodeDown:
     """A server whose last dial (or health check) failed: no new dial before ``retry_at``, one at a time.
 
@@ -241,9 +184,16 @@ class IdentityPool:
 
     Guarded by the pool's one lock; ``BackendIdlePool`` keeps one per key in
     its registry and only what spans identities beside it.
+
+    Its waiters queue first come, first served: ``wait`` queues one and
+    sleeps on its own gate (the pool lock let go meanwhile); ``hand`` gives a
+    released connection to the longest waiter that takes one and returns it,
+    for the caller to open its gate once it has let go of the pool lock;
+    ``wake_all`` opens every gate with nothing handed (a slot was freed, a
+    server came back, RESUME, a cancel, shutdown: each waiter looks again).
     """
 
-    __slots__ = ("key", "lock", "idle", "open", "pending", "login_cond", "groups")
+    __slots__ = ("key", "lock", "idle", "open", "pending", "waiters", "login_cond", "groups")
 
     def __init__(self, key: str, lock: Any) -> None:
         self.key = key
@@ -255,12 +205,60 @@ class IdentityPool:
         self.open = 0
         #: Pass-through logins dialed and not yet accepted by the server: at most max_pending_logins.
         self.pending = 0
+        #: Checkouts waiting for a connection or a slot, longest first.
+        self.waiters: Deque[Waiter] = collections.deque()
         #: Where logins wait for a pending place (or for RESUME); made on the first wait.
         self.login_cond: Optional[threading.Condition] = None
         #: (("d", database), ("u", user)) of a client key, whose open connections
         #: max_db_connections and max_user_connections count; () for the proxy's own keys.
         parts = key.split("\0")
         self.groups = (("d", parts[2]), ("u", parts[1])) if len(parts) == 3 else ()
+
+    # -- waiters: hand-offs ------------------------------------------------------
+
+    def wait(self, waiter: Waiter, timeout: float) -> bool:
+        """Sleep up to ``timeout`` (pool lock held on entry and on return); True if woken."""
+        gate = waiter.gate = threading.Lock()
+        gate.acquire()
+        self.waiters.append(waiter)
+        self.lock.release()
+        woken = False
+        try:
+            woken = gate.acquire(True, timeout) if timeout > 0 else False
+        finally:
+            self.lock.acquire()
+            if not woken:
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:
+                    woken = True     # opened (or handed a connection) just as the time ran out
+        return woken
+
+    def hand(self, conn: Any) -> Optional[Waiter]:
+        """Give ``conn`` to the longest waiter that takes one (None: nobody); waiters met on
+        the way that only want a slot are woken to look again."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.takes_connection:
+                # No longer waiting: a CancelRequest from now on is for the server connection.
+                waiter.handed, waiter.waiting = conn, False
+                return waiter
+            waiter.gate.release()
+        return None
+
+    def wake_all(self) -> None:
+        waiters = self.waiters
+        while waiters:
+            waiters.popleft().gate.release()
+
+    def wake_everyone(self) -> None:
+        """RESUME, shutdown: every waiting checkout and login of this identity looks again."""
+        self.wake_all()
+        if self.login_cond is not None:
+            self.login_cond.notify_all()
+
+    # -- pending pass-through logins ---------------------------------------------
 
     def wait_for_login_place(self, timeout: float) -> None:
         """Sleep up to ``timeout`` until a pending login of this identity ends (pool lock held)."""
@@ -310,7 +308,6 @@ class BackendIdlePool:
         # Open connections per ("d", database) and ("u", user) of client keys, for
         # max_db_connections and max_user_connections; changed only when one opens or closes.
         self._open_groups: Dict[Tuple[str, str], int] = collections.Counter()
-        self._handoffs: Dict[str, _HandOff] = {}
         self._down: Dict[str, _NodeDown] = {}
         self._lingering: Dict[str, Dict[Any, None]] = {}
         self._defaults: Dict[str, Dict[str, str]] = {}
@@ -409,9 +406,8 @@ class BackendIdlePool:
             ident = self._pools.get(key) or self._identity_locked(key)
             reason = self._refusal_locked(ident, conn, reset_ok)
             if reason is None:
-                handoff = self._handoffs.get(key)
-                if handoff is not None and handoff.queue and not (self._held and self._held_key(key)):
-                    taker = handoff.hand(conn)
+                if ident.waiters and not (self._held and self._held_key(key)):
+                    taker = ident.hand(conn)
                 if taker is not None:
                     self.stats["handed_on"] += 1
                 else:
@@ -446,7 +442,7 @@ class BackendIdlePool:
         if self._closed:
             return "the proxy is shutting down"
         if (len(ident.idle) >= self.max_idle_per_key or self._total_idle >= self.max_total_idle) \
-                and not self._handoffs.get(key, _NO_HANDOFF).queue:
+                and not ident.waiters:
             self.stats["over_capacity"] += 1
             return "max_idle_per_key or max_total_idle reached"
         return None
@@ -594,7 +590,9 @@ class BackendIdlePool:
             if not waiter.waiting:
                 return False
             waiter.canceled = True
-            self._handoff_locked(waiter.key).wake_all()
+            ident = self._pools.get(waiter.key)
+            if ident is not None:
+                ident.wake_all()
             return True
 
     def _check_canceled_locked(self, waiter: Optional[Waiter]) -> None:
@@ -730,9 +728,9 @@ class BackendIdlePool:
 
     def _notify_node_locked(self, node: str) -> None:
         prefix = node + "\0"
-        for key, handoff in self._handoffs.items():
+        for key, ident in self._pools.items():
             if key.startswith(prefix):
-                handoff.wake_all()
+                ident.wake_all()
 
     # -- pass-through logins not yet authenticated ------------------------------
 
@@ -818,10 +816,11 @@ class BackendIdlePool:
         holder must give its connection back (reset, ``checkin``) when its
         ``wake()`` is called: a waiter calls it instead of waiting blindly.
         """
-        if self._handoffs.get(key, _NO_HANDOFF).queue:
+        ident = self._pools.get(key)
+        if ident is not None and ident.waiters:
             return False        # somebody waits (read without the lock: refusing is always safe)
         with self._lock:
-            if self._handoffs.get(key, _NO_HANDOFF).queue or self._closed or self._draining or (self._held and self._held_key(key)):
+            if self._identity_locked(key).waiters or self._closed or self._draining or (self._held and self._held_key(key)):
                 return False
             if conn is not None and ((self._born_before and conn.created <= self._born_before
                                       and key in self.renewable)
@@ -876,7 +875,7 @@ class BackendIdlePool:
         elif waiter.alive is not None:
             remaining = min(remaining, WAIT_SLICE)
         waiter.key, waiter.waiting = key, True
-        waiter.slice_ended = not self._handoff_locked(key).wait(waiter, remaining)
+        waiter.slice_ended = not self._identity_locked(key).wait(waiter, remaining)
         return deadline
 
     def expire(self, lifetime: float) -> int:
@@ -1000,11 +999,8 @@ class BackendIdlePool:
                 self._held.discard(target)
             if self._draining:
                 self._held.add(ALL_SERVERS)       # a shutdown's hold outlives any RESUME
-            for handoff in self._handoffs.values():
-                handoff.wake_all()
             for ident in self._pools.values():
-                if ident.login_cond is not None:
-                    ident.login_cond.notify_all()
+                ident.wake_everyone()
 
     def held(self) -> set:
         with self._lock:
@@ -1070,11 +1066,8 @@ class BackendIdlePool:
             self._held.add(ALL_SERVERS)
             self._close_before[ALL_SERVERS] = float("inf")
             self._wake_lingering_locked(ALL_SERVERS)
-            for handoff in self._handoffs.values():
-                handoff.wake_all()
             for ident in self._pools.values():
-                if ident.login_cond is not None:
-                    ident.login_cond.notify_all()
+                ident.wake_everyone()
         return self.close_parked(ALL_SERVERS, reason="the proxy is shutting down")
 
     @property
@@ -1134,11 +1127,8 @@ class BackendIdlePool:
                     self._forget_locked(ident.key)
                 ident.idle.clear()
             self._total_idle = 0
-            for handoff in self._handoffs.values():
-                handoff.wake_all()
             for ident in self._pools.values():
-                if ident.login_cond is not None:
-                    ident.login_cond.notify_all()
+                ident.wake_everyone()
             holders = [h for held in self._lingering.values() for h in held]
             self._lingering.clear()
             for holder in holders:
@@ -1171,13 +1161,13 @@ class BackendIdlePool:
         pass-through login); a woken query waiter would go back to sleep with it.
         """
         ident = self._pools.get(key)
-        if ident is not None and ident.open > 0:
+        if ident is None:
+            return
+        if ident.open > 0:
             ident.open -= 1
             for group in ident.groups:
                 self._open_groups[group] -= 1
-        handoff = self._handoffs.get(key)
-        if handoff is not None:
-            handoff.wake_all()
+        ident.wake_all()
 
     def _opened_locked(self, key: str) -> None:
         """A slot of ``key`` is taken (a connection is being opened): count it, for its groups too."""
@@ -1252,11 +1242,6 @@ class BackendIdlePool:
         with self._lock:
             self.stats[stat] += 1
 
-    def _handoff_locked(self, key: str) -> _HandOff:
-        handoff = self._handoffs.get(key)
-        if handoff is None:
-            handoff = self._handoffs[key] = _HandOff(self._lock)
-        return handoff
 
 
 
