@@ -193,7 +193,8 @@ class IdentityPool:
     server came back, RESUME, a cancel, shutdown: each waiter looks again).
     """
 
-    __slots__ = ("key", "lock", "idle", "open", "pending", "waiters", "login_cond", "groups")
+    __slots__ = ("key", "lock", "idle", "open", "pending", "waiters", "login_cond", "lingering", "defaults",
+                 "groups")
 
     def __init__(self, key: str, lock: Any) -> None:
         self.key = key
@@ -209,6 +210,10 @@ class IdentityPool:
         self.waiters: Deque[Waiter] = collections.deque()
         #: Where logins wait for a pending place (or for RESUME); made on the first wait.
         self.login_cond: Optional[threading.Condition] = None
+        #: Clients keeping their idle connection until someone needs it (``linger``), oldest first.
+        self.lingering: Dict[Any, None] = {}
+        #: The server's settings of this identity when nobody changed them, learned from fresh logins.
+        self.defaults: Dict[str, str] = {}
         #: (("d", database), ("u", user)) of a client key, whose open connections
         #: max_db_connections and max_user_connections count; () for the proxy's own keys.
         parts = key.split("\0")
@@ -257,6 +262,25 @@ class IdentityPool:
         self.wake_all()
         if self.login_cond is not None:
             self.login_cond.notify_all()
+
+    # -- lingering holders -------------------------------------------------------
+
+    def ask_back_one(self) -> bool:
+        """Ask the longest lingering holder to give its connection back; False if there is none."""
+        held = self.lingering
+        if not held:
+            return False
+        holder = next(iter(held))
+        del held[holder]
+        holder.wake()          # a non-blocking eventfd write
+        return True
+
+    def ask_back_all(self, which: Optional[Callable[[Any], bool]] = None) -> None:
+        """Ask every lingering holder (for which ``which`` is true) to give its connection back."""
+        held = self.lingering
+        for holder in [h for h in held if which is None or which(h)]:
+            del held[holder]
+            holder.wake()
 
     # -- pending pass-through logins ---------------------------------------------
 
@@ -309,8 +333,6 @@ class BackendIdlePool:
         # max_db_connections and max_user_connections; changed only when one opens or closes.
         self._open_groups: Dict[Tuple[str, str], int] = collections.Counter()
         self._down: Dict[str, _NodeDown] = {}
-        self._lingering: Dict[str, Dict[Any, None]] = {}
-        self._defaults: Dict[str, Dict[str, str]] = {}
         self._closed = False
         self._held: set = set()           # PAUSE: targets ((node, database) or ALL_SERVERS) whose checkouts wait
         self._close_before: Dict[Any, float] = {}   # RECONNECT: target -> close connections created until then
@@ -665,11 +687,9 @@ class BackendIdlePool:
             down.retry_at = time.monotonic() + retry_after
             down.error = error
             down.checked = True
-            for key, held in self._lingering.items():
-                if held and _node_of(key) == node:
-                    for holder in list(held):
-                        del held[holder]
-                        holder.wake()
+            for key, ident in self._pools.items():
+                if ident.lingering and _node_of(key) == node:
+                    ident.ask_back_all()
             self._notify_node_locked(node)
         self.close_parked_of_node(node)
         return was_up
@@ -826,7 +846,7 @@ class BackendIdlePool:
                                       and key in self.renewable)
                                      or (self._close_before and self._stale_locked(key, conn))):
                 return False
-            self._lingering.setdefault(key, {})[holder] = None
+            self._pools[key].lingering[holder] = None
             return True
 
     def unlinger(self, key: str, holder: Any) -> bool:
@@ -835,9 +855,9 @@ class BackendIdlePool:
         Returns False if a waiter had already claimed it (and called ``wake()``).
         """
         with self._lock:
-            held = self._lingering.get(key)
-            if held is not None and holder in held:
-                del held[holder]
+            ident = self._pools.get(key)
+            if ident is not None and holder in ident.lingering:
+                del ident.lingering[holder]
                 return True
             return False
 
@@ -860,14 +880,11 @@ class BackendIdlePool:
         if remaining <= 0:
             self.stats["wait_timeouts"] += 1
             raise PoolTimeout()
+        ident = self._identity_locked(key)
         if wake_at is not None:
             remaining = min(remaining, max(0.0, wake_at - now))
         else:
-            held = self._lingering.get(key)
-            if held:
-                holder = next(iter(held))
-                del held[holder]
-                holder.wake()          # a non-blocking eventfd write
+            ident.ask_back_one()
         if slice_end is not None:
             remaining = min(remaining, max(0.0, slice_end - now))
         if waiter is None:
@@ -875,7 +892,7 @@ class BackendIdlePool:
         elif waiter.alive is not None:
             remaining = min(remaining, WAIT_SLICE)
         waiter.key, waiter.waiting = key, True
-        waiter.slice_ended = not self._identity_locked(key).wait(waiter, remaining)
+        waiter.slice_ended = not ident.wait(waiter, remaining)
         return deadline
 
     def expire(self, lifetime: float) -> int:
@@ -899,12 +916,10 @@ class BackendIdlePool:
                         else:
                             keep.append((conn, since))
                     ident.idle = keep
-            for key, held in self._lingering.items():
-                if key not in self.renewable:
-                    continue
-                for holder in [h for h in held if getattr(getattr(h, "backend", None), "created", cutoff + 1) <= cutoff]:
-                    del held[holder]
-                    holder.wake()
+            for key, ident in self._pools.items():
+                if ident.lingering and key in self.renewable:
+                    ident.ask_back_all(
+                        lambda h: getattr(getattr(h, "backend", None), "created", cutoff + 1) <= cutoff)
         for conn, key in victims:
             _close(conn, key, f"server_lifetime: open for longer than {lifetime:g} s")
         return len(victims)
@@ -949,12 +964,13 @@ class BackendIdlePool:
     def learn_defaults(self, key: str, params: Dict[str, str]) -> None:
         """Remember settings a fresh login of ``key`` reported that its client did not ask for."""
         with self._lock:
-            self._defaults.setdefault(key, {}).update(params)
+            self._identity_locked(key).defaults.update(params)
 
     def defaults(self, key: str) -> Dict[str, str]:
         """What the server's settings of ``key`` are when nobody changed them (a copy)."""
         with self._lock:
-            return dict(self._defaults.get(key, ()))
+            ident = self._pools.get(key)
+            return {} if ident is None else dict(ident.defaults)
 
     def open_count(self, key: str) -> int:
         """Authenticated connections of ``key`` (in use or parked): at most its pool_size."""
@@ -1094,11 +1110,9 @@ class BackendIdlePool:
         return any(created <= before for target, before in self._close_before.items() if key_matches(key, target))
 
     def _wake_lingering_locked(self, target) -> None:
-        for key, held in self._lingering.items():
-            if held and key_matches(key, target):
-                for holder in list(held):
-                    del held[holder]
-                    holder.wake()
+        for key, ident in self._pools.items():
+            if ident.lingering and key_matches(key, target):
+                ident.ask_back_all()
 
     def parked(self) -> list:
         """(key, connection, monotonic time parked) of every parked connection, for SHOW SERVERS."""
@@ -1129,10 +1143,7 @@ class BackendIdlePool:
             self._total_idle = 0
             for ident in self._pools.values():
                 ident.wake_everyone()
-            holders = [h for held in self._lingering.values() for h in held]
-            self._lingering.clear()
-            for holder in holders:
-                holder.wake()
+                ident.ask_back_all()
         for conn, key in victims:
             _close(conn, key, "the proxy is shutting down")
 
@@ -1224,11 +1235,9 @@ class BackendIdlePool:
         return conn, other
 
     def _wake_lingering_group_locked(self, group) -> None:
-        for other, held in self._lingering.items():
-            if held and group in self._identity_locked(other).groups:
-                holder = next(iter(held))
-                del held[holder]
-                holder.wake()
+        for ident in self._pools.values():
+            if ident.lingering and group in ident.groups:
+                ident.ask_back_one()
                 return
 
     def _identity_locked(self, key: str) -> IdentityPool:
