@@ -183,7 +183,12 @@ class IdentityPool:
     """What the pool holds for one identity, ``node\\0user\\0database`` (PgBouncer's PgPool).
 
     Guarded by the pool's one lock; ``BackendIdlePool`` keeps one per key in
-    its registry and only what spans identities beside it.
+    its registry and only what spans identities beside it.  An identity is in
+    the registry only while it holds something (``is_empty``): the pool drops
+    it wherever one of its counts falls or a wait on it ends, so a key that
+    only ever saw failed logins leaves nothing behind.  Nobody keeps a
+    reference to one across a release of the pool lock except a thread asleep
+    on it (counted in ``sleepers``, so it is not dropped under that thread).
 
     Its waiters queue first come, first served: ``wait`` queues one and
     sleeps on its own gate (the pool lock let go meanwhile); ``hand`` gives a
@@ -193,8 +198,8 @@ class IdentityPool:
     server came back, RESUME, a cancel, shutdown: each waiter looks again).
     """
 
-    __slots__ = ("key", "lock", "idle", "open", "pending", "waiters", "login_cond", "lingering", "defaults",
-                 "groups")
+    __slots__ = ("key", "lock", "idle", "open", "pending", "waiters", "sleepers", "login_cond", "lingering",
+                 "defaults", "groups")
 
     def __init__(self, key: str, lock: Any) -> None:
         self.key = key
@@ -208,16 +213,21 @@ class IdentityPool:
         self.pending = 0
         #: Checkouts waiting for a connection or a slot, longest first.
         self.waiters: Deque[Waiter] = collections.deque()
+        #: Threads asleep on this identity (its waiters, and logins waiting for a pending place),
+        #: woken or not: each is still to take the pool lock back and look again.
+        self.sleepers = 0
         #: Where logins wait for a pending place (or for RESUME); made on the first wait.
         self.login_cond: Optional[threading.Condition] = None
         #: Clients keeping their idle connection until someone needs it (``linger``), oldest first.
         self.lingering: Dict[Any, None] = {}
         #: The server's settings of this identity when nobody changed them, learned from fresh logins.
         self.defaults: Dict[str, str] = {}
-        #: (("d", database), ("u", user)) of a client key, whose open connections
-        #: max_db_connections and max_user_connections count; () for the proxy's own keys.
-        parts = key.split("\0")
-        self.groups = (("d", parts[2]), ("u", parts[1])) if len(parts) == 3 else ()
+        #: Its groups, whose open connections max_db_connections and max_user_connections count.
+        self.groups = _groups_of(key)
+
+    def is_empty(self) -> bool:
+        """Nothing parked, open, pending, waiting or lingering: the registry may forget it."""
+        return not (self.open or self.pending or self.idle or self.sleepers or self.waiters or self.lingering)
 
     # -- waiters: hand-offs ------------------------------------------------------
 
@@ -226,12 +236,14 @@ class IdentityPool:
         gate = waiter.gate = threading.Lock()
         gate.acquire()
         self.waiters.append(waiter)
+        self.sleepers += 1
         self.lock.release()
         woken = False
         try:
             woken = gate.acquire(True, timeout) if timeout > 0 else False
         finally:
             self.lock.acquire()
+            self.sleepers -= 1
             if not woken:
                 try:
                     self.waiters.remove(waiter)
@@ -289,7 +301,11 @@ class IdentityPool:
         cond = self.login_cond
         if cond is None:
             cond = self.login_cond = threading.Condition(self.lock)
-        cond.wait(timeout)
+        self.sleepers += 1
+        try:
+            cond.wait(timeout)
+        finally:
+            self.sleepers -= 1
 
     def login_place_freed(self) -> None:
         """One pending login ended: the longest waiting login may take its place."""
@@ -297,6 +313,12 @@ class IdentityPool:
             self.pending -= 1
         if self.login_cond is not None:
             self.login_cond.notify()
+
+
+def _groups_of(key: str) -> tuple:
+    """(("d", database), ("u", user)) of a client key; () for the proxy's own keys (a fourth part)."""
+    parts = key.split("\0")
+    return (("d", parts[2]), ("u", parts[1])) if len(parts) == 3 else ()
 
 
 def _close(conn: Any, key: str, reason: str) -> None:
@@ -544,33 +566,36 @@ class BackendIdlePool:
                     if self._closed:
                         raise PoolClosed()
                     self._check_canceled_locked(waiter)
-                    ident = self._pools.get(key) or self._identity_locked(key)
-                    if ident.idle:
-                        continue
-                    wake_at = slice_end = None
-                    if not dial:
-                        if ident.open == 0:
-                            return None
-                    elif ident.open < limit or (
-                            limits is not None and self._reserve_locked(key, limit, limits, deadline, timeout)):
-                        if limits is not None and not self._room_locked(key, limits, victims):
-                            wake_at = time.monotonic() + CAP_SLICE
-                        else:
-                            wake_at = self._dial_pause_locked(key) if paced else None
-                            if wake_at is not None and failover:
-                                raise NodeDown()
-                        if wake_at is None:
-                            if check_client and self._waited_long(deadline, timeout) and not waiter.alive():
-                                self.stats["waiters_gone"] += 1
-                                raise ClientGone()
-                            self._opened_locked(key)
-                            return None
-                    elif limits is not None and limits.reserve_size:
-                        # Wake when the reserve becomes this caller's (it has waited reserve_timeout).
-                        slice_end = (time.monotonic() if deadline is None else deadline - timeout) \
-                            + limits.reserve_timeout
-                    deadline = self._wait_locked(key, deadline, timeout, waiter, wake_at, slice_end)
-                    conn, waiter.handed = waiter.handed, None
+                    ident = self._identity_locked(key)
+                    try:
+                        if ident.idle:
+                            continue
+                        wake_at = slice_end = None
+                        if not dial:
+                            if ident.open == 0:
+                                return None
+                        elif ident.open < limit or (
+                                limits is not None and self._reserve_locked(ident, limit, limits, deadline, timeout)):
+                            if limits is not None and not self._room_locked(ident, limits, victims):
+                                wake_at = time.monotonic() + CAP_SLICE
+                            else:
+                                wake_at = self._dial_pause_locked(key) if paced else None
+                                if wake_at is not None and failover:
+                                    raise NodeDown()
+                            if wake_at is None:
+                                if check_client and self._waited_long(deadline, timeout) and not waiter.alive():
+                                    self.stats["waiters_gone"] += 1
+                                    raise ClientGone()
+                                self._opened_locked(key)
+                                return None
+                        elif limits is not None and limits.reserve_size:
+                            # Wake when the reserve becomes this caller's (it has waited reserve_timeout).
+                            slice_end = (time.monotonic() if deadline is None else deadline - timeout) \
+                                + limits.reserve_timeout
+                        deadline = self._wait_locked(key, deadline, timeout, waiter, wake_at, slice_end)
+                        conn, waiter.handed = waiter.handed, None
+                    finally:
+                        self._drop_if_empty_locked(ident)      # no slot taken, nothing handed: forget it
                 if conn is not None:
                     # Released by its last holder straight to us: in use all along, never parked.
                     conn = self._vet(key, conn)
@@ -716,12 +741,8 @@ class BackendIdlePool:
         victims = []
         with self._lock:
             for ident in list(self._pools.values()):
-                key, dq = ident.key, ident.idle
-                if dq and _node_of(key) == node:
-                    while dq:
-                        victims.append((dq.pop()[0], key))
-                        self._total_idle -= 1
-                        self._forget_locked(key)
+                if ident.idle and _node_of(ident.key) == node:
+                    victims += self._take_parked_locked(ident)
         for conn, key in victims:
             _close(conn, key, "its server is marked down")
         return len(victims)
@@ -763,19 +784,24 @@ class BackendIdlePool:
         """
         deadline = time.monotonic() + timeout
         with self._lock:
-            while True:
-                if self._closed or self._draining:
-                    raise PoolClosed()
-                ident = self._identity_locked(key)
-                held = self._held and self._held_key(key)     # PAUSE: the login waits for RESUME
-                if not held and ident.pending < allowance:
-                    ident.pending += 1
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.stats["pending_timeouts"] += 1
-                    raise PoolTimeout()
-                ident.wait_for_login_place(min(remaining, WAIT_SLICE) if held else remaining)
+            if self._closed or self._draining:
+                raise PoolClosed()
+            ident = self._identity_locked(key)
+            try:
+                while True:
+                    held = self._held and self._held_key(key)     # PAUSE: the login waits for RESUME
+                    if not held and ident.pending < allowance:
+                        ident.pending += 1
+                        return
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self.stats["pending_timeouts"] += 1
+                        raise PoolTimeout()
+                    ident.wait_for_login_place(min(remaining, WAIT_SLICE) if held else remaining)
+                    if self._closed or self._draining:
+                        raise PoolClosed()
+            finally:
+                self._drop_if_empty_locked(ident)       # it gave up: nothing left of it
 
     def promote(self, key: str, limit: int, timeout: float, limits: Optional[Limits] = None) -> None:
         """The server accepted a pending login of ``key``: move it into a ``pool_size`` slot.
@@ -791,10 +817,10 @@ class BackendIdlePool:
             with self._lock:
                 if self._closed or self._draining:
                     raise PoolClosed()
-                if limits is not None and not self._room_locked(key, limits, victims):
+                ident = self._identity_locked(key)      # never empty here: this login is pending
+                if limits is not None and not self._room_locked(ident, limits, victims):
                     deadline = self._wait_locked(key, deadline, timeout, None, time.monotonic() + CAP_SLICE)
                     continue
-                ident = self._identity_locked(key)
                 if ident.open < limit:
                     self._opened_locked(key)
                 else:
@@ -824,6 +850,7 @@ class BackendIdlePool:
         ident = self._pools.get(key)
         if ident is not None:
             ident.login_place_freed()
+            self._drop_if_empty_locked(ident)
 
     # -- lingering: connections kept by their last client until someone needs them
 
@@ -840,13 +867,14 @@ class BackendIdlePool:
         if ident is not None and ident.waiters:
             return False        # somebody waits (read without the lock: refusing is always safe)
         with self._lock:
-            if self._identity_locked(key).waiters or self._closed or self._draining or (self._held and self._held_key(key)):
-                return False
+            ident = self._pools.get(key)
+            if ident is None or ident.waiters or self._closed or self._draining or (self._held and self._held_key(key)):
+                return False        # (None: nothing of the key is open, so nothing to keep)
             if conn is not None and ((self._born_before and conn.created <= self._born_before
                                       and key in self.renewable)
                                      or (self._close_before and self._stale_locked(key, conn))):
                 return False
-            self._pools[key].lingering[holder] = None
+            ident.lingering[holder] = None
             return True
 
     def unlinger(self, key: str, holder: Any) -> bool:
@@ -904,18 +932,9 @@ class BackendIdlePool:
         with self._lock:
             self._born_before = cutoff
             for ident in list(self._pools.values()):
-                key, dq = ident.key, ident.idle
-                if dq and key in self.renewable and any(conn.created <= cutoff for conn, _ in dq):
-                    keep = collections.deque()
-                    for conn, since in dq:
-                        if conn.created <= cutoff:
-                            victims.append((conn, key))
-                            self._total_idle -= 1
-                            self.stats["lifetime_closed"] += 1
-                            self._forget_locked(key)
-                        else:
-                            keep.append((conn, since))
-                    ident.idle = keep
+                if ident.idle and ident.key in self.renewable:
+                    victims += self._take_parked_locked(ident, lambda conn: conn.created <= cutoff)
+            self.stats["lifetime_closed"] += len(victims)
             for key, ident in self._pools.items():
                 if ident.lingering and key in self.renewable:
                     ident.ask_back_all(
@@ -928,13 +947,13 @@ class BackendIdlePool:
         """min_pool_size: take a slot of ``key`` for a new connection if fewer than ``upto`` are open
         or logging in, within the caps of ``limits`` (no eviction, no wait); False otherwise."""
         with self._lock:
-            ident = self._identity_locked(key)
-            if self._closed or self._draining or ident.open + ident.pending >= upto:
+            ident = self._pools.get(key)
+            if self._closed or self._draining or (ident is not None and ident.open + ident.pending >= upto):
                 return False
             if self._held and self._held_key(key):
                 return False
             if limits is not None:
-                for group, cap in zip(ident.groups, (limits.db_cap, limits.user_cap)):
+                for group, cap in zip(_groups_of(key), (limits.db_cap, limits.user_cap)):
                     if cap and self._open_groups[group] >= cap:
                         return False
             if self._down and _node_of(key) in self._down:
@@ -964,7 +983,9 @@ class BackendIdlePool:
     def learn_defaults(self, key: str, params: Dict[str, str]) -> None:
         """Remember settings a fresh login of ``key`` reported that its client did not ask for."""
         with self._lock:
-            self._identity_locked(key).defaults.update(params)
+            ident = self._pools.get(key)
+            if ident is not None:       # always: the caller holds that fresh login's slot
+                ident.defaults.update(params)
 
     def defaults(self, key: str) -> Dict[str, str]:
         """What the server's settings of ``key`` are when nobody changed them (a copy)."""
@@ -1044,19 +1065,10 @@ class BackendIdlePool:
         """Close the parked connections of ``target`` (those created at or before ``before``, if given)."""
         victims = []
         with self._lock:
+            which = None if before is None else lambda conn: getattr(conn, "created", 0.0) <= before
             for ident in list(self._pools.values()):
-                key, dq = ident.key, ident.idle
-                if not key_matches(key, target):
-                    continue
-                keep = collections.deque()
-                for conn, since in dq:
-                    if before is None or getattr(conn, "created", 0.0) <= before:
-                        victims.append((conn, key))
-                        self._total_idle -= 1
-                        self._forget_locked(key)
-                    else:
-                        keep.append((conn, since))
-                ident.idle = keep
+                if ident.idle and key_matches(ident.key, target):
+                    victims += self._take_parked_locked(ident, which)
         for conn, key in victims:
             _close(conn, key, reason)
         return len(victims)
@@ -1096,7 +1108,10 @@ class BackendIdlePool:
                 raise PoolClosed()
             self._check_canceled_locked(waiter)
             if self._held_key(key):
-                deadline = self._wait_locked(key, deadline, timeout, waiter, time.monotonic() + WAIT_SLICE)
+                try:
+                    deadline = self._wait_locked(key, deadline, timeout, waiter, time.monotonic() + WAIT_SLICE)
+                finally:
+                    self._drop_if_empty_locked(self._pools.get(key))
         return deadline
 
     def _held_key(self, key: str) -> bool:
@@ -1113,6 +1128,11 @@ class BackendIdlePool:
         for key, ident in self._pools.items():
             if ident.lingering and key_matches(key, target):
                 ident.ask_back_all()
+
+    def identities(self) -> list:
+        """Keys of every identity the pool holds something for (parked, open, pending, waiting or lingering)."""
+        with self._lock:
+            return list(self._pools)
 
     def parked(self) -> list:
         """(key, connection, monotonic time parked) of every parked connection, for SHOW SERVERS."""
@@ -1135,11 +1155,9 @@ class BackendIdlePool:
         """Close every parked connection and wake every waiter (shutdown)."""
         with self._lock:
             self._closed = True
-            victims = [(c, key) for key, ident in self._pools.items() for c, _ in ident.idle]
+            victims = []
             for ident in list(self._pools.values()):
-                for _ in range(len(ident.idle)):
-                    self._forget_locked(ident.key)
-                ident.idle.clear()
+                victims += self._take_parked_locked(ident)
             self._total_idle = 0
             for ident in self._pools.values():
                 ident.wake_everyone()
@@ -1165,6 +1183,25 @@ class BackendIdlePool:
         self._total_idle -= 1
         return conn
 
+    def _take_parked_locked(self, ident: IdentityPool, which: Optional[Callable[[Any], bool]] = None) -> list:
+        """Take out the parked connections of ``ident`` (those for which ``which`` is true), their slots freed.
+
+        Returns (connection, key) pairs for the caller to close after the lock.
+        """
+        keep: Deque[Tuple[Any, float]] = collections.deque()
+        taken = []
+        for parked in ident.idle:
+            if which is None or which(parked[0]):
+                taken.append((parked[0], ident.key))
+            else:
+                keep.append(parked)
+        if taken:
+            ident.idle = keep           # first: a slot freed below may leave the identity empty
+            self._total_idle -= len(taken)
+            for _ in taken:
+                self._forget_locked(ident.key)
+        return taken
+
     def _forget_locked(self, key: str) -> None:
         """One connection of ``key`` is gone: free its slot and wake its waiters.
 
@@ -1176,9 +1213,14 @@ class BackendIdlePool:
             return
         if ident.open > 0:
             ident.open -= 1
+            groups = self._open_groups
             for group in ident.groups:
-                self._open_groups[group] -= 1
+                if groups[group] > 1:
+                    groups[group] -= 1
+                else:
+                    del groups[group]
         ident.wake_all()
+        self._drop_if_empty_locked(ident)
 
     def _opened_locked(self, key: str) -> None:
         """A slot of ``key`` is taken (a connection is being opened): count it, for its groups too."""
@@ -1187,9 +1229,9 @@ class BackendIdlePool:
         for group in ident.groups:
             self._open_groups[group] += 1
 
-    def _reserve_locked(self, key: str, limit: int, limits: Limits, deadline, timeout: float) -> bool:
+    def _reserve_locked(self, ident: IdentityPool, limit: int, limits: Limits, deadline, timeout: float) -> bool:
         """Whether a caller that has waited may take one of ``reserve_size`` connections beyond ``limit``."""
-        open_now = self._pools[key].open
+        open_now = ident.open
         if not limits.reserve_size or deadline is None or open_now >= limit + limits.reserve_size:
             return False
         waited = time.monotonic() - (deadline - timeout)
@@ -1197,19 +1239,19 @@ class BackendIdlePool:
             return False
         self.stats["reserve_used"] += 1
         log.warning("%s: a client waited %.1f s (reserve_pool_timeout %g s): taking a connection from "
-                    "reserve_pool (%d of %d in use)", _show(key), waited, limits.reserve_timeout,
+                    "reserve_pool (%d of %d in use)", _show(ident.key), waited, limits.reserve_timeout,
                     open_now - limit + 1, limits.reserve_size)
         return True
 
-    def _room_locked(self, key: str, limits: Limits, victims: list) -> bool:
-        """Whether one more connection of ``key`` fits its database's and user's caps.
+    def _room_locked(self, ident: IdentityPool, limits: Limits, victims: list) -> bool:
+        """Whether one more connection of ``ident`` fits its database's and user's caps.
 
         Makes room by taking out the oldest parked connection of another pool
         of the same database or user (into ``victims``, closed by the caller
         after the lock), as PgBouncer evicts; failing that, asks one client
         keeping an idle connection of that group to give it back.
         """
-        for group, cap in zip(self._pools[key].groups, (limits.db_cap, limits.user_cap)):
+        for group, cap in zip(ident.groups, (limits.db_cap, limits.user_cap)):
             while cap and self._open_groups[group] >= cap:
                 victim = self._evict_locked(group)
                 if victim is None:
@@ -1246,6 +1288,11 @@ class BackendIdlePool:
         if ident is None:
             ident = self._pools[key] = IdentityPool(key, self._lock)
         return ident
+
+    def _drop_if_empty_locked(self, ident: Optional[IdentityPool]) -> None:
+        """Forget ``ident`` if it holds nothing any more (and is still the one registered for its key)."""
+        if ident is not None and ident.is_empty() and self._pools.get(ident.key) is ident:
+            del self._pools[ident.key]
 
     def _count(self, stat: str) -> None:
         with self._lock:
