@@ -6,12 +6,19 @@ than ``pool_size`` connections of one (node, user, database) key.
 
 Design notes
 ------------
+* What belongs to one identity lives in one ``IdentityPool`` (as PgBouncer
+  keeps one PgPool per database and user): its parked connections, its
+  counts, its waiters, the clients keeping an idle connection of it, its
+  server's defaults.  ``BackendIdlePool`` is the registry above them and
+  holds only what spans identities; an identity leaves the registry, in one
+  ``del``, as soon as it holds nothing.
 * One lock guards everything.  Waiters of a key queue first come, first
-  served (``IdentityPool.wait``), each on a gate of its own: a connection released while
-  somebody waits is handed to the longest waiter directly, never parked for
-  whoever comes next, and its gate opens after the pool lock is let go, so the
-  woken thread does not start by waiting for that lock (a Condition's notify
-  under the lock would make it do just that, on every hand-off).
+  served (``IdentityPool.wait``), each on a gate of its own: a connection
+  released while somebody waits is handed to the longest waiter directly,
+  never parked for whoever comes next, and its gate opens after the pool lock
+  is let go, so the woken thread does not start by waiting for that lock (a
+  Condition's notify under the lock would make it do just that, on every
+  hand-off).
 * No socket I/O happens while the lock is held: connections to close or to
   probe are taken out of the structure under the lock and handled after it.
 * Parked connections are reused LIFO (the most recently parked is the warmest);
@@ -229,6 +236,36 @@ class IdentityPool:
         """Nothing parked, open, pending, waiting or lingering: the registry may forget it."""
         return not (self.open or self.pending or self.idle or self.sleepers or self.waiters or self.lingering)
 
+    # -- parked connections --------------------------------------------------------
+
+    def pop(self, prefer: Optional[Callable[[Any], bool]] = None) -> Any:
+        """Take out the newest parked connection, or the newest for which ``prefer`` is true (one is parked)."""
+        idle = self.idle
+        if prefer is not None and len(idle) > 1:
+            for i in range(len(idle) - 1, -1, -1):
+                if prefer(idle[i][0]):
+                    conn = idle[i][0]
+                    del idle[i]
+                    return conn
+        return idle.pop()[0]
+
+    def take_parked(self, which: Optional[Callable[[Any], bool]] = None) -> list:
+        """Take out every parked connection (for which ``which`` is true) and return them."""
+        if which is None:
+            taken = [conn for conn, _ in self.idle]
+            self.idle.clear()
+            return taken
+        keep: Deque[Tuple[Any, float]] = collections.deque()
+        taken = []
+        for parked in self.idle:
+            if which(parked[0]):
+                taken.append(parked[0])
+            else:
+                keep.append(parked)
+        if taken:
+            self.idle = keep
+        return taken
+
     # -- waiters: hand-offs ------------------------------------------------------
 
     def wait(self, waiter: Waiter, timeout: float) -> bool:
@@ -330,8 +367,55 @@ def _close(conn: Any, key: str, reason: str) -> None:
         pass
 
 
+def _close_evicted(victims: list) -> None:
+    """Close (connection, key) pairs taken out to make room under max_db/max_user_connections."""
+    for conn, key in victims:
+        _close(conn, key, "evicted: max_db_connections or max_user_connections reached, "
+                          "and another pool needs a connection")
+
+
+#: ``acquire`` returns None: a slot was taken for the caller to dial in, or (dial=False) nothing is open.
+_NO_CONNECTION = object()
+
+
+class _Checkout:
+    """One ``acquire`` that found nothing parked at once: what it asks for, and since when it waits."""
+
+    __slots__ = ("key", "limit", "timeout", "prefer", "dial", "waiter", "paced", "failover", "limits",
+                 "check_client", "deadline", "victims")
+
+    def __init__(self, key: str, limit: int, timeout: float, prefer: Optional[Callable[[Any], bool]],
+                 dial: bool, waiter: Waiter, paced: bool, failover: bool, limits: Optional[Limits]) -> None:
+        self.key, self.limit, self.timeout, self.prefer, self.dial = key, limit, timeout, prefer, dial
+        self.waiter, self.paced, self.failover, self.limits = waiter, paced, failover, limits
+        # Whether the waiting client is still there is asked (a non-blocking peek,
+        # one syscall) when it is about to be handed something after waiting
+        # CLIENT_CHECK_AFTER or more, and after a wait that ended by its time
+        # slice; not after every wake-up.
+        self.check_client = waiter.alive is not None
+        self.deadline: Optional[float] = None     # set at its first wait: monotonic() + timeout
+        self.victims: list = []                   # (conn, key) evicted for the caps, closed at the end
+
+    def client_left(self) -> bool:
+        """Whether its client, once it has waited CLIENT_CHECK_AFTER or more, is gone (a peek)."""
+        return self.check_client and self.deadline is not None \
+            and time.monotonic() - (self.deadline - self.timeout) >= CLIENT_CHECK_AFTER and not self.waiter.alive()
+
+    def reserve_time(self) -> Optional[float]:
+        """When the reserve becomes its own (it will have waited reserve_timeout), if there is one."""
+        limits = self.limits
+        if limits is None or not limits.reserve_size:
+            return None
+        return (time.monotonic() if self.deadline is None else self.deadline - self.timeout) + limits.reserve_timeout
+
+
 class BackendIdlePool:
-    """Parked server connections in a dict of deques keyed by ``pool_key``.
+    """The registry of ``IdentityPool``s by ``pool_key``, and what spans identities.
+
+    That is: the one lock, the idle totals and caps, open connections per
+    database and user (max_db_connections, max_user_connections), servers
+    marked down and the pacing of their dials, PAUSE and RECONNECT targets,
+    draining and server_lifetime.
 
     Caller API: ``checkout``, ``checkin``, ``reap_idle`` (the idle structure);
     ``acquire``, ``release_slot``, ``discard`` (the ``pool_size`` accounting,
@@ -341,8 +425,8 @@ class BackendIdlePool:
     allowance of pass-through logins not yet authenticated);
     ``linger``/``unlinger`` (clients keeping an idle connection while nobody
     waits); ``learn_defaults``/``defaults`` (the server's default settings per
-    key, learned from fresh logins); ``close`` at shutdown; ``stats`` and
-    ``snapshot`` for observation.
+    key, learned from fresh logins); ``close`` at shutdown; ``stats``,
+    ``snapshot`` and ``identities`` for observation.
     """
 
     def __init__(self, max_idle_per_key: int, max_total_idle: int) -> None:
@@ -352,7 +436,8 @@ class BackendIdlePool:
         self._pools: Dict[str, IdentityPool] = {}     # the registry: key -> its identity's pool
         self._total_idle = 0
         # Open connections per ("d", database) and ("u", user) of client keys, for
-        # max_db_connections and max_user_connections; changed only when one opens or closes.
+        # max_db_connections and max_user_connections; changed only when one opens or closes, and
+        # a group whose count falls to 0 goes.
         self._open_groups: Dict[Tuple[str, str], int] = collections.Counter()
         self._down: Dict[str, _NodeDown] = {}
         self._closed = False
@@ -382,9 +467,11 @@ class BackendIdlePool:
         """
         while True:
             with self._lock:
-                conn = self._pop_locked(key, prefer)
-            if conn is None:
-                return None
+                ident = self._pools.get(key)
+                if ident is None or not ident.idle:
+                    return None
+                conn = ident.pop(prefer)
+                self._total_idle -= 1
             conn = self._vet(key, conn)
             if conn is not None:
                 return conn
@@ -542,89 +629,139 @@ class BackendIdlePool:
         oldest parked connection of another pool of that database or user, or
         waits (asking clients keeping idle ones of it to give them back).
         """
-        deadline = None
-        victims: list = []
-        if waiter is None:
-            waiter = Waiter()
-        # Whether the waiting client is still there is asked (a non-blocking peek,
-        # one syscall) when it is about to be handed something after waiting
-        # CLIENT_CHECK_AFTER or more, and after a wait that ended by its time
-        # slice; not after every wake-up.
-        check_client = waiter.alive is not None
+        if not (self._held and self._held_key(key)):
+            conn = self.checkout(key, prefer)
+            if conn is not None:
+                return conn              # at hand: nobody waited, so nobody to ask whether still there
+        return self._acquire_waiting(_Checkout(key, limit, timeout, prefer, dial,
+                                               Waiter() if waiter is None else waiter, paced, failover, limits))
+
+    def _acquire_waiting(self, want: _Checkout) -> Any:
+        """``acquire`` once nothing was parked for it: look, take a slot or wait, and look again."""
         try:
             while True:
-                if self._held and self._held_key(key):
-                    deadline = self._wait_while_held(key, deadline, timeout, waiter)
-                    if check_client:
-                        self._check_client(waiter)
+                if self._held and self._held_key(want.key):
+                    self._wait_for_resume(want)
                     continue
-                conn = self.checkout(key, prefer)
-                if conn is not None:
-                    return self._hand_to_client(key, conn, waiter, check_client and self._waited_long(deadline, timeout))
-                with self._lock:
-                    # Decide here: a parked connection appeared, a slot is free, or wait.
-                    if self._closed:
-                        raise PoolClosed()
-                    self._check_canceled_locked(waiter)
-                    ident = self._identity_locked(key)
-                    try:
-                        if ident.idle:
-                            continue
-                        wake_at = slice_end = None
-                        if not dial:
-                            if ident.open == 0:
-                                return None
-                        elif ident.open < limit or (
-                                limits is not None and self._reserve_locked(ident, limit, limits, deadline, timeout)):
-                            if limits is not None and not self._room_locked(ident, limits, victims):
-                                wake_at = time.monotonic() + CAP_SLICE
-                            else:
-                                wake_at = self._dial_pause_locked(key) if paced else None
-                                if wake_at is not None and failover:
-                                    raise NodeDown()
-                            if wake_at is None:
-                                if check_client and self._waited_long(deadline, timeout) and not waiter.alive():
-                                    self.stats["waiters_gone"] += 1
-                                    raise ClientGone()
-                                self._opened_locked(key)
-                                return None
-                        elif limits is not None and limits.reserve_size:
-                            # Wake when the reserve becomes this caller's (it has waited reserve_timeout).
-                            slice_end = (time.monotonic() if deadline is None else deadline - timeout) \
-                                + limits.reserve_timeout
-                        deadline = self._wait_locked(key, deadline, timeout, waiter, wake_at, slice_end)
-                        conn, waiter.handed = waiter.handed, None
-                    finally:
-                        self._drop_if_empty_locked(ident)      # no slot taken, nothing handed: forget it
-                if conn is not None:
-                    # Released by its last holder straight to us: in use all along, never parked.
-                    conn = self._vet(key, conn)
+                conn = self.checkout(want.key, want.prefer)
+                if conn is None:
+                    conn = self._take_slot_or_wait(want)
+                    if conn is _NO_CONNECTION:
+                        return None
                     if conn is not None:
-                        return self._hand_to_client(key, conn, waiter,
-                                                    check_client and self._waited_long(deadline, timeout))
-                elif waiter.slice_ended and check_client:
-                    self._check_client(waiter)
+                        # Released by its last holder straight to us: in use all along, never parked.
+                        conn = self._vet(want.key, conn)
+                if conn is not None:
+                    return self._hand_to_client(want, conn)
         finally:
-            if waiter.waiting:
-                with self._lock:
-                    waiter.waiting = False
-                    waiter.canceled = False
-            for conn, other in victims:
-                _close(conn, other, "evicted: max_db_connections or max_user_connections reached, "
-                                    "and another pool needs a connection")
+            self._end_checkout(want)
 
-    @staticmethod
-    def _waited_long(deadline: Optional[float], timeout: float) -> bool:
-        """Whether a caller that first waited ``deadline - timeout`` has waited CLIENT_CHECK_AFTER."""
-        return deadline is not None and time.monotonic() - (deadline - timeout) >= CLIENT_CHECK_AFTER
+    def _wait_for_resume(self, want: _Checkout) -> None:
+        """PAUSE holds the key: wait (a slice at a time) for RESUME."""
+        with self._lock:
+            if self._closed or self._draining:
+                raise PoolClosed()
+            self._check_canceled_locked(want.waiter)
+            if self._held_key(want.key):
+                try:
+                    want.deadline = self._wait_locked(want.key, want.deadline, want.timeout, want.waiter,
+                                                      time.monotonic() + WAIT_SLICE)
+                finally:
+                    self._drop_if_empty_locked(self._pools.get(want.key))
+        if want.check_client:
+            self._check_client(want.waiter)
 
-    def _hand_to_client(self, key: str, conn: Any, waiter: Waiter, check_client: bool) -> Any:
+    def _take_slot_or_wait(self, want: _Checkout) -> Any:
+        """Nothing parked: take a slot to dial in, or wait for a release.
+
+        Returns _NO_CONNECTION (``acquire`` returns None: a slot was taken, or
+        with ``dial=False`` nothing is open to wait for), a connection handed
+        on during the wait, or None: look again.
+        """
+        waiter = want.waiter
+        with self._lock:
+            # Decide here: a parked connection appeared, a slot is free, or wait.
+            if self._closed:
+                raise PoolClosed()
+            self._check_canceled_locked(waiter)
+            ident = self._identity_locked(want.key)
+            try:
+                if ident.idle:
+                    return None
+                wake_at = slice_end = None
+                if not want.dial:
+                    if ident.open == 0:
+                        return _NO_CONNECTION
+                elif ident.open < want.limit or self._reserve_is_due_locked(ident, want):
+                    wake_at = self._dial_blocked_until_locked(ident, want)
+                    if wake_at is None:
+                        self._open_for_locked(ident, want)
+                        return _NO_CONNECTION
+                else:
+                    slice_end = want.reserve_time()
+                want.deadline = self._wait_locked(want.key, want.deadline, want.timeout, waiter, wake_at, slice_end)
+                conn, waiter.handed = waiter.handed, None
+            finally:
+                self._drop_if_empty_locked(ident)      # no slot taken, nothing handed: forget it
+        if conn is None and waiter.slice_ended and want.check_client:
+            self._check_client(waiter)
+        return conn
+
+    def _reserve_is_due_locked(self, ident: IdentityPool, want: _Checkout) -> bool:
+        """Whether the caller, having waited ``reserve_timeout``, may open one of ``reserve_size``
+        connections beyond its ``limit``."""
+        limits, deadline = want.limits, want.deadline
+        if limits is None or not limits.reserve_size or deadline is None \
+                or ident.open >= want.limit + limits.reserve_size:
+            return False
+        waited = time.monotonic() - (deadline - want.timeout)
+        if waited < limits.reserve_timeout:
+            return False
+        self.stats["reserve_used"] += 1
+        log.warning("%s: a client waited %.1f s (reserve_pool_timeout %g s): taking a connection from "
+                    "reserve_pool (%d of %d in use)", _show(ident.key), waited, limits.reserve_timeout,
+                    ident.open - want.limit + 1, limits.reserve_size)
+        return True
+
+    def _dial_blocked_until_locked(self, ident: IdentityPool, want: _Checkout) -> Optional[float]:
+        """None if a connection of ``ident`` may be dialed now, else when to look again.
+
+        Blocked by its database's or user's cap (when nothing could be evicted)
+        or by the pacing of a server that is down; NodeDown instead of the
+        latter when the caller has other nodes to go to.
+        """
+        if want.limits is not None and not self._room_locked(ident, want.limits, want.victims):
+            return time.monotonic() + CAP_SLICE
+        if not want.paced:
+            return None
+        wake_at = self._dial_pause_locked(want.key)
+        if wake_at is not None and want.failover:
+            raise NodeDown()
+        return wake_at
+
+    def _open_for_locked(self, ident: IdentityPool, want: _Checkout) -> None:
+        """Take a slot of ``ident`` for the caller to dial in, unless its client left while it waited."""
+        if want.client_left():
+            self.stats["waiters_gone"] += 1
+            raise ClientGone()
+        self._opened_locked(ident)
+
+    def _hand_to_client(self, want: _Checkout, conn: Any) -> Any:
         """``conn`` for a client that waited, if it is still there; else back to the pool."""
-        if check_client and not waiter.alive():
-            self.checkin(key, conn)          # untouched: parked (or handed) again for the next one
+        if want.client_left():
+            self.checkin(want.key, conn)          # untouched: parked (or handed) again for the next one
             self._count("waiters_gone")
             raise ClientGone()
         return conn
+
+    def _end_checkout(self, want: _Checkout) -> None:
+        """However ``acquire`` ended: the waiter no longer waits; what was evicted for it is closed."""
+        waiter = want.waiter
+        if waiter.waiting:
+            with self._lock:
+                waiter.waiting = False
+                waiter.canceled = False
+        _close_evicted(want.victims)
 
     def _check_client(self, waiter: Waiter) -> None:
         if not waiter.alive():
@@ -822,7 +959,7 @@ class BackendIdlePool:
                     deadline = self._wait_locked(key, deadline, timeout, None, time.monotonic() + CAP_SLICE)
                     continue
                 if ident.open < limit:
-                    self._opened_locked(key)
+                    self._opened_locked(ident)
                 else:
                     dq = ident.idle
                     if not dq:
@@ -834,9 +971,7 @@ class BackendIdlePool:
                 self._pending_done_locked(key)
             if victim is not None:
                 _close(victim, key, "its slot is taken by a new pass-through login")
-            for conn, other in victims:
-                _close(conn, other, "evicted: max_db_connections or max_user_connections reached, "
-                                    "and another pool needs a connection")
+            _close_evicted(victims)
             return
 
     def give_back_pending(self, key: str, conn: Any, reason: str) -> None:
@@ -958,7 +1093,7 @@ class BackendIdlePool:
                         return False
             if self._down and _node_of(key) in self._down:
                 return False
-            self._opened_locked(key)
+            self._opened_locked(self._identity_locked(key))
             return True
 
     def release_slot(self, key: str) -> None:
@@ -1102,18 +1237,6 @@ class BackendIdlePool:
     def draining(self) -> bool:
         return self._draining
 
-    def _wait_while_held(self, key: str, deadline, timeout: float, waiter) -> float:
-        with self._lock:
-            if self._closed or self._draining:
-                raise PoolClosed()
-            self._check_canceled_locked(waiter)
-            if self._held_key(key):
-                try:
-                    deadline = self._wait_locked(key, deadline, timeout, waiter, time.monotonic() + WAIT_SLICE)
-                finally:
-                    self._drop_if_empty_locked(self._pools.get(key))
-        return deadline
-
     def _held_key(self, key: str) -> bool:
         held = self._held
         return bool(held) and any(key_matches(key, target) for target in tuple(held))
@@ -1167,40 +1290,17 @@ class BackendIdlePool:
 
     # -- helpers (lock held) ------------------------------------------------
 
-    def _pop_locked(self, key: str, prefer) -> Any:
-        ident = self._pools.get(key)
-        if ident is None or not ident.idle:
-            return None
-        dq = ident.idle
-        if prefer is not None and len(dq) > 1:
-            for i in range(len(dq) - 1, -1, -1):
-                if prefer(dq[i][0]):
-                    conn = dq[i][0]
-                    del dq[i]
-                    self._total_idle -= 1
-                    return conn
-        conn = dq.pop()[0]
-        self._total_idle -= 1
-        return conn
-
     def _take_parked_locked(self, ident: IdentityPool, which: Optional[Callable[[Any], bool]] = None) -> list:
         """Take out the parked connections of ``ident`` (those for which ``which`` is true), their slots freed.
 
         Returns (connection, key) pairs for the caller to close after the lock.
         """
-        keep: Deque[Tuple[Any, float]] = collections.deque()
-        taken = []
-        for parked in ident.idle:
-            if which is None or which(parked[0]):
-                taken.append((parked[0], ident.key))
-            else:
-                keep.append(parked)
-        if taken:
-            ident.idle = keep           # first: a slot freed below may leave the identity empty
-            self._total_idle -= len(taken)
-            for _ in taken:
-                self._forget_locked(ident.key)
-        return taken
+        key = ident.key
+        taken = ident.take_parked(which)          # first: a slot freed below may leave the identity empty
+        self._total_idle -= len(taken)
+        for _ in taken:
+            self._forget_locked(key)
+        return [(conn, key) for conn in taken]
 
     def _forget_locked(self, key: str) -> None:
         """One connection of ``key`` is gone: free its slot and wake its waiters.
@@ -1215,33 +1315,19 @@ class BackendIdlePool:
             ident.open -= 1
             groups = self._open_groups
             for group in ident.groups:
-                if groups[group] > 1:
-                    groups[group] -= 1
+                left = groups[group] - 1
+                if left > 0:
+                    groups[group] = left
                 else:
-                    del groups[group]
+                    groups.pop(group, None)         # a group with nothing open is not kept
         ident.wake_all()
         self._drop_if_empty_locked(ident)
 
-    def _opened_locked(self, key: str) -> None:
-        """A slot of ``key`` is taken (a connection is being opened): count it, for its groups too."""
-        ident = self._identity_locked(key)
+    def _opened_locked(self, ident: IdentityPool) -> None:
+        """A slot of ``ident`` is taken (a connection is being opened): count it, for its groups too."""
         ident.open += 1
         for group in ident.groups:
             self._open_groups[group] += 1
-
-    def _reserve_locked(self, ident: IdentityPool, limit: int, limits: Limits, deadline, timeout: float) -> bool:
-        """Whether a caller that has waited may take one of ``reserve_size`` connections beyond ``limit``."""
-        open_now = ident.open
-        if not limits.reserve_size or deadline is None or open_now >= limit + limits.reserve_size:
-            return False
-        waited = time.monotonic() - (deadline - timeout)
-        if waited < limits.reserve_timeout:
-            return False
-        self.stats["reserve_used"] += 1
-        log.warning("%s: a client waited %.1f s (reserve_pool_timeout %g s): taking a connection from "
-                    "reserve_pool (%d of %d in use)", _show(ident.key), waited, limits.reserve_timeout,
-                    open_now - limit + 1, limits.reserve_size)
-        return True
 
     def _room_locked(self, ident: IdentityPool, limits: Limits, victims: list) -> bool:
         """Whether one more connection of ``ident`` fits its database's and user's caps.
@@ -1297,8 +1383,6 @@ class BackendIdlePool:
     def _count(self, stat: str) -> None:
         with self._lock:
             self.stats[stat] += 1
-
-
 
 
 #: A PAUSE/RECONNECT target meaning every server and database.
