@@ -629,32 +629,37 @@ class BackendIdlePool:
         oldest parked connection of another pool of that database or user, or
         waits (asking clients keeping idle ones of it to give them back).
         """
-        if not (self._held and self._held_key(key)):
+        paused = self._held and self._held_key(key)
+        if not paused:
             conn = self.checkout(key, prefer)
             if conn is not None:
                 return conn              # at hand: nobody waited, so nobody to ask whether still there
         return self._acquire_waiting(_Checkout(key, limit, timeout, prefer, dial,
-                                               Waiter() if waiter is None else waiter, paced, failover, limits))
+                                               Waiter() if waiter is None else waiter, paced, failover, limits),
+                                     paused)
 
-    def _acquire_waiting(self, want: _Checkout) -> Any:
-        """``acquire`` once nothing was parked for it: look, take a slot or wait, and look again."""
+    def _acquire_waiting(self, want: _Checkout, paused: bool) -> Any:
+        """``acquire`` once nothing was parked (or PAUSE holds the key): take a slot or wait, look again."""
         try:
-            while True:
-                if self._held and self._held_key(want.key):
-                    self._wait_for_resume(want)
-                    continue
-                conn = self.checkout(want.key, want.prefer)
-                if conn is None:
-                    conn = self._take_slot_or_wait(want)
-                    if conn is _NO_CONNECTION:
-                        return None
-                    if conn is not None:
-                        # Released by its last holder straight to us: in use all along, never parked.
-                        conn = self._vet(want.key, conn)
+            conn = self._look_again(want) if paused else None
+            while conn is None:
+                conn = self._take_slot_or_wait(want)
+                if conn is _NO_CONNECTION:
+                    return None
                 if conn is not None:
-                    return self._hand_to_client(want, conn)
+                    # Released by its last holder straight to us: in use all along, never parked.
+                    conn = self._vet(want.key, conn)
+                if conn is None:
+                    conn = self._look_again(want)
+            return self._hand_to_client(want, conn)
         finally:
             self._end_checkout(want)
+
+    def _look_again(self, want: _Checkout) -> Any:
+        """A parked connection of the key, or None; first waiting out a PAUSE of it."""
+        while self._held and self._held_key(want.key):
+            self._wait_for_resume(want)
+        return self.checkout(want.key, want.prefer)
 
     def _wait_for_resume(self, want: _Checkout) -> None:
         """PAUSE holds the key: wait (a slice at a time) for RESUME."""
@@ -702,7 +707,8 @@ class BackendIdlePool:
                 want.deadline = self._wait_locked(want.key, want.deadline, want.timeout, waiter, wake_at, slice_end)
                 conn, waiter.handed = waiter.handed, None
             finally:
-                self._drop_if_empty_locked(ident)      # no slot taken, nothing handed: forget it
+                if not ident.open:                     # (a slot taken, or one open: not empty)
+                    self._drop_if_empty_locked(ident)  # nothing taken, nothing handed: forget it
         if conn is None and waiter.slice_ended and want.check_client:
             self._check_client(waiter)
         return conn
@@ -761,7 +767,8 @@ class BackendIdlePool:
             with self._lock:
                 waiter.waiting = False
                 waiter.canceled = False
-        _close_evicted(want.victims)
+        if want.victims:
+            _close_evicted(want.victims)
 
     def _check_client(self, waiter: Waiter) -> None:
         if not waiter.alive():
@@ -1321,7 +1328,8 @@ class BackendIdlePool:
                 else:
                     groups.pop(group, None)         # a group with nothing open is not kept
         ident.wake_all()
-        self._drop_if_empty_locked(ident)
+        if not ident.open:
+            self._drop_if_empty_locked(ident)
 
     def _opened_locked(self, ident: IdentityPool) -> None:
         """A slot of ``ident`` is taken (a connection is being opened): count it, for its groups too."""
