@@ -142,7 +142,7 @@ def test_twenty_thousand_junk_logins_leave_nothing_behind(pg, junk_proxy):
     # only the auth_query cache's table of unknown users names them, and at most its 256
     assert set(junk) <= {("cache_unknown", "entries")}, junk
     assert junk.get(("cache_unknown", "entries"), 0) <= NEGATIVE_CACHE_SIZE
-    assert not pool._pending and not pool._pending_conds
+    assert pool._pending_total == 0 and not [k for k in pool.identities() if JUNK_PREFIX in k]
     assert grown_rss < 4 * 2**20, f"RSS grew by {grown_rss / 2**20:.1f} MiB"
 
 
@@ -191,12 +191,13 @@ def test_a_key_whose_pending_logins_ended_is_forgotten_even_after_waiting():
     got = threading.Event()
     t = threading.Thread(target=lambda: (pool.acquire_pending(keys[0], 1, 10), got.set()))
     t.start()
-    assert wait_until(lambda: pool._pending_conds, 5)     # it waits on the key's condition
+    # it waits on the identity's login condition
+    assert wait_until(lambda: getattr(pool._pools.get(keys[0]), "login_cond", None) is not None, 5)
     pool.give_back_pending(keys[0], None, "")
     assert got.wait(10)
     t.join(10)
     pool.give_back_pending(keys[0], None, "")
-    assert (dict(pool._pending), dict(pool._pending_conds)) == ({}, {})
+    assert (pool.identities(), pool._pending_total) == ([], 0)
     assert pool.snapshot()["pending"] == {}
 
 
@@ -225,7 +226,7 @@ def test_pending_counts_never_outlive_their_logins(steps):
     for key, n in held.items():
         for _ in range(n):
             pool.give_back_pending(key, None, "")
-    assert (dict(pool._pending), dict(pool._pending_conds)) == ({}, {})
+    assert (pool.identities(), pool._pending_total) == ([], 0)
 
 
 # -- the auth_query cache -----------------------------------------------------------------

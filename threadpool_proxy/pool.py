@@ -6,12 +6,19 @@ than ``pool_size`` connections of one (node, user, database) key.
 
 Design notes
 ------------
+* What belongs to one identity lives in one ``IdentityPool`` (as PgBouncer
+  keeps one PgPool per database and user): its parked connections, its
+  counts, its waiters, the clients keeping an idle connection of it, its
+  server's defaults.  ``BackendIdlePool`` is the registry above them and
+  holds only what spans identities; an identity leaves the registry, in one
+  ``del``, as soon as it holds nothing.
 * One lock guards everything.  Waiters of a key queue first come, first
-  served (``_HandOff``), each on a gate of its own: a connection released while
-  somebody waits is handed to the longest waiter directly, never parked for
-  whoever comes next, and its gate opens after the pool lock is let go, so the
-  woken thread does not start by waiting for that lock (a Condition's notify
-  under the lock would make it do just that, on every hand-off).
+  served (``IdentityPool.wait``), each on a gate of its own: a connection
+  released while somebody waits is handed to the longest waiter directly,
+  never parked for whoever comes next, and its gate opens after the pool lock
+  is let go, so the woken thread does not start by waiting for that lock (a
+  Condition's notify under the lock would make it do just that, on every
+  hand-off).
 * No socket I/O happens while the lock is held: connections to close or to
   probe are taken out of the structure under the lock and handled after it.
 * Parked connections are reused LIFO (the most recently parked is the warmest);
@@ -22,10 +29,10 @@ Design notes
   ``MSG_PEEK``), so under TLS any record at all, or bytes already decrypted,
   mean the idle connection spoke and is not clean.
 
-Accounting per key, under the lock:
+Accounting per identity (``IdentityPool``, one per key), under the lock:
 
-* ``_open``: authenticated connections, in use or parked: at most ``pool_size``.
-* ``_pending``: pass-through logins dialed but not yet accepted by the server
+* ``open``: authenticated connections, in use or parked: at most ``pool_size``.
+* ``pending``: pass-through logins dialed but not yet accepted by the server
   (no AuthenticationOk yet): at most ``max_pending_logins``, a separate
   allowance, so a login that has proved nothing never takes a slot, never
   evicts a parked connection and never makes an authenticated client wait.
@@ -151,7 +158,7 @@ class Waiter:
         self.waiting = False
         self.canceled = False
         self.slice_ended = False      # its last wait ended by time, not by a wake-up
-        self.gate: Any = None         # the lock it sleeps on while queued (_HandOff)
+        self.gate: Any = None         # the lock it sleeps on while queued (IdentityPool.wait)
         self.handed: Any = None       # a connection handed to it while it slept
         self.takes_connection = takes_connection   # False: it waits for a free slot (promote)
 
@@ -184,63 +191,6 @@ class Limits:
                    config.reserve_pool_timeout)
 
 
-class _HandOff:
-    """The waiters of one key, first come first served; guarded by the pool lock.
-
-    ``wait`` queues a waiter and sleeps on its own gate (the pool lock let go
-    meanwhile); ``hand`` gives a released connection to the longest waiter
-    that takes one and returns it, for the caller to ``open`` once it has let
-    go of the pool lock; ``wake_all`` opens every gate with nothing handed (a
-    slot was freed, a server came back, RESUME, a cancel, shutdown: each
-    waiter looks again).
-    """
-
-    __slots__ = ("lock", "queue")
-
-    def __init__(self, lock: Any) -> None:
-        self.lock = lock
-        self.queue: Deque[Waiter] = collections.deque()
-
-    def wait(self, waiter: Waiter, timeout: float) -> bool:
-        """Sleep up to ``timeout`` (pool lock held on entry and on return); True if woken."""
-        gate = waiter.gate = threading.Lock()
-        gate.acquire()
-        self.queue.append(waiter)
-        self.lock.release()
-        woken = False
-        try:
-            woken = gate.acquire(True, timeout) if timeout > 0 else False
-        finally:
-            self.lock.acquire()
-            if not woken:
-                try:
-                    self.queue.remove(waiter)
-                except ValueError:
-                    woken = True     # opened (or handed a connection) just as the time ran out
-        return woken
-
-    def hand(self, conn: Any) -> Optional[Waiter]:
-        """Give ``conn`` to the longest waiter that takes one (None: nobody); waiters met on
-        the way that only want a slot are woken to look again."""
-        queue = self.queue
-        while queue:
-            waiter = queue.popleft()
-            if waiter.takes_connection:
-                # No longer waiting: a CancelRequest from now on is for the server connection.
-                waiter.handed, waiter.waiting = conn, False
-                return waiter
-            waiter.gate.release()
-        return None
-
-    def wake_all(self) -> None:
-        queue = self.queue
-        while queue:
-            queue.popleft().gate.release()
-
-
-_NO_HANDOFF = _HandOff(None)
-
-
 class _NodeDown:
     """A server whose last dial (or health check) failed: no new dial before ``retry_at``, one at a time.
 
@@ -258,6 +208,178 @@ class _NodeDown:
         self.since = time.time()
 
 
+class IdentityPool:
+    """What the pool holds for one identity, ``node\\0user\\0database`` (PgBouncer's PgPool).
+
+    Guarded by the pool's one lock; ``BackendIdlePool`` keeps one per key in
+    its registry and only what spans identities beside it.  An identity is in
+    the registry only while it holds something (``is_empty``): the pool drops
+    it wherever one of its counts falls or a wait on it ends, so a key that
+    only ever saw failed logins leaves nothing behind.  Nobody keeps a
+    reference to one across a release of the pool lock except a thread asleep
+    on it (counted in ``sleepers``, so it is not dropped under that thread).
+
+    Its waiters queue first come, first served: ``wait`` queues one and
+    sleeps on its own gate (the pool lock let go meanwhile); ``hand`` gives a
+    released connection to the longest waiter that takes one and returns it,
+    for the caller to open its gate once it has let go of the pool lock;
+    ``wake_all`` opens every gate with nothing handed (a slot was freed, a
+    server came back, RESUME, a cancel, shutdown: each waiter looks again).
+    """
+
+    __slots__ = ("key", "lock", "idle", "open", "pending", "waiters", "sleepers", "login_cond", "lingering",
+                 "defaults", "groups")
+
+    def __init__(self, key: str, lock: Any) -> None:
+        self.key = key
+        self.lock = lock
+        #: Parked connections, (connection, monotonic time parked), oldest first:
+        #: reused from the right (LIFO), reaped from the left.
+        self.idle: Deque[Tuple[Any, float]] = collections.deque()
+        #: Authenticated connections, in use or parked: at most pool_size.
+        self.open = 0
+        #: Pass-through logins dialed and not yet accepted by the server: at most max_pending_logins.
+        self.pending = 0
+        #: Checkouts waiting for a connection or a slot, longest first.
+        self.waiters: Deque[Waiter] = collections.deque()
+        #: Threads asleep on this identity (its waiters, and logins waiting for a pending place),
+        #: woken or not: each is still to take the pool lock back and look again.
+        self.sleepers = 0
+        #: Where logins wait for a pending place (or for RESUME); made on the first wait.
+        self.login_cond: Optional[threading.Condition] = None
+        #: Clients keeping their idle connection until someone needs it (``linger``), oldest first.
+        self.lingering: Dict[Any, None] = {}
+        #: The server's settings of this identity when nobody changed them, learned from fresh logins.
+        self.defaults: Dict[str, str] = {}
+        #: Its groups, whose open connections max_db_connections and max_user_connections count.
+        self.groups = _groups_of(key)
+
+    def is_empty(self) -> bool:
+        """Nothing parked, open, pending, waiting or lingering: the registry may forget it."""
+        return not (self.open or self.pending or self.idle or self.sleepers or self.waiters or self.lingering)
+
+    # -- parked connections --------------------------------------------------------
+
+    def pop(self, prefer: Optional[Callable[[Any], bool]] = None) -> Any:
+        """Take out the newest parked connection, or the newest for which ``prefer`` is true (one is parked)."""
+        idle = self.idle
+        if prefer is not None and len(idle) > 1:
+            for i in range(len(idle) - 1, -1, -1):
+                if prefer(idle[i][0]):
+                    conn = idle[i][0]
+                    del idle[i]
+                    return conn
+        return idle.pop()[0]
+
+    def take_parked(self, which: Optional[Callable[[Any], bool]] = None) -> list:
+        """Take out every parked connection (for which ``which`` is true) and return them."""
+        if which is None:
+            taken = [conn for conn, _ in self.idle]
+            self.idle.clear()
+            return taken
+        keep: Deque[Tuple[Any, float]] = collections.deque()
+        taken = []
+        for parked in self.idle:
+            if which(parked[0]):
+                taken.append(parked[0])
+            else:
+                keep.append(parked)
+        if taken:
+            self.idle = keep
+        return taken
+
+    # -- waiters: hand-offs ------------------------------------------------------
+
+    def wait(self, waiter: Waiter, timeout: float) -> bool:
+        """Sleep up to ``timeout`` (pool lock held on entry and on return); True if woken."""
+        gate = waiter.gate = threading.Lock()
+        gate.acquire()
+        self.waiters.append(waiter)
+        self.sleepers += 1
+        self.lock.release()
+        woken = False
+        try:
+            woken = gate.acquire(True, timeout) if timeout > 0 else False
+        finally:
+            self.lock.acquire()
+            self.sleepers -= 1
+            if not woken:
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:
+                    woken = True     # opened (or handed a connection) just as the time ran out
+        return woken
+
+    def hand(self, conn: Any) -> Optional[Waiter]:
+        """Give ``conn`` to the longest waiter that takes one (None: nobody); waiters met on
+        the way that only want a slot are woken to look again."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.takes_connection:
+                # No longer waiting: a CancelRequest from now on is for the server connection.
+                waiter.handed, waiter.waiting = conn, False
+                return waiter
+            waiter.gate.release()
+        return None
+
+    def wake_all(self) -> None:
+        waiters = self.waiters
+        while waiters:
+            waiters.popleft().gate.release()
+
+    def wake_everyone(self) -> None:
+        """RESUME, shutdown: every waiting checkout and login of this identity looks again."""
+        self.wake_all()
+        if self.login_cond is not None:
+            self.login_cond.notify_all()
+
+    # -- lingering holders -------------------------------------------------------
+
+    def ask_back_one(self) -> bool:
+        """Ask the longest lingering holder to give its connection back; False if there is none."""
+        held = self.lingering
+        if not held:
+            return False
+        holder = next(iter(held))
+        del held[holder]
+        holder.wake()          # a non-blocking eventfd write
+        return True
+
+    def ask_back_all(self, which: Optional[Callable[[Any], bool]] = None) -> None:
+        """Ask every lingering holder (for which ``which`` is true) to give its connection back."""
+        held = self.lingering
+        for holder in [h for h in held if which is None or which(h)]:
+            del held[holder]
+            holder.wake()
+
+    # -- pending pass-through logins ---------------------------------------------
+
+    def wait_for_login_place(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` until a pending login of this identity ends (pool lock held)."""
+        cond = self.login_cond
+        if cond is None:
+            cond = self.login_cond = threading.Condition(self.lock)
+        self.sleepers += 1
+        try:
+            cond.wait(timeout)
+        finally:
+            self.sleepers -= 1
+
+    def login_place_freed(self) -> None:
+        """One pending login ended: the longest waiting login may take its place."""
+        if self.pending > 0:
+            self.pending -= 1
+        if self.login_cond is not None:
+            self.login_cond.notify()
+
+
+def _groups_of(key: str) -> tuple:
+    """(("d", database), ("u", user)) of a client key (trust ones too); () for the proxy's own keys."""
+    parts = _client_key_parts(key)
+    return (("d", parts[2]), ("u", parts[1])) if parts else ()
+
+
 def _close(conn: Any, key: str, reason: str) -> None:
     """Close a server connection the pool let go of, saying why in the log."""
     log.info("closing server connection %r of %s: %s", conn, _show(key), reason)
@@ -267,8 +389,55 @@ def _close(conn: Any, key: str, reason: str) -> None:
         pass
 
 
+def _close_evicted(victims: list) -> None:
+    """Close (connection, key) pairs taken out to make room under max_db/max_user_connections."""
+    for conn, key in victims:
+        _close(conn, key, "evicted: max_db_connections or max_user_connections reached, "
+                          "and another pool needs a connection")
+
+
+#: ``acquire`` returns None: a slot was taken for the caller to dial in, or (dial=False) nothing is open.
+_NO_CONNECTION = object()
+
+
+class _Checkout:
+    """One ``acquire`` that found nothing parked at once: what it asks for, and since when it waits."""
+
+    __slots__ = ("key", "limit", "timeout", "prefer", "dial", "waiter", "paced", "failover", "limits",
+                 "check_client", "deadline", "victims")
+
+    def __init__(self, key: str, limit: int, timeout: float, prefer: Optional[Callable[[Any], bool]],
+                 dial: bool, waiter: Waiter, paced: bool, failover: bool, limits: Optional[Limits]) -> None:
+        self.key, self.limit, self.timeout, self.prefer, self.dial = key, limit, timeout, prefer, dial
+        self.waiter, self.paced, self.failover, self.limits = waiter, paced, failover, limits
+        # Whether the waiting client is still there is asked (a non-blocking peek,
+        # one syscall) when it is about to be handed something after waiting
+        # CLIENT_CHECK_AFTER or more, and after a wait that ended by its time
+        # slice; not after every wake-up.
+        self.check_client = waiter.alive is not None
+        self.deadline: Optional[float] = None     # set at its first wait: monotonic() + timeout
+        self.victims: list = []                   # (conn, key) evicted for the caps, closed at the end
+
+    def client_left(self) -> bool:
+        """Whether its client, once it has waited CLIENT_CHECK_AFTER or more, is gone (a peek)."""
+        return self.check_client and self.deadline is not None \
+            and time.monotonic() - (self.deadline - self.timeout) >= CLIENT_CHECK_AFTER and not self.waiter.alive()
+
+    def reserve_time(self) -> Optional[float]:
+        """When the reserve becomes its own (it will have waited reserve_timeout), if there is one."""
+        limits = self.limits
+        if limits is None or not limits.reserve_size:
+            return None
+        return (time.monotonic() if self.deadline is None else self.deadline - self.timeout) + limits.reserve_timeout
+
+
 class BackendIdlePool:
-    """Parked server connections in a dict of deques keyed by ``pool_key``.
+    """The registry of ``IdentityPool``s by ``pool_key``, and what spans identities.
+
+    That is: the one lock, the idle totals and caps, open connections per
+    database and user (max_db_connections, max_user_connections), servers
+    marked down and the pacing of their dials, PAUSE and RECONNECT targets,
+    draining and server_lifetime.
 
     Caller API: ``checkout``, ``checkin``, ``reap_idle`` (the idle structure);
     ``acquire``, ``release_slot``, ``discard`` (the ``pool_size`` accounting,
@@ -278,29 +447,22 @@ class BackendIdlePool:
     allowance of pass-through logins not yet authenticated);
     ``linger``/``unlinger`` (clients keeping an idle connection while nobody
     waits); ``learn_defaults``/``defaults`` (the server's default settings per
-    key, learned from fresh logins); ``close`` at shutdown; ``stats`` and
-    ``snapshot`` for observation.
+    key, learned from fresh logins); ``close`` at shutdown; ``stats``,
+    ``snapshot`` and ``identities`` for observation.
     """
 
     def __init__(self, max_idle_per_key: int, max_total_idle: int) -> None:
         self.max_idle_per_key = max_idle_per_key
         self.max_total_idle = max_total_idle
         self._lock = threading.Lock()
-        self._idle: Dict[str, Deque[Tuple[Any, float]]] = {}
+        self._pools: Dict[str, IdentityPool] = {}     # the registry: key -> its identity's pool
         self._total_idle = 0
-        self._open: Dict[str, int] = collections.Counter()
         # Open connections per ("d", database) and ("u", user) of client keys, for
-        # max_db_connections and max_user_connections; changed only when one opens or closes.
+        # max_db_connections and max_user_connections; changed only when one opens or closes, and
+        # a group whose count falls to 0 goes.
         self._open_groups: Dict[Tuple[str, str], int] = collections.Counter()
-        self._key_groups: Dict[str, tuple] = {}
-        self._pending: Dict[str, int] = collections.Counter()
-        self._handoffs: Dict[str, _HandOff] = {}
-        self._pending_conds: Dict[str, threading.Condition] = {}
-        self._pending_waiters: Dict[str, int] = collections.Counter()   # threads waiting on _pending_conds
-        self._pending_total = 0
+        self._pending_total = 0                 # pending logins of every identity (max_pending_logins_total)
         self._down: Dict[str, _NodeDown] = {}
-        self._lingering: Dict[str, Dict[Any, None]] = {}
-        self._defaults: Dict[str, Dict[str, str]] = {}
         self._closed = False
         self._held: set = set()           # PAUSE: targets ((node, database) or ALL_SERVERS) whose checkouts wait
         self._close_before: Dict[Any, float] = {}   # RECONNECT: target -> close connections created until then
@@ -328,9 +490,11 @@ class BackendIdlePool:
         """
         while True:
             with self._lock:
-                conn = self._pop_locked(key, prefer)
-            if conn is None:
-                return None
+                ident = self._pools.get(key)
+                if ident is None or not ident.idle:
+                    return None
+                conn = ident.pop(prefer)
+                self._total_idle -= 1
             conn = self._vet(key, conn)
             if conn is not None:
                 return conn
@@ -368,9 +532,10 @@ class BackendIdlePool:
         Never waits and never dials (several nodes: reuse before dialing
         anywhere); keys paused by PAUSE are skipped.
         """
-        idle = self._idle
+        pools = self._pools
         for key in keys:
-            if not idle.get(key) or (self._held and self._held_key(key)):
+            ident = pools.get(key)
+            if ident is None or not ident.idle or (self._held and self._held_key(key)):
                 continue
             conn = self.checkout(key, prefer)
             if conn is not None:
@@ -392,15 +557,15 @@ class BackendIdlePool:
         """
         taker = None
         with self._lock:
-            reason = self._refusal_locked(key, conn, reset_ok)
+            ident = self._pools.get(key) or self._identity_locked(key)
+            reason = self._refusal_locked(ident, conn, reset_ok)
             if reason is None:
-                handoff = self._handoffs.get(key)
-                if handoff is not None and handoff.queue and not (self._held and self._held_key(key)):
-                    taker = handoff.hand(conn)
+                if ident.waiters and not (self._held and self._held_key(key)):
+                    taker = ident.hand(conn)
                 if taker is not None:
                     self.stats["handed_on"] += 1
                 else:
-                    self._idle.setdefault(key, collections.deque()).append((conn, time.monotonic()))
+                    ident.idle.append((conn, time.monotonic()))
                     self._total_idle += 1
                     self.stats["parked"] += 1
             else:
@@ -412,8 +577,9 @@ class BackendIdlePool:
             taker.gate.release()          # after the pool lock: the taker goes straight on
         return True
 
-    def _refusal_locked(self, key: str, conn: Any, reset_ok: bool) -> Optional[str]:
+    def _refusal_locked(self, ident: IdentityPool, conn: Any, reset_ok: bool) -> Optional[str]:
         """Why a released ``conn`` cannot be parked or handed on (counted), or None."""
+        key = ident.key
         if self._born_before and conn.created <= self._born_before and key in self.renewable:
             self.stats["lifetime_closed"] += 1
             return "server_lifetime: it is older than that"
@@ -429,8 +595,8 @@ class BackendIdlePool:
             return "its reset query could not be sent"
         if self._closed:
             return "the proxy is shutting down"
-        if (len(self._idle.get(key, ())) >= self.max_idle_per_key or self._total_idle >= self.max_total_idle) \
-                and not self._handoffs.get(key, _NO_HANDOFF).queue:
+        if (len(ident.idle) >= self.max_idle_per_key or self._total_idle >= self.max_total_idle) \
+                and not ident.waiters:
             self.stats["over_capacity"] += 1
             return "max_idle_per_key or max_total_idle reached"
         return None
@@ -443,9 +609,10 @@ class BackendIdlePool:
         cutoff = time.monotonic() - max_age
         victims = []
         with self._lock:
-            for key, dq in self._idle.items():
+            for ident in list(self._pools.values()):
+                key, dq = ident.key, ident.idle
                 floor = keep.get(key, 0) if keep else 0
-                while dq and dq[0][1] <= cutoff and (not floor or self._open[key] > floor):
+                while dq and dq[0][1] <= cutoff and (not floor or ident.open > floor):
                     victims.append((dq.popleft()[0], key))
                     self._total_idle -= 1
                     self.stats["reaped"] += 1
@@ -485,85 +652,146 @@ class BackendIdlePool:
         oldest parked connection of another pool of that database or user, or
         waits (asking clients keeping idle ones of it to give them back).
         """
-        deadline = None
-        victims: list = []
-        if waiter is None:
-            waiter = Waiter()
-        # Whether the waiting client is still there is asked (a non-blocking peek,
-        # one syscall) when it is about to be handed something after waiting
-        # CLIENT_CHECK_AFTER or more, and after a wait that ended by its time
-        # slice; not after every wake-up.
-        check_client = waiter.alive is not None
+        paused = self._held and self._held_key(key)
+        if not paused:
+            conn = self.checkout(key, prefer)
+            if conn is not None:
+                return conn              # at hand: nobody waited, so nobody to ask whether still there
+        return self._acquire_waiting(_Checkout(key, limit, timeout, prefer, dial,
+                                               Waiter() if waiter is None else waiter, paced, failover, limits),
+                                     paused)
+
+    def _acquire_waiting(self, want: _Checkout, paused: bool) -> Any:
+        """``acquire`` once nothing was parked (or PAUSE holds the key): take a slot or wait, look again."""
         try:
-            while True:
-                if self._held and self._held_key(key):
-                    deadline = self._wait_while_held(key, deadline, timeout, waiter)
-                    if check_client:
-                        self._check_client(waiter)
-                    continue
-                conn = self.checkout(key, prefer)
-                if conn is not None:
-                    return self._hand_to_client(key, conn, waiter, check_client and self._waited_long(deadline, timeout))
-                with self._lock:
-                    # Decide here: a parked connection appeared, a slot is free, or wait.
-                    if self._closed:
-                        raise PoolClosed()
-                    self._check_canceled_locked(waiter)
-                    if self._idle.get(key):
-                        continue
-                    wake_at = slice_end = None
-                    if not dial:
-                        if self._open[key] == 0:
-                            return None
-                    elif self._open[key] < limit or (
-                            limits is not None and self._reserve_locked(key, limit, limits, deadline, timeout)):
-                        if limits is not None and not self._room_locked(key, limits, victims):
-                            wake_at = time.monotonic() + CAP_SLICE
-                        else:
-                            wake_at = self._dial_pause_locked(key) if paced else None
-                            if wake_at is not None and failover:
-                                raise NodeDown()
-                        if wake_at is None:
-                            if check_client and self._waited_long(deadline, timeout) and not waiter.alive():
-                                self.stats["waiters_gone"] += 1
-                                raise ClientGone()
-                            self._opened_locked(key)
-                            return None
-                    elif limits is not None and limits.reserve_size:
-                        # Wake when the reserve becomes this caller's (it has waited reserve_timeout).
-                        slice_end = (time.monotonic() if deadline is None else deadline - timeout) \
-                            + limits.reserve_timeout
-                    deadline = self._wait_locked(key, deadline, timeout, waiter, wake_at, slice_end)
-                    conn, waiter.handed = waiter.handed, None
+            conn = self._look_again(want) if paused else None
+            while conn is None:
+                conn = self._take_slot_or_wait(want)
+                if conn is _NO_CONNECTION:
+                    return None
                 if conn is not None:
                     # Released by its last holder straight to us: in use all along, never parked.
-                    conn = self._vet(key, conn)
-                    if conn is not None:
-                        return self._hand_to_client(key, conn, waiter,
-                                                    check_client and self._waited_long(deadline, timeout))
-                elif waiter.slice_ended and check_client:
-                    self._check_client(waiter)
+                    conn = self._vet(want.key, conn)
+                if conn is None:
+                    conn = self._look_again(want)
+            return self._hand_to_client(want, conn)
         finally:
-            if waiter.waiting:
-                with self._lock:
-                    waiter.waiting = False
-                    waiter.canceled = False
-            for conn, other in victims:
-                _close(conn, other, "evicted: max_db_connections or max_user_connections reached, "
-                                    "and another pool needs a connection")
+            self._end_checkout(want)
 
-    @staticmethod
-    def _waited_long(deadline: Optional[float], timeout: float) -> bool:
-        """Whether a caller that first waited ``deadline - timeout`` has waited CLIENT_CHECK_AFTER."""
-        return deadline is not None and time.monotonic() - (deadline - timeout) >= CLIENT_CHECK_AFTER
+    def _look_again(self, want: _Checkout) -> Any:
+        """A parked connection of the key, or None; first waiting out a PAUSE of it."""
+        while self._held and self._held_key(want.key):
+            self._wait_for_resume(want)
+        return self.checkout(want.key, want.prefer)
 
-    def _hand_to_client(self, key: str, conn: Any, waiter: Waiter, check_client: bool) -> Any:
+    def _wait_for_resume(self, want: _Checkout) -> None:
+        """PAUSE holds the key: wait (a slice at a time) for RESUME."""
+        with self._lock:
+            if self._closed or self._draining:
+                raise PoolClosed()
+            self._check_canceled_locked(want.waiter)
+            if self._held_key(want.key):
+                try:
+                    want.deadline = self._wait_locked(want.key, want.deadline, want.timeout, want.waiter,
+                                                      time.monotonic() + WAIT_SLICE)
+                finally:
+                    self._drop_if_empty_locked(self._pools.get(want.key))
+        if want.check_client:
+            self._check_client(want.waiter)
+
+    def _take_slot_or_wait(self, want: _Checkout) -> Any:
+        """Nothing parked: take a slot to dial in, or wait for a release.
+
+        Returns _NO_CONNECTION (``acquire`` returns None: a slot was taken, or
+        with ``dial=False`` nothing is open to wait for), a connection handed
+        on during the wait, or None: look again.
+        """
+        waiter = want.waiter
+        with self._lock:
+            # Decide here: a parked connection appeared, a slot is free, or wait.
+            if self._closed:
+                raise PoolClosed()
+            self._check_canceled_locked(waiter)
+            ident = self._identity_locked(want.key)
+            try:
+                if ident.idle:
+                    return None
+                wake_at = slice_end = None
+                if not want.dial:
+                    if ident.open == 0:
+                        return _NO_CONNECTION
+                elif ident.open < want.limit or self._reserve_is_due_locked(ident, want):
+                    wake_at = self._dial_blocked_until_locked(ident, want)
+                    if wake_at is None:
+                        self._open_for_locked(ident, want)
+                        return _NO_CONNECTION
+                else:
+                    slice_end = want.reserve_time()
+                want.deadline = self._wait_locked(want.key, want.deadline, want.timeout, waiter, wake_at, slice_end)
+                conn, waiter.handed = waiter.handed, None
+            finally:
+                if not ident.open:                     # (a slot taken, or one open: not empty)
+                    self._drop_if_empty_locked(ident)  # nothing taken, nothing handed: forget it
+        if conn is None and waiter.slice_ended and want.check_client:
+            self._check_client(waiter)
+        return conn
+
+    def _reserve_is_due_locked(self, ident: IdentityPool, want: _Checkout) -> bool:
+        """Whether the caller, having waited ``reserve_timeout``, may open one of ``reserve_size``
+        connections beyond its ``limit``."""
+        limits, deadline = want.limits, want.deadline
+        if limits is None or not limits.reserve_size or deadline is None \
+                or ident.open >= want.limit + limits.reserve_size:
+            return False
+        waited = time.monotonic() - (deadline - want.timeout)
+        if waited < limits.reserve_timeout:
+            return False
+        self.stats["reserve_used"] += 1
+        log.warning("%s: a client waited %.1f s (reserve_pool_timeout %g s): taking a connection from "
+                    "reserve_pool (%d of %d in use)", _show(ident.key), waited, limits.reserve_timeout,
+                    ident.open - want.limit + 1, limits.reserve_size)
+        return True
+
+    def _dial_blocked_until_locked(self, ident: IdentityPool, want: _Checkout) -> Optional[float]:
+        """None if a connection of ``ident`` may be dialed now, else when to look again.
+
+        Blocked by its database's or user's cap (when nothing could be evicted)
+        or by the pacing of a server that is down; NodeDown instead of the
+        latter when the caller has other nodes to go to.
+        """
+        if want.limits is not None and not self._room_locked(ident, want.limits, want.victims):
+            return time.monotonic() + CAP_SLICE
+        if not want.paced:
+            return None
+        wake_at = self._dial_pause_locked(want.key)
+        if wake_at is not None and want.failover:
+            raise NodeDown()
+        return wake_at
+
+    def _open_for_locked(self, ident: IdentityPool, want: _Checkout) -> None:
+        """Take a slot of ``ident`` for the caller to dial in, unless its client left while it waited."""
+        if want.client_left():
+            self.stats["waiters_gone"] += 1
+            raise ClientGone()
+        self._opened_locked(ident)
+
+    def _hand_to_client(self, want: _Checkout, conn: Any) -> Any:
         """``conn`` for a client that waited, if it is still there; else back to the pool."""
-        if check_client and not waiter.alive():
-            self.checkin(key, conn)          # untouched: parked (or handed) again for the next one
+        if want.client_left():
+            self.checkin(want.key, conn)          # untouched: parked (or handed) again for the next one
             self._count("waiters_gone")
             raise ClientGone()
         return conn
+
+    def _end_checkout(self, want: _Checkout) -> None:
+        """However ``acquire`` ended: the waiter no longer waits; what was evicted for it is closed."""
+        waiter = want.waiter
+        if waiter.waiting:
+            with self._lock:
+                waiter.waiting = False
+                waiter.canceled = False
+        if want.victims:
+            _close_evicted(want.victims)
 
     def _check_client(self, waiter: Waiter) -> None:
         if not waiter.alive():
@@ -576,7 +804,9 @@ class BackendIdlePool:
             if not waiter.waiting:
                 return False
             waiter.canceled = True
-            self._handoff_locked(waiter.key).wake_all()
+            ident = self._pools.get(waiter.key)
+            if ident is not None:
+                ident.wake_all()
             return True
 
     def _check_canceled_locked(self, waiter: Optional[Waiter]) -> None:
@@ -649,11 +879,9 @@ class BackendIdlePool:
             down.retry_at = time.monotonic() + retry_after
             down.error = error
             down.checked = True
-            for key, held in self._lingering.items():
-                if held and _node_of(key) == node:
-                    for holder in list(held):
-                        del held[holder]
-                        holder.wake()
+            for key, ident in self._pools.items():
+                if ident.lingering and _node_of(key) == node:
+                    ident.ask_back_all()
             self._notify_node_locked(node)
         self.close_parked_of_node(node)
         return was_up
@@ -679,12 +907,9 @@ class BackendIdlePool:
         """Close every parked connection of ``node`` (it went down)."""
         victims = []
         with self._lock:
-            for key, dq in self._idle.items():
-                if dq and _node_of(key) == node:
-                    while dq:
-                        victims.append((dq.pop()[0], key))
-                        self._total_idle -= 1
-                        self._forget_locked(key)
+            for ident in list(self._pools.values()):
+                if ident.idle and _node_of(ident.key) == node:
+                    victims += self._take_parked_locked(ident)
         for conn, key in victims:
             _close(conn, key, "its server is marked down")
         return len(victims)
@@ -711,9 +936,9 @@ class BackendIdlePool:
 
     def _notify_node_locked(self, node: str) -> None:
         prefix = node + "\0"
-        for key, handoff in self._handoffs.items():
+        for key, ident in self._pools.items():
             if key.startswith(prefix):
-                handoff.wake_all()
+                ident.wake_all()
 
     # -- pass-through logins not yet authenticated ------------------------------
 
@@ -727,49 +952,28 @@ class BackendIdlePool:
         """
         deadline = time.monotonic() + timeout
         with self._lock:
+            if self._closed or self._draining:
+                raise PoolClosed()
+            ident = self._identity_locked(key)
             try:
                 while True:
-                    if self._closed or self._draining:
-                        raise PoolClosed()
-                    if self._held and self._held_key(key):       # PAUSE: the login waits for RESUME
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            self.stats["pending_timeouts"] += 1
-                            raise PoolTimeout()
-                        self._wait_pending_locked(key, min(remaining, WAIT_SLICE))
-                        continue
-                    if self._pending[key] < allowance:
+                    held = self._held and self._held_key(key)     # PAUSE: the login waits for RESUME
+                    if not held and ident.pending < allowance:
                         if total_allowance and self._pending_total >= total_allowance:
                             self.stats["pending_refused"] += 1
                             raise TooManyPending()
-                        self._pending[key] += 1
+                        ident.pending += 1
                         self._pending_total += 1
                         return
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         self.stats["pending_timeouts"] += 1
                         raise PoolTimeout()
-                    self._wait_pending_locked(key, remaining)
+                    ident.wait_for_login_place(min(remaining, WAIT_SLICE) if held else remaining)
+                    if self._closed or self._draining:
+                        raise PoolClosed()
             finally:
-                self._tidy_pending_locked(key)
-
-    def _wait_pending_locked(self, key: str, timeout: float) -> None:
-        """Wait on the key's pending condition, counted, so that it is not forgotten meanwhile."""
-        cond = self._cond_locked(key, self._pending_conds)
-        self._pending_waiters[key] += 1
-        try:
-            cond.wait(timeout)
-        finally:
-            self._pending_waiters[key] -= 1
-            if not self._pending_waiters[key]:
-                del self._pending_waiters[key]
-
-    def _tidy_pending_locked(self, key: str) -> None:
-        """Forget a key with no pending login: its count, and its condition when nobody waits on it."""
-        if not self._pending.get(key):
-            self._pending.pop(key, None)
-            if not self._pending_waiters.get(key):
-                self._pending_conds.pop(key, None)
+                self._drop_if_empty_locked(ident)       # it gave up: nothing left of it
 
     def promote(self, key: str, limit: int, timeout: float, limits: Optional[Limits] = None) -> None:
         """The server accepted a pending login of ``key``: move it into a ``pool_size`` slot.
@@ -785,13 +989,14 @@ class BackendIdlePool:
             with self._lock:
                 if self._closed or self._draining:
                     raise PoolClosed()
-                if limits is not None and not self._room_locked(key, limits, victims):
+                ident = self._identity_locked(key)      # never empty here: this login is pending
+                if limits is not None and not self._room_locked(ident, limits, victims):
                     deadline = self._wait_locked(key, deadline, timeout, None, time.monotonic() + CAP_SLICE)
                     continue
-                if self._open[key] < limit:
-                    self._opened_locked(key)
+                if ident.open < limit:
+                    self._opened_locked(ident)
                 else:
-                    dq = self._idle.get(key)
+                    dq = ident.idle
                     if not dq:
                         deadline = self._wait_locked(key, deadline, timeout)
                         continue
@@ -801,9 +1006,7 @@ class BackendIdlePool:
                 self._pending_done_locked(key)
             if victim is not None:
                 _close(victim, key, "its slot is taken by a new pass-through login")
-            for conn, other in victims:
-                _close(conn, other, "evicted: max_db_connections or max_user_connections reached, "
-                                    "and another pool needs a connection")
+            _close_evicted(victims)
             return
 
     def give_back_pending(self, key: str, conn: Any, reason: str) -> None:
@@ -814,13 +1017,12 @@ class BackendIdlePool:
             self._pending_done_locked(key)
 
     def _pending_done_locked(self, key: str) -> None:
-        if self._pending.get(key, 0) > 0:
-            self._pending[key] -= 1
-            self._pending_total -= 1
-        cond = self._pending_conds.get(key)
-        if cond is not None:
-            cond.notify()
-        self._tidy_pending_locked(key)
+        ident = self._pools.get(key)
+        if ident is not None:
+            if ident.pending > 0:
+                self._pending_total -= 1
+            ident.login_place_freed()
+            self._drop_if_empty_locked(ident)
 
     # -- lingering: connections kept by their last client until someone needs them
 
@@ -833,16 +1035,18 @@ class BackendIdlePool:
         holder must give its connection back (reset, ``checkin``) when its
         ``wake()`` is called: a waiter calls it instead of waiting blindly.
         """
-        if self._handoffs.get(key, _NO_HANDOFF).queue:
+        ident = self._pools.get(key)
+        if ident is not None and ident.waiters:
             return False        # somebody waits (read without the lock: refusing is always safe)
         with self._lock:
-            if self._handoffs.get(key, _NO_HANDOFF).queue or self._closed or self._draining or (self._held and self._held_key(key)):
-                return False
+            ident = self._pools.get(key)
+            if ident is None or ident.waiters or self._closed or self._draining or (self._held and self._held_key(key)):
+                return False        # (None: nothing of the key is open, so nothing to keep)
             if conn is not None and ((self._born_before and conn.created <= self._born_before
                                       and key in self.renewable)
                                      or (self._close_before and self._stale_locked(key, conn))):
                 return False
-            self._lingering.setdefault(key, {})[holder] = None
+            ident.lingering[holder] = None
             return True
 
     def unlinger(self, key: str, holder: Any) -> bool:
@@ -851,9 +1055,9 @@ class BackendIdlePool:
         Returns False if a waiter had already claimed it (and called ``wake()``).
         """
         with self._lock:
-            held = self._lingering.get(key)
-            if held is not None and holder in held:
-                del held[holder]
+            ident = self._pools.get(key)
+            if ident is not None and holder in ident.lingering:
+                del ident.lingering[holder]
                 return True
             return False
 
@@ -876,14 +1080,11 @@ class BackendIdlePool:
         if remaining <= 0:
             self.stats["wait_timeouts"] += 1
             raise PoolTimeout()
+        ident = self._identity_locked(key)
         if wake_at is not None:
             remaining = min(remaining, max(0.0, wake_at - now))
         else:
-            held = self._lingering.get(key)
-            if held:
-                holder = next(iter(held))
-                del held[holder]
-                holder.wake()          # a non-blocking eventfd write
+            ident.ask_back_one()
         if slice_end is not None:
             remaining = min(remaining, max(0.0, slice_end - now))
         if waiter is None:
@@ -891,7 +1092,7 @@ class BackendIdlePool:
         elif waiter.alive is not None:
             remaining = min(remaining, WAIT_SLICE)
         waiter.key, waiter.waiting = key, True
-        waiter.slice_ended = not self._handoff_locked(key).wait(waiter, remaining)
+        waiter.slice_ended = not ident.wait(waiter, remaining)
         return deadline
 
     def expire(self, lifetime: float) -> int:
@@ -902,24 +1103,14 @@ class BackendIdlePool:
         victims = []
         with self._lock:
             self._born_before = cutoff
-            for key, dq in self._idle.items():
-                if dq and key in self.renewable and any(conn.created <= cutoff for conn, _ in dq):
-                    keep = collections.deque()
-                    for conn, since in dq:
-                        if conn.created <= cutoff:
-                            victims.append((conn, key))
-                            self._total_idle -= 1
-                            self.stats["lifetime_closed"] += 1
-                            self._forget_locked(key)
-                        else:
-                            keep.append((conn, since))
-                    self._idle[key] = keep
-            for key, held in self._lingering.items():
-                if key not in self.renewable:
-                    continue
-                for holder in [h for h in held if getattr(getattr(h, "backend", None), "created", cutoff + 1) <= cutoff]:
-                    del held[holder]
-                    holder.wake()
+            for ident in list(self._pools.values()):
+                if ident.idle and ident.key in self.renewable:
+                    victims += self._take_parked_locked(ident, lambda conn: conn.created <= cutoff)
+            self.stats["lifetime_closed"] += len(victims)
+            for key, ident in self._pools.items():
+                if ident.lingering and key in self.renewable:
+                    ident.ask_back_all(
+                        lambda h: getattr(getattr(h, "backend", None), "created", cutoff + 1) <= cutoff)
         for conn, key in victims:
             _close(conn, key, f"server_lifetime: open for longer than {lifetime:g} s")
         return len(victims)
@@ -928,17 +1119,18 @@ class BackendIdlePool:
         """min_pool_size: take a slot of ``key`` for a new connection if fewer than ``upto`` are open
         or logging in, within the caps of ``limits`` (no eviction, no wait); False otherwise."""
         with self._lock:
-            if self._closed or self._draining or self._open[key] + self._pending[key] >= upto:
+            ident = self._pools.get(key)
+            if self._closed or self._draining or (ident is not None and ident.open + ident.pending >= upto):
                 return False
             if self._held and self._held_key(key):
                 return False
             if limits is not None:
-                for group, cap in zip(self._groups_locked(key), (limits.db_cap, limits.user_cap)):
+                for group, cap in zip(_groups_of(key), (limits.db_cap, limits.user_cap)):
                     if cap and self._open_groups[group] >= cap:
                         return False
             if self._down and _node_of(key) in self._down:
                 return False
-            self._opened_locked(key)
+            self._opened_locked(self._identity_locked(key))
             return True
 
     def release_slot(self, key: str) -> None:
@@ -963,28 +1155,34 @@ class BackendIdlePool:
     def learn_defaults(self, key: str, params: Dict[str, str]) -> None:
         """Remember settings a fresh login of ``key`` reported that its client did not ask for."""
         with self._lock:
-            self._defaults.setdefault(key, {}).update(params)
+            ident = self._pools.get(key)
+            if ident is not None:       # always: the caller holds that fresh login's slot
+                ident.defaults.update(params)
 
     def defaults(self, key: str) -> Dict[str, str]:
         """What the server's settings of ``key`` are when nobody changed them (a copy)."""
         with self._lock:
-            return dict(self._defaults.get(key, ()))
+            ident = self._pools.get(key)
+            return {} if ident is None else dict(ident.defaults)
 
     def open_count(self, key: str) -> int:
         """Authenticated connections of ``key`` (in use or parked): at most its pool_size."""
         with self._lock:
-            return self._open[key]
+            ident = self._pools.get(key)
+            return 0 if ident is None else ident.open
 
     def pending_count(self, key: str) -> int:
         """Pass-through logins of ``key`` dialed and not yet accepted by the server."""
         with self._lock:
-            return self._pending[key]
+            ident = self._pools.get(key)
+            return 0 if ident is None else ident.pending
 
     def idle_count(self, key: Optional[str] = None) -> int:
         with self._lock:
             if key is None:
                 return self._total_idle
-            return len(self._idle.get(key, ()))
+            ident = self._pools.get(key)
+            return 0 if ident is None else len(ident.idle)
 
     # -- PAUSE, RECONNECT, draining (the admin console, shutdown) ------------------
     #
@@ -1010,10 +1208,8 @@ class BackendIdlePool:
                 self._held.discard(target)
             if self._draining:
                 self._held.add(ALL_SERVERS)       # a shutdown's hold outlives any RESUME
-            for handoff in self._handoffs.values():
-                handoff.wake_all()
-            for cond in self._pending_conds.values():
-                cond.notify_all()
+            for ident in self._pools.values():
+                ident.wake_everyone()
 
     def held(self) -> set:
         with self._lock:
@@ -1022,7 +1218,7 @@ class BackendIdlePool:
     def in_use(self, target) -> int:
         """Connections of ``target`` given out to clients (not parked); PAUSE waits for 0."""
         with self._lock:
-            return sum(n - len(self._idle.get(k, ())) for k, n in self._open.items() if key_matches(k, target))
+            return sum(ident.open - len(ident.idle) for k, ident in self._pools.items() if key_matches(k, target))
 
     def close_released(self, target, before: float) -> int:
         """RECONNECT: close connections of ``target`` created at or before ``before`` (time.time()).
@@ -1041,18 +1237,10 @@ class BackendIdlePool:
         """Close the parked connections of ``target`` (those created at or before ``before``, if given)."""
         victims = []
         with self._lock:
-            for key, dq in self._idle.items():
-                if not key_matches(key, target):
-                    continue
-                keep = collections.deque()
-                for conn, since in dq:
-                    if before is None or getattr(conn, "created", 0.0) <= before:
-                        victims.append((conn, key))
-                        self._total_idle -= 1
-                        self._forget_locked(key)
-                    else:
-                        keep.append((conn, since))
-                self._idle[key] = keep
+            which = None if before is None else lambda conn: getattr(conn, "created", 0.0) <= before
+            for ident in list(self._pools.values()):
+                if ident.idle and key_matches(ident.key, target):
+                    victims += self._take_parked_locked(ident, which)
         for conn, key in victims:
             _close(conn, key, reason)
         return len(victims)
@@ -1078,24 +1266,13 @@ class BackendIdlePool:
             self._held.add(ALL_SERVERS)
             self._close_before[ALL_SERVERS] = float("inf")
             self._wake_lingering_locked(ALL_SERVERS)
-            for handoff in self._handoffs.values():
-                handoff.wake_all()
-            for cond in self._pending_conds.values():
-                cond.notify_all()
+            for ident in self._pools.values():
+                ident.wake_everyone()
         return self.close_parked(ALL_SERVERS, reason="the proxy is shutting down")
 
     @property
     def draining(self) -> bool:
         return self._draining
-
-    def _wait_while_held(self, key: str, deadline, timeout: float, waiter) -> float:
-        with self._lock:
-            if self._closed or self._draining:
-                raise PoolClosed()
-            self._check_canceled_locked(waiter)
-            if self._held_key(key):
-                deadline = self._wait_locked(key, deadline, timeout, waiter, time.monotonic() + WAIT_SLICE)
-        return deadline
 
     def _held_key(self, key: str) -> bool:
         held = self._held
@@ -1108,25 +1285,28 @@ class BackendIdlePool:
         return any(created <= before for target, before in self._close_before.items() if key_matches(key, target))
 
     def _wake_lingering_locked(self, target) -> None:
-        for key, held in self._lingering.items():
-            if held and key_matches(key, target):
-                for holder in list(held):
-                    del held[holder]
-                    holder.wake()
+        for key, ident in self._pools.items():
+            if ident.lingering and key_matches(key, target):
+                ident.ask_back_all()
+
+    def identities(self) -> list:
+        """Keys of every identity the pool holds something for (parked, open, pending, waiting or lingering)."""
+        with self._lock:
+            return list(self._pools)
 
     def parked(self) -> list:
         """(key, connection, monotonic time parked) of every parked connection, for SHOW SERVERS."""
         with self._lock:
-            return [(key, conn, since) for key, dq in self._idle.items() for conn, since in dq]
+            return [(key, conn, since) for key, ident in self._pools.items() for conn, since in ident.idle]
 
     def snapshot(self) -> dict:
         """Counters and per-key sizes, for logs, tests and an admin console."""
         with self._lock:
             return {
                 "stats": dict(self.stats),
-                "idle": {k: len(v) for k, v in self._idle.items() if v},
-                "open": {k: v for k, v in self._open.items() if v},
-                "pending": {k: v for k, v in self._pending.items() if v},
+                "idle": {k: len(ident.idle) for k, ident in self._pools.items() if ident.idle},
+                "open": {k: ident.open for k, ident in self._pools.items() if ident.open},
+                "pending": {k: ident.pending for k, ident in self._pools.items() if ident.pending},
                 "servers_down": sorted(self._down),
                 "total_idle": self._total_idle,
             }
@@ -1135,39 +1315,29 @@ class BackendIdlePool:
         """Close every parked connection and wake every waiter (shutdown)."""
         with self._lock:
             self._closed = True
-            victims = [(c, key) for key, dq in self._idle.items() for c, _ in dq]
-            for key, dq in self._idle.items():
-                for _ in dq:
-                    self._forget_locked(key)
-                dq.clear()
+            victims = []
+            for ident in list(self._pools.values()):
+                victims += self._take_parked_locked(ident)
             self._total_idle = 0
-            for handoff in self._handoffs.values():
-                handoff.wake_all()
-            for cond in self._pending_conds.values():
-                cond.notify_all()
-            holders = [h for held in self._lingering.values() for h in held]
-            self._lingering.clear()
-            for holder in holders:
-                holder.wake()
+            for ident in self._pools.values():
+                ident.wake_everyone()
+                ident.ask_back_all()
         for conn, key in victims:
             _close(conn, key, "the proxy is shutting down")
 
     # -- helpers (lock held) ------------------------------------------------
 
-    def _pop_locked(self, key: str, prefer) -> Any:
-        dq = self._idle.get(key)
-        if not dq:
-            return None
-        if prefer is not None and len(dq) > 1:
-            for i in range(len(dq) - 1, -1, -1):
-                if prefer(dq[i][0]):
-                    conn = dq[i][0]
-                    del dq[i]
-                    self._total_idle -= 1
-                    return conn
-        conn = dq.pop()[0]
-        self._total_idle -= 1
-        return conn
+    def _take_parked_locked(self, ident: IdentityPool, which: Optional[Callable[[Any], bool]] = None) -> list:
+        """Take out the parked connections of ``ident`` (those for which ``which`` is true), their slots freed.
+
+        Returns (connection, key) pairs for the caller to close after the lock.
+        """
+        key = ident.key
+        taken = ident.take_parked(which)          # first: a slot freed below may leave the identity empty
+        self._total_idle -= len(taken)
+        for _ in taken:
+            self._forget_locked(key)
+        return [(conn, key) for conn in taken]
 
     def _forget_locked(self, key: str) -> None:
         """One connection of ``key`` is gone: free its slot and wake its waiters.
@@ -1175,50 +1345,37 @@ class BackendIdlePool:
         All of them: a free slot is of use only to a waiter that may dial (a
         pass-through login); a woken query waiter would go back to sleep with it.
         """
-        if self._open[key] > 0:
-            self._open[key] -= 1
-            for group in self._groups_locked(key):
-                self._open_groups[group] -= 1
-        handoff = self._handoffs.get(key)
-        if handoff is not None:
-            handoff.wake_all()
+        ident = self._pools.get(key)
+        if ident is None:
+            return
+        if ident.open > 0:
+            ident.open -= 1
+            groups = self._open_groups
+            for group in ident.groups:
+                left = groups[group] - 1
+                if left > 0:
+                    groups[group] = left
+                else:
+                    groups.pop(group, None)         # a group with nothing open is not kept
+        ident.wake_all()
+        if not ident.open:
+            self._drop_if_empty_locked(ident)
 
-    def _opened_locked(self, key: str) -> None:
-        """A slot of ``key`` is taken (a connection is being opened): count it, for its groups too."""
-        self._open[key] += 1
-        for group in self._groups_locked(key):
+    def _opened_locked(self, ident: IdentityPool) -> None:
+        """A slot of ``ident`` is taken (a connection is being opened): count it, for its groups too."""
+        ident.open += 1
+        for group in ident.groups:
             self._open_groups[group] += 1
 
-    def _groups_locked(self, key: str) -> tuple:
-        """(("d", database), ("u", user)) of a client key; () for the proxy's own keys."""
-        groups = self._key_groups.get(key)
-        if groups is None:
-            parts = _client_key_parts(key)
-            groups = self._key_groups[key] = (("d", parts[2]), ("u", parts[1])) if parts else ()
-        return groups
-
-    def _reserve_locked(self, key: str, limit: int, limits: Limits, deadline, timeout: float) -> bool:
-        """Whether a caller that has waited may take one of ``reserve_size`` connections beyond ``limit``."""
-        if not limits.reserve_size or deadline is None or self._open[key] >= limit + limits.reserve_size:
-            return False
-        waited = time.monotonic() - (deadline - timeout)
-        if waited < limits.reserve_timeout:
-            return False
-        self.stats["reserve_used"] += 1
-        log.warning("%s: a client waited %.1f s (reserve_pool_timeout %g s): taking a connection from "
-                    "reserve_pool (%d of %d in use)", _show(key), waited, limits.reserve_timeout,
-                    self._open[key] - limit + 1, limits.reserve_size)
-        return True
-
-    def _room_locked(self, key: str, limits: Limits, victims: list) -> bool:
-        """Whether one more connection of ``key`` fits its database's and user's caps.
+    def _room_locked(self, ident: IdentityPool, limits: Limits, victims: list) -> bool:
+        """Whether one more connection of ``ident`` fits its database's and user's caps.
 
         Makes room by taking out the oldest parked connection of another pool
         of the same database or user (into ``victims``, closed by the caller
         after the lock), as PgBouncer evicts; failing that, asks one client
         keeping an idle connection of that group to give it back.
         """
-        for group, cap in zip(self._groups_locked(key), (limits.db_cap, limits.user_cap)):
+        for group, cap in zip(ident.groups, (limits.db_cap, limits.user_cap)):
             while cap and self._open_groups[group] >= cap:
                 victim = self._evict_locked(group)
                 if victim is None:
@@ -1230,41 +1387,40 @@ class BackendIdlePool:
     def _evict_locked(self, group) -> Optional[Tuple[Any, str]]:
         """Take out the oldest parked connection of ``group`` (its slot freed); (conn, key) or None."""
         oldest = None
-        for other, dq in self._idle.items():
-            if dq and group in self._groups_locked(other) and (oldest is None or dq[0][1] < oldest[1]):
-                oldest = (other, dq[0][1])
+        for ident in self._pools.values():
+            dq = ident.idle
+            if dq and group in ident.groups and (oldest is None or dq[0][1] < oldest.idle[0][1]):
+                oldest = ident
         if oldest is None:
             return None
-        other = oldest[0]
-        conn = self._idle[other].popleft()[0]
+        other = oldest.key
+        conn = oldest.idle.popleft()[0]
         self._total_idle -= 1
         self.stats["evicted_for_limit"] += 1
         self._forget_locked(other)
         return conn, other
 
     def _wake_lingering_group_locked(self, group) -> None:
-        for other, held in self._lingering.items():
-            if held and group in self._groups_locked(other):
-                holder = next(iter(held))
-                del held[holder]
-                holder.wake()
+        for ident in self._pools.values():
+            if ident.lingering and group in ident.groups:
+                ident.ask_back_one()
                 return
+
+    def _identity_locked(self, key: str) -> IdentityPool:
+        """The pool of ``key``'s identity, registered now if it has none."""
+        ident = self._pools.get(key)
+        if ident is None:
+            ident = self._pools[key] = IdentityPool(key, self._lock)
+        return ident
+
+    def _drop_if_empty_locked(self, ident: Optional[IdentityPool]) -> None:
+        """Forget ``ident`` if it holds nothing any more (and is still the one registered for its key)."""
+        if ident is not None and ident.is_empty() and self._pools.get(ident.key) is ident:
+            del self._pools[ident.key]
 
     def _count(self, stat: str) -> None:
         with self._lock:
             self.stats[stat] += 1
-
-    def _handoff_locked(self, key: str) -> _HandOff:
-        handoff = self._handoffs.get(key)
-        if handoff is None:
-            handoff = self._handoffs[key] = _HandOff(self._lock)
-        return handoff
-
-    def _cond_locked(self, key: str, table: Dict[str, threading.Condition]) -> threading.Condition:
-        cond = table.get(key)
-        if cond is None:
-            cond = table[key] = threading.Condition(self._lock)
-        return cond
 
 
 #: A PAUSE/RECONNECT target meaning every server and database.
