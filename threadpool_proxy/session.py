@@ -214,10 +214,15 @@ class ClientSession:
             return self.request.who
         return f"{self.address[0]}:{self.address[1]}"
 
-    def cancel_target(self) -> tuple[str, int, int, bytes] | None:
-        """Where this client's CancelRequest goes now: (host, port, pid, secret), or None."""
+    def cancel_target(self):
+        """Where this client's CancelRequest goes now: (relay, server connection), or None.
+
+        The connection is marked until ``relay.cancel_done(conn, delivered)``
+        (Relay.cancel_target): no other client gets it while the cancel is on its way.
+        """
         relay = self.relay
-        return None if relay is None else relay.cancel_target()
+        conn = None if relay is None else relay.cancel_target()
+        return None if conn is None else (relay, conn)
 
     def cancel_wait(self) -> bool:
         """A CancelRequest while no query runs: end a wait for a server connection, if any."""
