@@ -21,7 +21,8 @@ import struct
 import threading
 import time
 
-from helpers import _message, parse_error_fields, query, read_until_ready, startup_packet, trust_session
+from helpers import (_message, parse_error_fields, query, read_until_ready, startup_packet, trust_session,
+                     wait_until)
 
 #: A Query message this long is never sent whole: it only fills the path to a busy server.
 FLOOD_LENGTH = 512 * 1024 * 1024
@@ -75,6 +76,10 @@ class Traffic:
         except Exception as exc:       # noqa: BLE001 - asserted by the test
             self.errors.append(exc)
 
+    def running(self) -> bool:
+        """True once the clients are past their logins and through some transactions."""
+        return wait_until(lambda: self.done >= 10 or self.errors, timeout=30) and not self.errors
+
     def finish(self) -> None:
         self.stop.set()
         for t in self.threads:
@@ -87,6 +92,7 @@ def test_terminated_client_gets_the_fatal_then_end_of_stream_not_a_reset(pg, pro
     proxy still holds megabytes the client sent.  The client reads the FATAL, then end of file."""
     proxy = proxy_factory(pool_size=2, auth_type="trust")
     traffic = Traffic(proxy, clients=3)
+    assert traffic.running(), traffic.errors
     victim = trust_session(proxy)
     try:
         query(victim, "BEGIN; SELECT pg_backend_pid()")
@@ -137,6 +143,7 @@ def test_terminate_instead_of_a_startup_packet_is_closed_quietly(pg, proxy_facto
     caplog.set_level(logging.DEBUG, logger="threadpool_proxy")
     proxy = proxy_factory(pool_size=1, auth_type="trust")
     traffic = Traffic(proxy, clients=2)
+    assert traffic.running(), traffic.errors
     try:
         outcomes = []
         for after in (b"", startup_packet({"user": "trustuser", "database": "appdb"})):
