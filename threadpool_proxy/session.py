@@ -214,7 +214,7 @@ class ClientSession:
             return self.request.who
         return f"{self.address[0]}:{self.address[1]}"
 
-    def cancel_target(self):
+    def cancel_target(self) -> tuple[Relay, ServerConnection] | None:
         """Where this client's CancelRequest goes now: (relay, server connection), or None.
 
         The connection is marked until ``relay.cancel_done(conn, delivered)``
