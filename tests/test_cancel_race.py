@@ -11,8 +11,8 @@ PostgreSQL drops a cancel that finds its backend idle).
 Here 10,000 raw CancelRequests race against short transactions of other
 clients on a pool of 2 (transaction mode, 10 clients); no client that did not
 send a cancel may get 57014, and no reset query may be hit.  Before this work
-(d407d70) 1,163 and 1,626 victims' statements were canceled in two runs (and
-15 resets in another).
+(d407d70), in one run on a loaded machine, 2,412 victims' statements were
+canceled and 11 reset queries.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_ten_thousand_cancels_never_reach_another_clients_query(pg, proxy_factor
             sock, _, _ = session(proxy)
             with sock:
                 while not stop.is_set():
-                    query(sock, "SELECT pg_sleep(0.002)")
+                    query(sock, "SELECT pg_sleep(0.001)")
                     states = sqlstates(read_until_ready(sock))
                     with lock:
                         counts["victim transactions"] += 1
@@ -72,7 +72,7 @@ def test_ten_thousand_cancels_never_reach_another_clients_query(pg, proxy_factor
             problems.append(repr(exc))
 
     def canceler(n: int, seed: int):
-        """BEGIN (holding a server connection), then a statement of 0-3 ms and COMMIT, with a cancel for
+        """BEGIN (holding a server connection), then a statement of 0-2 ms and COMMIT, with a cancel for
         itself racing them: it reaches the server before, during or after them (then the connection may
         have passed to a victim, the race this test is about)."""
         rand = random.Random(seed)
@@ -83,7 +83,7 @@ def test_ten_thousand_cancels_never_reach_another_clients_query(pg, proxy_factor
                 for _ in range(n):
                     query(sock, "BEGIN")
                     states = sqlstates(read_until_ready(sock))
-                    query(sock, f"SELECT pg_sleep({rand.uniform(0, 0.003):.6f}); COMMIT")
+                    query(sock, f"SELECT pg_sleep({rand.uniform(0, 0.002):.6f}); COMMIT")
                     with socket.create_connection((proxy.host, proxy.port), timeout=30) as c:
                         c.sendall(packet)
                         assert c.recv(1) == b""          # the proxy closes it once PostgreSQL did
