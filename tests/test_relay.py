@@ -68,7 +68,7 @@ def test_ssl_and_gssenc_requests_are_declined_then_startup_continues(pg, proxy_f
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_bad_protocol_version_and_garbage_get_error_responses(pg, proxy_factory):
+def test_bad_protocol_version_and_garbage_get_what_postgresql_gives_them(pg, proxy_factory):
     proxy = proxy_factory()
     with socket.create_connection((proxy.host, proxy.port), timeout=5) as s:
         s.sendall(startup_packet({"user": "app"}, version=2 << 16))
@@ -76,8 +76,7 @@ def test_bad_protocol_version_and_garbage_get_error_responses(pg, proxy_factory)
         assert kind == "E" and b"C0A000\0" in payload and b"unsupported frontend protocol 2.0" in payload
     with socket.create_connection((proxy.host, proxy.port), timeout=5) as s:
         s.sendall(struct.pack("!i", 99999999) + b"xxxx")
-        kind, payload = read_message(s)
-        assert kind == "E" and b"C08P01\0" in payload
+        assert s.recv(1024) == b""       # as PostgreSQL: an invalid length is logged, not answered
     with socket.create_connection((proxy.host, proxy.port), timeout=5) as s:
         s.sendall(startup_packet({"database": "appdb"}))
         kind, payload = read_message(s)

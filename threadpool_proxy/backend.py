@@ -81,7 +81,7 @@ class ServerConnection:
     __slots__ = ("sock", "raw_socket", "tls", "node", "host", "port", "pid", "secret",
                  "params", "param_names", "login_params", "unreported",
                  "_buf", "_poller", "reset_pending", "reset_timeout", "reset_answer", "statements", "created",
-                 "serial", "holder_pid", "ended_by", "__weakref__")
+                 "serial", "holder_pid", "ended_by", "cancels", "after_cancel", "__weakref__")
 
     def __init__(self, sock: socket.socket, host: str, port: int) -> None:
         self.sock = sock
@@ -108,6 +108,10 @@ class ServerConnection:
         self.ended_by = None          # (setting, seconds) when the proxy cut it short (query_timeout)
         self.serial = next(_SERIALS)
         self.holder_pid = 0           # the pid told to the client that holds it, or held it last
+        # CancelRequests for it on their way to the server, and what its client's release
+        # does once the last one is done (Relay.detach, Relay.cancel_done): under the relay's backend_lock.
+        self.cancels = 0
+        self.after_cancel = None
 
     @classmethod
     def dial(cls, host: str, port: int, timeout: float, server_tls=None) -> "ServerConnection":

@@ -1,18 +1,90 @@
-"""The client's socket during startup and login, before the relay takes over.
+"""The client's socket during startup and login, before the relay takes over, and its close.
 
 Login code (the session's startup packet, SCRAM with the client, relaying a
 pass-through exchange) talks to the client only through a ClientChannel: whole
 messages in, framed bytes out, and one deadline, ``client_login_timeout``, for
 the whole login, so a client that stalls anywhere in it is let go in time.
+
+Every client connection ends in ``close_client``: an orderly end of stream
+after the last word, never a reset.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 
 from . import protocol as pq
 from .errors import ClientFatal, ClientGone
+
+
+#: Longest a closing client's thread waits for the client to close its end (after
+#: the proxy's end of stream), reading and dropping what it still sends.
+CLOSE_LINGER = 1.0
+#: Most bytes read and dropped while closing a client: a client that keeps
+#: sending is cut off (reset) after this many, or after CLOSE_LINGER.
+CLOSE_DRAIN_LIMIT = 64 * 1024 * 1024
+
+_raw_recv_into = socket.socket.recv_into     # the descriptor's bytes, also under TLS: they are dropped
+_raw_shutdown = socket.socket.shutdown       # (an SSLSocket's own shutdown() would unwrap it)
+
+
+def close_client(sock: socket.socket, linger: float = CLOSE_LINGER) -> None:
+    """Close a client's socket with an orderly end of stream (FIN), never a reset (RST).
+
+    A socket closed while bytes the client sent wait unread in it makes the
+    kernel answer with RST instead of FIN, and the client then reports
+    "connection reset" (and may not read the FATAL sent just before) instead
+    of the server's words and "server closed the connection".  PostgreSQL
+    drivers keep sending after a FATAL they have not read yet (the next
+    request of a pipeline, a Terminate).  So: end our stream first
+    (shutdown(SHUT_WR): the client reads all we sent, then end of file), then
+    read and drop whatever the client still sends until it closes its end,
+    for at most ``linger`` seconds and CLOSE_DRAIN_LIMIT bytes (0: only what
+    has arrived already), then close.  A client that closes at once, as
+    drivers do after a Terminate or at end of file, costs one shutdown and one read.
+    """
+    try:
+        fd = sock.fileno()
+        if fd >= 0:
+            try:
+                _raw_shutdown(sock, socket.SHUT_WR)
+            except OSError:
+                pass
+            sock.setblocking(False)      # (with a timeout set, every recv would poll() first)
+            _drain(sock, fd, linger)
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def _drain(sock: socket.socket, fd: int, linger: float) -> None:
+    """Read and drop the client's bytes until its end of file, ``linger`` seconds or CLOSE_DRAIN_LIMIT."""
+    buf = bytearray(65536)
+    poller = None
+    deadline = time.monotonic() + linger
+    dropped = 0
+    while dropped < CLOSE_DRAIN_LIMIT:
+        try:
+            n = _raw_recv_into(sock, buf)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+            if not poller.poll(left * 1000):
+                return
+            continue
+        except OSError:
+            return                       # reset by the client, or shut down: nothing more to read
+        if not n:
+            return                       # the client closed its end: close cleanly
+        dropped += n
 
 
 class ClientChannel:

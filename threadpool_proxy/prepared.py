@@ -36,9 +36,13 @@ Known limits:
 * A Parse of a text whose Parse (by this client) is still unanswered in an
   earlier Sync batch is answered ParseComplete at once; should that earlier
   Parse fail, the error shows at the next Bind or Describe instead.
-* Statements are shared by text, so after DDL changes a result type, every
-  client sharing it gets PostgreSQL's "cached plan must not change result type"
-  once, as with PgBouncer.
+* Statements are shared by text.  After DDL changes a result type, a client
+  gets PostgreSQL's "cached plan must not change result type" once for its
+  statement, as directly, and the statement's *generation* moves on: the
+  client's next Parse of the text (drivers prepare again after that error)
+  closes and prepares it again on whichever server connection still has the
+  old plan, instead of being answered from the cache; a name prepared before
+  the change keeps getting the error, as directly (see ``PreparedStatement``).
 * A named Parse is held until it has arrived whole; a Bind only up to the end of
   its statement name.
 """
@@ -122,6 +126,14 @@ _CLOSE_COMPLETE_MESSAGE = pq.message(pq.CLOSE_COMPLETE)
 
 _UNDEFINED_COLUMN = pq.SQLSTATE_UNDEFINED_COLUMN
 _UNDEFINED_STATEMENT = pq.SQLSTATE_INVALID_SQL_STATEMENT_NAME
+#: What PostgreSQL answers a Bind of a statement whose result type changed since its Parse
+#: (after ALTER TABLE, a type change...).  The same SQLSTATE has other uses, but none at Bind.
+_CACHED_PLAN_CHANGED = pq.SQLSTATE_FEATURE_NOT_SUPPORTED
+#: That error as PostgreSQL words it, for a client name the proxy must fail in the server's place
+#: (asyncpg recognises it by the routine, R: the message is translated where lc_messages says so).
+_CACHED_PLAN_ERROR = pq.error_response_from_fields(
+    {"S": "ERROR", "V": "ERROR", "C": _CACHED_PLAN_CHANGED, "M": "cached plan must not change result type",
+     "F": "plancache.c", "R": "RevalidateCachedQuery"}, "ERROR")
 #: CommandComplete tags after which the session has no prepared statements left.
 _DEALLOCATING_TAGS = (b"DEALLOCATE ALL\0", b"DISCARD ALL\0")
 _DEALLOCATING_LENGTHS = {4 + len(tag) for tag in _DEALLOCATING_TAGS}
@@ -139,15 +151,29 @@ _REFUSAL_PARSE = pq.message(pq.PARSE, SERVER_NAME_PREFIX + b"refused\0"
 class PreparedStatement:
     """A statement text as the proxy prepares it on servers, shared by all clients.
 
+    ``generation`` counts the times a server said its plan of this text must
+    not change result type (0A000, after DDL, a type change...): a server
+    entry prepared in an older generation has the old plan (the server keeps
+    failing it), and a client name prepared in an older generation expects
+    the old result type (PostgreSQL keeps failing it too).  Read and moved on
+    by client threads without a lock: it only grows, and two threads moving it
+    for the same report set the same value.
+
     ``server_name`` is derived from the text, and ``parse_message`` is the
     client's Parse rewritten to that name, ready to send or inject.
     """
 
-    __slots__ = ("server_name", "parse_message", "__weakref__")
+    __slots__ = ("server_name", "parse_message", "generation", "__weakref__")
 
     def __init__(self, server_name: bytes, parse_message: bytes) -> None:
         self.server_name = server_name
         self.parse_message = parse_message
+        self.generation = 0
+
+    def invalidated(self, entry: "CachedStatement") -> None:
+        """A server failed ``entry`` (its plan of this text) with "cached plan must not change result type"."""
+        if entry.generation >= self.generation:
+            self.generation = entry.generation + 1
 
     def __repr__(self) -> str:
         return f"PreparedStatement({self.server_name.decode()})"
@@ -199,11 +225,12 @@ class _NameMap:
 class CachedStatement:
     """A statement one server connection holds (or will, once its Parse is answered)."""
 
-    __slots__ = ("name", "confirmed")
+    __slots__ = ("name", "confirmed", "generation")
 
-    def __init__(self, name: bytes) -> None:
+    def __init__(self, name: bytes, generation: int = 0) -> None:
         self.name = name
         self.confirmed = False      # False while the Parse that creates it is unanswered
+        self.generation = generation    # its statement's generation when it was prepared
 
 
 class ServerStatements(_NameMap):
@@ -227,12 +254,12 @@ class ServerStatements(_NameMap):
             self._entries.move_to_end(name)
         return entry
 
-    def add(self, name: bytes) -> tuple[CachedStatement, list[CachedStatement]]:
+    def add(self, name: bytes, generation: int = 0) -> tuple[CachedStatement, list[CachedStatement]]:
         """Add a tentative entry; return it and the entries evicted to stay within the limit.
 
         The caller closes the evicted statements on the server, after the Parse.
         """
-        entry = self._entries[name] = CachedStatement(name)
+        entry = self._entries[name] = CachedStatement(name, generation)
         evicted = []
         while len(self._entries) > self.limit:
             evicted.append(self._entries.popitem(last=False)[1])
@@ -274,6 +301,8 @@ class ClientStatements(_NameMap):
     def __init__(self, limit: int) -> None:
         super().__init__(limit, {})
         self._statements: dict[bytes, PreparedStatement] = self._items
+        # The statement's generation when the client prepared each name (the result type it expects).
+        self._generations: dict[bytes, int] = {}
 
     @property
     def full(self) -> bool:
@@ -282,25 +311,34 @@ class ClientStatements(_NameMap):
     def get(self, name: bytes) -> PreparedStatement | None:
         return self._statements.get(name)
 
-    def add(self, name: bytes, statement: PreparedStatement) -> None:
+    def generation(self, name: bytes) -> int:
+        """The generation of its statement that ``name`` was prepared in."""
+        return self._generations.get(name, 0)
+
+    def add(self, name: bytes, statement: PreparedStatement, generation: int = 0) -> None:
         self._statements[name] = statement
+        self._generations[name] = generation
 
     def remove(self, name: bytes) -> PreparedStatement | None:
+        self._generations.pop(name, None)
         return self._statements.pop(name, None)
 
     def discard(self, name: bytes, statement: PreparedStatement) -> None:
         """Undo a Parse: remove ``name`` if it still means ``statement``."""
         if self._statements.get(name) is statement:
             del self._statements[name]
+            self._generations.pop(name, None)
 
-    def restore(self, name: bytes, statement: PreparedStatement) -> None:
+    def restore(self, name: bytes, statement: PreparedStatement, generation: int = 0) -> None:
         """Undo a Close: map ``name`` again unless it was defined anew since."""
-        self._statements.setdefault(name, statement)
+        if name not in self._statements:
+            self.add(name, statement, generation)
 
     def retain(self, names: set[bytes]) -> None:
         """Keep only ``names`` (the session deallocated everything else)."""
         for name in [name for name in self._statements if name not in names]:
             del self._statements[name]
+            self._generations.pop(name, None)
 
 
 @dataclass
@@ -845,13 +883,15 @@ class PreparedRelay:
                 pq.SQLSTATE_CONFIGURATION_LIMIT_EXCEEDED, f"too many prepared statements on this connection (at most {statements.limit})",
                 hint="Close or DEALLOCATE statements no longer needed, or raise the proxy's limit."))
         statement = statement_for(tail)
-        statements.add(name, statement)
+        statements.add(name, statement, statement.generation)
         forget = partial(_forget_parse, statements, name, statement)
-        if self._server.use(statement.server_name) is not None:
+        entry = self._server.use(statement.server_name)
+        if entry is not None and entry.generation >= statement.generation:
             self.stats.reused += 1
             self._requests.append(_Request(_K_PARSE, _SYNTH, _PARSE_COMPLETE_MESSAGE, undo=forget, name=name))
             return b""
-        return self._prepare(statement, _FORWARD, forget, name)[1]
+        # Not here, or here with a plan from before its result type changed: the server plans it anew.
+        return self._prepare(statement, _FORWARD, forget, name, stale=entry)[1]
 
     def _refuse(self, error: bytes) -> bytes:
         self.stats.refused += 1
@@ -872,11 +912,21 @@ class PreparedRelay:
             # Unnamed, or never prepared by this client: the server answers as it would directly.
             self._requests.append(_PLAIN[_K_BIND])
             return _KEEP
-        entry, injected = self._ensure_prepared(statement)
+        generation = self.statements.generation(name)
+        if generation < statement.generation:
+            entry = self._server.use(statement.server_name)
+            if entry is None or entry.generation >= statement.generation:
+                # Prepared by this client before its result type changed, and this server connection
+                # has only the new plan (or none): PostgreSQL's answer, as if the client's own
+                # statement were here (a stale plan here gets it from the server itself, below).
+                if available < end:
+                    return None
+                return end - start, self._refuse(_CACHED_PLAN_ERROR)
+        entry, injected = self._ensure_prepared(statement, generation)
         if not injected:
             self.stats.reused += 1
         server_name = statement.server_name
-        self._requests.append(_Request(_K_BIND, undo=partial(_heal, self._server, entry),
+        self._requests.append(_Request(_K_BIND, undo=partial(_heal, self._server, entry, statement),
                                        renamed=(server_name, name)))
         length = end - start - 1 - len(name) + len(server_name)
         head = (pq.BIND + pq.UINT32.pack(length) + bytes(buf[start + 5:portal_end + 1])
@@ -885,38 +935,49 @@ class PreparedRelay:
 
     def _describe_statement(self, name: bytes) -> bytes:
         statement = self.statements.get(name)
-        entry, injected = self._ensure_prepared(statement)
-        self._requests.append(_Request(_K_DESCRIBE, undo=partial(_heal, self._server, entry),
+        entry, injected = self._ensure_prepared(statement, self.statements.generation(name))
+        self._requests.append(_Request(_K_DESCRIBE, undo=partial(_heal, self._server, entry, statement),
                                        renamed=(statement.server_name, name)))
         return injected + pq.message(pq.DESCRIBE, pq.STATEMENT + statement.server_name + b"\0")
 
     def _close_statement(self, name: bytes) -> bytes:
         """Only the client's name goes: the server statement stays for other clients."""
+        generation = self.statements.generation(name)
         statement = self.statements.remove(name)
-        undo = partial(_restore_name, self.statements, name, statement)
+        undo = partial(_restore_name, self.statements, name, statement, generation)
         self._requests.append(_Request(_K_CLOSE, _SYNTH, _CLOSE_COMPLETE_MESSAGE, undo=undo))
         return b""
 
-    def _ensure_prepared(self, statement: PreparedStatement) -> tuple[CachedStatement, bytes]:
-        """The server's entry for ``statement``, and the Parse to inject first if it has none."""
+    def _ensure_prepared(self, statement: PreparedStatement, generation: int) -> tuple[CachedStatement, bytes]:
+        """The server's entry for ``statement``, and the Parse to inject first if it has none.
+
+        A client name of the current ``generation`` needs the current plan:
+        an entry with an older one is closed and prepared again first.
+        """
         entry = self._server.use(statement.server_name)
-        if entry is not None:
+        if entry is not None and (entry.generation >= statement.generation or generation < statement.generation):
             return entry, b""
         self.stats.injected += 1
-        return self._prepare(statement, _SWALLOW)
+        return self._prepare(statement, _SWALLOW, stale=entry)
 
     def _prepare(self, statement: PreparedStatement, action: int, client_undo=None,
-                 name=None) -> tuple[CachedStatement, bytes]:
+                 name=None, stale: CachedStatement | None = None) -> tuple[CachedStatement, bytes]:
         """Send a Parse creating ``statement`` on the server, closing what the limit evicts.
 
+        ``stale``: the server's entry of it with an older plan, closed first.
         Returns the new cache entry and the messages to send.
         """
         server = self._server
-        entry, evicted = server.add(statement.server_name)
+        messages = []
+        if stale is not None:
+            server.discard(stale)
+            self._requests.append(_Request(_K_CLOSE, _SWALLOW, undo=partial(_restore_entry, server, stale)))
+            messages.append(pq.message(pq.CLOSE, pq.STATEMENT + stale.name + b"\0"))
+        entry, evicted = server.add(statement.server_name, statement.generation)
         self.stats.prepared += 1
         undo = partial(_forget_prepare, server, entry, client_undo)
         self._requests.append(_Request(_K_PARSE, action, created=entry, undo=undo, name=name))
-        messages = [statement.parse_message]
+        messages.append(statement.parse_message)
         for old in evicted:
             self.stats.evicted += 1
             self._requests.append(_Request(_K_CLOSE, _SWALLOW, undo=partial(_restore_entry, server, old)))
@@ -997,19 +1058,29 @@ def _forget_prepare(server: ServerStatements, entry: CachedStatement, client_und
         client_undo(sqlstate)
 
 
-def _restore_name(statements: ClientStatements, name: bytes, statement: PreparedStatement, _sqlstate) -> None:
-    statements.restore(name, statement)
+def _restore_name(statements: ClientStatements, name: bytes, statement: PreparedStatement, generation: int,
+                  _sqlstate) -> None:
+    statements.restore(name, statement, generation)
 
 
 def _restore_entry(server: ServerStatements, entry: CachedStatement, _sqlstate) -> None:
     server.restore(entry)
 
 
-def _heal(server: ServerStatements, entry: CachedStatement, sqlstate) -> None:
-    """A Bind or Describe found the statement missing on the server (someone ran
-    DEALLOCATE behind the proxy's back): forget it, so the next use prepares it again."""
+def _heal(server: ServerStatements, entry: CachedStatement, statement: PreparedStatement, sqlstate) -> None:
+    """A Bind or Describe failed on the server's statement.
+
+    Missing (someone ran DEALLOCATE behind the proxy's back): forget it, so
+    the next use prepares it again.  Its plan must not change result type
+    (DDL since it was prepared): the statement's generation moves on, so that
+    this entry, and every other server connection's entry of the same plan,
+    is closed and prepared again at its next Parse by a client (the driver's
+    recovery) instead of being answered from the cache.
+    """
     if sqlstate == _UNDEFINED_STATEMENT:
         server.discard(entry)
+    elif sqlstate == _CACHED_PLAN_CHANGED:
+        statement.invalidated(entry)
 
 
 def _text(name: bytes) -> str:

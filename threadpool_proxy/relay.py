@@ -61,7 +61,7 @@ class Relay:
 
     Owns the poller, the two scanners, the count of unanswered requests, the
     lingering state and the attached server connection (``backend``), which a
-    concurrent CancelRequest reads through ``cancel_target()``.
+    concurrent CancelRequest reads (and marks) through ``cancel_target()``.
     """
 
     __slots__ = ("client", "cfd", "checkout", "pool", "key", "settings", "pooled", "statement_mode",
@@ -486,9 +486,17 @@ class Relay:
         self.check_release = self.pooled
 
     def detach(self, park: bool, reason: str = "its state is unknown") -> None:
-        """Let go of the server connection: reset and park it, or close it (``reason`` is logged)."""
+        """Let go of the server connection: reset and park it, or close it (``reason`` is logged).
+
+        While a CancelRequest for it is on its way to the server, that is left
+        to ``cancel_done``: the connection goes to nobody before the cancel has
+        reached PostgreSQL, so it can only hit this client's statement.
+        """
         with self.backend_lock:
             conn, self.backend = self.backend, None
+            deferred = conn is not None and conn.cancels > 0
+            if deferred:
+                conn.after_cancel = (park, reason)
         if conn is None:
             return
         self.poller.unregister(self.sfd)
@@ -501,7 +509,10 @@ class Relay:
         self.unanswered = False
         if self.tracking and not self.prepared.idle():
             self.prepared.reset()        # what was in flight died with the connection
-        if park:
+        if deferred:
+            log.debug("server connection %r: released while a cancel request for it is in flight; "
+                      "it waits for the cancel", conn)
+        elif park:
             self.checkout.park(conn)
         else:
             self.checkout.discard(conn, reason)
@@ -525,11 +536,41 @@ class Relay:
                 pass
             return conn.host, conn.port, conn.pid, conn.secret
 
-    def cancel_target(self) -> tuple[str, int, int, bytes] | None:
-        """(host, port, pid, secret) of the server connection held now, for a CancelRequest."""
+    def cancel_target(self) -> ServerConnection | None:
+        """The server connection held now, for a CancelRequest (None: it holds none).
+
+        Marked as being canceled (``cancels``) in the same step as it is read:
+        from here until ``cancel_done`` it is not handed to another client.
+        The caller must call ``cancel_done`` once the cancel connection has
+        ended, whatever happened to it.
+        """
         with self.backend_lock:
             conn = self.backend
-            return None if conn is None else (conn.host, conn.port, conn.pid, conn.secret)
+            if conn is not None:
+                conn.cancels += 1
+            return conn
+
+    def cancel_done(self, conn: ServerConnection, delivered: bool) -> None:
+        """A cancel for ``conn`` (from ``cancel_target``) is over; ``delivered``: PostgreSQL closed the
+        cancel connection, so its signal is delivered (after that PostgreSQL drops a cancel that finds
+        the backend idle: the reset, or the next client's statement, cannot be hit).
+
+        Called from the cancel's thread.  If this client let go of ``conn``
+        meanwhile, the release it asked for happens now: the connection is
+        reset and parked (or handed to a waiter), or closed; closed too when
+        the cancel's fate is unknown (a late signal could hit the next client).
+        """
+        with self.backend_lock:
+            conn.cancels -= 1
+            if conn.cancels or conn.after_cancel is None:
+                return
+            park, reason = conn.after_cancel
+            conn.after_cancel = None
+        if park and delivered:
+            self.checkout.park(conn)
+        else:
+            self.checkout.discard(conn, reason if not park else
+                                  "a cancel request for it was not confirmed by the server")
 
     def leave(self, clean: bool) -> None:
         """The client is leaving: park the server connection only if it is idle and in sync."""

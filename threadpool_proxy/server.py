@@ -249,8 +249,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def cancel_here(self, pid: int, secret: bytes) -> None:
         """Send a CancelRequest for a client of this process on to the server connection it holds now.
 
-        The target is copied under the session's lock and the cancel sent after
-        it, so a slow server never stalls that client's relay.
+        The target is read, and marked as being canceled, under the relay's
+        lock, and the cancel sent after it, so a slow server never stalls that
+        client's relay.  Until PostgreSQL has closed the cancel connection (its
+        signal is then delivered) the marked connection goes to no other
+        client, even if this one lets go of it meanwhile (Relay.cancel_done):
+        a cancel only ever reaches the statement of the client that sent it.
         """
         session = self.cancel_keys.lookup(pid, secret)
         if session is None:
@@ -261,18 +265,28 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             if session.cancel_wait():
                 log.debug("client %s: cancel request ended its wait for a server connection", session.who)
             return            # else nothing is running for that client
-        self.send_cancel(target)
+        relay, conn = target
+        delivered = False
+        try:
+            delivered = self.send_cancel((conn.host, conn.port, conn.pid, conn.secret))
+        finally:
+            relay.cancel_done(conn, delivered)
 
-    def send_cancel(self, target) -> None:
-        """A CancelRequest to the server connection ``target`` = (host, port, pid, secret)."""
+    def send_cancel(self, target) -> bool:
+        """A CancelRequest to the server connection ``target`` = (host, port, pid, secret).
+
+        True once the server has closed the cancel connection (it has handled
+        the request: the signal is sent), False if that is not known.
+        """
         host, port, server_pid, server_secret = target
         timeout = self.config.server_connect_timeout
         try:
             with socket.create_connection((host, port), timeout=timeout) as s:
                 s.sendall(pq.cancel_request(server_pid, server_secret))
-                s.recv(1)     # the server closes it when done
+                return s.recv(1) == b""     # the server closes it when done
         except OSError as exc:
             log.warning("could not forward a cancel request to %s:%d: %s", host, port, exc)
+            return False
 
     def enforce_query_timeout(self) -> int:
         """query_timeout (the janitor, each round): end queries that run longer, as PgBouncer does.

@@ -18,7 +18,7 @@ from . import protocol as pq
 from .admin import ConsoleClient
 from . import tls
 from .backend import ServerConnection, out_of_descriptors
-from .channel import ClientChannel
+from .channel import CLOSE_LINGER, ClientChannel, close_client
 from .checkout import ClientSettings, ServerCheckout
 from .config import CONSOLE_DATABASES
 from .errors import ClientFatal, ClientGone, PoolClosed, ProtocolError, ProxyError, ServerError
@@ -163,10 +163,8 @@ class ClientSession:
             self.relay.detach(park=False)    # attached here only after an unexpected error
             self.relay.close()
             self.server.stats.retire(self.stats)
-        try:
-            self.client.close()
-        except OSError:
-            pass
+        # An orderly end of stream, never a reset; while the proxy stops, no waiting for the client.
+        close_client(self.client, linger=0.0 if self.server.stopping else CLOSE_LINGER)
 
     @property
     def who(self) -> str:
@@ -174,10 +172,15 @@ class ClientSession:
             return self.request.who
         return f"{self.address[0]}:{self.address[1]}"
 
-    def cancel_target(self) -> tuple[str, int, int, bytes] | None:
-        """Where this client's CancelRequest goes now: (host, port, pid, secret), or None."""
+    def cancel_target(self) -> tuple[Relay, ServerConnection] | None:
+        """Where this client's CancelRequest goes now: (relay, server connection), or None.
+
+        The connection is marked until ``relay.cancel_done(conn, delivered)``
+        (Relay.cancel_target): no other client gets it while the cancel is on its way.
+        """
         relay = self.relay
-        return None if relay is None else relay.cancel_target()
+        conn = None if relay is None else relay.cancel_target()
+        return None if conn is None else (relay, conn)
 
     def cancel_wait(self) -> bool:
         """A CancelRequest while no query runs: end a wait for a server connection, if any."""
@@ -215,9 +218,10 @@ class ClientSession:
         if client_tls is not None and channel.peek_first_byte() == tls.TLS_HANDSHAKE_BYTE:
             self._start_tls(client_tls, direct=True)           # PostgreSQL 17's direct TLS: no SSLRequest
         while True:
-            length = pq.INT32.unpack(channel.read_exact(4))[0]
+            head = channel.read_exact(4)
+            length = pq.INT32.unpack(head)[0]
             if length < 8 or length > pq.MAX_STARTUP_PACKET_LENGTH:
-                raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION, f"invalid length of startup packet: {length}")
+                self._bad_startup_length(head, length)
             packet = channel.read_exact(length - 4)
             code = pq.INT32.unpack_from(packet, 0)[0]
             if code in (pq.SSL_REQUEST_CODE, pq.GSSENC_REQUEST_CODE):
@@ -254,6 +258,22 @@ class ClientSession:
                                   hint="Connect with TLS (sslmode=require or stricter).")
             self._take_startup(params, minor)
             return True
+
+    def _bad_startup_length(self, head: bytes, length: int):
+        """No startup packet is that long or short: close without a word, as PostgreSQL does.
+
+        PostgreSQL only logs "invalid length of startup packet" (COMMERROR: the
+        client is sent nothing) and closes; the junk log does the same here.
+        A Terminate message where the startup packet belongs (node-postgres'
+        ``connect(); end()`` in one tick: 'X' read as a length, 1476395008) is
+        a client that changed its mind: not even logged.
+        """
+        if head == pq.TERMINATE_MESSAGE[:4]:
+            log.debug("client %s: a Terminate instead of a startup packet", self.who)
+        else:
+            self.server.junk_log.log("bad startup", "client %s: invalid length of startup packet: %s",
+                                     self.who, length)
+        raise ClientGone()
 
     def _start_tls(self, client_tls, direct: bool) -> None:
         """Wrap the client's socket in TLS; a failed handshake ends the connection unanswered."""
