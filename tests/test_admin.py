@@ -189,7 +189,7 @@ def test_show_servers_lists_parked_connections(pg, proxy):
     a, b = connect(pg, proxy), connect(pg, proxy)
     a.close()          # its connection is reset and parked
     b.close()
-    wait_until(lambda: proxy.pool.idle_count() == 2)
+    assert wait_until(lambda: proxy.pool.idle_count() == 2), proxy.pool.snapshot()
     servers = [s for s in show(pg, proxy, "SERVERS") if s["database"] == "appdb"]
     assert [s["state"] for s in servers] == ["idle", "idle"]
     assert all(s["link"] is None for s in servers)

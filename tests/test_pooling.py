@@ -165,8 +165,8 @@ def test_fifty_clients_never_exceed_pool_size_backends(pg, proxy_factory):
         assert proxy.server.session_count() == CLIENTS
         # Backends of connections the logins closed (evicted parked ones) may still be
         # exiting: PostgreSQL lists them until they notice.  The work phase starts after.
-        wait_until(lambda: len(pg.backend_pids(user="app", dbname="appdb")) <= proxy.pool.open_count(key),
-                   timeout=10)
+        assert wait_until(lambda: len(pg.backend_pids(user="app", dbname="appdb")) <= proxy.pool.open_count(key),
+                          timeout=30), (pg.backend_pids(user="app", dbname="appdb"), proxy.pool.open_count(key))
         phase["work"] = True
         work_started = time.monotonic()
         barrier.wait(timeout=30)
