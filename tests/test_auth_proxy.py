@@ -23,7 +23,6 @@ import scramp
 
 from helpers import PASSWORDS, connect, psql, raw_login, read_message, startup_packet, wait_until, write_auth_file
 from threadpool_proxy import ConfigError
-from threadpool_proxy.login import FAILURE_DELAY
 from threadpool_proxy.authfile import format_scram_verifier, scram_secret_from_password
 
 FAILED = 'password authentication failed for user "{}"'
@@ -119,6 +118,9 @@ def test_wrong_password_and_unknown_user_fail_alike_with_postgres_wording(pg, sc
     # PostgreSQL itself words it the same way
     direct = raw_login(pg.host, pg.port, "app", "appdb", password="wrong")
     assert (direct.sqlstate, direct.error["M"]) == (wrong.sqlstate, wrong.error["M"])
+
+
+FAILURE_DELAY = 0.3     # README, Authentication: a failed login is answered "after the same fixed delay (0.3 s)"
 
 
 def test_failures_take_the_same_fixed_delay_whether_or_not_the_user_exists(pg, scram_proxy):

@@ -10,9 +10,13 @@ import pytest
 
 from threadpool_proxy import pool as pool_mod
 from threadpool_proxy.errors import ClientGone, QueryCanceled
-from threadpool_proxy.pool import CLIENT_CHECK_AFTER, BackendIdlePool, PoolClosed, PoolTimeout, Waiter, pool_key, probe_alive
+from threadpool_proxy.pool import BackendIdlePool, PoolClosed, PoolTimeout, Waiter, pool_key, probe_alive
 
 from helpers import wait_until
+
+# README, Faults and limits: a waiter's client is asked whether it left "once it has waited
+# 10 ms or more; waiters also look every second".
+CLIENT_CHECK_AFTER, WAITERS_LOOK_EVERY = 0.010, 1.0
 
 K = pool_key("127.0.0.1:5432", "app", "appdb")
 K2 = pool_key("127.0.0.1:5432", "other", "otherdb")
@@ -537,13 +541,13 @@ def test_a_waiter_whose_client_left_is_handed_nothing(pairs):
     assert isinstance(out.get("error"), ClientGone)
     assert p.idle_count(K) == 1 and not closed(s)      # the connection stays parked, unused
     assert p.stats["waiters_gone"] == 1
-    # a waiter notices its client leaving within WAIT_SLICE even with nothing released
+    # a waiter notices its client leaving by itself (every second) even with nothing released
     there["alive"] = True
     p.checkout(K)
     t, out = run_thread(lambda: p.acquire(K, 1, 30, waiter=waiter))
     assert wait_until(lambda: p.stats["waits"] == 2)
     there["alive"] = False
-    t.join(pool_mod.WAIT_SLICE + 2)
+    t.join(WAITERS_LOOK_EVERY + 5)
     assert isinstance(out.get("error"), ClientGone)
 
 
