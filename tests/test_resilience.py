@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import base64
-import inspect
 import logging
 import os
 import re
@@ -32,7 +31,6 @@ import yaml
 import helpers
 from helpers import _message, cancel_packet, nothing_to_read, parse_error_fields, psql, query, raw_login, \
     read_message, read_until_ready, startup_packet, trust_session, wait_until
-from threadpool_proxy import relay as relay_mod
 from threadpool_proxy.pgcluster import free_port
 from threadpool_proxy.pool import pool_key
 
@@ -171,11 +169,6 @@ def test_a_queued_request_of_a_client_that_left_never_runs(pg, proxy_factory):
         b.close()
 
 
-RELAY_ANSWERS_CANCELED_WAITS = "QueryCanceled" in inspect.getsource(relay_mod)
-
-
-@pytest.mark.xfail(not RELAY_ANSWERS_CANCELED_WAITS, run=False, strict=True,
-                   reason="relay.py does not yet call obtain(cancelable=...) and answer QueryCanceled")
 def test_cancel_request_ends_the_wait_for_a_server_connection(pg, proxy_factory):
     make_table(pg, "cancel_counter", grant_to="trustuser")
     proxy = proxy_factory(pool_size=1, auth_type="trust", query_wait_timeout=30)
@@ -205,7 +198,7 @@ def test_cancel_request_ends_the_wait_for_a_server_connection(pg, proxy_factory)
         assert isinstance(exc, psycopg.errors.QueryCanceled), outcome
         assert exc.diag.severity == "ERROR" and exc.diag.sqlstate == "57014"
         assert "canceling statement due to user request" in str(exc)
-        assert outcome["took"] < 3
+        assert outcome["took"] < 20          # the cancel ended the wait, not query_wait_timeout (30 s)
         assert not b.closed
         holder.commit()
         assert b.execute("SELECT 'b goes on'").fetchone() == ("b goes on",)
@@ -302,9 +295,27 @@ def test_server_restart_aborts_only_the_clients_in_a_transaction(pg, proxy_facto
 
 
 #: What a client with a request in flight may see when the server stops (PostgreSQL's own FATAL,
-#: or the proxy's "server connection lost"); anything else would be the proxy failing the client.
-IN_FLIGHT_ERRORS = re.compile(r"^(terminating connection due to administrator command$"
-                              r"|server connection lost|consuming input failed|server closed the connection)")
+#: or the proxy's "server connection lost"); anything else, libpq's "server closed the connection
+#: unexpectedly" (a close with no message) included, would be the proxy failing the client.
+IN_FLIGHT_ERRORS = {"57P01": re.compile(r"^terminating connection due to administrator command$"),
+                    "08006": re.compile(r"^server connection lost; ")}
+
+
+def connect_noting_fatals(pg, proxy):
+    """A connection, and the list its FATAL notices go to: a FATAL that arrives just after an
+    answer, before the client's next request, is taken by libpq (as by PostgreSQL directly) for a
+    notice, and that request then fails with "server closed the connection unexpectedly"."""
+    conn, fatals = connect(pg, proxy), []
+    conn.add_notice_handler(lambda diag: fatals.append((diag.sqlstate, diag.message_primary))
+                            if diag.severity_nonlocalized == "FATAL" else None)
+    return conn, fatals
+
+
+def in_flight_error(sqlstate, message, fatals) -> bool:
+    """What a client with a request in flight may be told (see IN_FLIGHT_ERRORS)."""
+    if sqlstate is None and message.endswith("server closed the connection unexpectedly") and fatals:
+        sqlstate, message = fatals[-1]          # told before it asked: the FATAL came as a notice
+    return sqlstate in IN_FLIGHT_ERRORS and bool(IN_FLIGHT_ERRORS[sqlstate].match(message))
 
 
 def test_server_restart_under_load_fails_only_requests_in_flight(pg, proxy_factory, app_auth_file):
@@ -322,7 +333,7 @@ def test_server_restart_under_load_fails_only_requests_in_flight(pg, proxy_facto
     acked, after, errors = [0] * clients, [0] * clients, {}
 
     def client(i):
-        conn = connect(pg, proxy)
+        conn, fatals = connect_noting_fatals(pg, proxy)
         try:
             while not stop.is_set():
                 stage = "BEGIN"
@@ -334,10 +345,11 @@ def test_server_restart_under_load_fails_only_requests_in_flight(pg, proxy_facto
                     conn.execute("COMMIT")
                 except psycopg.Error as exc:
                     with lock:
-                        errors.setdefault(i, []).append((stage, exc.sqlstate, str(exc).splitlines()[0]))
+                        errors.setdefault(i, []).append((stage, exc.sqlstate, str(exc).splitlines()[0],
+                                                         list(fatals)))
                     if conn.closed or conn.broken:
                         conn.close()
-                        conn = connect(pg, proxy)
+                        conn, fatals = connect_noting_fatals(pg, proxy)
                     continue
                 acked[i] += 1
                 if restarted.is_set():
@@ -360,7 +372,7 @@ def test_server_restart_under_load_fails_only_requests_in_flight(pg, proxy_facto
         for t in threads:
             t.join(60)
     final = table_values(pg, "restart_load")
-    unexpected = {i: [e for e in errs if not IN_FLIGHT_ERRORS.match(e[2])] for i, errs in errors.items()}
+    unexpected = {i: [e for e in errs if not in_flight_error(*e[1:])] for i, errs in errors.items()}
     unexpected = {i: e for i, e in unexpected.items() if e}
     report = (f"restart ({down:.2f}s) under load: {len(errors)}/{clients} clients lost a request in flight "
               f"({sum(1 for e in errors.values() if e[0][0] == 'BEGIN')} of them on BEGIN); "
@@ -370,7 +382,7 @@ def test_server_restart_under_load_fails_only_requests_in_flight(pg, proxy_facto
     assert not unexpected, report
     assert all(after), report
     for i in range(clients):               # no acknowledged commit lost (an errored COMMIT may have landed)
-        commit_errors = sum(1 for stage, _, _ in errors.get(i, ()) if stage == "COMMIT")
+        commit_errors = sum(1 for stage, *_ in errors.get(i, ()) if stage == "COMMIT")
         assert acked[i] <= final[i + 1] <= acked[i] + commit_errors, (i, acked[i], final[i + 1], report)
 
 
@@ -622,7 +634,7 @@ def test_clients_are_told_when_the_proxy_shuts_down(pg, proxy_factory):
         assert wait_until(lambda: proxy.pool.stats["waits"] == waits + 1)
         t0 = time.monotonic()
         proxy.stop()
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 20        # it did not wait for the 30 s query
         for name, sock in (("idle", idle), ("busy", busy), ("waiting", waiting)):
             sock.settimeout(5)
             messages = []
@@ -638,3 +650,6 @@ def test_clients_are_told_when_the_proxy_shuts_down(pg, proxy_factory):
     finally:
         for s in (idle, busy, waiting):
             s.close()
+        # PostgreSQL notices its client gone only when pg_sleep ends: end it for the next tests
+        pg.terminate_backends(user="trustuser", dbname="appdb")
+        assert wait_until(lambda: not pg.backend_pids(user="trustuser", dbname="appdb"))
