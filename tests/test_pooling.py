@@ -347,7 +347,7 @@ def test_passthrough_client_whose_connections_all_died_gets_a_clear_error(pg, pr
             # it says why (pass-through: the proxy cannot log in without the client) and what to do
             assert "cannot log in without the client: reconnect" in str(info.value)
             assert "auth_type scram-sha-256" in str(info.value)
-            assert time.monotonic() - t0 < 3
+            assert time.monotonic() - t0 < 60         # at once, not after query_wait_timeout (120 s)
         with connect(pg, proxy) as c:                   # a new login works
             assert c.execute("SELECT 7").fetchone() == (7,)
     finally:
@@ -462,19 +462,18 @@ def test_idle_reaper_closes_parked_backends(pg, proxy_factory):
     proxy = proxy_factory(server_idle_timeout=0.5, pool_size=5)
     key = app_key(pg)
     stay = connect(pg, proxy)                   # logged in, never ran anything: its login backend is parked
+    t0 = time.monotonic()                       # the last two are parked after this
     for _ in range(2):                          # these leave: their backends are reset and parked
         with connect(pg, proxy) as c:
             assert c.execute("SELECT 1").fetchone() == (1,)
     try:
-        assert wait_until(lambda: proxy.pool.idle_count(key) == 3, timeout=1), proxy.pool.snapshot()
-        t0 = time.monotonic()
-        assert len(pg.backend_pids(user="app", dbname="appdb")) == 3
-        assert wait_until(lambda: not pg.backend_pids(user="app", dbname="appdb"), timeout=2.5), \
+        # (Not counted while parked: with a 0.5 s timeout a slow machine may see them reaped first.)
+        assert wait_until(lambda: not pg.backend_pids(user="app", dbname="appdb"), timeout=30), \
             pg.backend_pids(user="app", dbname="appdb")
         took = time.monotonic() - t0
         print(f"\nreaper: 3 parked backends gone {took:.2f}s after parking (server_idle_timeout 0.5)")
-        assert took >= 0.2
-        assert proxy.pool.stats["reaped"] >= 3
+        assert took >= 0.5                      # not before they were idle that long
+        assert proxy.pool.stats["parked"] >= 3 and proxy.pool.stats["reaped"] >= 3, proxy.pool.stats
         assert proxy.pool.idle_count() == 0
         assert proxy.pool.open_count(key) == 0
         # pass-through auth: a still-connected client has no backend left and is told so
@@ -571,7 +570,7 @@ def test_backend_killed_mid_transaction_ends_only_that_client(pg, proxy_factory)
         t0 = time.monotonic()
         with pytest.raises(psycopg.OperationalError):
             a.execute("SELECT 1")
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 60             # told, not left waiting
         assert a.closed
         assert wait_until(lambda: proxy.pool.open_count(app_key(pg)) == open_before - 1)
         # B is in the middle of its own transaction and never noticed
@@ -674,14 +673,14 @@ def test_query_wait_timeout(pg, proxy_factory):
         with pytest.raises(psycopg.OperationalError, match="query_wait_timeout"):
             second.execute("SELECT 2")
         waited = time.monotonic() - t0
-        assert 0.9 <= waited < 3, waited
+        assert 0.9 <= waited < 20, waited
         assert second.closed
         # a login meanwhile also waits for a slot and times out with 53300
         t0 = time.monotonic()
         res = raw_login(proxy.host, proxy.port, "app", "appdb", password="app-secret")
         login_waited = time.monotonic() - t0
         assert res.sqlstate == "53300" and "query_wait_timeout" in res.error["M"], res
-        assert 0.9 <= login_waited < 3
+        assert 0.9 <= login_waited < 20
         print(f"\nquery_wait_timeout 1s: query gave up after {waited:.2f}s, login after {login_waited:.2f}s")
         first.commit()
         with connect(pg, proxy) as third:
@@ -701,7 +700,7 @@ def test_slot_freed_by_a_dead_connection_reaches_a_waiting_login(pg, proxy_facto
     cannot dial); waking just one waiter, and that one a query waiter that goes
     back to sleep, leaves the login waiting until query_wait_timeout.
     """
-    proxy = proxy_factory(pool_size=2, query_wait_timeout=5)
+    proxy = proxy_factory(pool_size=2, query_wait_timeout=60)
     key = app_key(pg)
     a = connect(pg, proxy, autocommit=False)
     d = connect(pg, proxy, autocommit=False)
@@ -732,10 +731,9 @@ def test_slot_freed_by_a_dead_connection_reaches_a_waiting_login(pg, proxy_facto
         threads[-1].start()
         assert wait_until(lambda: proxy.pool.stats["waits"] == waits + 2)     # then C
         vanish(a)                       # A's backend is closed (mid-transaction): one slot frees
-        threads[1].join(10)
-        assert "c" in outcome
+        threads[1].join(30)
+        assert "c" in outcome                     # (had it been left waiting: query_wait_timeout, 60 s)
         assert outcome["c"].ok, (outcome["c"].error, outcome["c_time"])
-        assert outcome["c_time"] < 3, outcome["c_time"]
         d.commit()                      # B gets D's backend
         threads[0].join(10)
         assert outcome["b"] == ("b",)
@@ -958,7 +956,7 @@ def test_lone_flush_between_transactions_does_not_pin_the_connection(pg, proxy_f
     """A client that sends a Flush (no answer comes) while idle between transactions
     must still let a waiting client have the connection (psycopg ends pipelines with
     Sync then Flush, sometimes in separate packets)."""
-    proxy = proxy_factory(pool_size=1, auth_type="trust", query_wait_timeout=10)
+    proxy = proxy_factory(pool_size=1, auth_type="trust", query_wait_timeout=60)
     with socket.create_connection((proxy.host, proxy.port), timeout=10) as raw:
         raw.sendall(startup_packet({"user": "trustuser", "database": "appdb"}))
         while read_message(raw)[0] != "Z":
@@ -971,7 +969,7 @@ def test_lone_flush_between_transactions_does_not_pin_the_connection(pg, proxy_f
         t0 = time.monotonic()
         with trust_connect(pg, proxy) as other:
             assert other.execute("SELECT 2").fetchone() == (2,)
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 30             # handed the connection, not query_wait_timeout
         raw.sendall(_message(b"Q", b"SELECT 3\0"))   # and the first client still works
         kinds = []
         while not kinds or kinds[-1] != "Z":
