@@ -77,6 +77,21 @@ def make_table(pg, name, rows=1):
         conn.execute(f"INSERT INTO {name} (id) SELECT generate_series(1, {rows})")
 
 
+def lasting_max(samples, window: float = 0.25) -> int:
+    """The largest count that held for ``window`` seconds among [(time.monotonic(), count)].
+
+    PostgreSQL lists a backend until it has exited, a moment after the proxy closed
+    its connection (an evicted parked one), and on a loaded machine that moment may
+    be long; a connection the proxy really kept (or leaked) is listed for longer.
+    """
+    best = 0
+    for i, (start, _) in enumerate(samples):
+        span = [n for t, n in samples[i:] if t - start <= window]
+        if samples[-1][0] - start >= window:
+            best = max(best, min(span))
+    return best
+
+
 def start_login(host, port, user="app", dbname="appdb") -> socket.socket:
     """Open a raw connection and send a StartupMessage; the caller reads the answer."""
     s = socket.create_connection((host, port), timeout=10)
@@ -104,7 +119,7 @@ def test_fifty_clients_never_exceed_pool_size_backends(pg, proxy_factory):
     def sampler():
         while not stop.is_set():
             n = len(pg.backend_pids(user="app", dbname="appdb"))
-            samples["pg"].append(n)
+            samples["pg"].append((time.monotonic(), n))
             samples["proxy"].append(proxy.pool.open_count(key))
             if phase["work"]:
                 work_samples.append(n)
@@ -186,7 +201,8 @@ def test_fifty_clients_never_exceed_pool_size_backends(pg, proxy_factory):
     report = (f"{CLIENTS} clients x {TRANSACTIONS} transactions = {committed[0]} committed, "
               f"{selects[0]} autocommit selects; logins took {logged_in:.2f}s "
               f"(slowest {max(login_times):.2f}s), work {work_time:.2f}s; "
-              f"max backends seen by pg_stat_activity {max(samples['pg'])} "
+              f"max backends seen by pg_stat_activity {max(n for _, n in samples['pg'])} "
+              f"({lasting_max(samples['pg'])} for 0.25 s) "
               f"(work phase {max(work_samples, default=0)}), by the proxy {max(samples['proxy'])}, "
               f"{len(samples['pg'])} samples; distinct backends in the work phase {len(work_pids)}; "
               f"pool stats {proxy.pool.snapshot()['stats']}")
@@ -195,7 +211,7 @@ def test_fifty_clients_never_exceed_pool_size_backends(pg, proxy_factory):
     assert counter == committed[0], report
     # Logins not yet authenticated have an allowance of their own (max_pending_logins),
     # so PostgreSQL sees at most pool_size + 3; authenticated ones never exceed pool_size.
-    assert max(samples["pg"]) <= 5 + 3, report
+    assert lasting_max(samples["pg"]) <= 5 + 3, report
     assert max(work_samples) <= 5, report
     assert max(samples["proxy"]) <= 5, report
     assert 1 <= len(work_pids) <= 5, report
@@ -210,16 +226,12 @@ def test_login_churn_while_others_work_stays_within_pool_size(pg, proxy_factory)
     key = app_key(pg)
     stop = threading.Event()
     seen = {"pg": 0, "proxy": 0, "samples": 0}
+    pg_samples = []
 
     def sampler():
-        # PostgreSQL lists a backend until it has exited, a few ms after the proxy
-        # closed its connection (an evicted parked one): a count counts only when
-        # the next sample, 20 ms later, agrees.  The proxy's own count is exact.
-        previous = 0
+        # PostgreSQL's count holds backends still exiting (see lasting_max); the proxy's is exact.
         while not stop.is_set():
-            now = len(pg.backend_pids(user="app", dbname="appdb"))
-            seen["pg"] = max(seen["pg"], min(previous, now))
-            previous = now
+            pg_samples.append((time.monotonic(), len(pg.backend_pids(user="app", dbname="appdb"))))
             seen["proxy"] = max(seen["proxy"], proxy.pool.open_count(key))
             seen["samples"] += 1
             time.sleep(0.02)
@@ -250,6 +262,7 @@ def test_login_churn_while_others_work_stays_within_pool_size(pg, proxy_factory)
     took = time.monotonic() - t0
     stop.set()
     samp.join(10)
+    seen["pg"] = lasting_max(pg_samples)
     assert not errors, errors[:5]
     with psycopg.connect(pg.dsn()) as conn:
         counter = conn.execute("SELECT n FROM pool_churn WHERE id = 1").fetchone()[0]
