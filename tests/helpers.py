@@ -299,3 +299,64 @@ def write_auth_file(path, users: dict, mode: int = 0o600) -> str:
         yaml.safe_dump({"users": users}, f)
     os.chmod(path, mode)
     return path
+
+
+# -- extended-protocol messages by hand ---------------------------------------------
+#
+# Frontend messages as the protocol documentation lays them out, for sans-I/O tests
+# and raw sessions; again not built with threadpool_proxy.protocol.
+
+def message(kind: bytes, body: bytes = b"") -> bytes:
+    """A framed message: type byte, Int32 length (including itself), body."""
+    return _message(kind, body)
+
+
+def cstr(text) -> bytes:
+    """A NUL-terminated string (text is UTF-8 encoded; bytes are taken as they are)."""
+    return (text.encode() if isinstance(text, str) else bytes(text)) + b"\0"
+
+
+def simple_query(sql: str) -> bytes:
+    """Query: one simple-protocol request."""
+    return _message(b"Q", cstr(sql))
+
+
+def parse(name, sql, oids=()) -> bytes:
+    """Parse: statement name, query, Int16 count and Int32 OIDs of the parameter types."""
+    return _message(b"P", cstr(name) + cstr(sql) + struct.pack("!h", len(oids))
+                    + b"".join(struct.pack("!I", o) for o in oids))
+
+
+def bind(statement, portal="", params=()) -> bytes:
+    """Bind: portal, statement, no parameter formats (text), the values, no result formats (text)."""
+    values = b"".join(struct.pack("!i", len(v)) + v for v in params)
+    return _message(b"B", cstr(portal) + cstr(statement) + b"\0\0" + struct.pack("!h", len(params))
+                    + values + b"\0\0")
+
+
+def describe(kind: bytes, name) -> bytes:
+    """Describe of a statement (kind b"S") or a portal (b"P")."""
+    return _message(b"D", kind + cstr(name))
+
+
+def close(kind: bytes, name) -> bytes:
+    """Close of a statement (kind b"S") or a portal (b"P")."""
+    return _message(b"C", kind + cstr(name))
+
+
+def execute(portal="", rows: int = 0) -> bytes:
+    """Execute: portal, most rows to return (0: all)."""
+    return _message(b"E", cstr(portal) + struct.pack("!i", rows))
+
+
+def copy_data(data: bytes) -> bytes:
+    return _message(b"d", data)
+
+
+SYNC, FLUSH, COPY_DONE = message(b"S"), message(b"H"), message(b"c")
+
+
+def error_response(sqlstate: str, text: str, severity: str = "ERROR") -> bytes:
+    """An ErrorResponse with the fields S and V (severity), C (SQLSTATE) and M (message)."""
+    fields = b"S" + cstr(severity) + b"V" + cstr(severity) + b"C" + cstr(sqlstate) + b"M" + cstr(text)
+    return _message(b"E", fields + b"\0")

@@ -16,6 +16,7 @@ import pytest
 
 import helpers
 from helpers import psql, raw_login, wait_until
+from threadpool_proxy import stats as stats_mod
 
 connect = functools.partial(helpers.connect, prepare_threshold=None)
 
@@ -143,30 +144,66 @@ def test_show_stats_totals(pg, proxy):
             conn.execute("SELECT 1")
         with conn.transaction():
             conn.execute("SELECT 1")
+            time.sleep(0.2)                          # in the transaction, but no query running
             conn.execute("SELECT 2")
     stats = {s["database"]: s for s in show(pg, proxy, "STATS")}["appdb"]
     assert stats["total_xact_count"] == 6            # 5 autocommit statements and one block
     assert stats["total_query_count"] == 9           # BEGIN, 2 statements, COMMIT
     assert stats["total_received"] > 0 and stats["total_sent"] > stats["total_received"]
     assert stats["total_query_time"] > 0
-    assert stats["total_xact_time"] >= stats["total_query_time"] * 0  # present, in microseconds
+    # microseconds; a transaction's time holds its queries' and the pause between them
+    assert stats["total_xact_time"] - stats["total_query_time"] >= 200_000, stats
     assert stats["total_client_login_count"] == 1
-    for column in ("avg_xact_count", "avg_query_count", "avg_recv", "avg_sent", "avg_wait_time"):
-        assert column in stats
+    # No stats_period (60 s) has ended yet: every average is still 0.
+    averages = {k: v for k, v in stats.items() if k.startswith("avg_")}
+    assert {"avg_xact_count", "avg_query_count", "avg_recv", "avg_sent", "avg_xact_time", "avg_query_time",
+            "avg_wait_time"} <= set(averages) and set(averages.values()) == {0}, averages
     totals = show(pg, proxy, "STATS_TOTALS")
     assert "avg_xact_count" not in totals[0] and totals[0]["total_xact_count"] == 6
     assert "total_xact_count" not in show(pg, proxy, "STATS_AVERAGES")[0]
 
 
 def test_stats_averages_cover_stats_period(pg, proxy_factory):
+    """avg_*: the last stats_period's transactions, queries and bytes per second, and the time per
+    transaction; back to 0 once a period passes without traffic."""
     proxy = proxy_factory(stats_period=0.5, **CONSOLE)
+
+    def appdb():
+        return [s for s in show(pg, proxy, "STATS_AVERAGES") if s["database"] == "appdb"]
+
+    busy = []
     with connect(pg, proxy) as conn:
-        for _ in range(20):
-            conn.execute("SELECT 1")
-        averages = wait_until(lambda: [s for s in show(pg, proxy, "STATS_AVERAGES")
-                                       if s["database"] == "appdb" and s["avg_query_count"] > 0], timeout=10)
-    assert averages, "averages never computed"
-    assert averages[0]["avg_query_time"] > 0
+        for _ in range(6):
+            conn.execute("SELECT pg_sleep(0.1)")            # 6 transactions of 0.1 s or more
+            busy += [s for s in appdb() if s["avg_xact_time"] > 0]
+        busy += wait_until(lambda: [s for s in appdb() if s["avg_xact_time"] > 0], timeout=10) or []
+    assert busy, "averages never computed"
+    for row in busy:
+        assert row["avg_xact_time"] >= 100_000, row        # µs per transaction of that period
+        assert row["avg_query_time"] > 0 and row["avg_recv"] > 0 and row["avg_sent"] > 0, row
+        assert row["avg_xact_count"] <= 6 / 0.5, row        # per second: at most all 6 in one period
+    assert wait_until(lambda: [s for s in appdb() if s["avg_xact_count"] == s["avg_xact_time"] == 0
+                               and s["avg_query_count"] == s["avg_recv"] == s["avg_sent"] == 0], timeout=10)
+
+
+def test_stats_averages_are_the_change_over_the_period():
+    """The arithmetic of the avg_* figures, with the clock given: per second over the period,
+    times per transaction, query and server assignment, in microseconds."""
+    registry = stats_mod.StatsRegistry(period=10)
+    client = stats_mod.ClientStats("appdb", "app")
+    start = time.monotonic() + 10
+    assert registry.tick([client], now=start)                # the first period: nothing happened
+    values = dict(xact_count=20, query_count=50, server_assignment_count=4, received=1000, sent=5000,
+                  xact_time=2.0, query_time=1.0, wait_time=0.2, client_login_count=3)
+    for name, value in values.items():
+        setattr(client, name, value)
+    assert not registry.tick([client], now=start + 5)       # half a period: not yet
+    assert registry.tick([client], now=start + 10)
+    assert registry.averages("appdb") == {
+        "xact_count": 2, "query_count": 5, "server_assignment_count": 0, "recv": 100, "sent": 500,
+        "xact_time": 100_000, "query_time": 20_000, "wait_time": 50_000, "client_login_count": 0}
+    assert registry.tick([client], now=start + 20)          # nothing more happened: back to 0
+    assert set(registry.averages("appdb").values()) == {0}
 
 
 def test_show_clients_and_servers(pg, proxy):
@@ -189,7 +226,7 @@ def test_show_servers_lists_parked_connections(pg, proxy):
     a, b = connect(pg, proxy), connect(pg, proxy)
     a.close()          # its connection is reset and parked
     b.close()
-    wait_until(lambda: proxy.pool.idle_count() == 2)
+    assert wait_until(lambda: proxy.pool.idle_count() == 2), proxy.pool.snapshot()
     servers = [s for s in show(pg, proxy, "SERVERS") if s["database"] == "appdb"]
     assert [s["state"] for s in servers] == ["idle", "idle"]
     assert all(s["link"] is None for s in servers)
@@ -366,7 +403,7 @@ def test_shutdown_stops_the_proxy(pg, proxy):
     assert wait_until(lambda: proxy.stopping and not proxy.server.session_count())
     with pytest.raises(psycopg.OperationalError, match="shutting down"):
         client.execute("SELECT 1")
-    with pytest.raises(psycopg.OperationalError):
+    with pytest.raises(psycopg.OperationalError, match="Connection refused"):    # no longer listening
         connect(pg, proxy, connect_timeout=2)
 
 

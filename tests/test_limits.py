@@ -128,7 +128,7 @@ def test_max_user_connections_across_databases(pg, start):
 # -- reserve_pool_size ------------------------------------------------------------------------
 
 def test_reserve_pool_serves_a_client_that_waited_reserve_pool_timeout(pg, start):
-    proxy = start(pool_size=1, reserve_pool_size=1, reserve_pool_timeout=0.5)
+    proxy = start(pool_size=1, reserve_pool_size=1, reserve_pool_timeout=0.5, query_wait_timeout=3)
     holders = busy(pg, proxy, 1)
     second = in_background(lambda: query_after_login(pg, proxy))
     second["thread"].join(20)
@@ -136,11 +136,14 @@ def test_reserve_pool_serves_a_client_that_waited_reserve_pool_timeout(pg, start
     assert second["took"] >= 0.45, second                      # it waited reserve_pool_timeout first
     assert proxy.pool.snapshot()["stats"]["reserve_used"] == 1
     assert server_count(pg, user="app", dbname="appdb") == 2  # pool_size + 1, while the first still holds its own
-    # The reserve is used up: a third waits (and times out here) even after reserve_pool_timeout.
+    # The reserve is used up: a third waits past reserve_pool_timeout, until query_wait_timeout.
     holders += busy(pg, proxy, 1)
-    third = in_background(lambda: query_after_login(pg, proxy, connect_timeout=3))
-    third["thread"].join(20)
-    assert "error" in third, third
+    third = in_background(lambda: query_after_login(pg, proxy, connect_timeout=60))
+    third["thread"].join(60)
+    assert isinstance(third.get("error"), psycopg.OperationalError), third
+    assert "query_wait_timeout" in str(third["error"]) and third["took"] >= 2.9, third
+    assert proxy.pool.snapshot()["stats"]["reserve_used"] == 1
+    assert server_count(pg, user="app", dbname="appdb") == 2
     for conn in holders:
         conn.close()
 

@@ -10,9 +10,13 @@ import pytest
 
 from threadpool_proxy import pool as pool_mod
 from threadpool_proxy.errors import ClientGone, QueryCanceled
-from threadpool_proxy.pool import CLIENT_CHECK_AFTER, BackendIdlePool, PoolClosed, PoolTimeout, Waiter, pool_key, probe_alive
+from threadpool_proxy.pool import BackendIdlePool, PoolClosed, PoolTimeout, Waiter, pool_key, probe_alive
 
 from helpers import wait_until
+
+# README, Faults and limits: a waiter's client is asked whether it left "once it has waited
+# 10 ms or more; waiters also look every second".
+CLIENT_CHECK_AFTER, WAITERS_LOOK_EVERY = 0.010, 1.0
 
 K = pool_key("127.0.0.1:5432", "app", "appdb")
 K2 = pool_key("127.0.0.1:5432", "other", "otherdb")
@@ -103,10 +107,10 @@ def test_probe_alive_uses_raw_socket_attribute(pairs):
 def test_probe_alive_does_not_block_on_socket_with_timeout(pairs):
     """Regression: recv() on a socket with settimeout(t) waited t seconds, then read as dead."""
     ours, peer = pairs()
-    ours.settimeout(5)
+    ours.settimeout(60)
     start = time.monotonic()
     assert probe_alive(ours)
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 30                # not the socket's 60 s
     peer.sendall(b"x")
     assert not probe_alive(ours)
 
@@ -345,7 +349,7 @@ def test_acquire_at_limit_times_out():
     with pytest.raises(PoolTimeout):
         p.acquire(K, limit=1, timeout=0.3)
     elapsed = time.monotonic() - start
-    assert 0.25 <= elapsed < 3
+    assert 0.25 <= elapsed < 20
     assert p.stats["waits"] == 1 and p.stats["wait_timeouts"] == 1
     assert p.open_count(K) == 1
 
@@ -354,16 +358,14 @@ def test_acquire_wakes_on_checkin(pairs):
     p = BackendIdlePool(5, 10)
     s, _ = pairs()
     assert p.acquire(K, limit=1, timeout=1) is None
-    t, out = run_thread(p.acquire, K, 1, 10)
+    t, out = run_thread(p.acquire, K, 1, 60)
     assert wait_until(lambda: p.stats["waits"] == 1)
     time.sleep(0.1)
     assert t.is_alive()
-    start = time.monotonic()
     p.checkin(K, s)
-    t.join(5)
+    t.join(30)
     assert not t.is_alive()
-    assert time.monotonic() - start < 2
-    assert out == {"result": s}
+    assert out == {"result": s}                         # woken with it, not timed out
     assert p.open_count(K) == 1
 
 
@@ -508,13 +510,11 @@ def test_cancel_wait_ends_a_waiting_acquire_and_only_while_it_waits(pairs):
     waiter = Waiter()
     assert p.cancel_wait(waiter) is False              # not waiting: nothing to cancel, nothing remembered
     assert p.acquire(K, limit=1, timeout=1, waiter=waiter) is None
-    t, out = run_thread(lambda: p.acquire(K, 1, 30, waiter=waiter))
+    t, out = run_thread(lambda: p.acquire(K, 1, 60, waiter=waiter))
     assert wait_until(lambda: waiter.waiting)
-    start = time.monotonic()
     assert p.cancel_wait(waiter) is True
-    t.join(5)
-    assert time.monotonic() - start < 1
-    assert isinstance(out.get("error"), QueryCanceled)
+    t.join(30)
+    assert isinstance(out.get("error"), QueryCanceled)   # canceled, not timed out
     assert not waiter.waiting and not waiter.canceled
     assert p.stats["waits_canceled"] == 1
     s, _ = pairs()
@@ -537,13 +537,13 @@ def test_a_waiter_whose_client_left_is_handed_nothing(pairs):
     assert isinstance(out.get("error"), ClientGone)
     assert p.idle_count(K) == 1 and not closed(s)      # the connection stays parked, unused
     assert p.stats["waiters_gone"] == 1
-    # a waiter notices its client leaving within WAIT_SLICE even with nothing released
+    # a waiter notices its client leaving by itself (every second) even with nothing released
     there["alive"] = True
     p.checkout(K)
     t, out = run_thread(lambda: p.acquire(K, 1, 30, waiter=waiter))
     assert wait_until(lambda: p.stats["waits"] == 2)
     there["alive"] = False
-    t.join(pool_mod.WAIT_SLICE + 2)
+    t.join(WAITERS_LOOK_EVERY + 5)
     assert isinstance(out.get("error"), ClientGone)
 
 
@@ -554,8 +554,8 @@ def test_dials_of_a_down_server_are_paced_one_at_a_time(monkeypatch):
     p.dial_failed(K, retry_after=0.5)                                # ...the server is down
     assert p.snapshot()["servers_down"] == ["127.0.0.1:5432"]
     start = time.monotonic()
-    assert p.acquire(K2, limit=5, timeout=5, paced=True) is None     # same server, other key: waits
-    assert 0.4 <= time.monotonic() - start < 2
+    assert p.acquire(K2, limit=5, timeout=60, paced=True) is None    # same server, other key: waits
+    assert 0.4 <= time.monotonic() - start < 30                      # the retry time, not its timeout
     # one probe under way: others wait for its outcome, not for the retry time
     t, out = run_thread(lambda: p.acquire(K, 5, 10, paced=True))
     assert wait_until(lambda: p.stats["waits"] == 2)
@@ -577,15 +577,13 @@ def test_close_wakes_waiters_and_closes_parked(pairs):
     p.acquire(K2, limit=1, timeout=1)
     p.checkin(K2, parked)
     assert p.acquire(K, limit=1, timeout=1) is None
-    t1, out1 = run_thread(p.acquire, K, 1, 30)
+    t1, out1 = run_thread(p.acquire, K, 1, 60)
     p.acquire_pending(K, allowance=1, timeout=1)
-    t2, out2 = run_thread(p.acquire_pending, K, 1, 30)
+    t2, out2 = run_thread(p.acquire_pending, K, 1, 60)
     assert wait_until(lambda: p.stats["waits"] == 1)
-    start = time.monotonic()
     p.close()
-    t1.join(5)
-    t2.join(5)
-    assert time.monotonic() - start < 3
+    t1.join(30)
+    t2.join(30)
     assert isinstance(out1.get("error"), PoolClosed)
     assert isinstance(out2.get("error"), PoolClosed)
     assert closed(parked)

@@ -77,6 +77,21 @@ def make_table(pg, name, rows=1):
         conn.execute(f"INSERT INTO {name} (id) SELECT generate_series(1, {rows})")
 
 
+def lasting_max(samples, window: float = 0.25) -> int:
+    """The largest count that held for ``window`` seconds among [(time.monotonic(), count)].
+
+    PostgreSQL lists a backend until it has exited, a moment after the proxy closed
+    its connection (an evicted parked one), and on a loaded machine that moment may
+    be long; a connection the proxy really kept (or leaked) is listed for longer.
+    """
+    best = 0
+    for i, (start, _) in enumerate(samples):
+        span = [n for t, n in samples[i:] if t - start <= window]
+        if samples[-1][0] - start >= window:
+            best = max(best, min(span))
+    return best
+
+
 def start_login(host, port, user="app", dbname="appdb") -> socket.socket:
     """Open a raw connection and send a StartupMessage; the caller reads the answer."""
     s = socket.create_connection((host, port), timeout=10)
@@ -104,7 +119,7 @@ def test_fifty_clients_never_exceed_pool_size_backends(pg, proxy_factory):
     def sampler():
         while not stop.is_set():
             n = len(pg.backend_pids(user="app", dbname="appdb"))
-            samples["pg"].append(n)
+            samples["pg"].append((time.monotonic(), n))
             samples["proxy"].append(proxy.pool.open_count(key))
             if phase["work"]:
                 work_samples.append(n)
@@ -165,8 +180,8 @@ def test_fifty_clients_never_exceed_pool_size_backends(pg, proxy_factory):
         assert proxy.server.session_count() == CLIENTS
         # Backends of connections the logins closed (evicted parked ones) may still be
         # exiting: PostgreSQL lists them until they notice.  The work phase starts after.
-        wait_until(lambda: len(pg.backend_pids(user="app", dbname="appdb")) <= proxy.pool.open_count(key),
-                   timeout=10)
+        assert wait_until(lambda: len(pg.backend_pids(user="app", dbname="appdb")) <= proxy.pool.open_count(key),
+                          timeout=30), (pg.backend_pids(user="app", dbname="appdb"), proxy.pool.open_count(key))
         phase["work"] = True
         work_started = time.monotonic()
         barrier.wait(timeout=30)
@@ -186,7 +201,8 @@ def test_fifty_clients_never_exceed_pool_size_backends(pg, proxy_factory):
     report = (f"{CLIENTS} clients x {TRANSACTIONS} transactions = {committed[0]} committed, "
               f"{selects[0]} autocommit selects; logins took {logged_in:.2f}s "
               f"(slowest {max(login_times):.2f}s), work {work_time:.2f}s; "
-              f"max backends seen by pg_stat_activity {max(samples['pg'])} "
+              f"max backends seen by pg_stat_activity {max(n for _, n in samples['pg'])} "
+              f"({lasting_max(samples['pg'])} for 0.25 s) "
               f"(work phase {max(work_samples, default=0)}), by the proxy {max(samples['proxy'])}, "
               f"{len(samples['pg'])} samples; distinct backends in the work phase {len(work_pids)}; "
               f"pool stats {proxy.pool.snapshot()['stats']}")
@@ -195,7 +211,7 @@ def test_fifty_clients_never_exceed_pool_size_backends(pg, proxy_factory):
     assert counter == committed[0], report
     # Logins not yet authenticated have an allowance of their own (max_pending_logins),
     # so PostgreSQL sees at most pool_size + 3; authenticated ones never exceed pool_size.
-    assert max(samples["pg"]) <= 5 + 3, report
+    assert lasting_max(samples["pg"]) <= 5 + 3, report
     assert max(work_samples) <= 5, report
     assert max(samples["proxy"]) <= 5, report
     assert 1 <= len(work_pids) <= 5, report
@@ -210,16 +226,12 @@ def test_login_churn_while_others_work_stays_within_pool_size(pg, proxy_factory)
     key = app_key(pg)
     stop = threading.Event()
     seen = {"pg": 0, "proxy": 0, "samples": 0}
+    pg_samples = []
 
     def sampler():
-        # PostgreSQL lists a backend until it has exited, a few ms after the proxy
-        # closed its connection (an evicted parked one): a count counts only when
-        # the next sample, 20 ms later, agrees.  The proxy's own count is exact.
-        previous = 0
+        # PostgreSQL's count holds backends still exiting (see lasting_max); the proxy's is exact.
         while not stop.is_set():
-            now = len(pg.backend_pids(user="app", dbname="appdb"))
-            seen["pg"] = max(seen["pg"], min(previous, now))
-            previous = now
+            pg_samples.append((time.monotonic(), len(pg.backend_pids(user="app", dbname="appdb"))))
             seen["proxy"] = max(seen["proxy"], proxy.pool.open_count(key))
             seen["samples"] += 1
             time.sleep(0.02)
@@ -250,6 +262,7 @@ def test_login_churn_while_others_work_stays_within_pool_size(pg, proxy_factory)
     took = time.monotonic() - t0
     stop.set()
     samp.join(10)
+    seen["pg"] = lasting_max(pg_samples)
     assert not errors, errors[:5]
     with psycopg.connect(pg.dsn()) as conn:
         counter = conn.execute("SELECT n FROM pool_churn WHERE id = 1").fetchone()[0]
@@ -347,7 +360,7 @@ def test_passthrough_client_whose_connections_all_died_gets_a_clear_error(pg, pr
             # it says why (pass-through: the proxy cannot log in without the client) and what to do
             assert "cannot log in without the client: reconnect" in str(info.value)
             assert "auth_type scram-sha-256" in str(info.value)
-            assert time.monotonic() - t0 < 3
+            assert time.monotonic() - t0 < 60         # at once, not after query_wait_timeout (120 s)
         with connect(pg, proxy) as c:                   # a new login works
             assert c.execute("SELECT 7").fetchone() == (7,)
     finally:
@@ -462,19 +475,18 @@ def test_idle_reaper_closes_parked_backends(pg, proxy_factory):
     proxy = proxy_factory(server_idle_timeout=0.5, pool_size=5)
     key = app_key(pg)
     stay = connect(pg, proxy)                   # logged in, never ran anything: its login backend is parked
+    t0 = time.monotonic()                       # the last two are parked after this
     for _ in range(2):                          # these leave: their backends are reset and parked
         with connect(pg, proxy) as c:
             assert c.execute("SELECT 1").fetchone() == (1,)
     try:
-        assert wait_until(lambda: proxy.pool.idle_count(key) == 3, timeout=1), proxy.pool.snapshot()
-        t0 = time.monotonic()
-        assert len(pg.backend_pids(user="app", dbname="appdb")) == 3
-        assert wait_until(lambda: not pg.backend_pids(user="app", dbname="appdb"), timeout=2.5), \
+        # (Not counted while parked: with a 0.5 s timeout a slow machine may see them reaped first.)
+        assert wait_until(lambda: not pg.backend_pids(user="app", dbname="appdb"), timeout=30), \
             pg.backend_pids(user="app", dbname="appdb")
         took = time.monotonic() - t0
         print(f"\nreaper: 3 parked backends gone {took:.2f}s after parking (server_idle_timeout 0.5)")
-        assert took >= 0.2
-        assert proxy.pool.stats["reaped"] >= 3
+        assert took >= 0.5                      # not before they were idle that long
+        assert proxy.pool.stats["parked"] >= 3 and proxy.pool.stats["reaped"] >= 3, proxy.pool.stats
         assert proxy.pool.idle_count() == 0
         assert proxy.pool.open_count(key) == 0
         # pass-through auth: a still-connected client has no backend left and is told so
@@ -571,7 +583,7 @@ def test_backend_killed_mid_transaction_ends_only_that_client(pg, proxy_factory)
         t0 = time.monotonic()
         with pytest.raises(psycopg.OperationalError):
             a.execute("SELECT 1")
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 60             # told, not left waiting
         assert a.closed
         assert wait_until(lambda: proxy.pool.open_count(app_key(pg)) == open_before - 1)
         # B is in the middle of its own transaction and never noticed
@@ -674,14 +686,14 @@ def test_query_wait_timeout(pg, proxy_factory):
         with pytest.raises(psycopg.OperationalError, match="query_wait_timeout"):
             second.execute("SELECT 2")
         waited = time.monotonic() - t0
-        assert 0.9 <= waited < 3, waited
+        assert 0.9 <= waited < 20, waited
         assert second.closed
         # a login meanwhile also waits for a slot and times out with 53300
         t0 = time.monotonic()
         res = raw_login(proxy.host, proxy.port, "app", "appdb", password="app-secret")
         login_waited = time.monotonic() - t0
         assert res.sqlstate == "53300" and "query_wait_timeout" in res.error["M"], res
-        assert 0.9 <= login_waited < 3
+        assert 0.9 <= login_waited < 20
         print(f"\nquery_wait_timeout 1s: query gave up after {waited:.2f}s, login after {login_waited:.2f}s")
         first.commit()
         with connect(pg, proxy) as third:
@@ -701,7 +713,7 @@ def test_slot_freed_by_a_dead_connection_reaches_a_waiting_login(pg, proxy_facto
     cannot dial); waking just one waiter, and that one a query waiter that goes
     back to sleep, leaves the login waiting until query_wait_timeout.
     """
-    proxy = proxy_factory(pool_size=2, query_wait_timeout=5)
+    proxy = proxy_factory(pool_size=2, query_wait_timeout=60)
     key = app_key(pg)
     a = connect(pg, proxy, autocommit=False)
     d = connect(pg, proxy, autocommit=False)
@@ -732,10 +744,9 @@ def test_slot_freed_by_a_dead_connection_reaches_a_waiting_login(pg, proxy_facto
         threads[-1].start()
         assert wait_until(lambda: proxy.pool.stats["waits"] == waits + 2)     # then C
         vanish(a)                       # A's backend is closed (mid-transaction): one slot frees
-        threads[1].join(10)
-        assert "c" in outcome
+        threads[1].join(30)
+        assert "c" in outcome                     # (had it been left waiting: query_wait_timeout, 60 s)
         assert outcome["c"].ok, (outcome["c"].error, outcome["c_time"])
-        assert outcome["c_time"] < 3, outcome["c_time"]
         d.commit()                      # B gets D's backend
         threads[0].join(10)
         assert outcome["b"] == ("b",)
@@ -958,7 +969,7 @@ def test_lone_flush_between_transactions_does_not_pin_the_connection(pg, proxy_f
     """A client that sends a Flush (no answer comes) while idle between transactions
     must still let a waiting client have the connection (psycopg ends pipelines with
     Sync then Flush, sometimes in separate packets)."""
-    proxy = proxy_factory(pool_size=1, auth_type="trust", query_wait_timeout=10)
+    proxy = proxy_factory(pool_size=1, auth_type="trust", query_wait_timeout=60)
     with socket.create_connection((proxy.host, proxy.port), timeout=10) as raw:
         raw.sendall(startup_packet({"user": "trustuser", "database": "appdb"}))
         while read_message(raw)[0] != "Z":
@@ -971,7 +982,7 @@ def test_lone_flush_between_transactions_does_not_pin_the_connection(pg, proxy_f
         t0 = time.monotonic()
         with trust_connect(pg, proxy) as other:
             assert other.execute("SELECT 2").fetchone() == (2,)
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 30             # handed the connection, not query_wait_timeout
         raw.sendall(_message(b"Q", b"SELECT 3\0"))   # and the first client still works
         kinds = []
         while not kinds or kinds[-1] != "Z":

@@ -1,4 +1,8 @@
-"""threadpool_proxy.prepared: crafted byte streams both ways, and the reset query on PostgreSQL 15."""
+"""threadpool_proxy.prepared: crafted byte streams both ways, and the reset query on PostgreSQL 15.
+
+The fast tests feed the relay hand-written server replies; the tests at the end check each
+PostgreSQL behaviour those replies assume against a real server (the ``pg`` fixture).
+"""
 
 from __future__ import annotations
 
@@ -9,55 +13,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import (COPY_DONE, FLUSH, SYNC, bind, close, copy_data, cstr, describe, error_response, execute,
+                     message, parse, parse_error_fields, read_message, read_until_ready, simple_query,
+                     trust_session)
 from threadpool_proxy import prepared as pp
-from threadpool_proxy import protocol as pq
+from threadpool_proxy.protocol import ProtocolError
 
-# -- message builders ------------------------------------------------------------------
+# -- message builders (the frontend ones come from helpers: not from the code under test) ----
 
-
-def msg(t: bytes, body: bytes = b"") -> bytes:
-    return pq.message(t, body)
-
-
-def cstr(s) -> bytes:
-    return (s.encode() if isinstance(s, str) else s) + b"\0"
-
-
-def parse(name, query, oids=()) -> bytes:
-    return msg(b"P", cstr(name) + cstr(query) + struct.pack("!h", len(oids))
-               + b"".join(struct.pack("!I", o) for o in oids))
-
-
-def bind(statement, portal="", params=()) -> bytes:
-    values = b"".join(struct.pack("!i", len(v)) + v for v in params)
-    return msg(b"B", cstr(portal) + cstr(statement) + b"\0\0" + struct.pack("!h", len(params))
-               + values + b"\0\0")
-
-
-def describe(kind: bytes, name) -> bytes:
-    return msg(b"D", kind + cstr(name))
-
-
-def close(kind: bytes, name) -> bytes:
-    return msg(b"C", kind + cstr(name))
-
-
-def execute(portal="", rows=0) -> bytes:
-    return msg(b"E", cstr(portal) + struct.pack("!i", rows))
-
-
-def query(sql) -> bytes:
-    return msg(b"Q", cstr(sql))
-
-
-SYNC, FLUSH = msg(b"S"), msg(b"H")
-COPY_DONE = msg(b"c")
+msg = message
 PARSE_OK, BIND_OK, CLOSE_OK, NO_DATA = msg(b"1"), msg(b"2"), msg(b"3"), msg(b"n")
-IDLE, IN_TX = msg(b"Z", b"I"), msg(b"Z", b"T")
-
-
-def copy_data(data: bytes) -> bytes:
-    return msg(b"d", data)
+IDLE, IN_TX, IN_FAILED_TX = msg(b"Z", b"I"), msg(b"Z", b"T"), msg(b"Z", b"E")
 
 
 def params_desc(*oids) -> bytes:
@@ -78,7 +44,12 @@ def complete(tag: str) -> bytes:
 
 
 def error(sqlstate: str, text: str = "boom") -> bytes:
-    return pq.error_response(sqlstate, text, "ERROR")
+    return error_response(sqlstate, text)
+
+
+#: What PostgreSQL answers the Parse the relay sends in place of one it refuses, so that the
+#: server raises an error at that point of the pipeline (see the real-server tests at the end).
+REFUSAL_ERROR = error("42703", 'column "threadpool_proxy refused this Parse" does not exist')
 
 
 def notice(text: str) -> bytes:
@@ -153,9 +124,9 @@ def client_with_s(server: pp.ServerStatements, limit: int = 100) -> Client:
 def test_simple_query_and_unnamed_statements_are_returned_as_the_same_object():
     server = pp.ServerStatements(10)
     client = Client()
-    for data in (query("SELECT 1"),
+    for data in (simple_query("SELECT 1"),
                  bytearray(parse("", Q1) + bind("") + describe(b"P", "") + execute() + SYNC),
-                 memoryview(query("BEGIN") + query("COMMIT"))):
+                 memoryview(simple_query("BEGIN") + simple_query("COMMIT"))):
         to_server, now = client.relay.from_client(data, server)
         assert to_server is data and now == b""
     for data in (row_desc("a") + data_row(b"1") + complete("SELECT 1") + IDLE,
@@ -198,7 +169,7 @@ def test_function_call_empty_query_and_portal_suspended():
     server = pp.ServerStatements(10)
     client = client_with_s(server)
     function_call = msg(b"F", struct.pack("!I", 1598) + b"\0\0\0\0\0\0")
-    client.send(function_call + query("") + bind("s", portal="cur") + execute("cur", 1)
+    client.send(function_call + simple_query("") + bind("s", portal="cur") + execute("cur", 1)
                 + execute("cur", 1) + SYNC, server)
     answer = (msg(b"V", b"\0\0\0\x011") + IDLE + msg(b"I") + IDLE + BIND_OK + data_row(b"1") + msg(b"s")
               + complete("SELECT 0") + IDLE)
@@ -237,8 +208,8 @@ def test_synthesised_parse_complete_waits_for_the_replies_ahead_of_it():
     prepared_on(server, Q3)
     name = server_name(Q3)
     client = Client()
-    pipeline = query("SELECT 1") + parse("a", Q3) + bind("a") + execute() + SYNC
-    assert client.send(pipeline, server) == query("SELECT 1") + bind(name) + execute() + SYNC
+    pipeline = simple_query("SELECT 1") + parse("a", Q3) + bind("a") + execute() + SYNC
+    assert client.send(pipeline, server) == simple_query("SELECT 1") + bind(name) + execute() + SYNC
     assert client.take() == b""
     first = row_desc("x") + data_row(b"1") + complete("SELECT 1") + IDLE
     second = BIND_OK + data_row(b"5") + complete("SELECT 1") + IDLE
@@ -404,9 +375,8 @@ def test_reparse_of_a_name_in_use_gets_postgresqls_error_from_the_server():
     client = client_with_s(server)
     sent = client.send(parse("s", Q3) + bind("s") + execute() + SYNC, server)
     assert sent.startswith(pp._REFUSAL_PARSE)              # the server raises the error in place
-    server_error = error("42703", 'column "threadpool_proxy refused this Parse" does not exist')
-    got = client.reply(server_error + IDLE)
-    fields = pq.parse_error_fields(got[5:-6])
+    got = client.reply(REFUSAL_ERROR + IDLE)
+    fields = parse_error_fields(got[5:-6])
     assert (fields["C"], fields["M"], fields["S"]) == ("42P05", 'prepared statement "s" already exists', "ERROR")
     assert got.endswith(IDLE)
     assert client.relay.statements.get(b"s").server_name == server_name(Q1)
@@ -417,7 +387,7 @@ def test_refusal_in_an_aborted_transaction_passes_the_servers_own_error():
     server = pp.ServerStatements(10)
     client = client_with_s(server, limit=1)
     client.send(parse("t", Q3) + SYNC, server)              # over the client's limit
-    aborted = error("25P02", "current transaction is aborted") + msg(b"Z", b"E")
+    aborted = error("25P02", "current transaction is aborted") + IN_FAILED_TX
     assert client.reply(aborted) == aborted
 
 
@@ -429,8 +399,8 @@ def test_client_limit_refuses_further_statements_with_an_error():
     client.take()
     sent = client.send(parse("c", Q3) + bind("c") + execute() + SYNC, server)
     assert sent == pp._REFUSAL_PARSE + bind("c") + execute() + SYNC   # "c" unknown: untouched
-    got = client.reply(error("42703") + IDLE)
-    assert pq.parse_error_fields(got[5:-6])["C"] == "53400"
+    got = client.reply(REFUSAL_ERROR + IDLE)
+    assert parse_error_fields(got[5:-6])["C"] == "53400"
     client.take()
     # Closing one makes room again.
     client.send(close(b"S", "a") + parse("c", Q3) + SYNC, server)
@@ -455,7 +425,7 @@ def test_deallocate_all_from_the_client_forgets_its_statements(command):
     server = pp.ServerStatements(10)
     client = client_with_s(server)
     # A Parse pipelined after DEALLOCATE ALL survives it.
-    client.send(query(command) + parse("t", Q3) + SYNC, server)
+    client.send(simple_query(command) + parse("t", Q3) + SYNC, server)
     client.reply(complete(command) + IDLE + PARSE_OK + IDLE)
     assert client.relay.statements.names() == [b"t"]
     assert server.names() == [server_name(Q3)]
@@ -544,7 +514,7 @@ def test_copy_to_stdout_extended_and_simple():
     server = pp.ServerStatements(10)
     client = Client()
     client.send(parse("out", "COPY t TO STDOUT") + bind("out") + execute() + SYNC
-                + query("COPY t TO STDOUT"), server)
+                + simple_query("COPY t TO STDOUT"), server)
     rows = copy_out_response() + copy_data(b"1\n") + copy_data(b"2\n") + msg(b"c") + complete("COPY 2")
     assert client.reply(PARSE_OK + BIND_OK + rows + IDLE + rows + IDLE) == PARSE_OK + BIND_OK + rows + IDLE + rows + IDLE
     assert client.relay.idle()
@@ -555,7 +525,7 @@ def test_copy_to_stdout_extended_and_simple():
 def _pipeline():
     """A realistic pipeline for a client whose server already holds Q1 (from another client)."""
     client_stream = (
-        query("SELECT 1")
+        simple_query("SELECT 1")
         + parse("s_a", Q1, (23,)) + bind("s_a", params=[b"42"]) + describe(b"P", "") + execute() + SYNC
         + parse("s_b", Q3) + describe(b"S", "s_b") + bind("s_b") + execute() + close(b"S", "s_a") + SYNC
         + parse("", "SELECT 2") + bind("", params=[b"y" * 300]) + execute() + SYNC
@@ -594,7 +564,7 @@ def test_reference_pipeline_bytes_both_ways():
     to_server, to_client, relay = _run_pipeline([client_stream], [server_stream])
     a, b, c = server_name(Q1, (23,)), server_name(Q3), server_name(Q2, (23, 25))
     assert to_server == (
-        query("SELECT 1")
+        simple_query("SELECT 1")
         + bind(a, params=[b"42"]) + describe(b"P", "") + execute() + SYNC
         + parse(b, Q3) + describe(b"S", b) + bind(b) + execute() + SYNC
         + parse("", "SELECT 2") + bind("", params=[b"y" * 300]) + execute() + SYNC
@@ -649,7 +619,7 @@ def test_interleaved_chunks_respect_the_order_of_replies():
     server = pp.ServerStatements(10)
     prepared_on(server, Q3)
     client = Client()
-    client.send(query("SELECT pg_sleep(0)") + parse("a", Q3)[:7], server)
+    client.send(simple_query("SELECT pg_sleep(0)") + parse("a", Q3)[:7], server)
     # a NoticeResponse split across chunks is being passed when the cached Parse completes
     note = notice("x" * 50)
     client.reply(note[:20])
@@ -692,7 +662,7 @@ def test_reply_out_of_step_is_a_protocol_error():
     server = pp.ServerStatements(10)
     client = Client()
     client.send(bind("") + SYNC, server)
-    with pytest.raises(pq.ProtocolError):
+    with pytest.raises(ProtocolError):
         client.reply(PARSE_OK)
 
 
@@ -747,3 +717,257 @@ def test_reset_query_keeps_protocol_statements_and_resets_the_rest(pg):
 
 
 pq_status = psycopg.pq.ExecStatus
+
+
+# -- PostgreSQL's own answers, which the stand-ins above copy --------------------------------
+#
+# The tests above feed the relay hand-written server replies.  Each test here sends a real
+# PostgreSQL 15 what one of them assumes an answer to: straight (the server's behaviour), and
+# through a PreparedRelay fed the server's real replies (the relay's handling of it).
+
+
+def messages(data: bytes) -> list:
+    """A byte stream cut into [(kind, body)]."""
+    out, at = [], 0
+    while at < len(data):
+        length = struct.unpack_from("!I", data, at + 1)[0]
+        out.append((chr(data[at]), data[at + 5:at + 1 + length]))
+        at += 1 + length
+    return out
+
+
+def kinds(replies) -> list:
+    return [kind for kind, _ in replies]
+
+
+def read_messages(sock, count: int) -> list:
+    return [read_message(sock) for _ in range(count)]
+
+
+def error_fields(reply, keys="SVCM") -> dict:
+    """The fields ``keys`` of an ErrorResponse (kind, body); PostgreSQL adds F, L and R (its source)."""
+    kind, body = reply
+    assert kind == "E", reply
+    fields = parse_error_fields(body)
+    return {k: fields.get(k) for k in keys}
+
+
+class RelayedSession:
+    """A PreparedRelay in front of a real PostgreSQL backend (a raw session of trustuser, trust):
+    what the relay sends goes to the server, and the server's replies come back through it."""
+
+    def __init__(self, pg, limit: int = 100) -> None:
+        self.sock = trust_session(pg)
+        self.server = pp.ServerStatements(10)
+        self.client = Client(limit)
+
+    def __enter__(self) -> "RelayedSession":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> bytes:
+        sent = self.client.send(data, self.server)
+        self.sock.sendall(sent)
+        return sent
+
+    def replies(self, count: int | None = None) -> list:
+        """Feed the relay ``count`` server messages (None: until it has every answer it awaits);
+        returns what the client got, as [(kind, body)]."""
+        fed = 0
+        while fed != count and (count is not None or not self.client.relay.idle()):
+            kind, body = read_message(self.sock)
+            self.client.reply(message(kind.encode(), body))
+            fed += 1
+        return messages(self.client.take())
+
+
+@pytest.fixture
+def direct(pg):
+    """A raw session straight to PostgreSQL (trustuser), after its first ReadyForQuery."""
+    sock = trust_session(pg)
+    yield sock
+    sock.close()
+
+
+def test_postgresql_refuses_a_second_parse_of_a_name_as_the_relay_does(pg, direct):
+    """42P05 (test_reparse_of_a_name_in_use_gets_postgresqls_error_from_the_server)."""
+    direct.sendall(parse("s", "SELECT 1") + SYNC + parse("s", "SELECT 2") + SYNC)
+    assert kinds(read_until_ready(direct)) == ["1", "Z"]
+    server_error, server_ready = read_until_ready(direct)
+    with RelayedSession(pg) as session:
+        session.send(parse("s", "SELECT 1") + SYNC)
+        assert session.replies() == [("1", b""), ("Z", b"I")]
+        session.send(parse("s", "SELECT 2") + SYNC)
+        relay_error, relay_ready = session.replies()
+        assert session.client.relay.statements.get(b"s").server_name == server_name("SELECT 1")
+    assert error_fields(server_error) == {"S": "ERROR", "V": "ERROR", "C": "42P05",
+                                          "M": 'prepared statement "s" already exists'}
+    assert error_fields(relay_error) == error_fields(server_error)
+    assert relay_ready == server_ready == ("Z", b"I")
+
+
+def test_the_refusal_parse_gets_the_error_the_relay_replaces_and_aborts_like_any_error(pg, direct):
+    """The stand-in REFUSAL_ERROR, and 53400 over the client's limit
+    (test_client_limit_refuses_further_statements_with_an_error): the refused Parse fails on the
+    server, so what follows it up to Sync is skipped, and the client's other statements, the
+    unnamed one too, are still there."""
+    with RelayedSession(pg, limit=1) as session:
+        session.send(parse("", "SELECT 7") + parse("a", "SELECT 1") + SYNC)
+        assert kinds(session.replies()) == ["1", "1", "Z"]
+        rest = bind("b") + execute() + SYNC
+        sent = session.send(parse("b", "SELECT 2") + rest)
+        refused, ready = session.replies()
+        assert error_fields(refused)["C"] == "53400" and ready == ("Z", b"I")
+        assert session.client.relay.statements.names() == [b"a"]
+        session.send(bind("") + execute() + bind("a") + execute() + SYNC)
+        rows = [body[-1:] for kind, body in session.replies() if kind == "D"]
+        assert rows == [b"7", b"1"]
+    assert sent.endswith(rest)
+    refusal_parse = sent[:-len(rest)]
+    direct.sendall(refusal_parse + bind("b") + execute() + SYNC)
+    server_error, server_ready = read_until_ready(direct)
+    assert error_fields(server_error, "SCM") == error_fields(messages(REFUSAL_ERROR)[0], "SCM")
+    assert server_ready == ("Z", b"I")
+
+
+def test_a_refusal_in_an_aborted_transaction_gets_25p02_first(pg, direct):
+    """test_refusal_in_an_aborted_transaction_passes_the_servers_own_error: PostgreSQL checks
+    for an aborted transaction before it analyses the refusal Parse's query."""
+    failing = simple_query("BEGIN") + simple_query("SELECT 1/0")
+    with RelayedSession(pg, limit=1) as session:
+        session.send(parse("a", "SELECT 1") + SYNC + failing)
+        assert kinds(session.replies()) == ["1", "Z", "C", "Z", "E", "Z"]
+        session.send(parse("b", "SELECT 2") + SYNC)
+        relay_error, relay_ready = session.replies()
+        assert error_fields(relay_error)["C"] == "25P02" and relay_ready == ("Z", b"E")
+    direct.sendall(failing)
+    assert kinds(read_until_ready(direct) + read_until_ready(direct)) == ["C", "Z", "E", "Z"]
+    direct.sendall(parse("x", 'SELECT "no such column"') + SYNC)
+    server_error, server_ready = read_until_ready(direct)
+    assert error_fields(relay_error) == error_fields(server_error) and relay_ready == server_ready
+
+
+@pytest.mark.parametrize("data_first", [False, True], ids=["sync-before-data", "data-before-copy-in-response"])
+def test_postgresql_ignores_a_sync_sent_during_copy_in(pg, direct, data_first):
+    """test_copy_from_stdin_through_extended_protocol_sync_before_data and
+    test_copy_data_sent_before_the_copy_in_response_arrives: the Sync after Execute gets no
+    ReadyForQuery of its own (the README's known limit)."""
+    start = parse("cp", "COPY tpp_copied FROM STDIN") + bind("cp") + execute() + SYNC
+    data = copy_data(b"1\n2\n") + COPY_DONE + SYNC
+    count = simple_query("SELECT count(*) FROM tpp_copied")
+    create = simple_query("CREATE TEMP TABLE tpp_copied (x int)")
+    direct.sendall(create)
+    read_until_ready(direct)
+    if data_first:
+        direct.sendall(start + data)
+    else:
+        direct.sendall(start)
+        assert kinds(read_messages(direct, 3)) == ["1", "2", "G"]
+        direct.sendall(data)
+    # Had the first Sync been answered, a ReadyForQuery would come before the count's row.
+    direct.sendall(count)
+    replies = read_until_ready(direct) + read_until_ready(direct)
+    assert kinds(replies) == (["1", "2", "G"] if data_first else []) + ["C", "Z", "T", "D", "C", "Z"]
+    assert replies[-6] == ("C", b"COPY 2\0") and replies[-3][1].endswith(b"2")
+    with RelayedSession(pg) as session:
+        session.send(create)
+        session.replies()
+        if data_first:
+            session.send(start + data)
+        else:
+            session.send(start)
+            assert kinds(session.replies(3)) == ["1", "2", "G"]
+            session.send(data)
+        assert kinds(session.replies()) == (["1", "2", "G"] if data_first else []) + ["C", "Z"]
+        assert session.client.relay.idle()                 # the ignored Sync is not awaited
+        session.send(parse("q", "SELECT 1") + FLUSH)
+        assert session.replies(1) == [("1", b"")]
+
+
+def test_postgresql_skips_to_sync_after_an_error_in_copy_in(pg, direct):
+    """test_copy_failing_mid_data_skips_to_the_sync_after_copy_done."""
+    direct.sendall(simple_query("CREATE TEMP TABLE tpp_copied (x int)"))
+    read_until_ready(direct)
+    direct.sendall(parse("", "COPY tpp_copied FROM STDIN") + bind("") + execute() + SYNC)
+    assert kinds(read_messages(direct, 3)) == ["1", "2", "G"]
+    direct.sendall(copy_data(b"x\n"))
+    (bad,) = read_messages(direct, 1)
+    assert error_fields(bad)["C"] == "22P02"
+    direct.sendall(COPY_DONE + SYNC)
+    assert read_until_ready(direct) == [("Z", b"I")]
+    with RelayedSession(pg) as session:
+        session.send(simple_query("CREATE TEMP TABLE tpp_copied (x int)"))
+        session.replies()
+        session.send(parse("", "COPY tpp_copied FROM STDIN") + bind("") + execute() + SYNC)
+        session.replies(3)
+        session.send(copy_data(b"x\n"))
+        assert error_fields(session.replies(1)[0])["C"] == "22P02"
+        assert not session.client.relay.idle()
+        session.send(COPY_DONE + SYNC)
+        assert session.replies() == [("Z", b"I")]
+
+
+def test_postgresql_skips_everything_after_an_error_until_sync_flush_or_not(pg, direct):
+    """test_error_then_flush_only_skips_messages_sent_before_the_sync and the skipped Closes of
+    test_skipped_eviction_close_puts_the_statement_back: after an error the server answers
+    nothing (a Close and a Flush included) until Sync."""
+    direct.sendall(parse("kept", "SELECT 1") + SYNC)
+    read_until_ready(direct)
+    direct.sendall(parse("", "SELEC 1") + FLUSH)
+    (syntax,) = read_messages(direct, 1)
+    assert error_fields(syntax)["C"] == "42601"
+    direct.sendall(close(b"S", "kept") + FLUSH + SYNC)
+    assert read_until_ready(direct) == [("Z", b"I")]              # no CloseComplete
+    direct.sendall(parse("", "SELECT * FROM tpp_nowhere") + close(b"S", "kept") + SYNC)
+    assert kinds(read_until_ready(direct)) == ["E", "Z"]
+    direct.sendall(bind("kept") + execute() + SYNC)
+    assert kinds(read_until_ready(direct)) == ["2", "D", "C", "Z"]  # neither Close ran
+    with RelayedSession(pg) as session:
+        session.send(parse("s", "SELECT 1") + SYNC)
+        session.replies()
+        session.send(parse("", "SELEC 1") + FLUSH)
+        assert error_fields(session.replies(1)[0])["C"] == "42601"
+        assert session.send(close(b"S", "s") + FLUSH) == FLUSH
+        assert session.client.take() == b""
+        session.send(SYNC)
+        assert session.replies() == [("Z", b"I")]
+        session.send(bind("s") + execute() + SYNC)
+        assert kinds(session.replies()) == ["2", "D", "C", "Z"]
+
+
+def test_postgresql_refuses_an_unknown_statement_name_with_26000(pg, direct):
+    """test_unknown_statement_name_is_forwarded_for_postgresql_to_refuse, and the 26000 the relay
+    takes for a statement dropped behind its back."""
+    direct.sendall(bind("nope") + describe(b"S", "nope") + execute() + SYNC)
+    server_error, ready = read_until_ready(direct)
+    assert error_fields(server_error) == {"S": "ERROR", "V": "ERROR", "C": "26000",
+                                          "M": 'prepared statement "nope" does not exist'}
+    assert ready == ("Z", b"I")
+
+
+@pytest.mark.parametrize("command", ["DEALLOCATE ALL", "DISCARD ALL"])
+def test_postgresql_tags_the_commands_that_drop_every_statement(pg, command):
+    """test_deallocate_all_from_the_client_forgets_its_statements: the relay knows them by tag."""
+    with RelayedSession(pg) as session:
+        session.send(parse("s", "SELECT 1") + SYNC)
+        session.replies()
+        session.send(simple_query(command) + parse("t", "SELECT 2") + SYNC)
+        assert session.replies() == [("C", cstr(command)), ("Z", b"I"), ("1", b""), ("Z", b"I")]
+        assert session.client.relay.statements.names() == [b"t"]
+        session.send(simple_query("SELECT name FROM pg_prepared_statements"))
+        rows = [body[6:] for kind, body in session.replies() if kind == "D"]
+    assert rows == [server_name("SELECT 2")]
+
+
+def test_postgresql_answers_function_calls_empty_queries_and_row_limits_as_the_stand_ins(pg, direct):
+    """test_function_call_empty_query_and_portal_suspended: FunctionCall is answered by
+    FunctionCallResponse and ReadyForQuery, an empty Query by EmptyQueryResponse and
+    ReadyForQuery, an Execute with a row limit by PortalSuspended."""
+    oid = struct.pack("!I", 1598)                      # random(): no arguments
+    direct.sendall(message(b"F", oid + b"\0\0\0\0\0\1") + simple_query("")
+                   + parse("", "SELECT * FROM generate_series(1, 2)") + bind("", portal="cur")
+                   + execute("cur", 1) + execute("cur", 1) + SYNC)
+    replies = read_until_ready(direct) + read_until_ready(direct) + read_until_ready(direct)
+    assert kinds(replies) == ["V", "Z", "I", "Z", "1", "2", "D", "s", "D", "s", "Z"]

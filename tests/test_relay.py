@@ -205,10 +205,8 @@ def test_cancel_from_a_second_connection(pg, proxy_factory, mode):
     with connect(pg, proxy) as conn:
         timer = threading.Timer(0.5, conn.cancel_safe)  # cancel() holds the GIL in libpq: deadlock with an in-process proxy
         timer.start()
-        started = time.monotonic()
-        with pytest.raises(psycopg.errors.QueryCanceled):
+        with pytest.raises(psycopg.errors.QueryCanceled):     # (else it ran its 20 s and ended well)
             conn.execute("SELECT pg_sleep(20)")
-        assert time.monotonic() - started < 10
         timer.join()
         assert conn.execute("SELECT 5").fetchone() == (5,)
 

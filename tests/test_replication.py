@@ -27,10 +27,9 @@ TOOL_TIMEOUT = 240
 
 
 def _tool(name: str) -> str:
-    path = os.path.join(pgcluster.find_bindir(need=(name,)), name)
-    if not os.path.exists(path):
-        pytest.skip(f"{name} is not installed")
-    return path
+    """A replication client of the PostgreSQL installation the suite needs anyway: a missing one
+    fails the test (find_bindir's RuntimeError says what to install), it is never skipped."""
+    return os.path.join(pgcluster.find_bindir(need=(name,)), name)
 
 
 def _env(user: str = "repl") -> dict:
@@ -49,6 +48,13 @@ def _run(argv, **kwargs) -> subprocess.CompletedProcess:
 def _walsenders(pg) -> int:
     with pg.superuser_conn() as su:
         return su.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'").fetchone()[0]
+
+
+def _assert_walsenders(pg, count: int, why: str) -> None:
+    """Within 30 s the server has ``count`` WAL senders (a stream's server connection lives and
+    dies with its client)."""
+    assert wait_until(lambda: _walsenders(pg) == count, timeout=30), (
+        f"{why}: {_walsenders(pg)} WAL senders, expected {count}")
 
 
 @pytest.fixture(params=["passthrough", "scram-sha-256"])
@@ -71,7 +77,7 @@ def test_pg_basebackup_streams_a_whole_backup_through_the_proxy(pg, session_prox
     assert (target / "backup_label").exists() and (target / "global" / "pg_control").exists()
     wal = [f for f in os.listdir(target / "pg_wal") if len(f) == 24]
     assert wal, "no WAL segment was streamed (-X stream runs a second replication connection)"
-    wait_until(lambda: _walsenders(pg) == 0, timeout=20)
+    _assert_walsenders(pg, 0, "pg_basebackup's server connections outlived it")
     assert session_proxy.pool.idle_count() == 0            # never parked
 
 
@@ -139,7 +145,7 @@ def test_a_replication_connection_takes_no_pool_slot(pg, proxy_factory, tmp_path
     stream = subprocess.Popen([recvlogical, *common, "--start", "-f", os.devnull], env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: _walsenders(pg) == 1, timeout=30)
+        _assert_walsenders(pg, 1, "the stream never started")
         with psycopg.connect(pg.dsn(user="repl", dbname="appdb", host=proxy.host, port=proxy.port),
                              autocommit=True) as conn:
             assert conn.execute("SELECT current_user").fetchone() == ("repl",)
@@ -147,19 +153,19 @@ def test_a_replication_connection_takes_no_pool_slot(pg, proxy_factory, tmp_path
             assert sum(proxy.pool.snapshot()["open"].values()) == 1
             stream.send_signal(signal.SIGINT)
             stream.wait(30)
-            wait_until(lambda: _walsenders(pg) == 0, timeout=30)
+            _assert_walsenders(pg, 0, "the stream's server connection outlived its client")
             assert sum(proxy.pool.snapshot()["open"].values()) == 1     # still the ordinary client's
             assert conn.execute("SELECT 2").fetchone() == (2,)
     finally:
         if stream.poll() is None:
             stream.kill()
             stream.wait(10)
-        wait_until(lambda: _walsenders(pg) == 0, timeout=30)
+        _assert_walsenders(pg, 0, "the stream's server connection outlived its client")
         with pg.superuser_conn() as su:
             su.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
     assert proxy.pool.idle_count() == (0 if auth == "passthrough" else 1)   # only the ordinary one parks
-    if auth == "passthrough":
-        wait_until(lambda: not pg.backend_pids(user="repl"), timeout=20)
+    if auth == "passthrough":       # a pass-through login's connection is closed with its client, not parked
+        assert wait_until(lambda: not pg.backend_pids(user="repl"), timeout=20), pg.backend_pids(user="repl")
 
 
 def _refusal(proxy, params: dict) -> dict:
@@ -210,7 +216,7 @@ def test_show_names_the_replication_kind_and_kill_ends_the_stream(pg, proxy_fact
     stream = subprocess.Popen([recvlogical, *common, "--start", "--no-loop", "-f", os.devnull], env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: _walsenders(pg) == 1, timeout=30)
+        _assert_walsenders(pg, 1, "the stream never started")
         with psycopg.connect(pg.dsn(user="postgres", dbname="pgbouncer", host=proxy.host, port=proxy.port),
                              autocommit=True) as admin:
             admin.prepare_threshold = None
@@ -221,7 +227,7 @@ def test_show_names_the_replication_kind_and_kill_ends_the_stream(pg, proxy_fact
             admin.execute("KILL appdb")
             assert stream.wait(30) != 0                   # the stream ended with its client
             assert "KILL on the admin console" in stream.stderr.read()
-            wait_until(lambda: _walsenders(pg) == 0, timeout=30)
+            _assert_walsenders(pg, 0, "KILL left the stream's server connection open")
             admin.execute("RESUME appdb")
     finally:
         stream.send_signal(signal.SIGINT)
@@ -230,7 +236,7 @@ def test_show_names_the_replication_kind_and_kill_ends_the_stream(pg, proxy_fact
         except subprocess.TimeoutExpired:
             stream.kill()
             stream.wait(10)
-        wait_until(lambda: _walsenders(pg) == 0, timeout=30)
+        _assert_walsenders(pg, 0, "the stream's server connection outlived its client")
         with pg.superuser_conn() as su:
             su.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import base64
-import inspect
 import logging
 import os
 import re
@@ -32,7 +31,6 @@ import yaml
 import helpers
 from helpers import _message, cancel_packet, nothing_to_read, parse_error_fields, psql, query, raw_login, \
     read_message, read_until_ready, startup_packet, trust_session, wait_until
-from threadpool_proxy import relay as relay_mod
 from threadpool_proxy.pgcluster import free_port
 from threadpool_proxy.pool import pool_key
 
@@ -106,16 +104,16 @@ def test_unauthenticated_logins_never_displace_or_block_an_authenticated_client(
             hostile.append(s)
         assert wait_until(lambda: proxy.pool.pending_count(key) == 3)
         time.sleep(0.3)
-        t0 = time.monotonic()
-        assert pid_of(a) == before                      # not evicted, not waiting
+        waits = proxy.pool.stats["waits"]
+        assert pid_of(a) == before                      # not evicted,
         assert a.execute("SELECT 'still here'").fetchone() == ("still here",)
-        assert time.monotonic() - t0 < 0.5
+        assert proxy.pool.stats["waits"] == waits       # and it never waited for a server connection
         assert len(pg.backend_pids(user="app", dbname="appdb")) <= 5 + 3
         t0 = time.monotonic()
         with connect(pg, proxy) as b:                   # waits for a place in the allowance
             assert b.execute("SELECT 2").fetchone() == (2,)
         login_took = time.monotonic() - t0
-        assert login_took < 5, login_took
+        assert login_took < 25, login_took              # a stalled login's place (1 s), not client_login_timeout
         # the stalled ones were cut after pending_login_timeout, with a message naming it
         first = hostile[0]
         assert read_message(first)[0] == "R"            # PostgreSQL's SASL request, relayed
@@ -171,11 +169,6 @@ def test_a_queued_request_of_a_client_that_left_never_runs(pg, proxy_factory):
         b.close()
 
 
-RELAY_ANSWERS_CANCELED_WAITS = "QueryCanceled" in inspect.getsource(relay_mod)
-
-
-@pytest.mark.xfail(not RELAY_ANSWERS_CANCELED_WAITS, run=False, strict=True,
-                   reason="relay.py does not yet call obtain(cancelable=...) and answer QueryCanceled")
 def test_cancel_request_ends_the_wait_for_a_server_connection(pg, proxy_factory):
     make_table(pg, "cancel_counter", grant_to="trustuser")
     proxy = proxy_factory(pool_size=1, auth_type="trust", query_wait_timeout=30)
@@ -205,7 +198,7 @@ def test_cancel_request_ends_the_wait_for_a_server_connection(pg, proxy_factory)
         assert isinstance(exc, psycopg.errors.QueryCanceled), outcome
         assert exc.diag.severity == "ERROR" and exc.diag.sqlstate == "57014"
         assert "canceling statement due to user request" in str(exc)
-        assert outcome["took"] < 3
+        assert outcome["took"] < 20          # the cancel ended the wait, not query_wait_timeout (30 s)
         assert not b.closed
         holder.commit()
         assert b.execute("SELECT 'b goes on'").fetchone() == ("b goes on",)
@@ -302,9 +295,27 @@ def test_server_restart_aborts_only_the_clients_in_a_transaction(pg, proxy_facto
 
 
 #: What a client with a request in flight may see when the server stops (PostgreSQL's own FATAL,
-#: or the proxy's "server connection lost"); anything else would be the proxy failing the client.
-IN_FLIGHT_ERRORS = re.compile(r"^(terminating connection due to administrator command$"
-                              r"|server connection lost|consuming input failed|server closed the connection)")
+#: or the proxy's "server connection lost"); anything else, libpq's "server closed the connection
+#: unexpectedly" (a close with no message) included, would be the proxy failing the client.
+IN_FLIGHT_ERRORS = {"57P01": re.compile(r"^terminating connection due to administrator command$"),
+                    "08006": re.compile(r"^server connection lost; ")}
+
+
+def connect_noting_fatals(pg, proxy):
+    """A connection, and the list its FATAL notices go to: a FATAL that arrives just after an
+    answer, before the client's next request, is taken by libpq (as by PostgreSQL directly) for a
+    notice, and that request then fails with "server closed the connection unexpectedly"."""
+    conn, fatals = connect(pg, proxy), []
+    conn.add_notice_handler(lambda diag: fatals.append((diag.sqlstate, diag.message_primary))
+                            if diag.severity_nonlocalized == "FATAL" else None)
+    return conn, fatals
+
+
+def in_flight_error(sqlstate, message, fatals) -> bool:
+    """What a client with a request in flight may be told (see IN_FLIGHT_ERRORS)."""
+    if sqlstate is None and message.endswith("server closed the connection unexpectedly") and fatals:
+        sqlstate, message = fatals[-1]          # told before it asked: the FATAL came as a notice
+    return sqlstate in IN_FLIGHT_ERRORS and bool(IN_FLIGHT_ERRORS[sqlstate].match(message))
 
 
 def test_server_restart_under_load_fails_only_requests_in_flight(pg, proxy_factory, app_auth_file):
@@ -322,7 +333,7 @@ def test_server_restart_under_load_fails_only_requests_in_flight(pg, proxy_facto
     acked, after, errors = [0] * clients, [0] * clients, {}
 
     def client(i):
-        conn = connect(pg, proxy)
+        conn, fatals = connect_noting_fatals(pg, proxy)
         try:
             while not stop.is_set():
                 stage = "BEGIN"
@@ -334,10 +345,11 @@ def test_server_restart_under_load_fails_only_requests_in_flight(pg, proxy_facto
                     conn.execute("COMMIT")
                 except psycopg.Error as exc:
                     with lock:
-                        errors.setdefault(i, []).append((stage, exc.sqlstate, str(exc).splitlines()[0]))
+                        errors.setdefault(i, []).append((stage, exc.sqlstate, str(exc).splitlines()[0],
+                                                         list(fatals)))
                     if conn.closed or conn.broken:
                         conn.close()
-                        conn = connect(pg, proxy)
+                        conn, fatals = connect_noting_fatals(pg, proxy)
                     continue
                 acked[i] += 1
                 if restarted.is_set():
@@ -360,7 +372,7 @@ def test_server_restart_under_load_fails_only_requests_in_flight(pg, proxy_facto
         for t in threads:
             t.join(60)
     final = table_values(pg, "restart_load")
-    unexpected = {i: [e for e in errs if not IN_FLIGHT_ERRORS.match(e[2])] for i, errs in errors.items()}
+    unexpected = {i: [e for e in errs if not in_flight_error(*e[1:])] for i, errs in errors.items()}
     unexpected = {i: e for i, e in unexpected.items() if e}
     report = (f"restart ({down:.2f}s) under load: {len(errors)}/{clients} clients lost a request in flight "
               f"({sum(1 for e in errors.values() if e[0][0] == 'BEGIN')} of them on BEGIN); "
@@ -370,7 +382,7 @@ def test_server_restart_under_load_fails_only_requests_in_flight(pg, proxy_facto
     assert not unexpected, report
     assert all(after), report
     for i in range(clients):               # no acknowledged commit lost (an errored COMMIT may have landed)
-        commit_errors = sum(1 for stage, _, _ in errors.get(i, ()) if stage == "COMMIT")
+        commit_errors = sum(1 for stage, *_ in errors.get(i, ()) if stage == "COMMIT")
         assert acked[i] <= final[i + 1] <= acked[i] + commit_errors, (i, acked[i], final[i + 1], report)
 
 
@@ -397,7 +409,7 @@ def test_client_waits_for_a_server_that_is_down_and_fails_after_query_wait_timeo
     for res, waited in results:
         assert res.sqlstate == "08001", res
         assert "query_wait_timeout: the server did not accept connections for 1.5 s" in res.error["M"], res
-        assert 1.4 <= waited < 4, waited
+        assert 1.4 <= waited < 15, waited
     # one dial per server_login_retry (a first burst of at most one per client), not one per client each time
     assert dials <= 5 + 1.5 / 0.3 + 2, dials
 
@@ -426,8 +438,9 @@ def test_idle_client_whose_connection_is_terminated_is_told_nothing(pg, proxy_fa
 
 def test_silent_connections_beyond_max_client_conn_hold_no_thread_for_long(pg, proxy_factory):
     """max_client_conn bounds threads from accept: over-limit sockets are turned away within seconds."""
-    from threadpool_proxy.server import MAX_REFUSING
-    from threadpool_proxy.session import REFUSAL_TIMEOUT
+    # README, Faults and limits: a connection over max_client_conn "gets 2 s to send its startup
+    # packet", "at most 16 such at a time"; beyond those the accepting thread answers at once.
+    MAX_REFUSING, REFUSAL_TIMEOUT = 16, 2.0
     threads0 = threading.active_count()
     proxy = proxy_factory(max_client_conn=3, client_login_timeout=30)
     threads1 = threading.active_count()
@@ -442,7 +455,7 @@ def test_silent_connections_beyond_max_client_conn_hold_no_thread_for_long(pg, p
         assert peak <= 3 + MAX_REFUSING + 2, peak
         ended = []
         for s in over:
-            s.settimeout(REFUSAL_TIMEOUT + 3)
+            s.settimeout(REFUSAL_TIMEOUT + 15)
             data = b""
             try:
                 while True:
@@ -457,7 +470,7 @@ def test_silent_connections_beyond_max_client_conn_hold_no_thread_for_long(pg, p
         told = sum(1 for _, d in ended if b"C53300\0" in d and b"max_client_conn 3" in d)
         print(f"\n60 silent sockets over max_client_conn 3: at most {peak} client threads, all closed "
               f"within {slowest:.2f}s, all told 53300 max_client_conn")
-        assert slowest < REFUSAL_TIMEOUT + 2, slowest
+        assert slowest < REFUSAL_TIMEOUT + 15, slowest   # not client_login_timeout (30 s)
         assert told == 60, told           # at once, or after REFUSAL_TIMEOUT when silent
         assert wait_until(lambda: threading.active_count() <= threads1 + 3, timeout=5)
         for s in admitted:                              # the admitted ones still get client_login_timeout
@@ -520,9 +533,12 @@ def test_out_of_file_descriptors_backs_off_refuses_clearly_and_recovers(pg, tmp_
         assert res.stdout.strip() == "before", res.stderr
         for _ in range(200):
             flood.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        # Measured once the proxy is out of descriptors (the flood accepted as far as it goes):
+        # a loop spinning on the listening socket would burn most of the 3 s.
+        assert wait_until(lambda: "out of file descriptors at accept" in log_path.read_text(), timeout=30)
         time.sleep(0.5)
         cpu0 = _cpu_seconds(proc.pid)
-        time.sleep(2)
+        time.sleep(3)
         cpu = _cpu_seconds(proc.pid) - cpu0
         res = raw_login("127.0.0.1", port, "trustuser", "appdb", timeout=10)
         assert res.sqlstate == "53300" and "out of file descriptors" in res.error["M"], res
@@ -533,9 +549,9 @@ def test_out_of_file_descriptors_backs_off_refuses_clearly_and_recovers(pg, tmp_
         res = psql(target, sql="SELECT 'after'", user="trustuser")
         assert res.stdout.strip() == "after", res.stderr
         log_text = log_path.read_text()
-        print(f"\nRLIMIT_NOFILE 64/128, 200 silent sockets: {cpu:.2f}s CPU in 2 s while out of descriptors; "
+        print(f"\nRLIMIT_NOFILE 64/128, 200 silent sockets: {cpu:.2f}s CPU in 3 s while out of descriptors; "
               f"{log_text.count('out of file descriptors at accept')} log line(s) about it")
-        assert cpu < 0.5, cpu
+        assert cpu < 0.75, cpu
         assert "RLIMIT_NOFILE) is 128, but max_client_conn 1000" in log_text, log_text
         assert log_text.count("out of file descriptors at accept") == 1, log_text
         assert "accepting clients again" in log_text, log_text
@@ -621,7 +637,7 @@ def test_clients_are_told_when_the_proxy_shuts_down(pg, proxy_factory):
         assert wait_until(lambda: proxy.pool.stats["waits"] == waits + 1)
         t0 = time.monotonic()
         proxy.stop()
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 20        # it did not wait for the 30 s query
         for name, sock in (("idle", idle), ("busy", busy), ("waiting", waiting)):
             sock.settimeout(5)
             messages = []
@@ -637,3 +653,6 @@ def test_clients_are_told_when_the_proxy_shuts_down(pg, proxy_factory):
     finally:
         for s in (idle, busy, waiting):
             s.close()
+        # PostgreSQL notices its client gone only when pg_sleep ends: end it for the next tests
+        pg.terminate_backends(user="trustuser", dbname="appdb")
+        assert wait_until(lambda: not pg.backend_pids(user="trustuser", dbname="appdb"))

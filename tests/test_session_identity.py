@@ -54,11 +54,9 @@ def test_cancel_with_the_real_pid_still_works(pg, session_proxy):
     with connect(pg, session_proxy) as conn:
         timer = threading.Timer(0.5, conn.cancel_safe)  # cancel() holds the GIL in libpq: deadlock in-process
         timer.start()
-        started = time.monotonic()
-        with pytest.raises(psycopg.errors.QueryCanceled):
+        with pytest.raises(psycopg.errors.QueryCanceled):     # (else it ran its 20 s and ended well)
             conn.execute("SELECT pg_sleep(20)")
         timer.join()
-        assert time.monotonic() - started < 10
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 

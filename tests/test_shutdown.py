@@ -172,14 +172,15 @@ def test_a_second_signal_stops_at_once(pg, cli):
     assert "shutting down" in shutdown_error(stuck, "COMMIT")
 
 
-def test_sigint_stops_at_once(pg, cli, table):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT], ids=["SIGINT", "SIGQUIT"])
+def test_sigint_and_sigquit_stop_at_once(pg, cli, table, signum):
     name, direct = table
     proxy = cli(shutdown_timeout=120)
     busy = connect(pg, proxy)
     busy.execute("BEGIN")
     busy.execute(f"INSERT INTO {name} VALUES (1)")
     t0 = time.monotonic()
-    proxy.signal(signal.SIGINT)
+    proxy.signal(signum)
     code, err = proxy.wait(timeout=30)
     assert code == 0, err
     assert time.monotonic() - t0 < 10

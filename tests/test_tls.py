@@ -39,6 +39,9 @@ class Certs:
         self.second_key_file = self._write("second.key", second.private_key_pem.bytes())
         other = trustme.CA()
         self.other_ca_file = self._write("other-ca.pem", other.cert_pem.bytes())
+        stranger = other.issue_cert("app")                         # a client's, signed by the other CA
+        self.stranger_cert_file = self._write("stranger.crt", b"".join(p.bytes() for p in stranger.cert_chain_pems))
+        self.stranger_key_file = self._write("stranger.key", stranger.private_key_pem.bytes())
 
     def _write(self, name: str, data: bytes) -> str:
         path = os.path.join(self.dir, name)
@@ -128,10 +131,13 @@ def test_disable_answers_n(pg, proxy_factory):
         assert not _ssl_in_use(conn)
 
 
-def test_verify_ca_wants_a_client_certificate(pg, proxy_factory, certs):
+def test_verify_ca_wants_a_client_certificate(pg, proxy_factory, certs, tmp_path):
     proxy = proxy_factory(**certs.client_settings("verify-ca", ca=True))
-    with pytest.raises(psycopg.OperationalError):
-        connect(pg, proxy, sslmode="require", sslcert=os.devnull, sslkey=os.devnull)
+    # (a missing file: libpq then sends no certificate; an unreadable one fails in libpq itself)
+    with pytest.raises(psycopg.OperationalError, match="alert certificate required"):
+        connect(pg, proxy, sslmode="require", sslcert=str(tmp_path / "none.crt"), sslkey=str(tmp_path / "none.key"))
+    with pytest.raises(psycopg.OperationalError, match="alert unknown ca"):
+        connect(pg, proxy, sslmode="require", sslcert=certs.stranger_cert_file, sslkey=certs.stranger_key_file)
     with connect(pg, proxy, sslmode="verify-full", sslrootcert=certs.ca_file,
                  sslcert=certs.client_cert_file, sslkey=certs.client_key_file) as conn:
         assert _ssl_in_use(conn)

@@ -8,6 +8,7 @@ has an even chance), rather than hoping for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -104,10 +105,11 @@ def workers_proxy(pg, tmp_path):
                 pass
         if proxy.stop() is None:
             proxy.kill_all(pids)
-        for pid in pids:
-            wait_until(lambda: not _alive(pid), timeout=20)
-            if _alive(pid):
+        survivors = [pid for pid in pids if not wait_until(lambda: not _alive(pid), timeout=20)]
+        for pid in survivors:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        assert not survivors, f"workers {survivors} outlived their supervisor's stop: {proxy.log()}"
 
 
 def _alive(pid: int) -> bool:
