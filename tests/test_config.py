@@ -19,7 +19,7 @@ def load(**raw):
     return cfg.load(raw)
 
 
-# The defaults README.md's configuration table documents, written out here: a default changed
+# The defaults docs/configuration.md's table documents, written out here: a default changed
 # in the code fails this test until the manual says the same.
 DOCUMENTED_DEFAULTS = {
     "listen_host": "127.0.0.1", "listen_port": 6432,
@@ -32,7 +32,9 @@ DOCUMENTED_DEFAULTS = {
     "shutdown_timeout": 30, "max_pending_logins": 3, "pending_login_timeout": 10,
     "reset_query": "DISCARD ALL", "max_prepared_statements": 200,
     "auth_type": "passthrough", "auth_file": None, "auth_user": None, "auth_password": None,
-    "auth_query": "SELECT usename, passwd FROM pg_shadow WHERE usename=$1", "auth_query_cache_seconds": 30,
+    "auth_query": "SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename=$1",
+    "auth_query_cache_seconds": 30, "auth_query_cache_size": 1000, "auth_dbname": None,
+    "max_pending_logins_total": 50, "admin_auth_type": None,
     "log_level": "info", "admin_users": (), "stats_users": (), "stats_period": 60, "metrics_listen": None,
     "client_tls_sslmode": "disable", "client_tls_cert_file": None, "client_tls_key_file": None,
     "client_tls_ca_file": None, "server_tls_sslmode": "disable", "server_tls_ca_file": None,
