@@ -410,7 +410,7 @@ class Console:
         changeable = self.control.changeable_settings()
         rows = []
         for field in dataclasses.fields(Config):
-            if field.name == "databases":
+            if field.name in ("databases", "users"):
                 continue
             key = {"listen_host": "listen.host", "listen_port": "listen.port"}.get(field.name, field.name)
             value, default = getattr(config, field.name), getattr(defaults, field.name)

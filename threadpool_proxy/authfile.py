@@ -192,6 +192,22 @@ def scram_secret_from_password(password: str, salt: bytes | None = None,
                   stored_key=stored_key, server_key=server_key)
 
 
+def check_password(secret: Secret, user: str, password: str) -> bool:
+    """Whether a clear-text ``password`` (auth_type password, PgBouncer's plain) matches a stored secret.
+
+    Every comparison is constant-time: the plain text, the md5 hash of
+    password and user name, or the StoredKey derived with the verifier's salt
+    and iterations.
+    """
+    if secret.kind == "password":
+        return hmac.compare_digest(password.encode("utf-8"), secret.password.encode("utf-8"))
+    if secret.kind == "md5":
+        computed = "md5" + hashlib.md5(password.encode("utf-8") + user.encode("utf-8")).hexdigest()
+        return hmac.compare_digest(computed.encode("ascii"), secret.md5.encode("ascii"))
+    _, stored_key, _ = scram_keys(password, secret.salt, secret.iterations)
+    return hmac.compare_digest(stored_key, secret.stored_key)
+
+
 def format_scram_verifier(secret: Secret) -> str:
     """The rolpassword text of a scram Secret (for writing auth files)."""
     if secret.kind != "scram":

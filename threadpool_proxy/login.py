@@ -61,7 +61,7 @@ from .auth import (
     parse_sasl_initial_response,
     sasl_mechanisms_payload,
 )
-from .authfile import AuthFile, AuthFileError, Secret, secret_from_rolpassword
+from .authfile import AuthFile, AuthFileError, Secret, check_password, secret_from_rolpassword
 from .backend import ServerConnection
 from .channel import ClientChannel
 from .config import Config, ConfigError, DatabaseConfig, NodeConfig
@@ -95,6 +95,11 @@ class LoginRequest:
     @property
     def who(self) -> str:
         return f"{self.user}@{self.database} from {self.address[0]}:{self.address[1]}"
+
+    @property
+    def server_user(self) -> str:
+        """The user server connections log in as: the entry's forced ``user``, else the client's."""
+        return self.db.server_user(self.user)
 
 
 def is_loopback(address) -> bool:
@@ -334,6 +339,9 @@ class Logins:
             if creds is not NO_CREDENTIALS:
                 self._remember(user, creds)
             return
+        if auth_type == "password":         # [dropin] PgBouncer's plain: the password in clear text
+            self._password(channel, request, self._file_secret(user))
+            return
         if auth_type == "auth_query":
             secret = self._query_secret(request)
             use_scram = secret is None or secret.kind == "scram"
@@ -397,6 +405,21 @@ class Logins:
         self._remember(request.user, credentials_from_secret(secret))
         channel.send(pq.AUTHENTICATION_OK)
 
+    def _password(self, channel: ClientChannel, request: LoginRequest, secret: Secret | None) -> None:
+        """Clear-text password: checked against any kind of stored secret; then the proxy logs in with it."""
+        channel.send(pq.authentication(pq.AUTH_CLEARTEXT_PASSWORD))
+        body = bytes(channel.read_password_message("password"))
+        answered = time.monotonic()
+        password = body[:-1] if body.endswith(b"\0") else body
+        try:
+            text = password.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if secret is None or text is None or not check_password(secret, request.user, text):
+            self._reject(request, "user is unknown or the password is wrong", answered)
+        self._remember(request.user, ServerCredentials(password=text))
+        channel.send(pq.AUTHENTICATION_OK)
+
     def _reject(self, request: LoginRequest, reason: str, since: float):
         """Answer a failed password check, always the same way and after the same delay."""
         log.info("client %s: password authentication failed: %s", request.who, reason)
@@ -413,6 +436,12 @@ class Logins:
     def credentials_for(self, user: str) -> ServerCredentials:
         with self._lock:
             return self._credentials.get(user, NO_CREDENTIALS)
+
+    def forced_credentials(self, db: DatabaseConfig) -> ServerCredentials:
+        """How to log in as an entry's forced user: its ``password``, else the auth file's plain or md5 secret."""
+        if db.password is not None:
+            return ServerCredentials(password=db.password)
+        return credentials_from_secret(self._file_secret(db.user))
 
     def replication_login(self, channel: ClientChannel, request: LoginRequest, startup: dict) -> ServerConnection:
         """A replication connection for a client the proxy authenticated: no ``pool_size`` slot.
@@ -443,9 +472,11 @@ class Logins:
         connection that holds none (a replication connection); a failure only
         closes what was opened, and the server's refusal is passed on as it is.
         """
-        user, db = request.user, request.db
+        db = request.db
+        user = request.server_user
         node = node or db.nodes[0]
-        creds = self.credentials_for(user)
+        # [dropin] A forced user (PgBouncer's user=) logs in with the entry's password or its auth file secret.
+        creds = self.forced_credentials(db) if db.user else self.credentials_for(user)
         timeout = self.config.server_connect_timeout
         key = key or request.key
         if slot:
@@ -486,6 +517,8 @@ class Logins:
             if on_dial is not None:
                 on_dial(conn)
             conn.complete_login(pq.startup_message(startup), answer_auth, deadline, on_notice, ready_timeout)
+            if db.connect_query:
+                _connect_query(conn, db, self.config.server_connect_timeout)
         except BaseException as exc:
             release(conn, f"the login failed: {exc}")
             raise
@@ -496,14 +529,20 @@ class Logins:
     def _query_secret(self, request: LoginRequest) -> Secret | None:
         """The user's secret as PostgreSQL stores it, from the cache or auth_query."""
         db, user = request.db, request.user
-        cache_key = (db.node, user)
+        dbname = db.server_dbname(request.database)
+        # [dropin] auth_dbname (PgBouncer's): the query runs on that entry's server and database.
+        target = self.config.databases.get(db.auth_dbname) if db.auth_dbname else None
+        if target is not None:
+            db, dbname = dataclasses.replace(target, auth_user=db.auth_user, auth_query=db.auth_query), \
+                target.server_dbname(db.auth_dbname)
+        cache_key = (db.node, user, dbname, db.auth_user)
         ttl = self.config.auth_query_cache_seconds
         now = time.monotonic()
         with self._lock:
             hit = self._query_cache.get(cache_key)
         if hit is not None and hit[1] > now:
             return hit[0]
-        secret = self._run_auth_query(db, db.server_dbname(request.database), user)
+        secret = self._run_auth_query(db, dbname, user)
         if ttl > 0:
             with self._lock:
                 self._query_cache[cache_key] = (secret, now + ttl)
@@ -516,7 +555,8 @@ class Logins:
         (never a client's), so the janitor and shutdown close them like any other.
         """
         config, pool = self.config, self.pool
-        auth_user = config.auth_user
+        auth_user = db.auth_user or config.auth_user       # [dropin] an entry's own auth_user and auth_query
+        auth_query = db.auth_query or config.auth_query
         node = db.nodes[0]
         if self.router is not None and db.multi:
             up = self.router.candidates(db)          # several servers: one that is up (any holds pg_shadow)
@@ -537,10 +577,10 @@ class Logins:
         try:
             if conn is None:
                 params = {"user": auth_user, "database": dbname, "application_name": "threadpool_proxy auth_query"}
-                conn = self._open(db, params, _answer_from(self._auth_user_credentials().login(auth_user),
+                conn = self._open(db, params, _answer_from(self._auth_user_credentials(auth_user).login(auth_user),
                                                            auth_user), time.monotonic() + timeout,
                                   lambda conn, reason: pool.give_back(key, conn, reason), node=node)
-            conn.send(pq.extended_query(config.auth_query, [user]))
+            conn.send(pq.extended_query(auth_query, [user]))
             status = conn.read_until_ready(timeout, on_message=on_message)
         except BaseException as exc:
             if conn is not None:          # (a failed login gave its slot back already)
@@ -592,11 +632,12 @@ class Logins:
             raise
         return conn
 
-    def _auth_user_credentials(self) -> ServerCredentials:
+    def _auth_user_credentials(self, auth_user: str | None = None) -> ServerCredentials:
         config = self.config
-        if config.auth_password is not None:
+        auth_user = auth_user or config.auth_user
+        if config.auth_password is not None and auth_user == config.auth_user:
             return ServerCredentials(password=config.auth_password)
-        return credentials_from_secret(self._file_secret(config.auth_user))
+        return credentials_from_secret(self._file_secret(auth_user))
 
 
 class _NodeRefused(Exception):
@@ -620,6 +661,21 @@ def _salt_key(config: Config, auth_file: AuthFile | None) -> bytes | None:
         return hmac.new(b"threadpool_proxy salt key", config.auth_password.encode("utf-8"),
                         hashlib.sha256).digest()
     return None
+
+
+def _connect_query(conn: ServerConnection, db: DatabaseConfig, timeout: float) -> None:
+    """An entry's ``connect_query`` on a new server connection: its errors are logged, as PgBouncer does;
+    a query that leaves the connection outside idle state (a BEGIN) or ends it fails the login."""
+    try:
+        status = conn.run_simple(db.connect_query, timeout)
+    except ServerError as exc:
+        if pq.ends_connection(exc.fields):
+            raise
+        log.warning("database %s: connect_query failed on server connection %d: %s", db.name, conn.pid,
+                    exc.fields.get("M", exc))
+        return
+    if status != pq.IDLE:
+        raise ServerGone(f"connect_query of database {db.name} left the server connection in a transaction")
 
 
 def _answer_from(login: ServerLogin | None, user: str):

@@ -32,6 +32,7 @@ from . import config as config_mod
 from . import protocol as pq
 from . import stats as stats_mod
 from .admin import ALL, CommandError
+from .errors import ClientFatal
 from . import tls
 from .health import HealthChecker
 from .login import Logins
@@ -41,6 +42,10 @@ from .pool import ALL_SERVERS, BackendIdlePool, key_matches, pool_key
 from .session import ClientSession
 
 log = logging.getLogger(__name__)
+
+#: Settings only a restart changes: RELOAD keeps their old values (and says so).
+RESTART_ONLY = ("listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode", "unix_socket_group",
+                "metrics_listen", "workers", "logfile", "pidfile")
 
 #: Connections being refused (with a message after their startup packet) at once, at most.
 MAX_REFUSING = 16
@@ -275,7 +280,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     # -- hooks used by sessions ---------------------------------------------------
 
     def key_for(self, db, user: str, database: str) -> str:
-        return pool_key(db.node, user, db.server_dbname(database))
+        """The pool key of a client: the entry's first server, the server-side user (a forced one) and database."""
+        return pool_key(db.node, db.server_user(user), db.server_dbname(database))
 
     def forward_cancel(self, pid: int, secret: bytes) -> None:
         """A client's CancelRequest: cancel here, or hand it to the worker that gave out the key."""
@@ -463,6 +469,28 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 if not self._sessions:
                     self._sessions_empty.notify_all()
 
+    def admit_login(self, session: ClientSession, database: str, user: str, db) -> None:
+        """max_db_client_connections and max_user_client_connections: one more client of ``database``
+        (its entry ``db``) and ``user``, or ClientFatal 53300 naming the limit.
+
+        Counted and marked under one lock, so two clients logging in at once
+        cannot both take the last place; the mark (``session.admitted_as``) goes
+        with the session when it leaves ``track``.
+        """
+        db_limit, user_limit = db.max_db_client_connections, self.config.user_client_limit(user)
+        if not (db_limit or user_limit):
+            return
+        with self._sessions_lock:
+            marks = [s.admitted_as for s in self._sessions if s is not session and s.admitted_as is not None]
+            if db_limit and sum(1 for d, _ in marks if d == database) >= db_limit:
+                limit = f"max_db_client_connections {db_limit} of database \"{database}\""
+            elif user_limit and sum(1 for _, u in marks if u == user) >= user_limit:
+                limit = f"max_user_client_connections {user_limit} of user \"{user}\""
+            else:
+                session.admitted_as = (database, user)
+                return
+        raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS, f"no more connections allowed ({limit})")
+
     def session_count(self) -> int:
         with self._sessions_lock:
             return len(self._sessions)
@@ -497,12 +525,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         ConfigError (a bad auth file or TLS file) with nothing changed.
         """
         old = self.config
-        if (new.listen_host, new.listen_port, new.metrics_listen, new.workers) != (
-                old.listen_host, old.listen_port, old.metrics_listen, old.workers):
-            log.warning("RELOAD: listen.host, listen.port, metrics_listen and workers take effect at the next "
+        if any(getattr(new, name) != getattr(old, name) for name in RESTART_ONLY):
+            log.warning("RELOAD: listen.*, metrics_listen, workers, logfile and pidfile take effect at the next "
                         "start; still listening on %s:%d", *self.server_address[:2])
-            new = dataclasses.replace(new, listen_host=old.listen_host, listen_port=old.listen_port,
-                                      metrics_listen=old.metrics_listen, workers=old.workers)
+            new = dataclasses.replace(new, **{name: getattr(old, name) for name in RESTART_ONLY})
         client_tls, server_tls = tls.contexts(new)     # TLS files are read again: rotated certificates
         self.logins.reconfigure(new)
         self.client_tls, self.logins.server_tls = client_tls, server_tls
@@ -519,7 +545,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             checkout, request = session.checkout, session.request
             if checkout is None or request is None:
                 continue
-            entry = new.lookup_database(request.database)
+            entry = new.lookup_database(request.database, request.user)
             if (entry is None or _node_names(entry) != _node_names(checkout.db)
                     or entry.server_dbname(request.database) != checkout.dbname):
                 kept[request.database] += 1
@@ -553,7 +579,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         config = self.config
         todo = []
         for key, request in list(self.warm_pools.items()):
-            entry = config.lookup_database(request.database)
+            entry = config.lookup_database(request.database, request.user)
             if entry is None or entry.auth_type == "passthrough" or entry.multi or not entry.min_pool_size:
                 continue
             if self.key_for(entry, request.user, request.database) != key:
@@ -577,7 +603,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             while not self._stopping and self.pool.take_slot(key, want, limits):
                 dbname = request.db.server_dbname(request.database)
                 try:
-                    conn = self.logins.proxy_login(request, {"user": request.user, "database": dbname})
+                    conn = self.logins.proxy_login(request, {"user": request.server_user, "database": dbname})
                 except Exception as exc:             # the slot was given back; try again next round
                     log.info("min_pool_size: could not open a server connection for %s/%s: %s",
                              request.user, dbname, exc)
@@ -931,7 +957,7 @@ def _node_names(entry) -> tuple:
 
 #: Settings RELOAD changes in a running proxy (listen.* needs a restart).
 CHANGEABLE = frozenset(f.name for f in dataclasses.fields(config_mod.Config)
-                       if f.name not in ("listen_host", "listen_port", "metrics_listen", "workers", "databases"))
+                       if f.name not in RESTART_ONLY + ("databases", "users"))
 
 
 class Proxy:
@@ -1068,13 +1094,15 @@ class Proxy:
         A bad file raises ConfigError and changes nothing.
         """
         with self._reload_lock:
-            new = config_mod.load(self.config_path) if self.config_path else self.whole_config
+            notes: list = []
+            new = config_mod.load(self.config_path, notes) if self.config_path else self.whole_config
+            for note in notes:
+                log.warning("%s", note)
             if self.overrides:
                 new = dataclasses.replace(new, **self.overrides)
             self.config = self.server.apply_config(self._share(new))
-            fixed = ("listen_host", "listen_port", "metrics_listen", "workers")    # as apply_config keeps them
-            self.whole_config = self.server.whole_config = dataclasses.replace(
-                new, **{name: getattr(self.config, name) for name in fixed})
+            self.whole_config = self.server.whole_config = dataclasses.replace(    # as apply_config keeps them
+                new, **{name: getattr(self.config, name) for name in RESTART_ONLY})
             log.info("configuration reloaded%s", f" from {self.config_path}" if self.config_path else
                      " (auth file only: the proxy was not started from a file)")
             return self.config

@@ -136,6 +136,7 @@ class ClientSession:
         self.tls = False               # the client's socket is an ssl.SSLSocket (after the handshake)
         self.killed = False                # KILL on the admin console ended it
         self.replication = ""              # "physical" or "logical" for a replication connection
+        self.admitted_as = None            # (database, user) counted by max_*_client_connections
 
     # -- life cycle -------------------------------------------------------------
 
@@ -346,7 +347,7 @@ class ClientSession:
             self.console = ConsoleClient(self.server, user, database, self.address, settings)
             self.request = self.console.request
             return
-        db = self.config.lookup_database(database)
+        db = self.config.lookup_database(database, user)
         if db is None:
             raise ClientFatal(pq.SQLSTATE_INVALID_CATALOG_NAME, f'database "{database}" does not exist',
                               hint="threadpool_proxy has no entry for it in 'databases' and no '*' entry.")
@@ -357,6 +358,12 @@ class ClientSession:
                               hint=f"An admin lifts it with ENABLE {database}.")
         if replication:
             repl.check_entry(database, db)
+        for name, value in db.settings:
+            # The entry's settings (PgBouncer's client_encoding=, timezone=...) are this client's unless it
+            # gave its own: kept like the client's own on every server connection it gets.
+            if name.lower() not in self.settings.values:
+                self.settings.set(name, value)
+        self.server.admit_login(self, database, user, db)
         self.request = LoginRequest(user=user, database=database, db=db,
                                     key=self.server.key_for(db, user, database), address=self.address,
                                     replication=replication)
@@ -371,8 +378,8 @@ class ClientSession:
         db = request.db
         passthrough = db.auth_type == "passthrough"
         client = self.client
-        args = (self.server.pool, self.config, db, request.key, request.user, db.server_dbname(request.database),
-                self.settings)
+        args = (self.server.pool, self.config, db, request.key, request.server_user,
+                db.server_dbname(request.database), self.settings)
         kwargs = dict(client_alive=lambda: client_connected(client), stats=self.stats,
                       backends=self.server.backends)
         if request.replication:
