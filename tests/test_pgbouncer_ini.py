@@ -253,7 +253,7 @@ class Bouncer:
         self.port = free_port()
         self.sockdir = short_dir()
         self.path = os.path.join(directory, "pgbouncer.ini")
-        for name in ("userlist.txt", "hba.conf"):
+        for name in ("userlist.txt", "hba.conf", "ident.conf"):
             shutil.copy(os.path.join(CONF, name), os.path.join(directory, name))
             os.chmod(os.path.join(directory, name), 0o600)
         self.text = open(os.path.join(CONF, "pgbouncer.ini"), encoding="utf-8").read()
@@ -276,7 +276,7 @@ class Bouncer:
 
 @pytest.fixture
 def bouncer(pg, tmp_path, scramuser):
-    b = Bouncer(pg, str(tmp_path), auth_type="md5")
+    b = Bouncer(pg, str(tmp_path))
     try:
         yield b
     finally:
@@ -390,7 +390,8 @@ def test_cli_print_config_shows_the_effective_native_configuration(bouncer):
                                  "unix_socket_mode": "0777"}
     assert printed["databases"]["shared"]["user"] == "app"
     assert printed["users"] == {"other": {"pool_mode": "session", "pool_size": 2}}
-    assert printed["auth_type"] == "md5" and printed["pool_size"] == 5
+    assert printed["auth_type"] == "hba" and printed["pool_size"] == 5
+    assert printed["auth_hba_file"] == os.path.join(bouncer.dir, "hba.conf")
 
 
 def test_cli_unknown_setting_warns_once_and_serves(pg, bouncer):
@@ -457,3 +458,11 @@ def test_max_db_and_user_client_connections_refuse_the_client_beyond_them(pg, pr
         assert refused.sqlstate == "53300"
         assert refused.error["M"] == 'no more connections allowed (max_user_client_connections 1 of user "other")'
         assert raw_login(proxy.host, proxy.port, "app", "postgres", password=PASSWORDS["app"]).ok
+
+
+def test_sample_hba_file_chooses_each_users_method_as_written(started):
+    """conf/hba.conf: md5user gets md5 from 127.0.0.1, everyone else SCRAM (raw logins show the request codes)."""
+    md5 = raw_login(started.host, started.port, "md5user", "postgres", password=PASSWORDS["md5user"])
+    assert md5.ok and md5.auth_requests == [5, 0], md5.error
+    scram = raw_login(started.host, started.port, "app", "appdb", password=PASSWORDS["app"])
+    assert scram.ok and scram.auth_requests[0] == 10, scram.error
