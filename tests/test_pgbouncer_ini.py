@@ -9,6 +9,7 @@ write ini text by hand in PgBouncer's documented syntax.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 
+import psycopg
 import pytest
 import yaml
 
@@ -466,3 +468,46 @@ def test_sample_hba_file_chooses_each_users_method_as_written(started):
     assert md5.ok and md5.auth_requests == [5, 0], md5.error
     scram = raw_login(started.host, started.port, "app", "appdb", password=PASSWORDS["app"])
     assert scram.ok and scram.auth_requests[0] == 10, scram.error
+
+
+# -- the sample over the unix socket, and from IPv6 ----------------------------------------------
+
+def test_sample_serves_psql_and_psycopg_over_the_unix_socket_with_peer(pg, bouncer, started):
+    """conf/hba.conf: ``local all all peer map=local``; conf/ident.conf maps OS user root to app (and root)."""
+    if pwd.getpwuid(os.geteuid()).pw_name != "root":
+        pytest.skip("conf/ident.conf maps the OS user root")
+    at = type("At", (), {"host": bouncer.sockdir, "port": bouncer.port})
+    result = psql(at, user="app", password="", sql="SELECT current_user || '@' || current_database()")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "app@appdb"
+    with psycopg.connect(f"host={bouncer.sockdir} port={bouncer.port} user=app dbname=local_appdb "
+                         f"connect_timeout=10", autocommit=True) as conn:      # to the server over its socket too
+        assert conn.execute("SELECT current_user, inet_server_addr() IS NULL").fetchone() == ("app", True)
+    refused = psql(at, user="md5user", dbname="postgres", sql="SELECT 1")
+    assert 'Peer authentication failed for user "md5user"' in refused.stderr
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_sample_hba_file_rejects_md5user_from_ipv6_and_takes_others(pg, bouncer):
+    bouncer.set(listen_addr="127.0.0.1, ::1")
+    proxy = Proxy(bouncer.path)
+    proxy.start()
+    try:
+        rejected = raw_login("::1", bouncer.port, "md5user", "postgres", password=PASSWORDS["md5user"])
+        assert rejected.sqlstate == "28000"
+        assert rejected.error["M"] == ('pg_hba.conf rejects connection for host "::1", user "md5user", '
+                                       'database "postgres", no encryption')
+        assert raw_login("127.0.0.1", bouncer.port, "md5user", "postgres", password=PASSWORDS["md5user"]).ok
+        ok = raw_login("::1", bouncer.port, "app", "appdb", password=PASSWORDS["app"])
+        assert ok.ok and ok.auth_requests[0] == 10, ok.error
+    finally:
+        proxy.stop()

@@ -592,7 +592,8 @@ class Logins:
         conn = None
         node = node or db.nodes[0]
         try:
-            conn = ServerConnection.dial(node.host, node.port, self.config.server_connect_timeout, self.server_tls)
+            conn = ServerConnection.dial(node.host, node.port, self.config.server_connect_timeout, self.server_tls,
+                                         keepalive=self.config)
             if on_dial is not None:
                 on_dial(conn)
             conn.complete_login(pq.startup_message(startup), answer_auth, deadline, on_notice, ready_timeout)

@@ -22,6 +22,7 @@ import hmac
 import logging
 import os
 import secrets
+import selectors
 import socket
 import socketserver
 import threading
@@ -32,7 +33,9 @@ from . import config as config_mod
 from . import protocol as pq
 from . import stats as stats_mod
 from .admin import ALL, CommandError
+from .backend import connect_socket
 from .errors import ClientFatal
+from . import listeners as listeners_mod
 from . import tls
 from .health import HealthChecker
 from .login import Logins
@@ -224,7 +227,13 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 class ProxyServer(socketserver.ThreadingTCPServer):
-    """One thread per client; the shared pool, logins and cancel keys."""
+    """One thread per client; the shared pool, logins and cancel keys.
+
+    It accepts on every socket of ``listen`` (listeners.py: TCP addresses and
+    the unix socket) in one accept loop (``serve_forever``, a poll over them
+    all); ``socket`` is the first of them, ``server_address`` the first TCP
+    address (or the unix socket's directory and the port).
+    """
 
     daemon_threads = True
     allow_reuse_address = True
@@ -270,7 +279,19 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.client_tls, server_tls = tls.contexts(config)
         self.router = Router(self.pool)
         self.logins = Logins(config, self.pool, server_tls, self.router)
-        super().__init__((config.listen_host, config.listen_port), _Handler)
+        super().__init__(None, _Handler, bind_and_activate=False)
+        self.socket.close()               # the listeners below replace the one socket TCPServer makes
+        self._shutdown_request = False
+        self._serve_done = threading.Event()
+        self._serve_done.set()
+        # With worker processes the first one alone serves the unix socket (a path has one owner).
+        self.listeners = listeners_mod.open_listeners(config, reuseport=worker is not None,
+                                                      unix=worker is None or worker.index == 0)
+        self.socket = self.listeners.all[0]
+        if self.listeners.tcp:
+            self.server_address = self.listeners.tcp[0].getsockname()[:2]
+        else:
+            self.server_address = (config.unix_socket_dir, self.listeners.port)
         self._take_spare_fd()
 
     @property
@@ -318,7 +339,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         host, port, server_pid, server_secret = target
         timeout = self.config.server_connect_timeout
         try:
-            with socket.create_connection((host, port), timeout=timeout) as s:
+            with connect_socket(host, port, timeout) as s:
                 s.sendall(pq.cancel_request(server_pid, server_secret))
                 s.recv(1)     # the server closes it when done
         except OSError as exc:
@@ -356,12 +377,6 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         return self.console_control.peer_query(request)
 
     # -- socketserver overrides ---------------------------------------------------
-
-    def server_bind(self) -> None:
-        """Workers share the port: each binds its own listening socket with SO_REUSEPORT."""
-        if self.worker is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
     def verify_request(self, request, client_address) -> bool:
         """Admit the connection, or have it refused; thread and descriptors are bounded from here.
@@ -408,7 +423,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     # -- out of file descriptors at accept ---------------------------------------
 
     def server_close(self) -> None:
-        super().server_close()
+        self.listeners.close()
         if self._spare_fd >= 0:
             os.close(self._spare_fd)
             self._spare_fd = -1
@@ -420,15 +435,24 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             except OSError:
                 self._spare_fd = -1
 
-    def get_request(self):
-        """accept(); out of descriptors, give up the spare one to refuse the client, never spin."""
+    def get_request(self, listener=None):
+        """accept() on ``listener``; out of descriptors, give up the spare one to refuse the client, never spin.
+
+        A unix socket client is named ("unix", port); a TCP one gets TCP_NODELAY and the keepalive settings.
+        """
+        listener = listener or self.socket
         try:
-            request = super().get_request()
+            request, address = listener.accept()
         except OSError as exc:
             if exc.errno not in _OUT_OF_FDS:
                 raise
-            self._out_of_fds(exc)
+            self._out_of_fds(exc, listener)
             raise
+        if listener.family == socket.AF_UNIX:
+            address = (listeners_mod.UNIX_HOST, self.listeners.port)
+        else:
+            listeners_mod.tune_client(request, self.config)
+        request = (request, address)
         if self._fd_refusals:
             log.warning("accepting clients again; %d were refused for want of file descriptors",
                         self._fd_refusals)
@@ -436,7 +460,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._take_spare_fd()
         return request
 
-    def _out_of_fds(self, exc: OSError) -> None:
+    def _out_of_fds(self, exc: OSError, listener) -> None:
         if not self._fd_refusals:
             log.warning("out of file descriptors at accept (%s): clients are refused with 53300 until some "
                         "leave; raise the open files limit (ulimit -n) or lower max_client_conn",
@@ -447,7 +471,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             os.close(self._spare_fd)
             self._spare_fd = -1
             try:
-                sock, _ = self.socket.accept()
+                sock, _ = listener.accept()
             except OSError:
                 sock = None
         if sock is not None:
@@ -658,11 +682,49 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.server_close()
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept on every listener until ``shutdown()`` (socketserver's loop, over several sockets)."""
         with self._sessions_lock:
             if not self._accepting:
                 return
             self._serving = True
-        super().serve_forever(poll_interval)
+            self._serve_done.clear()
+        try:
+            with selectors.PollSelector() as selector:
+                for sock in self.listeners.all:
+                    selector.register(sock, selectors.EVENT_READ)
+                while not self._shutdown_request:
+                    ready = selector.select(poll_interval)
+                    if self._shutdown_request:
+                        break
+                    for key, _ in ready:
+                        self._accept_from(key.fileobj)
+                    self.service_actions()
+        finally:
+            self._shutdown_request = False
+            self._serve_done.set()
+
+    def shutdown(self) -> None:
+        """Stop the accept loop and wait for it (call from another thread)."""
+        self._shutdown_request = True
+        self._serve_done.wait()
+
+    def _accept_from(self, listener) -> None:
+        """One client of ``listener``: socketserver's _handle_request_noblock for a given socket."""
+        try:
+            request, client_address = self.get_request(listener)
+        except OSError:
+            return
+        if self.verify_request(request, client_address):
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+            except BaseException:
+                self.shutdown_request(request)
+                raise
+        else:
+            self.shutdown_request(request)
 
     def _drain(self, timeout: float) -> None:
         """Let running transactions finish: every client leaves at its next release point."""
@@ -1040,7 +1102,7 @@ class Proxy:
         for t in self._threads:
             t.start()
         self.health = HealthChecker(self.server).start()
-        log.info("threadpool_proxy listening on %s:%d", self.host, self.port)
+        log.info("threadpool_proxy listening on %s", self.server.listeners.describe())
         return self
 
     def _janitor(self) -> None:

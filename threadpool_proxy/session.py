@@ -23,6 +23,7 @@ from .channel import ClientChannel
 from .checkout import ClientSettings, ServerCheckout
 from .config import CONSOLE_DATABASES
 from .errors import ClientFatal, ClientGone, PoolClosed, ProtocolError, ProxyError, ServerError
+from .listeners import UNIX_HOST
 from .login import LoginRequest
 from .relay import Relay
 from . import replication as repl
@@ -254,7 +255,8 @@ class ClientSession:
     def read_startup(self) -> bool:
         """Read the startup packet; False if the connection was a CancelRequest."""
         channel = self.channel
-        client_tls = self.server.client_tls
+        # No TLS over the unix socket (as PostgreSQL): SSLRequest is answered N, and plain text is enough.
+        client_tls = self.server.client_tls if self.address[0] != UNIX_HOST else None
         if client_tls is not None and channel.peek_first_byte() == tls.TLS_HANDSHAKE_BYTE:
             self._start_tls(client_tls, direct=True)           # PostgreSQL 17's direct TLS: no SSLRequest
         while True:
