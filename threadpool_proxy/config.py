@@ -578,7 +578,10 @@ def with_setting(config: Config, key: str, text: str) -> Config:
     check, expected = _TOP_LEVEL[key]
     current = getattr(config, key)
     value: Any = text
-    if isinstance(current, int):
+    if isinstance(current, bool):
+        value = {"1": True, "on": True, "true": True, "yes": True,
+                 "0": False, "off": False, "false": False, "no": False}.get(text.strip().lower(), text)
+    elif isinstance(current, int):
         try:
             value = int(text)
         except ValueError:
