@@ -144,3 +144,19 @@ def test_userlist_reload_lets_a_new_user_in(pg, proxy_factory, userlist, rolpass
     proxy.reload()
     result = raw_login(proxy.host, proxy.port, "postgres", "postgres", password=PASSWORDS["postgres"])
     assert result.ok, result.error
+
+
+def test_password_auth_type_checks_clear_text_against_every_kind_of_secret(pg, proxy_factory, userlist):
+    """auth_type password (PgBouncer's plain): the client sends its password; a SCRAM verifier, an md5 hash and
+    a plain password all check it, and the proxy logs in to the server with it."""
+    proxy = proxy_factory(auth_type="password", auth_file=userlist)
+    for user, dbname in (("app", "appdb"), ("md5user", "postgres"), ("other", "otherdb")):
+        result = raw_login(proxy.host, proxy.port, user, dbname, password=PASSWORDS[user])
+        assert result.ok and result.auth_requests == [3, 0], (user, result.error)
+        wrong = raw_login(proxy.host, proxy.port, user, dbname, password=PASSWORDS[user] + "x")
+        assert wrong.sqlstate == "28P01"
+        assert wrong.error["M"] == f'password authentication failed for user "{user}"'
+    unknown = raw_login(proxy.host, proxy.port, "nobody", "appdb", password="x")
+    assert unknown.sqlstate == "28P01" and unknown.auth_requests == [3]
+    with connect(pg, proxy, user="md5user", dbname="postgres") as conn:
+        assert conn.execute("SELECT current_user").fetchone()[0] == "md5user"

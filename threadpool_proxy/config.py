@@ -266,7 +266,10 @@ def _user_list(v):
 
 
 def _listen_hosts(v):
-    return isinstance(v, str) and all(part.strip() for part in v.split(",")) if v.strip() else isinstance(v, str)
+    """One address or name, a comma-separated list of them, "*", or "" (no TCP)."""
+    if not isinstance(v, str):
+        return False
+    return not v.strip() or all(part.strip() for part in v.split(","))
 
 
 def _octal_mode(v):

@@ -369,6 +369,8 @@ class _Translator:
         self.native: dict = {"listen": {}}
         self.no_effect: list[str] = []
         self.settings: dict[str, Line] = {}      # [pgbouncer] key -> its last line
+        self.auth_dbname: Line | None = None     # [pgbouncer] auth_dbname: every entry's default
+        self.reserve_off = False                 # reserve_pool_timeout = 0: no reserve pool
 
     def note(self, name: str) -> None:
         if name not in self.no_effect:
@@ -516,7 +518,7 @@ class _Translator:
             if line.key in CONSOLE_DATABASES:
                 raise ConfigError(f"{line.where}: {line.key}: the name is reserved for the admin console")
             entries[line.key] = self._database(line, unix_dir)
-        auth_dbname = getattr(self, "auth_dbname", None)
+        auth_dbname = self.auth_dbname
         if auth_dbname is not None:
             if auth_dbname.value not in entries:
                 raise auth_dbname.error(f"no entry {auth_dbname.value!r} in [databases]")
@@ -609,7 +611,7 @@ class _Translator:
 
     def finish(self) -> None:
         native = self.native
-        if getattr(self, "reserve_off", False):
+        if self.reserve_off:
             native["reserve_pool_size"] = 0
             for entry in native.get("databases", {}).values():
                 entry.pop("reserve_pool_size", None)

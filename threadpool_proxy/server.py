@@ -450,8 +450,6 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             raise
         if listener.family == socket.AF_UNIX:
             address = (listeners_mod.UNIX_HOST, self.listeners.port)
-        else:
-            listeners_mod.tune_client(request, self.config)
         request = (request, address)
         if self._fd_refusals:
             log.warning("accepting clients again; %d were refused for want of file descriptors",

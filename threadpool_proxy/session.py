@@ -23,7 +23,7 @@ from .channel import ClientChannel
 from .checkout import ClientSettings, ServerCheckout
 from .config import CONSOLE_DATABASES
 from .errors import ClientFatal, ClientGone, PoolClosed, ProtocolError, ProxyError, ServerError
-from .listeners import UNIX_HOST
+from .listeners import UNIX_HOST, tune_client
 from .login import LoginRequest
 from .relay import Relay
 from . import replication as repl
@@ -142,10 +142,7 @@ class ClientSession:
     # -- life cycle -------------------------------------------------------------
 
     def run(self) -> None:
-        try:
-            self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+        tune_client(self.client, self.config)      # TCP_NODELAY and keepalive (TCP clients only)
         try:
             if self.read_startup():
                 if self.console is not None:
