@@ -44,9 +44,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import pwd
 import secrets
-import socket
 import struct
 import threading
 import time
@@ -69,6 +67,7 @@ from .channel import ClientChannel
 from .config import Config, ConfigError, DatabaseConfig, NodeConfig
 from .errors import ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone, ServerUnavailable
 from . import hba as hba_mod
+from .hba_login import check_cert, hba_method
 from .listeners import UNIX_HOST
 from .nodes import Router
 from .pool import BackendIdlePool, Limits, pool_key
@@ -339,8 +338,9 @@ class Logins:
     def authenticate(self, channel: ClientChannel, request: LoginRequest) -> None:
         """Check the client's password; return after AuthenticationOk, else raise ClientFatal."""
         auth_type, user = request.db.auth_type, request.user
-        if auth_type in ("hba", "cert"):    # [dropin] the method of auth_hba_file's matching line (hba.py)
-            auth_type = self._hba_method(channel, request) if auth_type == "hba" else self._cert(channel, request)
+        if auth_type in ("hba", "cert"):    # [dropin] the method of auth_hba_file's line (hba_login.py)
+            auth_type = (hba_method(self.hba, channel.sock, request) if auth_type == "hba"
+                         else check_cert(channel.sock, request, None, None))
             if auth_type is None:           # trust, peer or cert let the client in
                 self._accept_without_password(channel, user)
                 return
@@ -376,66 +376,6 @@ class Logins:
         creds = credentials_from_secret(self._file_secret(user))
         if creds is not NO_CREDENTIALS:
             self._remember(user, creds)
-
-    # -- [dropin] auth_type hba: the method of the first matching line -------------------
-
-    def _hba_method(self, channel: ClientChannel, request: LoginRequest) -> str | None:
-        """The password method the client's HBA line names (md5, scram-sha-256, password), or None when
-        the line lets it in without one (trust, or peer/cert checked here); ClientFatal 28000 when no line
-        fits or the line is ``reject``, in PostgreSQL's words."""
-        local = request.address[0] == UNIX_HOST
-        secure = tls.is_tls(channel.sock)
-        address = None if local else request.address[0]
-        replication = bool(request.replication)
-        rule = self.hba.match(local, secure, address, request.database, request.user, replication)
-        if rule is None or rule.method == "reject":
-            log.info("client %s: refused by %s%s", request.who, self.hba.path,
-                     f" line {rule.line} (reject)" if rule else ": no line fits")
-            raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION,
-                              hba_mod.refusal(local, secure, address, request.database, request.user,
-                                              rule is not None, replication))
-        if rule.method == "trust":
-            return None
-        if rule.method == "peer":
-            self._peer(channel, request, rule.map)
-            return None
-        if rule.method == "cert":
-            self._cert(channel, request, rule.map)
-            return None
-        return rule.method
-
-    def _peer(self, channel: ClientChannel, request: LoginRequest, ident_map: str | None) -> None:
-        """The OS user at the other end of the unix socket (SO_PEERCRED) must be the user, or mapped to it."""
-        user = request.user
-        try:
-            creds = channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _, uid, _ = struct.unpack("3i", creds)
-            system_user = pwd.getpwuid(uid).pw_name
-        except (OSError, KeyError, AttributeError) as exc:
-            log.info("client %s: peer authentication: cannot tell the OS user: %s", request.who, exc)
-            system_user = None
-        ok = system_user is not None and (self.hba.ident.allows(ident_map, system_user, user) if ident_map
-                                          else system_user == user)
-        if not ok:
-            log.info("client %s: peer authentication failed: OS user %s%s", request.who, system_user,
-                     f" (map {ident_map})" if ident_map else "")
-            raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION, f'Peer authentication failed for user "{user}"')
-
-    def _cert(self, channel: ClientChannel, request: LoginRequest, ident_map: str | None = None) -> None:
-        """A TLS client certificate, verified against client_tls_ca_file, whose common name is the user."""
-        user = request.user
-        sock = channel.sock
-        cert = sock.getpeercert() if tls.is_tls(sock) else None
-        if not cert:
-            raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION, "connection requires a valid client certificate")
-        names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
-        name = names[0] if names else None
-        ok = name is not None and (self.hba.ident.allows(ident_map, name, user) if ident_map and self.hba
-                                   else name == user)
-        if not ok:
-            log.info("client %s: certificate authentication failed: common name %r", request.who, name)
-            raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION,
-                              f'certificate authentication failed for user "{user}"')
 
     def _file_secret(self, user: str) -> Secret | None:
         return self.auth_file.lookup(user) if self.auth_file is not None else None
