@@ -397,15 +397,21 @@ def test_cli_print_config_shows_the_effective_native_configuration(bouncer):
 
 
 def test_cli_unknown_setting_warns_once_and_serves(pg, bouncer):
-    bouncer.set(syslog=1, server_round_robin=1, application_name_add_host=1)
+    bouncer.set(syslog=1, server_round_robin=1, application_name_add_host=1, logfile="proxy.log",
+                pidfile="proxy.pid")
     proc = subprocess.Popen([sys.executable, "-m", "threadpool_proxy", "-c", bouncer.path], cwd=REPO,
                             env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    pidfile, logfile = os.path.join(bouncer.dir, "proxy.pid"), os.path.join(bouncer.dir, "proxy.log")
     try:
         assert wait_until(lambda: port_open("127.0.0.1", bouncer.port) or proc.poll() is not None, timeout=30)
         assert proc.poll() is None
         result = psql(type("T", (), {"host": "127.0.0.1", "port": bouncer.port}), sql="SELECT 1")
         assert result.returncode == 0, result.stderr
+        with open(pidfile, encoding="ascii") as f:                  # pidfile, relative to the ini
+            assert f.read().strip() == str(proc.pid)
+        with open(logfile, encoding="utf-8") as f:                  # logfile too
+            assert "threadpool_proxy listening on 127.0.0.1:" in f.read()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -417,6 +423,7 @@ def test_cli_unknown_setting_warns_once_and_serves(pg, bouncer):
     assert warnings[0].endswith(f"WARNING threadpool_proxy: {bouncer.path}: accepted, no effect: "
                                 f"application_name_add_host, server_round_robin, syslog")
     assert proc.returncode == 0
+    assert not os.path.exists(pidfile)                              # removed at exit
 
 
 # -- settings the ini brought to the native configuration, on the wire ---------------------------
@@ -511,3 +518,31 @@ def test_sample_hba_file_rejects_md5user_from_ipv6_and_takes_others(pg, bouncer)
         assert ok.ok and ok.auth_requests[0] == 10, ok.error
     finally:
         proxy.stop()
+
+
+def test_console_reload_picks_up_an_edited_ini(pg, bouncer, started):
+    """RELOAD on the admin console (conf/hba.conf lets postgres in to database pgbouncer from 127.0.0.1)."""
+    bouncer.text = bouncer.text.replace("[databases]\n", f"[databases]\nadded = host=127.0.0.1 port={pg.port} "
+                                                         f"dbname=otherdb\n")
+    bouncer.set(default_pool_size=4)
+    with psycopg.connect(pg.dsn(user="postgres", dbname="pgbouncer", host=started.host, port=started.port),
+                         autocommit=True) as admin:
+        admin.execute("RELOAD")
+        config = dict((r[0], r[1]) for r in admin.execute("SHOW CONFIG").fetchall())
+        assert config["pool_size"] == "4"
+        names = [r[0] for r in admin.execute("SHOW DATABASES").fetchall()]
+        assert "added" in names
+    result = psql(started, user="other", dbname="added", sql="SELECT current_database()")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "otherdb"
+
+
+def test_shipped_sample_loads_as_written_with_no_unimplemented_setting():
+    notes: list = []
+    config = config_mod.load(os.path.join(CONF, "pgbouncer.ini"), notes)
+    assert notes == []
+    assert sorted(config.databases) == ["*", "appdb", "local_appdb", "shared"]
+    assert config.databases["shared"].user == "app" and config.databases["local_appdb"].host == "/var/run/postgresql"
+    assert config.auth_type == "hba" and config.auth_hba_file == os.path.join(CONF, "hba.conf")
+    assert config.lookup_database("appdb", "other").pool_mode == "session"
+    assert (config.tcp_keepidle, config.tcp_keepintvl, config.tcp_keepcnt) == (60, 10, 5)
