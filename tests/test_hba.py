@@ -7,6 +7,7 @@ shows the authentication request codes: 3 clear text, 5 md5, 10 SASL).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 
@@ -79,8 +80,8 @@ def test_quoted_keywords_are_names_and_lists_may_have_spaces():
     rules = parse_rules('host "sameuser", appdb  "all" 127.0.0.1/32 md5\n', "hba.conf")
     rule = rules[0]
     assert [t.text for t in rule.databases] == ["sameuser", "appdb"]
-    assert rule.fits(False, False, __import__("ipaddress").ip_address("127.0.0.1"), "sameuser", "all", False)
-    assert not rule.fits(False, False, __import__("ipaddress").ip_address("127.0.0.1"), "bob", "bob", False)
+    assert rule.fits(False, False, ipaddress.ip_address("127.0.0.1"), "sameuser", "all", False)
+    assert not rule.fits(False, False, ipaddress.ip_address("127.0.0.1"), "bob", "bob", False)
 
 
 def test_ident_map_allows_listed_pairs_and_all():

@@ -16,6 +16,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import time
 
 import psycopg
@@ -23,7 +24,7 @@ import pytest
 
 import threadpool_proxy
 
-from helpers import PASSWORDS, psql, raw_login, wait_until
+from helpers import PASSWORDS, parse_error_fields, psql, raw_login, read_message, startup_packet
 from threadpool_proxy import ConfigError
 from threadpool_proxy.pgcluster import free_port
 
@@ -74,22 +75,24 @@ def unix_conninfo(directory, port, user="app", dbname="appdb", password=None):
     return f"host={directory} port={port} user={user} dbname={dbname} password={password} connect_timeout=10"
 
 
-def unix_raw_login(path, user, dbname, password=None):
-    """What ``helpers.raw_login`` does, over a unix socket: the request codes, or the error fields."""
-    import helpers
-    real = socket.create_connection
-
-    def over_unix(address, timeout=None, *args, **kwargs):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
+def unix_first_answer(path, user, dbname) -> tuple[list, dict | None]:
+    """Over the unix socket at ``path``: the authentication request codes the proxy sends before its
+    first ErrorResponse or ReadyForQuery (no password is given), and that error's fields."""
+    codes = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
         sock.connect(path)
-        return sock
-
-    helpers.socket.create_connection = over_unix
-    try:
-        return raw_login("unix", 0, user, dbname, password=password)
-    finally:
-        helpers.socket.create_connection = real
+        sock.sendall(startup_packet({"user": user, "database": dbname}))
+        while True:
+            kind, body = read_message(sock)
+            if kind == "E":
+                return codes, parse_error_fields(body)
+            if kind == "R":
+                codes.append(int.from_bytes(body[:4], "big"))
+                if codes[-1] != 0:
+                    return codes, None
+            if kind == "Z":
+                return codes, None
 
 
 # -- the proxy's unix socket ------------------------------------------------------------
@@ -140,9 +143,10 @@ def test_unix_socket_group_and_a_stale_or_busy_socket_file(pg, proxy_factory, so
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(os.path.join(sockdir, f".s.PGSQL.{port}"))
     stale.close()                                      # a socket file nobody answers on
-    group = grp.getgrgid(os.getegid()).gr_name
-    proxy = proxy_factory(listen={"port": port, "unix_socket_dir": sockdir, "unix_socket_group": group})
-    assert os.stat(os.path.join(sockdir, f".s.PGSQL.{port}")).st_gid == os.getegid()
+    others = [g for g in grp.getgrall() if g.gr_gid != os.getegid()] if os.geteuid() == 0 else []
+    group = others[0] if others else grp.getgrgid(os.getegid())      # (root may give the file any group)
+    proxy_factory(listen={"port": port, "unix_socket_dir": sockdir, "unix_socket_group": group.gr_name})
+    assert os.stat(os.path.join(sockdir, f".s.PGSQL.{port}")).st_gid == group.gr_gid
     assert psql(At(sockdir, port), sql="SELECT 1").returncode == 0
     with pytest.raises(OSError, match="in use by another process"):      # a second proxy on the same socket
         threadpool_proxy.start({"listen": {"host": "", "port": port, "unix_socket_dir": sockdir},
@@ -189,8 +193,10 @@ host   all     all        127.0.0.1/32  scram-sha-256
     assert refused.returncode != 0
     assert 'Peer authentication failed for user "other"' in refused.stderr
     path = os.path.join(sockdir, f".s.PGSQL.{proxy.port}")
-    raw = unix_raw_login(path, "other", "otherdb")
-    assert raw.sqlstate == "28000" and raw.auth_requests == []
+    codes, error = unix_first_answer(path, "other", "otherdb")
+    assert codes == [] and error["C"] == "28000"
+    assert error["M"] == 'Peer authentication failed for user "other"'
+    assert unix_first_answer(path, "app", "appdb") == ([0], None)            # in without a password
     with psycopg.connect(unix_conninfo(sockdir, proxy.port, OS_USER, "shared", password=""), autocommit=True) as c:
         assert c.execute("SELECT current_user, current_database()").fetchone() == ("app", "appdb")
     tcp = psql(proxy, user="other", dbname="otherdb", sql="SELECT current_user")   # TCP: the host line
@@ -212,7 +218,6 @@ def test_entry_whose_host_is_a_directory_reaches_the_server_through_its_socket(p
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         # a cancel goes to the server over its socket too
         started = time.monotonic()
-        import threading
         threading.Timer(0.5, conn.cancel_safe).start()      # cancel() holds the GIL in libpq: a deadlock in-process
         with pytest.raises(psycopg.errors.QueryCanceled):
             conn.execute("SELECT pg_sleep(30)")
