@@ -28,6 +28,7 @@ class Scenario:
     kind: str = "pgbench"             # or "idle"
     note: str = ""
     sslmode: str = "disable"          # the clients' libpq sslmode (poolers get client TLS when not disable)
+    unix: bool = False                # the clients connect over the target's unix socket (pgbench -h <dir>)
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -44,6 +45,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("select-tls-c10", ("-S",), 10, sslmode="require", expect_fail=("direct",),
              note="sslmode=require: TLS from pgbench to the pooler (plain text on to the server; "
                   "the bench server has no TLS, so direct fails)"),
+    Scenario("select-unix-c10", ("-S",), 10, unix=True, expect_fail=("pypool", "pyrelay"),
+             note="clients over the pooler's unix socket (pgbench -h <socket dir>); compare with select-c10 "
+                  "(TCP); the pooler reaches PostgreSQL over TCP in both"),
 )}
 DEFAULT_SCENARIOS = tuple(SCENARIOS)
 QUICK_SCENARIOS = ("select-c10",)
@@ -103,7 +107,9 @@ def first_error_line(output: str) -> str | None:
 
 def pgbench_argv(cluster: PgCluster, target: Target, sc: Scenario, duration: float,
                  script_path: str | None) -> list[str]:
-    argv = [cluster.bin("pgbench"), "-h", "127.0.0.1", "-p", str(target.port), "-U", BENCH_ROLE,
+    # Over the unix socket: the target's socket directory (a target without one fails the run clearly).
+    host = (target.unix_dir or "/nonexistent-unix-socket-dir") if sc.unix else "127.0.0.1"
+    argv = [cluster.bin("pgbench"), "-h", host, "-p", str(target.port), "-U", BENCH_ROLE,
             "-n", "-T", str(int(round(duration))), "-c", str(sc.clients), "-j", str(sc.threads)]
     argv += list(sc.args)
     if script_path:

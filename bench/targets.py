@@ -48,6 +48,7 @@ class Target:
         self.proc: subprocess.Popen | None = None
         self.logfile: str | None = None
         self.failed: str | None = None     # why this target cannot be used any more
+        self.unix_dir: str | None = None   # the directory of its unix socket (.s.PGSQL.<port>), if it has one
 
     @property
     def pid(self) -> int | None:
@@ -125,6 +126,7 @@ class DirectTarget(Target):
 
     def start(self) -> None:
         self.port = self.cluster.port
+        self.unix_dir = self.cluster.sockdir
 
 
 def make_tls_files(workdir: str, os_user: str | None) -> tuple[str, str]:
@@ -179,7 +181,7 @@ class PgBouncerTarget(Target):
         settings = {
             "listen_addr": "127.0.0.1",
             "listen_port": str(self.port),
-            "unix_socket_dir": "",
+            "unix_socket_dir": self.dir,          # the unix-socket scenarios
             "auth_type": "scram-sha-256",
             "auth_file": userlist,
             "pool_mode": "transaction",
@@ -204,6 +206,7 @@ class PgBouncerTarget(Target):
             if not settings.get("server_reset_query"):
                 settings["server_reset_query"] = "DISCARD ALL"
         self.settings = settings
+        self.unix_dir = settings["unix_socket_dir"] or None
         with open(self.ini, "w") as f:
             f.write("[databases]\n")
             f.write(f"{BENCH_DB} = host=127.0.0.1 port={self.cluster.port} dbname={BENCH_DB}\n\n")
@@ -325,6 +328,8 @@ class ProxyTarget(Target):
             "log_level": "warning",
             "auth_type": "passthrough",
         }
+        if os.path.exists(os.path.join(self.src, "threadpool_proxy", "listeners.py")):
+            cfg["listen"]["unix_socket_dir"] = self.dir     # (a source tree older than unix sockets has none)
         if self.workers > 1:
             cfg["workers"] = self.workers
         if self.auth == "scram-sha-256":
@@ -340,6 +345,7 @@ class ProxyTarget(Target):
         for key, value in self.extra:
             _set_dotted(cfg, key, value)
         self.config = cfg
+        self.unix_dir = cfg["listen"].get("unix_socket_dir")
         with open(self.config_path, "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
         log(f"starting {self.name} (threadpool_proxy from {self.src}) on 127.0.0.1:{self.port} "

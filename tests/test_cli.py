@@ -241,13 +241,16 @@ def test_shipped_conf_proxy_yaml_loads_and_every_key_is_the_default():
         text = f.read()
     raw = yaml.safe_load(text)
     del raw["databases"]                                  # examples, not defaults
-    settings = _settings(raw)
+    fields = {f.name for f in dataclasses.fields(config_mod.Config)}
+    # listen.host is the field listen_host; listen.unix_socket_mode is unix_socket_mode
+    settings = {(key if key in fields or not key.startswith("listen_") else key[len("listen_"):]): value
+                for key, value in _settings(raw).items()}
     assert {"listen_host", "listen_port", "pool_mode", "auth_query"} <= set(settings), sorted(settings)
     defaults = config_mod.Config()
     differing = {key: (getattr(config, key), getattr(defaults, key)) for key in settings
                  if getattr(config, key) != getattr(defaults, key)}
     assert not differing, differing                       # key: (as shipped, the default)
-    commented = set(re.findall(r"^# ?([a-z_]+):", text, re.M))
+    commented = set(re.findall(r"^ *# ?([a-z_]+):", text, re.M))       # (nested ones too: listen.unix_socket_dir)
     fields = {f.name for f in dataclasses.fields(config_mod.Config)} - {"databases"}
     assert not fields - set(settings) - commented, "not in conf/proxy.yaml"
 

@@ -440,7 +440,7 @@ def test_console_trusts_only_when_told_to(spg, caplog):
 def test_admin_auth_type_is_validated():
     base = {"databases": {"app": {"host": "h"}}, "admin_users": ["a"]}
     with pytest.raises(cfg.ConfigError, match=r"^admin_auth_type: expected one of passthrough, "):
-        cfg.from_dict({**base, "admin_auth_type": "password"})
+        cfg.from_dict({**base, "admin_auth_type": "kerberos"})
     with pytest.raises(cfg.ConfigError, match=r"^auth_file: required when admin_auth_type is md5$"):
         cfg.from_dict({**base, "auth_type": "trust", "admin_auth_type": "md5"})
     with pytest.raises(cfg.ConfigError, match=r"^admin_auth_type: the admin console needs a database entry"):

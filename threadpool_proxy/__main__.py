@@ -1,9 +1,11 @@
-"""Command line: ``python -m threadpool_proxy -c conf/proxy.yaml`` (or ``--demo``)."""
+"""Command line: ``python -m threadpool_proxy -c conf/proxy.yaml`` (or a PgBouncer ``pgbouncer.ini``, or ``--demo``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +20,10 @@ log = logging.getLogger("threadpool_proxy")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="threadpool-proxy",
                                      description="PostgreSQL connection pooler (one thread per client).")
-    parser.add_argument("-c", "--config", help="YAML configuration file (see conf/proxy.yaml)")
+    parser.add_argument("-c", "--config", help="configuration file: YAML (see conf/proxy.yaml) or PgBouncer's "
+                                                "pgbouncer.ini (see conf/pgbouncer.ini)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration as native YAML (secrets masked) and exit")
     parser.add_argument("--demo", action="store_true",
                         help="start a throwaway PostgreSQL from this machine's binaries and the proxy in front of it")
     parser.add_argument("-p", "--port", type=int, help="override listen.port")
@@ -29,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = None
     overrides = {}
+    notes: list = []          # what a pgbouncer.ini sets that the proxy does not do (one line)
     try:
         if args.demo:
             from .demo import DemoCluster
@@ -38,11 +44,18 @@ def main(argv: list[str] | None = None) -> int:
                 print("--demo ignores -c; it writes its own configuration", file=sys.stderr)
             config = config_mod.from_dict(raw)
         else:
-            config = config_mod.load(args.config)
+            config = config_mod.load(args.config, notes)
         if args.port is not None:
             import dataclasses
             overrides["listen_port"] = args.port
             config = dataclasses.replace(config, **overrides)
+        if args.print_config:
+            for note in notes:
+                print(f"# {note}")
+            sys.stdout.write(config_mod.dump(config))
+            if demo:
+                demo.stop()
+            return 0
     except config_mod.ConfigError as exc:
         print(f"threadpool-proxy: configuration error: {exc}", file=sys.stderr)
         if demo:
@@ -59,6 +72,38 @@ def main(argv: list[str] | None = None) -> int:
 
     level = logging.DEBUG if args.verbose else getattr(logging, config.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.logfile:
+        try:
+            # Reopened when logrotate moves it away (PgBouncer reopens it at SIGHUP).
+            handler = logging.handlers.WatchedFileHandler(config.logfile, encoding="utf-8")
+        except OSError as exc:
+            print(f"threadpool-proxy: configuration error: logfile: cannot open {config.logfile}: {exc.strerror}",
+                  file=sys.stderr)
+            return 2
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+    for note in notes:
+        log.warning("%s", note)
+    if config.pidfile:
+        try:
+            with open(config.pidfile, "w", encoding="ascii") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as exc:
+            print(f"threadpool-proxy: configuration error: pidfile: cannot write {config.pidfile}: {exc.strerror}",
+                  file=sys.stderr)
+            return 2
+    try:
+        return _serve(config, args, overrides, level, demo)
+    finally:
+        if config.pidfile:
+            try:
+                os.unlink(config.pidfile)
+            except OSError:
+                pass
+
+
+def _serve(config, args, overrides: dict, level: int, demo) -> int:
+    """Run the proxy (or its worker processes) until it stops; the exit status."""
     if config.workers > 1 and not demo:
         from . import workers
         return workers.run(config, args.config, overrides, level)

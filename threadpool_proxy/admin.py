@@ -28,6 +28,7 @@ the result-set builders
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import re
@@ -56,7 +57,9 @@ TEXT_OID, INT8_OID = 25, 20
 MAX_MESSAGE = 1 << 20
 
 HELP = """\
-SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|CLIENTS|SERVERS|DATABASES|CONFIG|LISTS|STATE|VERSION|WORKERS
+SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|CLIENTS|SERVERS|SOCKETS|ACTIVE_SOCKETS|DATABASES|USERS
+     |CONFIG|LISTS|STATE|VERSION|WORKERS|PEERS|PEER_POOLS|MEM|FDS|DNS_HOSTS|DNS_ZONES
+     (PgBouncer's columns; what the proxy has no figure for is empty or 0)
 PAUSE [db]         wait for running transactions, then hold new ones and close server connections
 RESUME [db]        end a PAUSE
 RECONNECT [db]     close server connections as they are released; new ones are opened as needed
@@ -304,9 +307,13 @@ class Console:
         return result_set(*self.gathered(what))
 
     def rows_pools(self):
-        rows = [[p.database, p.user, p.cl_active, p.cl_waiting, 0, 0, p.sv_active, 0, 0, p.sv_idle, 0, 0,
-                 p.sv_login, int(p.maxwait), int((p.maxwait % 1) * 1e6), p.pool_mode]
-                for p in self.control.observe().pools()]
+        config: Config = self.control.config
+        rows = []
+        for p in self.control.observe().pools():
+            entry = config.lookup_database(p.database)
+            balance = entry.load_balance if entry is not None and entry.multi else None
+            rows.append([p.database, p.user, p.cl_active, p.cl_waiting, 0, 0, p.sv_active, 0, 0, p.sv_idle, 0, 0,
+                         p.sv_login, int(p.maxwait), int((p.maxwait % 1) * 1e6), p.pool_mode, balance])
         return POOL_COLUMNS, rows
 
     def show_pools(self) -> bytes:
@@ -338,6 +345,14 @@ class Console:
 
     def show_stats_averages(self) -> bytes:
         return self._stats_rows(False, True)
+
+    def show_totals(self) -> bytes:
+        """SHOW STATS summed over every database, one (name, value) row per figure, as PgBouncer."""
+        columns, rows = self.gathered("stats")
+        merged = _merge_stats(columns, [[["*"] + list(r[1:])] for r in rows]) if rows else []
+        values = merged[0] if merged else [None] + [0] * (len(columns) - 1)
+        return result_set([("name", "s"), ("value", "i")],
+                          [[name, values[i]] for i, (name, _) in enumerate(columns) if i > 0])
 
     def _ptr(self, ptr):
         """Connection pointers and ids, told apart between worker processes: ``<worker>:<ptr>``."""
@@ -381,6 +396,63 @@ class Console:
     def show_servers(self) -> bytes:
         return self._show("servers")
 
+    def _sockets(self, active_only: bool) -> bytes:
+        width = len(CONNECTION_COLUMNS)
+        rows = [list(r[:width]) + [0] * 7 for what in ("clients", "servers") for r in self.gathered(what)[1]
+                if not active_only or r[4] == "active"]
+        return result_set(SOCKET_COLUMNS, rows)
+
+    def show_sockets(self) -> bytes:
+        return self._sockets(False)
+
+    def show_active_sockets(self) -> bytes:
+        return self._sockets(True)
+
+    def show_users(self) -> bytes:
+        """One row per user with ``users`` settings or a connection: its limits, then what it uses now."""
+        config: Config = self.control.config
+        servers = collections.Counter(r[1] for r in self.gathered("servers")[1])
+        clients = collections.Counter(r[1] for r in self.gathered("clients")[1])
+        rows = []
+        for name in sorted(set(config.users) | set(servers) | set(clients)):
+            u = config.users.get(name)
+
+            def text(value):
+                return "" if value is None else str(value)
+            rows.append([name, text(u and u.pool_size), text(u and u.reserve_pool_size), u and u.pool_mode,
+                         (u and u.max_user_connections) or config.max_user_connections, servers[name],
+                         config.user_client_limit(name), clients[name]])
+        return result_set(USER_COLUMNS, rows)
+
+    def show_peers(self) -> bytes:
+        """PgBouncer's peering has no place here (workers: SHOW WORKERS): its columns, no rows."""
+        return result_set([("peer_id", "i"), ("host", "s"), ("port", "i"), ("pool_size", "i")], [])
+
+    def show_peer_pools(self) -> bytes:
+        return result_set([("peer_id", "i"), ("cl_active_cancel_req", "i"), ("cl_waiting_cancel_req", "i"),
+                           ("sv_active_cancel", "i"), ("sv_login", "i")], [])
+
+    def show_mem(self) -> bytes:
+        """PgBouncer's slab caches; Python keeps none the console could show: its columns, no rows."""
+        return result_set([("name", "s"), ("size", "i"), ("used", "i"), ("free", "i"), ("memtotal", "i")], [])
+
+    def show_fds(self) -> bytes:
+        """For PgBouncer's online restart, which the proxy has not: its columns, no rows (admins only, as there)."""
+        if self.role != ADMIN:
+            raise CommandError(SQLSTATE_INSUFFICIENT_PRIVILEGE,
+                               f'permission denied: SHOW FDS needs an admin user; "{self.user}" is in stats_users')
+        return result_set([("fd", "i"), ("task", "s"), ("user", "s"), ("database", "s"), ("addr", "s"),
+                           ("port", "i"), ("cancel", "i"), ("link", "i"), ("client_encoding", "s"),
+                           ("std_strings", "s"), ("datestyle", "s"), ("timezone", "s"), ("password", "s"),
+                           ("scram_client_key", "s"), ("scram_server_key", "s")], [])
+
+    def show_dns_hosts(self) -> bytes:
+        """Names are resolved at each connect by the system: no cache to show."""
+        return result_set([("hostname", "s"), ("ttl", "i"), ("addrs", "s")], [])
+
+    def show_dns_zones(self) -> bytes:
+        return result_set([("zonename", "s"), ("serial", "i"), ("count", "i")], [])
+
     def rows_databases(self):
         obs = self.control.observe()
         config: Config = self.control.config
@@ -391,10 +463,10 @@ class Console:
             nodes = ", ".join(f"{n.name} {self.control.node_state(n.name)}" + (f" role={n.role}" if n.role else "")
                               + (f" weight={n.weight}" if n.weight != 1 else "") for n in db.nodes)
             rows.append([name, db.host, db.port, db.dbname if db.dbname else (None if name == "*" else name),
-                         None, db.pool_size, db.min_pool_size, db.reserve_pool_size, int(config.server_lifetime),
+                         db.user, db.pool_size, db.min_pool_size, db.reserve_pool_size, int(config.server_lifetime),
                          db.pool_mode,
                          db.load_balance if db.multi else None, db.max_db_connections,
-                         obs.server_count(name), 0, obs.client_count(name), int(paused is ALL or name in paused),
+                         obs.server_count(name), db.max_db_client_connections, obs.client_count(name), int(paused is ALL or name in paused),
                          int(name in disabled),
                          nodes, db.target_session_attrs, db.role])
         rows.append([CONSOLE_DATABASES[0], None, self.control.listen_port, CONSOLE_DATABASES[0], None, 0, 0, 0, 0,
@@ -410,7 +482,7 @@ class Console:
         changeable = self.control.changeable_settings()
         rows = []
         for field in dataclasses.fields(Config):
-            if field.name == "databases":
+            if field.name in ("databases", "users"):
                 continue
             key = {"listen_host": "listen.host", "listen_port": "listen.port"}.get(field.name, field.name)
             value, default = getattr(config, field.name), getattr(defaults, field.name)
@@ -426,7 +498,9 @@ class Console:
         pools = obs.pool_names()
         rows = [["databases", len(config.databases)],
                 ["users", len({user for _, user in pools})],
+                ["peers", 0],
                 ["pools", len(pools)],
+                ["peer_pools", 0],
                 ["free_clients", 0],
                 ["used_clients", len(obs.clients) + obs.console_clients],
                 ["login_clients", obs.login_clients],
@@ -565,7 +639,15 @@ ALL = frozenset(("*all*",))
 POOL_COLUMNS = [("database", "s"), ("user", "s"), ("cl_active", "i"), ("cl_waiting", "i"),
                 ("cl_active_cancel_req", "i"), ("cl_waiting_cancel_req", "i"), ("sv_active", "i"),
                 ("sv_active_cancel", "i"), ("sv_being_canceled", "i"), ("sv_idle", "i"), ("sv_used", "i"),
-                ("sv_tested", "i"), ("sv_login", "i"), ("maxwait", "i"), ("maxwait_us", "i"), ("pool_mode", "s")]
+                ("sv_tested", "i"), ("sv_login", "i"), ("maxwait", "i"), ("maxwait_us", "i"), ("pool_mode", "s"),
+                ("load_balance_hosts", "s")]
+
+USER_COLUMNS = [("name", "s"), ("pool_size", "s"), ("reserve_pool_size", "s"), ("pool_mode", "s"),
+                ("max_user_connections", "i"), ("current_connections", "i"),
+                ("max_user_client_connections", "i"), ("current_client_connections", "i")]
+
+#: SHOW SOCKETS: the connection columns, then PgBouncer's buffer positions (0 here: the relay keeps none).
+
 
 STATS_TOTAL_NAMES = ("xact_count", "query_count", "server_assignment_count", "received", "sent",
                      "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count",
@@ -590,6 +672,10 @@ DATABASE_COLUMNS = [("name", "s"), ("host", "s"), ("port", "i"), ("database", "s
                     ("max_connections", "i"), ("current_connections", "i"), ("max_client_connections", "i"),
                     ("current_client_connections", "i"), ("paused", "i"), ("disabled", "i"),
                     ("nodes", "s"), ("target_session_attrs", "s"), ("role", "s")]
+
+#: SHOW SOCKETS: the connection columns, then PgBouncer's buffer positions (0 here: the relay keeps none).
+SOCKET_COLUMNS = CONNECTION_COLUMNS + [(name, "i") for name in ("recv_pos", "pkt_pos", "pkt_remain", "send_pos",
+                                                                "send_remain", "pkt_avail", "send_avail")]
 
 #: SHOW SERVERS: PgBouncer's columns, then the server's node (host:port) and what the proxy
 #: knows of it ("up primary", "down unknown"...: ConsoleControl.node_state).

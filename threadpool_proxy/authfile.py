@@ -1,6 +1,6 @@
-"""Auth file reading: YAML user list -> Secret values, checked at load time.
+"""Auth file reading: a YAML user list or PgBouncer's userlist.txt -> Secret values, checked at load time.
 
-The file looks like::
+The YAML file looks like::
 
     users:
       alice: {scram: "SCRAM-SHA-256$4096:<salt b64>$<StoredKey b64>:<ServerKey b64>"}
@@ -10,6 +10,13 @@ The file looks like::
 ``scram`` is PostgreSQL's ``pg_authid.rolpassword`` format, so a verifier can
 be copied from the server as is.  Like ssh and PgBouncer, a file that group or
 others may read or write is refused.
+
+PgBouncer's userlist.txt is read as it is (``parse_userlist_text``): one
+``"user" "secret"`` line per user, a doubled ``""`` for a quote inside a
+field, the rest of the line ignored, comment lines starting with ``;`` (or
+``#``); the secret is a plain password, ``md5<32 hex>`` or a SCRAM verifier.
+The format is told by the content (a first line starting with ``"``) or a
+``.txt`` name, so a file keeps working when PgBouncer and the proxy share it.
 
 Every problem is one AuthFileError whose message fits on one line and names
 the user and line.  No message, log line or repr ever contains secret
@@ -186,6 +193,22 @@ def scram_secret_from_password(password: str, salt: bytes | None = None,
                   stored_key=stored_key, server_key=server_key)
 
 
+def check_password(secret: Secret, user: str, password: str) -> bool:
+    """Whether a clear-text ``password`` (auth_type password, PgBouncer's plain) matches a stored secret.
+
+    Every comparison is constant-time: the plain text, the md5 hash of
+    password and user name, or the StoredKey derived with the verifier's salt
+    and iterations.
+    """
+    if secret.kind == "password":
+        return hmac.compare_digest(password.encode("utf-8"), secret.password.encode("utf-8"))
+    if secret.kind == "md5":
+        computed = "md5" + hashlib.md5(password.encode("utf-8") + user.encode("utf-8")).hexdigest()
+        return hmac.compare_digest(computed.encode("ascii"), secret.md5.encode("ascii"))
+    _, stored_key, _ = scram_keys(password, secret.salt, secret.iterations)
+    return hmac.compare_digest(stored_key, secret.stored_key)
+
+
 def format_scram_verifier(secret: Secret) -> str:
     """The rolpassword text of a scram Secret (for writing auth files)."""
     if secret.kind != "scram":
@@ -281,6 +304,92 @@ def parse_auth_text(text: str, where: str = "auth file") -> dict[str, Secret]:
     return secrets_by_user
 
 
+# --- PgBouncer's userlist.txt ---------------------------------------------------
+
+_COMMENT_STARTS = (";", "#")
+
+
+def _userlist_field(line: str, start: int) -> tuple[str, int] | None:
+    """The quoted field opening at ``line[start]`` (a ``"``): (its text, the index after it), None if unclosed.
+
+    A doubled quote inside the field stands for one quote, as in PgBouncer.
+    """
+    out = []
+    i = start + 1
+    while True:
+        end = line.find('"', i)
+        if end < 0:
+            return None
+        out.append(line[i:end])
+        if line.startswith('""', end):
+            out.append('"')
+            i = end + 2
+            continue
+        return "".join(out), end + 1
+
+
+def parse_userlist_text(text: str, where: str = "auth file") -> dict[str, Secret]:
+    """Parse PgBouncer's ``"user" "secret"`` format; AuthFileError naming the line.
+
+    A user given twice keeps the last line's secret (as PgBouncer does).  A
+    user with an empty secret is left out: it can log in only where no password
+    is asked (trust, peer, cert), which needs no entry here.
+    """
+    users: dict[str, Secret] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(_COMMENT_STARTS):
+            continue
+        at = f"{where} line {number}"
+        if not line.startswith('"'):
+            raise AuthFileError(f'{at}: expected "user" "secret" (a line starts with a double quote, '
+                                f"or ; or # for a comment)")
+        field = _userlist_field(line, 0)
+        if field is None:
+            raise AuthFileError(f"{at}: the user name's closing double quote is missing")
+        name, i = field
+        rest = line[i:].lstrip()
+        if not rest.startswith('"'):
+            raise AuthFileError(f'{at}: user {name!r}: expected its secret in double quotes after the name')
+        field = _userlist_field(rest, 0)
+        if field is None:
+            raise AuthFileError(f"{at}: user {name!r}: the secret's closing double quote is missing")
+        secret_text = field[0]
+        if not name:
+            raise AuthFileError(f"{at}: empty user name")
+        if not secret_text:
+            users.pop(name, None)
+            continue
+        try:
+            users[name] = _userlist_secret(secret_text)
+        except ValueError as exc:
+            raise AuthFileError(f"{at}: user {name!r}: {exc}") from None
+    return users
+
+
+def _userlist_secret(text: str) -> Secret:
+    """A userlist secret: SCRAM verifier, md5 hash, or (anything else) a plain password."""
+    if text.startswith(SCRAM_SHA_256 + "$"):
+        try:
+            return parse_scram_verifier(text)
+        except ValueError as exc:
+            raise ValueError(f"SCRAM secret: {exc}") from None
+    if _MD5_RE.fullmatch(text):
+        return Secret("md5", md5=text.lower())
+    return Secret("password", password=text)
+
+
+def is_userlist(text: str, path: str = "") -> bool:
+    """Whether an auth file is PgBouncer's userlist.txt: a ``.txt`` name, or a first line that opens a quote."""
+    if path.endswith(".txt"):
+        return True
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith(_COMMENT_STARTS):
+            return line.startswith('"')
+    return False
+
+
 def read_auth_file(path: str | os.PathLike) -> dict[str, Secret]:
     """Read and parse an auth file, refusing one that group/others can access."""
     return _read_auth_file(os.fspath(path))[0]
@@ -303,6 +412,8 @@ def _read_auth_file(path: str) -> tuple[dict[str, Secret], bytes]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise AuthFileError(f"{path}: not valid UTF-8") from None
+    if is_userlist(text, path):
+        return parse_userlist_text(text, where=path), data
     return parse_auth_text(text, where=path), data
 
 

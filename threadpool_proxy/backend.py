@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import itertools
+import os
 import re
 import select
 import socket
@@ -57,6 +58,25 @@ def _reset_messages(reset_query: str) -> tuple[bytes, bytes]:
     tag = _RESET_TAGS.get(reset_query.strip().rstrip(";").strip().upper())
     answer = pq.command_complete(tag) + pq.ready_for_query(pq.IDLE) if tag else b""
     return pq.query(reset_query), answer
+
+
+def is_unix_host(host: str) -> bool:
+    """A host that is a directory (libpq's rule: it starts with /): the server's unix socket is in it."""
+    return host.startswith("/")
+
+
+def connect_socket(host: str, port: int, timeout: float) -> socket.socket:
+    """A connected socket to a server: TCP, or ``<host>/.s.PGSQL.<port>`` when ``host`` is a directory."""
+    if not is_unix_host(host):
+        return socket.create_connection((host, port), timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(os.path.join(host, f".s.PGSQL.{port}"))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def out_of_descriptors(exc: OSError) -> ClientFatal:
@@ -114,14 +134,23 @@ class ServerConnection:
         self.after_cancel = None
 
     @classmethod
-    def dial(cls, host: str, port: int, timeout: float, server_tls=None) -> "ServerConnection":
-        """Connect (and, with ``server_tls``, send SSLRequest and wrap the socket in TLS)."""
+    def dial(cls, host: str, port: int, timeout: float, server_tls=None, keepalive=None) -> "ServerConnection":
+        """Connect (and, with ``server_tls``, send SSLRequest and wrap the socket in TLS).
+
+        A ``host`` that is a directory is the server's unix socket there (no
+        TLS, as libpq).  ``keepalive``: a Config whose tcp_keepalive settings a
+        TCP connection takes (listeners.set_keepalive); None: SO_KEEPALIVE on.
+        """
+        unix = is_unix_host(host)
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = connect_socket(host, port, timeout)
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise out_of_descriptors(exc) from None
             raise ServerGone(f"cannot connect to server {host}:{port}: {exc.strerror or exc}") from None
+        if unix:
+            sock.settimeout(None)
+            return cls(sock, host, port)
         if server_tls is not None:
             try:
                 sock = server_tls.negotiate(sock, host, port)
@@ -132,7 +161,11 @@ class ServerConnection:
         # the relay would cost an extra poll() inside the socket module.
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if keepalive is None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        else:
+            from .listeners import set_keepalive
+            set_keepalive(sock, keepalive)
         return cls(sock, host, port)
 
     def close(self, reason: str | None = None) -> None:

@@ -14,8 +14,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from .errors import ConfigError
+from .protocol import CONSOLE_DATABASES
+
 POOL_MODES = ("session", "transaction", "statement")
-AUTH_TYPES = ("passthrough", "scram-sha-256", "md5", "trust", "auth_query")
+#: password: the client sends its password in clear text (PgBouncer's "plain"); hba: the method
+#: comes from auth_hba_file's first matching line (hba.py); cert: a verified TLS client certificate.
+AUTH_TYPES = ("passthrough", "scram-sha-256", "md5", "trust", "auth_query", "password", "hba", "cert")
 DEFAULT_RESET_QUERY = "DISCARD ALL"
 #: Schema-qualified, so that no search_path (a tenant's ALTER DATABASE ... SET) can put another
 #: pg_shadow in front of pg_catalog's; the auth_user's session pins search_path too (login.py).
@@ -25,8 +30,6 @@ DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE use
 DEFAULT_AUTH_DBNAME = "postgres"
 #: Settings whose values carry secrets: never echoed in an error message.
 SECRET_KEYS = ("auth_password",)
-#: The admin console's virtual database, and the name PgBouncer's tools ask for.
-CONSOLE_DATABASES = ("threadpool_proxy", "pgbouncer")
 #: Most worker processes (``workers``); the worker's index is encoded in cancel key secrets.
 MAX_WORKERS = 64
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -39,9 +42,10 @@ LOAD_BALANCE = ("round-robin", "least-connections", "random", "disable")
 TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
 NODE_ROLES = ("primary", "replica")
 
+#: Settings only a restart changes: RELOAD keeps their old values (and says so).
+RESTART_ONLY = ("listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode", "unix_socket_group",
+                "metrics_listen", "workers", "logfile", "pidfile")
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +83,19 @@ class DatabaseConfig:
     min_pool_size: int = 0     # server connections kept open per key once used (proxy-terminated auth)
     reserve_pool_size: int = 0  # extra connections per key for clients waiting reserve_pool_timeout
     max_db_connections: int = 0  # server connections of the entry's database, all users; 0: no limit
-    auth_dbname: str | None = None   # where auth_query runs for this entry; None: see auth_database()
+    #: A forced server login (PgBouncer's ``user=``/``password=``): every client of the entry is served by
+    #: server connections of this user (one pool), whoever logged in to the proxy; None: the client's own.
+    user: str | None = None
+    password: str | None = None   # the forced user's password (default: its auth_file secret)
+    auth_user: str | None = None  # overrides the top-level auth_user for this entry (auth_query)
+    auth_query: str | None = None
+    auth_dbname: str | None = None  # where auth_query runs for this entry; None: see auth_database()
+    connect_query: str | None = None  # run once on each new server connection; errors are logged only
+    #: Startup parameters for new server connections (client_encoding, datestyle, timezone...); the
+    #: client's own values win.  A tuple of (name, value) pairs so the entry stays hashable.
+    settings: tuple = ()
+    max_db_client_connections: int = 0   # clients of this entry at once; 0: no limit
+    max_user_connections: int = 0        # from ``users``: this user's server connections; 0: top level's
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -100,6 +116,10 @@ class DatabaseConfig:
     def server_dbname(self, requested: str) -> str:
         return self.dbname or requested
 
+    def server_user(self, client_user: str) -> str:
+        """The user server connections log in as: the forced ``user``, else the client's."""
+        return self.user or client_user
+
     @property
     def node(self) -> str:
         """The first node (the only one of a single-server entry), as used in pool keys."""
@@ -107,9 +127,24 @@ class DatabaseConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class UserConfig:
+    """One entry of ``users`` (PgBouncer's [users]): settings of one client user, over its database entry's."""
+
+    name: str
+    pool_mode: str | None = None
+    pool_size: int | None = None
+    reserve_pool_size: int | None = None
+    max_user_connections: int = 0          # 0: the top-level max_user_connections
+    max_user_client_connections: int = 0   # 0: the top-level max_user_client_connections
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    listen_host: str = "127.0.0.1"
+    listen_host: str = "127.0.0.1"          # one address, a comma-separated list, "*" (all), "" (no TCP)
     listen_port: int = 6432
+    unix_socket_dir: str | None = None      # listen on <dir>/.s.PGSQL.<port> too; None: no unix socket
+    unix_socket_mode: int = 0o777
+    unix_socket_group: str | None = None
     pool_mode: str = "session"
     pool_size: int = 20
     min_pool_size: int = 0                  # 0: off
@@ -118,6 +153,8 @@ class Config:
     max_db_connections: int = 0             # 0: no limit
     max_user_connections: int = 0           # 0: no limit
     max_client_conn: int = 1000
+    max_db_client_connections: int = 0      # clients of one database entry; 0: no limit
+    max_user_client_connections: int = 0    # clients of one user; 0: no limit
     max_idle_per_key: int = 20
     max_total_idle: int = 200
     server_idle_timeout: float = 600.0
@@ -144,7 +181,15 @@ class Config:
     auth_query_cache_seconds: float = 30.0
     auth_query_cache_size: int = 1000       # most users whose verifiers the auth_query cache keeps
     auth_dbname: str | None = None          # where auth_query runs (per entry too); see auth_database()
+    auth_hba_file: str | None = None     # auth_type hba: pg_hba.conf lines choosing each client's method
+    auth_ident_file: str | None = None   # map= of peer and cert lines: pg_ident.conf lines
+    tcp_keepalive: bool = True           # SO_KEEPALIVE on client and server TCP connections
+    tcp_keepidle: int = 0                # seconds idle before the first probe; 0: the OS default
+    tcp_keepintvl: int = 0               # seconds between probes; 0: the OS default
+    tcp_keepcnt: int = 0                 # probes lost before the connection is dropped; 0: the OS default
     log_level: str = "info"
+    logfile: str | None = None           # command line: log to this file too (reopened after logrotate)
+    pidfile: str | None = None           # command line: write the process id here, removed at exit
     admin_users: tuple = ()              # may use every admin console command
     stats_users: tuple = ()              # may use the console's SHOW commands only
     admin_auth_database: str | None = None   # the entry the console authenticates like (default "*")
@@ -167,13 +212,33 @@ class Config:
     health_check_failures: int = 2
     health_check_user: str | None = None     # default: auth_user
     databases: Mapping[str, DatabaseConfig] = dataclasses.field(default_factory=dict)
+    users: Mapping[str, UserConfig] = dataclasses.field(default_factory=dict)
 
-    def lookup_database(self, requested: str) -> DatabaseConfig | None:
-        """The entry for a client's database name, falling back to ``*``."""
+    def lookup_database(self, requested: str, user: str | None = None) -> DatabaseConfig | None:
+        """The entry for a client's database name, falling back to ``*``.
+
+        With ``user``, that user's ``users`` settings (pool_mode, pool_size,
+        reserve_pool_size, max_user_connections) replace the entry's.
+        """
         entry = self.databases.get(requested)
         if entry is None:
             entry = self.databases.get("*")
-        return entry
+        if entry is None or user is None:
+            return entry
+        override = self.users.get(user)
+        if override is None:
+            return entry
+        changes = {key: getattr(override, key) for key in ("pool_mode", "pool_size", "reserve_pool_size")
+                   if getattr(override, key) is not None}
+        if override.max_user_connections:
+            changes["max_user_connections"] = override.max_user_connections
+        return dataclasses.replace(entry, **changes) if changes else entry
+
+    def user_client_limit(self, user: str) -> int:
+        """How many clients ``user`` may have at once (``users`` over the top level); 0: no limit."""
+        override = self.users.get(user)
+        return (override.max_user_client_connections if override is not None else 0) or \
+            self.max_user_client_connections
 
 
 # key -> (type or types, validator or None, description for errors)
@@ -213,6 +278,26 @@ def _user_list(v):
     return isinstance(v, (list, tuple)) and all(isinstance(u, str) and u and "," not in u for u in v)
 
 
+def _listen_hosts(v):
+    """One address or name, a comma-separated list of them, "*", or "" (no TCP)."""
+    if not isinstance(v, str):
+        return False
+    return not v.strip() or all(part.strip() for part in v.split(","))
+
+
+def _octal_mode(v):
+    if isinstance(v, str):
+        try:
+            v = int(v, 8)
+        except ValueError:
+            return False
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0o777
+
+
+def _settings_map(v):
+    return isinstance(v, Mapping) and all(isinstance(k, str) and k and isinstance(x, str) for k, x in v.items())
+
+
 def _host_port(v):
     if not isinstance(v, str):
         return False
@@ -236,6 +321,8 @@ _TOP_LEVEL = {
     "pool_mode": (_choice(POOL_MODES), "one of " + ", ".join(POOL_MODES)),
     "pool_size": _COUNT,
     "max_client_conn": _COUNT,
+    "max_db_client_connections": (_non_negative_int, "an integer >= 0 (0: no limit)"),
+    "max_user_client_connections": (_non_negative_int, "an integer >= 0 (0: no limit)"),
     "min_pool_size": (_non_negative_int, "an integer >= 0 (0: off)"),
     "reserve_pool_size": (_non_negative_int, "an integer >= 0 (0: off)"),
     "reserve_pool_timeout": _SECONDS,
@@ -268,6 +355,14 @@ _TOP_LEVEL = {
                                  "a number of seconds >= 0"),
     "auth_query_cache_size": _COUNT,
     "auth_dbname": (_nonempty_str, "a database name"),
+    "auth_hba_file": (_nonempty_str, "a file path"),
+    "auth_ident_file": (_nonempty_str, "a file path"),
+    "tcp_keepalive": (lambda v: isinstance(v, bool), "true or false"),
+    "tcp_keepidle": (_non_negative_int, "a number of seconds >= 0 (0: the OS default)"),
+    "tcp_keepintvl": (_non_negative_int, "a number of seconds >= 0 (0: the OS default)"),
+    "tcp_keepcnt": (_non_negative_int, "an integer >= 0 (0: the OS default)"),
+    "logfile": (_nonempty_str, "a file path"),
+    "pidfile": (_nonempty_str, "a file path"),
     "log_level": (_choice(("debug", "info", "warning", "error")), "one of debug, info, warning, error"),
     "admin_users": (_user_list, "a list of user names (or one comma-separated string)"),
     "stats_users": (_user_list, "a list of user names (or one comma-separated string)"),
@@ -289,8 +384,11 @@ _TOP_LEVEL = {
 
 
 _LISTEN = {
-    "host": (_nonempty_str, "a host name or address"),
+    "host": (_listen_hosts, "an address, a comma-separated list of them, * (every address) or \"\" (no TCP)"),
     "port": (_port, "an integer from 0 to 65535"),
+    "unix_socket_dir": (_nonempty_str, "a directory"),
+    "unix_socket_mode": (_octal_mode, "a file mode such as 0777 (octal)"),
+    "unix_socket_group": (_nonempty_str, "a group name"),
 }
 
 _DATABASE = {
@@ -308,7 +406,22 @@ _DATABASE = {
     "load_balance": _TOP_LEVEL["load_balance"],
     "target_session_attrs": _TOP_LEVEL["target_session_attrs"],
     "role": (_choice(NODE_ROLES), "one of " + ", ".join(NODE_ROLES)),
+    "user": (_nonempty_str, "a user name"),
+    "password": (_str, "a string"),
+    "auth_user": (_nonempty_str, "a user name"),
+    "auth_query": (_nonempty_str, "an SQL query with one parameter, $1"),
     "auth_dbname": _TOP_LEVEL["auth_dbname"],
+    "connect_query": (_nonempty_str, "an SQL query"),
+    "settings": (_settings_map, "a mapping of parameter names to string values"),
+    "max_db_client_connections": _TOP_LEVEL["max_db_client_connections"],
+}
+
+_USER = {
+    "pool_mode": _TOP_LEVEL["pool_mode"],
+    "pool_size": _TOP_LEVEL["pool_size"],
+    "reserve_pool_size": _TOP_LEVEL["reserve_pool_size"],
+    "max_user_connections": _TOP_LEVEL["max_user_connections"],
+    "max_user_client_connections": _TOP_LEVEL["max_user_client_connections"],
 }
 
 _NODE = {
@@ -375,11 +488,25 @@ def _check_section(section: Mapping[str, Any], rules, where: str) -> dict:
     return out
 
 
+def _users(raw) -> dict:
+    """The ``users`` section: user name -> UserConfig."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"users: expected a mapping of user names to settings, got {type(raw).__name__}")
+    out = {}
+    for name, fields in raw.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"users: user names must be non-empty strings, got {name!r}")
+        fields = _check_section(fields or {}, _USER, f"users.{name}")
+        out[name] = UserConfig(name, **fields)
+    return out
+
+
 def from_dict(raw: Mapping[str, Any] | None) -> Config:
     """Validate a plain mapping (as parsed from YAML) and build a Config."""
     raw = dict(raw or {})
     listen = raw.pop("listen", {}) or {}
     databases = raw.pop("databases", None)
+    users = raw.pop("users", None) or {}
     top = _check_section(raw, _TOP_LEVEL, "")
     listen = _check_section(listen, _LISTEN, "listen")
     if databases is None or databases == {}:
@@ -398,6 +525,15 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
         kwargs["listen_host"] = listen["host"]
     if "port" in listen:
         kwargs["listen_port"] = listen["port"]
+    for key in ("unix_socket_dir", "unix_socket_group"):
+        if key in listen:
+            kwargs[key] = listen[key]
+    if "unix_socket_mode" in listen:
+        mode = listen["unix_socket_mode"]
+        kwargs["unix_socket_mode"] = int(mode, 8) if isinstance(mode, str) else mode
+    if not kwargs.get("listen_host", "127.0.0.1").strip() and not kwargs.get("unix_socket_dir"):
+        raise ConfigError('listen.host: "" (no TCP) needs listen.unix_socket_dir: the proxy would listen nowhere')
+    kwargs["users"] = _users(users)
     defaults = Config(**kwargs)
 
     entries = {}
@@ -425,7 +561,14 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
             min_pool_size=fields.get("min_pool_size", defaults.min_pool_size),
             reserve_pool_size=fields.get("reserve_pool_size", defaults.reserve_pool_size),
             max_db_connections=fields.get("max_db_connections", defaults.max_db_connections),
+            user=fields.get("user"),
+            password=fields.get("password"),
+            auth_user=fields.get("auth_user"),
+            auth_query=fields.get("auth_query"),
             auth_dbname=fields.get("auth_dbname"),
+            connect_query=fields.get("connect_query"),
+            settings=tuple((k, v) for k, v in (fields.get("settings") or {}).items()),
+            max_db_client_connections=fields.get("max_db_client_connections", defaults.max_db_client_connections),
         )
     config = dataclasses.replace(defaults, databases=entries)
     _check_auth(config)
@@ -447,13 +590,18 @@ def with_setting(config: Config, key: str, text: str) -> Config:
     key otherwise).  Database entries that had the old top-level value of a
     setting they can override take the new one.
     """
-    if key in ("listen", "listen_host", "listen_port", "databases") or key not in _TOP_LEVEL:
-        raise ConfigError(f"{key}: unknown key" if key not in _TOP_LEVEL and key not in ("listen", "databases")
+    fixed = ("listen", "listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode", "unix_socket_group",
+             "databases", "users")
+    if key in fixed or key not in _TOP_LEVEL:
+        raise ConfigError(f"{key}: unknown key" if key not in _TOP_LEVEL and key not in fixed
                           else f"{key}: cannot be changed while running")
     check, expected = _TOP_LEVEL[key]
     current = getattr(config, key)
     value: Any = text
-    if isinstance(current, int):
+    if isinstance(current, bool):
+        value = {"1": True, "on": True, "true": True, "yes": True,
+                 "0": False, "off": False, "false": False, "no": False}.get(text.strip().lower(), text)
+    elif isinstance(current, int):
         try:
             value = int(text)
         except ValueError:
@@ -517,7 +665,11 @@ def for_worker(config: Config, index: int, count: int) -> Config:
                                                 for key in SPLIT_ENTRY_LIMITS})
                for name, db in config.databases.items()}
     limits = {key: worker_share(getattr(config, key), index, count) for key in SPLIT_LIMITS}
-    return dataclasses.replace(config, databases=entries, **limits)
+    users = {name: dataclasses.replace(u, pool_size=None if u.pool_size is None
+                                       else worker_share(u.pool_size, index, count),
+                                       max_user_connections=worker_share(u.max_user_connections, index, count))
+             for name, u in config.users.items()}
+    return dataclasses.replace(config, databases=entries, users=users, **limits)
 
 
 def split_warnings(config: Config) -> list[str]:
@@ -610,10 +762,21 @@ def _check_console(config: Config) -> None:
 
 def _check_auth(config: Config) -> None:
     types = {config.auth_type} | {d.auth_type for d in config.databases.values()}
-    if types & {"scram-sha-256", "md5"} and not config.auth_file and "auth_query" not in types:
-        raise ConfigError("auth_file: required when auth_type is scram-sha-256 or md5")
-    if "auth_query" in types and not config.auth_user:
+    if types & {"scram-sha-256", "md5", "password"} and not config.auth_file and "auth_query" not in types:
+        raise ConfigError("auth_file: required when auth_type is scram-sha-256, md5 or password")
+    if "auth_query" in types and not config.auth_user and not all(
+            d.auth_user for d in config.databases.values() if d.auth_type == "auth_query"):
         raise ConfigError("auth_user: required when auth_type is auth_query")
+    if "hba" in types and not config.auth_hba_file:
+        raise ConfigError("auth_hba_file: required when auth_type is hba")
+    if "cert" in types and config.client_tls_sslmode not in ("verify-ca", "verify-full"):
+        raise ConfigError("client_tls_sslmode: auth_type cert needs verify-ca or verify-full "
+                          "(client certificates must be checked)")
+    for name, db in config.databases.items():
+        if db.user and db.auth_type == "passthrough":
+            raise ConfigError(f"databases.{name}.user: a forced user needs the proxy to check clients itself "
+                              f"(auth_type scram-sha-256, md5, password, hba, cert, trust or auth_query), "
+                              f"not passthrough")
 
 
 def _check_tls(config: Config) -> None:
@@ -647,36 +810,134 @@ def check_tls_files(config: Config) -> None:
             raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
 
 
-def load(source: str | os.PathLike | Mapping[str, Any] | Config) -> Config:
-    """Build a Config from a Config, a mapping, or the path of a YAML file.
+#: Settings naming files or directories: relative paths in a configuration file are relative to it.
+PATH_SETTINGS = ("auth_file", "auth_hba_file", "auth_ident_file", "unix_socket_dir", "logfile", "pidfile",
+                 *TLS_FILES)
 
-    Relative ``auth_file`` and TLS file paths in a YAML file are taken relative to that file.
-    A file holding ``auth_password`` must not be readable by group or others
-    (like the auth file).
+
+def load(source: str | os.PathLike | Mapping[str, Any] | Config, notes: list | None = None) -> Config:
+    """Build a Config from a Config, a mapping, or the path of a YAML file or a PgBouncer ini file.
+
+    A ``.ini`` file, or one whose content looks like PgBouncer's ini format
+    (pgbouncer_ini.py), is translated into the native mapping first; what it
+    sets that the proxy does not implement is appended to ``notes`` (one
+    line, for the caller to log).  Relative file paths (auth_file,
+    auth_hba_file, TLS files, unix_socket_dir) are taken relative to the
+    file.  A file holding a password (``auth_password``, a database entry's
+    ``password``) must not be readable by group or others (like the auth file).
     """
     if isinstance(source, Config):
         return source
     if isinstance(source, Mapping):
         return from_dict(source)
     path = os.fspath(source)
+    from . import pgbouncer_ini
     try:
         with open(path, encoding="utf-8") as f:
             # The mode of the file we read (not of a path that may change meanwhile).
             mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-            raw = yaml.safe_load(f)
+            text = f.read()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8") from None
+    if pgbouncer_ini.is_ini(path, text):
+        translation = pgbouncer_ini.translate(path, text)
+        raw, modes = translation.native, translation.modes
+        try:
+            config = from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        if notes is not None:
+            notes.extend(translation.notes)
+    else:
+        raw, modes = _parse_yaml(path, text), {path: mode}
+        config = from_dict(raw)
+    held = "auth_password" if config.auth_password is not None else next(
+        (f"databases.{n}.password" for n, d in config.databases.items() if d.password is not None), None)
+    for name, file_mode in modes.items():
+        if held and file_mode & 0o077:
+            raise ConfigError(f"{name}: holds {held} but mode {file_mode:04o} allows access by group or others; "
+                              f"run 'chmod 600 {name}'")
+    here = os.path.dirname(os.path.abspath(path))
+    relative = {key: os.path.join(here, getattr(config, key)) for key in PATH_SETTINGS
+                if getattr(config, key) and not os.path.isabs(getattr(config, key))}
+    return dataclasses.replace(config, **relative) if relative else config
+
+
+def _parse_yaml(path: str, text: str):
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if raw is not None and not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-    config = from_dict(raw)
-    if config.auth_password is not None and mode & 0o077:
-        raise ConfigError(f"{path}: holds auth_password but mode {mode:04o} allows access by group or others; "
-                          f"run 'chmod 600 {path}'")
-    here = os.path.dirname(os.path.abspath(path))
-    relative = {key: os.path.join(here, getattr(config, key)) for key in ("auth_file", *TLS_FILES)
-                if getattr(config, key) and not os.path.isabs(getattr(config, key))}
-    return dataclasses.replace(config, **relative) if relative else config
+    return raw
+
+
+#: What --print-config shows in place of a secret.
+MASK = "********"
+
+#: Config fields that live under ``listen:`` in a file.
+_LISTEN_FIELDS = {"listen_host": "host", "listen_port": "port", "unix_socket_dir": "unix_socket_dir",
+                  "unix_socket_mode": "unix_socket_mode", "unix_socket_group": "unix_socket_group"}
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def as_native(config: Config, mask: bool = True) -> dict:
+    """The native (YAML) mapping of ``config``, every setting at its effective value (``--print-config``).
+
+    ``from_dict`` of the result (unmasked) builds an equal Config.  With
+    ``mask``, ``auth_password`` and the entries' ``password`` read MASK.
+    """
+    listen = {}
+    for field, key in _LISTEN_FIELDS.items():
+        value = getattr(config, field)
+        if value is not None:
+            listen[key] = f"{value:04o}" if field == "unix_socket_mode" else value
+    out: dict = {"listen": listen}
+    for field in dataclasses.fields(Config):
+        name = field.name
+        if name in _LISTEN_FIELDS or name in ("databases", "users"):
+            continue
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if name == "auth_password" and mask:
+            value = MASK
+        out[name] = _plain(value)
+    databases = {}
+    for name, db in config.databases.items():
+        entry: dict = {}
+        if len(db.nodes) == 1 and db.nodes[0].role is None and db.nodes[0].weight == 1:
+            entry["host"], entry["port"] = db.nodes[0].host, db.nodes[0].port
+        else:
+            entry["nodes"] = [{"host": n.host, "port": n.port, **({"role": n.role} if n.role else {}),
+                               "weight": n.weight} for n in db.nodes]
+        for key in ("dbname", "pool_mode", "pool_size", "auth_type", "max_prepared_statements", "load_balance",
+                    "target_session_attrs", "role", "min_pool_size", "reserve_pool_size", "max_db_connections",
+                    "user", "password", "auth_user", "auth_query", "auth_dbname", "connect_query",
+                    "max_db_client_connections"):
+            value = getattr(db, key)
+            if value is not None:
+                entry[key] = MASK if key == "password" and mask else value
+        if db.settings:
+            entry["settings"] = dict(db.settings)
+        databases[name] = entry
+    out["databases"] = databases
+    if config.users:
+        out["users"] = {name: {key: getattr(u, key) for key in _USER if getattr(u, key) not in (None, 0)}
+                        for name, u in config.users.items()}
+    return out
+
+
+def dump(config: Config, mask: bool = True) -> str:
+    """``as_native`` as YAML text, keys in the order of conf/proxy.yaml's sections."""
+    return yaml.safe_dump(as_native(config, mask), sort_keys=False, default_flow_style=False)

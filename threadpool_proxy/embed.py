@@ -111,7 +111,7 @@ class Proxy:
         for t in self._threads:
             t.start()
         self.health = HealthChecker(self.server).start()
-        log.info("threadpool_proxy listening on %s:%d", self.host, self.port)
+        log.info("threadpool_proxy listening on %s", self.server.listeners.describe())
         return self
 
     def _janitor(self) -> None:
@@ -165,13 +165,15 @@ class Proxy:
         A bad file raises ConfigError and changes nothing.
         """
         with self._reload_lock:
-            new = config_mod.load(self.config_path) if self.config_path else self.whole_config
+            notes: list = []
+            new = config_mod.load(self.config_path, notes) if self.config_path else self.whole_config
+            for note in notes:
+                log.warning("%s", note)
             if self.overrides:
                 new = dataclasses.replace(new, **self.overrides)
             self.config = self.server.apply_config(self._share(new))
-            fixed = ("listen_host", "listen_port", "metrics_listen", "workers")    # as apply_config keeps them
-            self.whole_config = self.server.whole_config = dataclasses.replace(
-                new, **{name: getattr(self.config, name) for name in fixed})
+            self.whole_config = self.server.whole_config = dataclasses.replace(    # as apply_config keeps them
+                new, **{name: getattr(self.config, name) for name in config_mod.RESTART_ONLY})
             log.info("configuration reloaded%s", f" from {self.config_path}" if self.config_path else
                      " (auth file only: the proxy was not started from a file)")
             return self.config

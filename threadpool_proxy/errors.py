@@ -89,3 +89,7 @@ class QueryCanceled(ProxyError):
     def __init__(self, raw: bytes = b"") -> None:
         super().__init__("canceling statement due to user request")
         self.raw = raw
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range (config.py, pgbouncer_ini.py)."""

@@ -21,11 +21,11 @@ answered; the log says the check could not log in.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 from . import protocol as pq
+from .backend import connect_socket
 from .errors import ServerError, ServerGone
 from .nodes import query_session_attrs
 from .auth import AuthFailed
@@ -99,7 +99,7 @@ class HealthChecker:
         logins = self.server.logins
         if logins.health_check_user() is None:
             try:
-                socket.create_connection((node.host, node.port), timeout=timeout).close()
+                connect_socket(node.host, node.port, timeout).close()
                 return None
             except OSError as exc:
                 return f"cannot connect: {exc.strerror or exc}"

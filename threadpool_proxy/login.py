@@ -71,12 +71,15 @@ from .auth import (
     sasl_mechanisms_payload,
 )
 from .authcache import MISS, VerifierCache
-from .authfile import DEFAULT_ITERATIONS, AuthFile, AuthFileError, Secret, secret_from_rolpassword
+from .authfile import DEFAULT_ITERATIONS, AuthFile, AuthFileError, Secret, check_password, secret_from_rolpassword
 from .backend import ServerConnection
 from .channel import ClientChannel
 from .config import Config, ConfigError, DatabaseConfig, NodeConfig, auth_database
 from .errors import (ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone, ServerUnavailable,
                      TooManyPending)
+from . import hba as hba_mod
+from .hba_login import check_cert, hba_method
+from .listeners import UNIX_HOST
 from .nodes import Router
 from .pool import BackendIdlePool, Limits, pool_key
 from . import tls
@@ -119,8 +122,16 @@ class LoginRequest:
     def who(self) -> str:
         return f"{self.user}@{self.database} from {self.address[0]}:{self.address[1]}"
 
+    @property
+    def server_user(self) -> str:
+        """The user server connections log in as: the entry's forced ``user``, else the client's."""
+        return self.db.server_user(self.user)
+
 
 def is_loopback(address) -> bool:
+    """Whether a client is on this machine: a loopback address, or the unix socket."""
+    if address and address[0] == UNIX_HOST:
+        return True
     try:
         ip = ipaddress.ip_address(address[0])
     except (ValueError, TypeError, IndexError):
@@ -164,6 +175,7 @@ class Logins:
                 raise ConfigError(f"auth_file: {exc}") from None
             log.info("auth file %s: %d users", config.auth_file, len(self.auth_file))
         self.salt_key = _salt_key(config, self.auth_file)
+        self.hba = hba_mod.load(config.auth_hba_file, config.auth_ident_file) if config.auth_hba_file else None
         types = {config.auth_type} | {d.auth_type for d in config.databases.values()}
         if "trust" in types:
             log.warning("auth_type trust: clients from loopback addresses log in without a password")
@@ -190,6 +202,7 @@ class Logins:
         ConfigError (a bad auth file) the old configuration and users stay.
         """
         auth_file = self.auth_file
+        hba = hba_mod.load(config.auth_hba_file, config.auth_ident_file) if config.auth_hba_file else None
         if config.auth_file != self.config.auth_file:
             try:
                 auth_file = AuthFile(config.auth_file) if config.auth_file else None
@@ -203,6 +216,7 @@ class Logins:
         with self._lock:
             self.config = config
             self.auth_file = auth_file
+            self.hba = hba
             self._query_cache = VerifierCache(config.auth_query_cache_seconds, config.auth_query_cache_size)
             self._credentials = {u: c for u, c in self._credentials.items() if auth_file is None or u in auth_file}
 
@@ -373,15 +387,21 @@ class Logins:
     def authenticate(self, channel: ClientChannel, request: LoginRequest) -> None:
         """Check the client's password; return after AuthenticationOk, else raise ClientFatal."""
         auth_type, user = request.db.auth_type, request.user
+        if auth_type in ("hba", "cert"):    # [dropin] the method of auth_hba_file's line (hba_login.py)
+            auth_type = (hba_method(self.hba, channel.sock, request) if auth_type == "hba"
+                         else check_cert(channel.sock, request, None, None))
+            if auth_type is None:           # trust, peer or cert let the client in
+                self._accept_without_password(channel, user)
+                return
         if auth_type == "trust":
             if not is_loopback(request.address):
                 raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION,
                                   f'auth_type trust refuses user "{user}" from {request.address[0]}: '
                                   f"only loopback clients may log in without a password")
-            channel.send(pq.AUTHENTICATION_OK)
-            creds = credentials_from_secret(self._file_secret(user))
-            if creds is not NO_CREDENTIALS:
-                self._remember(user, creds)
+            self._accept_without_password(channel, user)
+            return
+        if auth_type == "password":         # [dropin] PgBouncer's plain: the password in clear text
+            self._password(channel, request, self._file_secret(user))
             return
         # Which exchange: what the stored secret allows; where it allows both
         # (a plain password) or there is none (an unknown user), what most
@@ -423,6 +443,13 @@ class Logins:
                 md5 += n
         iterations = max(scram, key=lambda i: (scram[i], i)) if scram else DEFAULT_ITERATIONS
         return ("md5" if md5 > sum(scram.values()) else "scram"), iterations
+
+    def _accept_without_password(self, channel: ClientChannel, user: str) -> None:
+        """AuthenticationOk with no password asked; the server login uses the auth file's secret, if any."""
+        channel.send(pq.AUTHENTICATION_OK)
+        creds = credentials_from_secret(self._file_secret(user))
+        if creds is not NO_CREDENTIALS:
+            self._remember(user, creds)
 
     def _file_secret(self, user: str) -> Secret | None:
         return self.auth_file.lookup(user) if self.auth_file is not None else None
@@ -474,6 +501,21 @@ class Logins:
         self._remember(request.user, credentials_from_secret(secret))
         channel.send(pq.AUTHENTICATION_OK)
 
+    def _password(self, channel: ClientChannel, request: LoginRequest, secret: Secret | None) -> None:
+        """Clear-text password: checked against any kind of stored secret; then the proxy logs in with it."""
+        channel.send(pq.authentication(pq.AUTH_CLEARTEXT_PASSWORD))
+        body = bytes(channel.read_password_message("password"))
+        answered = time.monotonic()
+        password = body[:-1] if body.endswith(b"\0") else body
+        try:
+            text = password.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if secret is None or text is None or not check_password(secret, request.user, text):
+            self._reject(request, "user is unknown or the password is wrong", answered)
+        self._remember(request.user, ServerCredentials(password=text))
+        channel.send(pq.AUTHENTICATION_OK)
+
     def _reject(self, request: LoginRequest, reason: str, since: float):
         """Answer a failed password check, always the same way and after the same delay."""
         self._log_refusal("failed password checks", logging.INFO,
@@ -491,6 +533,12 @@ class Logins:
     def credentials_for(self, user: str) -> ServerCredentials:
         with self._lock:
             return self._credentials.get(user, NO_CREDENTIALS)
+
+    def forced_credentials(self, db: DatabaseConfig) -> ServerCredentials:
+        """How to log in as an entry's forced user: its ``password``, else the auth file's plain or md5 secret."""
+        if db.password is not None:
+            return ServerCredentials(password=db.password)
+        return credentials_from_secret(self._file_secret(db.user))
 
     def replication_login(self, channel: ClientChannel, request: LoginRequest, startup: dict) -> ServerConnection:
         """A replication connection for a client the proxy authenticated: no ``pool_size`` slot.
@@ -515,9 +563,13 @@ class Logins:
         connection that holds none (a replication connection); a failure only
         closes what was opened, and the server's refusal is passed on as it is.
         """
-        user, db = request.user, request.db
+        db = request.db
+        user = request.server_user
         node = node or db.nodes[0]
-        if db.auth_type == "trust":
+        # [dropin] A forced user (PgBouncer's user=) logs in with the entry's password or its auth file secret.
+        if db.user:
+            creds = self.forced_credentials(db)
+        elif db.auth_type == "trust":
             # Nobody checked this client: only the proxy's own secret for the user (the
             # auth file's) may log it in, never what another client proved elsewhere.
             creds = credentials_from_secret(self._file_secret(user))
@@ -559,10 +611,13 @@ class Logins:
         conn = None
         node = node or db.nodes[0]
         try:
-            conn = ServerConnection.dial(node.host, node.port, self.config.server_connect_timeout, self.server_tls)
+            conn = ServerConnection.dial(node.host, node.port, self.config.server_connect_timeout, self.server_tls,
+                                         keepalive=self.config)
             if on_dial is not None:
                 on_dial(conn)
             conn.complete_login(pq.startup_message(startup), answer_auth, deadline, on_notice, ready_timeout)
+            if db.connect_query:
+                _connect_query(conn, db, self.config.server_connect_timeout)
         except BaseException as exc:
             release(conn, f"the login failed: {exc}")
             raise
@@ -575,7 +630,8 @@ class Logins:
         user, no password, or the lookup failed (all fail alike; the log says which)."""
         db, user = request.db, request.user
         dbname = auth_database(self.config, db)
-        cache_key = (db.node, dbname, user)
+        # An entry's own auth_user and auth_query ([dropin]) may read other verifiers: part of the key.
+        cache_key = (db.node, dbname, user, db.auth_user, db.auth_query)
         cached = self._query_cache.get(cache_key)
         if cached is not MISS:
             return cached
@@ -597,7 +653,8 @@ class Logins:
         saying why for the log (never for the client: it names servers and roles).
         """
         config, pool = self.config, self.pool
-        auth_user = config.auth_user
+        auth_user = db.auth_user or config.auth_user       # [dropin] an entry's own auth_user and auth_query
+        auth_query = db.auth_query or config.auth_query
         node = db.nodes[0]
         if self.router is not None and db.multi:
             up = self.router.candidates(db)          # several servers: one that is up (any holds pg_shadow)
@@ -619,10 +676,10 @@ class Logins:
             if conn is None:
                 params = {"user": auth_user, "database": dbname, "options": AUTH_QUERY_OPTIONS,
                           "application_name": "threadpool_proxy auth_query"}
-                conn = self._open(db, params, _answer_from(self._auth_user_credentials().login(auth_user),
+                conn = self._open(db, params, _answer_from(self._auth_user_credentials(auth_user).login(auth_user),
                                                            auth_user), time.monotonic() + timeout,
                                   lambda conn, reason: pool.give_back(key, conn, reason), node=node)
-            conn.send(pq.extended_query(config.auth_query, [user]))
+            conn.send(pq.extended_query(auth_query, [user]))
             status = conn.read_until_ready(timeout, on_message=on_message)
         except BaseException as exc:
             if conn is not None:          # (a failed login gave its slot back already)
@@ -683,11 +740,12 @@ class Logins:
             raise
         return conn
 
-    def _auth_user_credentials(self) -> ServerCredentials:
+    def _auth_user_credentials(self, auth_user: str | None = None) -> ServerCredentials:
         config = self.config
-        if config.auth_password is not None:
+        auth_user = auth_user or config.auth_user
+        if config.auth_password is not None and auth_user == config.auth_user:
             return ServerCredentials(password=config.auth_password)
-        return credentials_from_secret(self._file_secret(config.auth_user))
+        return credentials_from_secret(self._file_secret(auth_user))
 
 
 class _LookupFailed(Exception):
@@ -715,6 +773,21 @@ def _salt_key(config: Config, auth_file: AuthFile | None) -> bytes | None:
         return hmac.new(b"threadpool_proxy salt key", config.auth_password.encode("utf-8"),
                         hashlib.sha256).digest()
     return None
+
+
+def _connect_query(conn: ServerConnection, db: DatabaseConfig, timeout: float) -> None:
+    """An entry's ``connect_query`` on a new server connection: its errors are logged, as PgBouncer does;
+    a query that leaves the connection outside idle state (a BEGIN) or ends it fails the login."""
+    try:
+        status = conn.run_simple(db.connect_query, timeout)
+    except ServerError as exc:
+        if pq.ends_connection(exc.fields):
+            raise
+        log.warning("database %s: connect_query failed on server connection %d: %s", db.name, conn.pid,
+                    exc.fields.get("M", exc))
+        return
+    if status != pq.IDLE:
+        raise ServerGone(f"connect_query of database {db.name} left the server connection in a transaction")
 
 
 def _answer_from(login: ServerLogin | None, user: str):

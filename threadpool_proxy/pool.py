@@ -185,10 +185,10 @@ class Limits:
     @classmethod
     def of(cls, config, db) -> "Optional[Limits]":
         """The limits of entry ``db`` under ``config``, or None when none is set (the checkout costs nothing more)."""
-        if not (db.max_db_connections or config.max_user_connections or db.reserve_pool_size):
+        user_cap = getattr(db, "max_user_connections", 0) or config.max_user_connections   # a ``users`` override
+        if not (db.max_db_connections or user_cap or db.reserve_pool_size):
             return None
-        return cls(db.max_db_connections, config.max_user_connections, db.reserve_pool_size,
-                   config.reserve_pool_timeout)
+        return cls(db.max_db_connections, user_cap, db.reserve_pool_size, config.reserve_pool_timeout)
 
 
 class _NodeDown:

@@ -17,6 +17,9 @@ import struct
 
 from .errors import ProtocolError
 
+#: The databases a startup packet names to reach the admin console: ours, and the one PgBouncer's tools ask for.
+CONSOLE_DATABASES = ("threadpool_proxy", "pgbouncer")
+
 # -- startup packet codes (Int32 length, Int32 code, ...) -----------------------
 PROTOCOL_3_0 = 196608          # (3 << 16) | 0
 CANCEL_REQUEST_CODE = 80877102

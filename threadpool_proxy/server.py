@@ -23,6 +23,7 @@ import hmac
 import logging
 import os
 import secrets
+import selectors
 import socket
 import socketserver
 import threading
@@ -32,6 +33,9 @@ import weakref
 from . import config as config_mod
 from . import protocol as pq
 from . import stats as stats_mod
+from .backend import connect_socket
+from .errors import ClientFatal
+from . import listeners as listeners_mod
 from . import tls
 from .console_control import ConsoleControl
 from .login import Logins
@@ -173,7 +177,13 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 class ProxyServer(socketserver.ThreadingTCPServer):
-    """One thread per client; the shared pool, logins and cancel keys."""
+    """One thread per client; the shared pool, logins and cancel keys.
+
+    It accepts on every socket of ``listen`` (listeners.py: TCP addresses and
+    the unix socket) in one accept loop (``serve_forever``, a poll over them
+    all); ``socket`` is the first of them, ``server_address`` the first TCP
+    address (or the unix socket's directory and the port).
+    """
 
     daemon_threads = True
     allow_reuse_address = True
@@ -219,7 +229,19 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.client_tls, server_tls = tls.contexts(config)
         self.router = Router(self.pool)
         self.logins = Logins(config, self.pool, server_tls, self.router, junk_log=self.junk_log)
-        super().__init__((config.listen_host, config.listen_port), _Handler)
+        super().__init__(None, _Handler, bind_and_activate=False)
+        self.socket.close()               # the listeners below replace the one socket TCPServer makes
+        self._shutdown_request = False
+        self._serve_done = threading.Event()
+        self._serve_done.set()
+        # With worker processes the first one alone serves the unix socket (a path has one owner).
+        self.listeners = listeners_mod.open_listeners(config, reuseport=worker is not None,
+                                                      unix=worker is None or worker.index == 0)
+        self.socket = self.listeners.all[0]
+        if self.listeners.tcp:
+            self.server_address = self.listeners.tcp[0].getsockname()[:2]
+        else:
+            self.server_address = (config.unix_socket_dir, self.listeners.port)
         if worker is None or worker.index == 0:
             _log_console_auth(config)
         self._take_spare_fd()
@@ -231,7 +253,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     # -- hooks used by sessions ---------------------------------------------------
 
     def key_for(self, db, user: str, database: str) -> str:
-        return pool_key(db.node, user, db.server_dbname(database), trust=db.auth_type == "trust")
+        """The pool key of a client: the entry's first server, the server-side user (a forced one) and database."""
+        return pool_key(db.node, db.server_user(user), db.server_dbname(database),
+                        trust=db.auth_type == "trust")
 
     def forward_cancel(self, pid: int, secret: bytes) -> None:
         """A client's CancelRequest: cancel here, or hand it to the worker that gave out the key."""
@@ -281,7 +305,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         host, port, server_pid, server_secret = target
         timeout = self.config.server_connect_timeout
         try:
-            with socket.create_connection((host, port), timeout=timeout) as s:
+            with connect_socket(host, port, timeout) as s:
                 s.sendall(pq.cancel_request(server_pid, server_secret))
                 return s.recv(1) == b""     # the server closes it when done
         except OSError as exc:
@@ -320,12 +344,6 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         return self.console_control.peer_query(request)
 
     # -- socketserver overrides ---------------------------------------------------
-
-    def server_bind(self) -> None:
-        """Workers share the port: each binds its own listening socket with SO_REUSEPORT."""
-        if self.worker is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
     def verify_request(self, request, client_address) -> bool:
         """Admit the connection, or have it refused; thread and descriptors are bounded from here.
@@ -372,7 +390,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     # -- out of file descriptors at accept ---------------------------------------
 
     def server_close(self) -> None:
-        super().server_close()
+        self.listeners.close()
         if self._spare_fd >= 0:
             os.close(self._spare_fd)
             self._spare_fd = -1
@@ -384,15 +402,22 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             except OSError:
                 self._spare_fd = -1
 
-    def get_request(self):
-        """accept(); out of descriptors, give up the spare one to refuse the client, never spin."""
+    def get_request(self, listener=None):
+        """accept() on ``listener``; out of descriptors, give up the spare one to refuse the client, never spin.
+
+        A unix socket client is named ("unix", port); a TCP one gets TCP_NODELAY and the keepalive settings.
+        """
+        listener = listener or self.socket
         try:
-            request = super().get_request()
+            request, address = listener.accept()
         except OSError as exc:
             if exc.errno not in _OUT_OF_FDS:
                 raise
-            self._out_of_fds(exc)
+            self._out_of_fds(exc, listener)
             raise
+        if listener.family == socket.AF_UNIX:
+            address = (listeners_mod.UNIX_HOST, self.listeners.port)
+        request = (request, address)
         if self._fd_refusals:
             log.warning("accepting clients again; %d were refused for want of file descriptors",
                         self._fd_refusals)
@@ -400,7 +425,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._take_spare_fd()
         return request
 
-    def _out_of_fds(self, exc: OSError) -> None:
+    def _out_of_fds(self, exc: OSError, listener) -> None:
         if not self._fd_refusals:
             log.warning("out of file descriptors at accept (%s): clients are refused with 53300 until some "
                         "leave; raise the open files limit (ulimit -n) or lower max_client_conn",
@@ -411,7 +436,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             os.close(self._spare_fd)
             self._spare_fd = -1
             try:
-                sock, _ = self.socket.accept()
+                sock, _ = listener.accept()
             except OSError:
                 sock = None
         if sock is not None:
@@ -432,6 +457,28 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 self._sessions.discard(session)
                 if not self._sessions:
                     self._sessions_empty.notify_all()
+
+    def admit_login(self, session: ClientSession, database: str, user: str, db) -> None:
+        """max_db_client_connections and max_user_client_connections: one more client of ``database``
+        (its entry ``db``) and ``user``, or ClientFatal 53300 naming the limit.
+
+        Counted and marked under one lock, so two clients logging in at once
+        cannot both take the last place; the mark (``session.admitted_as``) goes
+        with the session when it leaves ``track``.
+        """
+        db_limit, user_limit = db.max_db_client_connections, self.config.user_client_limit(user)
+        if not (db_limit or user_limit):
+            return
+        with self._sessions_lock:
+            marks = [s.admitted_as for s in self._sessions if s is not session and s.admitted_as is not None]
+            if db_limit and sum(1 for d, _ in marks if d == database) >= db_limit:
+                limit = f"max_db_client_connections {db_limit} of database \"{database}\""
+            elif user_limit and sum(1 for _, u in marks if u == user) >= user_limit:
+                limit = f"max_user_client_connections {user_limit} of user \"{user}\""
+            else:
+                session.admitted_as = (database, user)
+                return
+        raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS, f"no more connections allowed ({limit})")
 
     def session_count(self) -> int:
         with self._sessions_lock:
@@ -467,12 +514,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         ConfigError (a bad auth file or TLS file) with nothing changed.
         """
         old = self.config
-        if (new.listen_host, new.listen_port, new.metrics_listen, new.workers) != (
-                old.listen_host, old.listen_port, old.metrics_listen, old.workers):
-            log.warning("RELOAD: listen.host, listen.port, metrics_listen and workers take effect at the next "
+        if any(getattr(new, name) != getattr(old, name) for name in config_mod.RESTART_ONLY):
+            log.warning("RELOAD: listen.*, metrics_listen, workers, logfile and pidfile take effect at the next "
                         "start; still listening on %s:%d", *self.server_address[:2])
-            new = dataclasses.replace(new, listen_host=old.listen_host, listen_port=old.listen_port,
-                                      metrics_listen=old.metrics_listen, workers=old.workers)
+            new = dataclasses.replace(new, **{name: getattr(old, name) for name in config_mod.RESTART_ONLY})
         client_tls, server_tls = tls.contexts(new)     # TLS files are read again: rotated certificates
         self.logins.reconfigure(new)
         self.client_tls, self.logins.server_tls = client_tls, server_tls
@@ -491,7 +536,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             checkout, request = session.checkout, session.request
             if checkout is None or request is None:
                 continue
-            entry = new.lookup_database(request.database)
+            entry = new.lookup_database(request.database, request.user)
             if (entry is None or node_names(entry) != node_names(checkout.db)
                     or entry.server_dbname(request.database) != checkout.dbname):
                 kept[request.database] += 1
@@ -525,7 +570,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         config = self.config
         todo = []
         for key, request in list(self.warm_pools.items()):
-            entry = config.lookup_database(request.database)
+            entry = config.lookup_database(request.database, request.user)
             if entry is None or entry.auth_type == "passthrough" or entry.multi or not entry.min_pool_size:
                 continue
             if self.key_for(entry, request.user, request.database) != key:
@@ -549,7 +594,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             while not self._stopping and self.pool.take_slot(key, want, limits):
                 dbname = request.db.server_dbname(request.database)
                 try:
-                    conn = self.logins.proxy_login(request, {"user": request.user, "database": dbname})
+                    conn = self.logins.proxy_login(request, {"user": request.server_user, "database": dbname})
                 except Exception as exc:             # the slot was given back; try again next round
                     log.info("min_pool_size: could not open a server connection for %s/%s: %s",
                              request.user, dbname, exc)
@@ -604,11 +649,49 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.server_close()
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept on every listener until ``shutdown()`` (socketserver's loop, over several sockets)."""
         with self._sessions_lock:
             if not self._accepting:
                 return
             self._serving = True
-        super().serve_forever(poll_interval)
+            self._serve_done.clear()
+        try:
+            with selectors.PollSelector() as selector:
+                for sock in self.listeners.all:
+                    selector.register(sock, selectors.EVENT_READ)
+                while not self._shutdown_request:
+                    ready = selector.select(poll_interval)
+                    if self._shutdown_request:
+                        break
+                    for key, _ in ready:
+                        self._accept_from(key.fileobj)
+                    self.service_actions()
+        finally:
+            self._shutdown_request = False
+            self._serve_done.set()
+
+    def shutdown(self) -> None:
+        """Stop the accept loop and wait for it (call from another thread)."""
+        self._shutdown_request = True
+        self._serve_done.wait()
+
+    def _accept_from(self, listener) -> None:
+        """One client of ``listener``: socketserver's _handle_request_noblock for a given socket."""
+        try:
+            request, client_address = self.get_request(listener)
+        except OSError:
+            return
+        if self.verify_request(request, client_address):
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+            except BaseException:
+                self.shutdown_request(request)
+                raise
+        else:
+            self.shutdown_request(request)
 
     def _drain(self, timeout: float) -> None:
         """Let running transactions finish: every client leaves at its next release point."""

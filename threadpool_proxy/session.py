@@ -22,6 +22,7 @@ from .channel import CLOSE_LINGER, ClientChannel, close_client
 from .checkout import ClientSettings, ServerCheckout
 from .config import CONSOLE_DATABASES
 from .errors import ClientFatal, ClientGone, PoolClosed, ProtocolError, ProxyError, ServerError
+from .listeners import UNIX_HOST, tune_client
 from .login import LoginRequest
 from .relay import Relay
 from . import replication as repl
@@ -92,14 +93,12 @@ class ClientSession:
         self.killed = False                # KILL on the admin console ended it
         self.replication = ""              # "physical" or "logical" for a replication connection
         self.authenticated = False         # the proxy or the server accepted the client's login
+        self.admitted_as = None            # (database, user) counted by max_*_client_connections
 
     # -- life cycle -------------------------------------------------------------
 
     def run(self) -> None:
-        try:
-            self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+        tune_client(self.client, self.config)      # TCP_NODELAY and keepalive (TCP clients only)
         try:
             if self.read_startup():
                 if self.console is not None:
@@ -214,7 +213,8 @@ class ClientSession:
     def read_startup(self) -> bool:
         """Read the startup packet; False if the connection was a CancelRequest."""
         channel = self.channel
-        client_tls = self.server.client_tls
+        # No TLS over the unix socket (as PostgreSQL): SSLRequest is answered N, and plain text is enough.
+        client_tls = self.server.client_tls if self.address[0] != UNIX_HOST else None
         if client_tls is not None and channel.peek_first_byte() == tls.TLS_HANDSHAKE_BYTE:
             self._start_tls(client_tls, direct=True)           # PostgreSQL 17's direct TLS: no SSLRequest
         while True:
@@ -313,7 +313,7 @@ class ClientSession:
             self.console = ConsoleClient(self.server, user, database, self.address, settings)
             self.request = self.console.request
             return
-        db = self.config.lookup_database(database)
+        db = self.config.lookup_database(database, user)
         if db is None:
             raise ClientFatal(pq.SQLSTATE_INVALID_CATALOG_NAME, f'database "{database}" does not exist',
                               hint="threadpool_proxy has no entry for it in 'databases' and no '*' entry.")
@@ -324,6 +324,12 @@ class ClientSession:
                               hint=f"An admin lifts it with ENABLE {database}.")
         if replication:
             repl.check_entry(database, db)
+        for name, value in db.settings:
+            # The entry's settings (PgBouncer's client_encoding=, timezone=...) are this client's unless it
+            # gave its own: kept like the client's own on every server connection it gets.
+            if name.lower() not in self.settings.values:
+                self.settings.set(name, value)
+        self.server.admit_login(self, database, user, db)
         self.request = LoginRequest(user=user, database=database, db=db,
                                     key=self.server.key_for(db, user, database), address=self.address,
                                     replication=replication)
@@ -338,8 +344,8 @@ class ClientSession:
         db = request.db
         passthrough = db.auth_type == "passthrough"
         client = self.client
-        args = (self.server.pool, self.config, db, request.key, request.user, db.server_dbname(request.database),
-                self.settings)
+        args = (self.server.pool, self.config, db, request.key, request.server_user,
+                db.server_dbname(request.database), self.settings)
         kwargs = dict(client_alive=lambda: client_connected(client), stats=self.stats,
                       backends=self.server.backends)
         if request.replication:

@@ -247,8 +247,13 @@ class ClientView:
 
 
 def _local(sock) -> tuple:
+    """The local end of a socket: (address, port); ("unix", port) on a unix socket, as PgBouncer shows it."""
     try:
         name = sock.getsockname()
+        if isinstance(name, (str, bytes)):
+            text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+            suffix = text.rpartition(".s.PGSQL.")[2]
+            return "unix", int(suffix) if suffix.isdigit() else None
         return name[0], name[1]
     except (OSError, IndexError, TypeError):
         return None, None

@@ -208,11 +208,18 @@ class Supervisor:
             shutil.rmtree(self.rundir, ignore_errors=True)
 
     def _reserve_port(self) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.config.listen_host else socket.AF_INET)
+        from .listeners import tcp_addresses
+        addresses = tcp_addresses(self.config.listen_host, self.config.listen_port)
+        if not addresses:           # the unix socket only: its port is the configured one
+            return
+        family, address = addresses[0]
+        sock = socket.socket(family)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((self.config.listen_host, self.config.listen_port))
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, self.config.listen_port))
         except OSError:
             sock.close()
             raise
