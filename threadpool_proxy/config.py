@@ -31,6 +31,9 @@ LOAD_BALANCE = ("round-robin", "least-connections", "random", "disable")
 #: libpq's target_session_attrs values: which servers a database entry may use.
 TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
 NODE_ROLES = ("primary", "replica")
+#: The least ``max_tracked_message_size``: a long server error is judged by its first
+#: 1024 bytes (protocol.ERROR_HEAD_SIZE), which must fit.
+MIN_TRACKED_MESSAGE_SIZE = 4096
 
 
 class ConfigError(ValueError):
@@ -127,6 +130,8 @@ class Config:
     shutdown_timeout: float = 30.0          # SIGTERM: how long running transactions may take to finish
     reset_query: str = DEFAULT_RESET_QUERY
     max_prepared_statements: int = 200
+    #: the longest message the proxy holds in memory to look into (protocol.MAX_HELD_MESSAGE)
+    max_tracked_message_size: int = 1 << 20
     auth_type: str = "passthrough"
     auth_file: str | None = None
     auth_user: str | None = None
@@ -246,6 +251,8 @@ _TOP_LEVEL = {
     "shutdown_timeout": (_SECONDS_OR_OFF[0], "a number of seconds >= 0 (0: SIGTERM stops at once, as SIGINT)"),
     "reset_query": (_str, "a string (empty for no reset)"),
     "max_prepared_statements": (_non_negative_int, "an integer >= 0 (0: no tracking)"),
+    "max_tracked_message_size": (lambda v: _positive_int(v) and v >= MIN_TRACKED_MESSAGE_SIZE,
+                                 f"a number of bytes >= {MIN_TRACKED_MESSAGE_SIZE}"),
     "auth_type": (_choice(AUTH_TYPES), "one of " + ", ".join(AUTH_TYPES)),
     "auth_file": (_nonempty_str, "a file path"),
     "auth_user": (_nonempty_str, "a user name"),

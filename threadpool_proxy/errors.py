@@ -85,3 +85,8 @@ class QueryCanceled(ProxyError):
     def __init__(self, raw: bytes = b"") -> None:
         super().__init__("canceling statement due to user request")
         self.raw = raw
+
+
+class MessageTooLarge(ClientFatal):
+    """A client message the proxy must hold whole (or up to its names) to look into is
+    longer than ``max_tracked_message_size``: the client is ended with 54000."""
