@@ -520,7 +520,7 @@ class Relay:
 
         The server connection is shut down, which wakes this client's thread
         (``_server_lost`` tells the client why and closes it), and its
-        (host, port, pid, secret) returned for a CancelRequest that stops the
+        (host, port, pid, secret, tls) returned for a CancelRequest that stops the
         query on the server; None if that query is no longer running.
         """
         with self.backend_lock:
@@ -532,13 +532,14 @@ class Relay:
                 tls.shutdown(conn.sock, socket.SHUT_RDWR)
             except OSError:
                 pass
-            return conn.host, conn.port, conn.pid, conn.secret
+            return conn.host, conn.port, conn.pid, conn.secret, conn.tls
 
-    def cancel_target(self) -> tuple[str, int, int, bytes] | None:
-        """(host, port, pid, secret) of the server connection held now, for a CancelRequest."""
+    def cancel_target(self) -> tuple[str, int, int, bytes, bool] | None:
+        """(host, port, pid, secret, whether it talks TLS) of the server connection held now,
+        for a CancelRequest."""
         with self.backend_lock:
             conn = self.backend
-            return None if conn is None else (conn.host, conn.port, conn.pid, conn.secret)
+            return None if conn is None else (conn.host, conn.port, conn.pid, conn.secret, conn.tls)
 
     def leave(self, clean: bool) -> None:
         """The client is leaving: park the server connection only if it is idle and in sync."""

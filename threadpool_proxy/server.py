@@ -32,6 +32,7 @@ from . import config as config_mod
 from . import protocol as pq
 from . import stats as stats_mod
 from .admin import ALL, CommandError
+from .errors import ProxyError
 from . import tls
 from .health import HealthChecker
 from .login import Logins
@@ -308,15 +309,32 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.send_cancel(target)
 
     def send_cancel(self, target) -> None:
-        """A CancelRequest to the server connection ``target`` = (host, port, pid, secret)."""
-        host, port, server_pid, server_secret = target
+        """A CancelRequest to the server connection ``target`` = (host, port, pid, secret, tls).
+
+        Over TLS (an SSLRequest first, the certificate checked as for a login)
+        when that connection talks TLS, so the key is not sent in clear text
+        where the session is encrypted: PostgreSQL takes a CancelRequest after
+        an SSLRequest (15 does, checked; 17 documents it).  A server that has since stopped
+        offering TLS ('N') gets it in plain text when server_tls_sslmode allows.
+        """
+        host, port, server_pid, server_secret, over_tls = target
         timeout = self.config.server_connect_timeout
+        server_tls = self.logins.server_tls
         try:
-            with socket.create_connection((host, port), timeout=timeout) as s:
-                s.sendall(pq.cancel_request(server_pid, server_secret))
-                s.recv(1)     # the server closes it when done
+            s = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             log.warning("could not forward a cancel request to %s:%d: %s", host, port, exc)
+            return
+        try:
+            if over_tls and server_tls is not None:
+                s = server_tls.negotiate(s, host, port)
+                s.settimeout(timeout)
+            s.sendall(pq.cancel_request(server_pid, server_secret))
+            s.recv(1)     # the server closes it when done
+        except (OSError, ProxyError) as exc:
+            log.warning("could not forward a cancel request to %s:%d: %s", host, port, exc)
+        finally:
+            s.close()
 
     def enforce_query_timeout(self) -> int:
         """query_timeout (the janitor, each round): end queries that run longer, as PgBouncer does.

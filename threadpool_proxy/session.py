@@ -216,8 +216,8 @@ class ClientSession:
             return self.request.who
         return f"{self.address[0]}:{self.address[1]}"
 
-    def cancel_target(self) -> tuple[str, int, int, bytes] | None:
-        """Where this client's CancelRequest goes now: (host, port, pid, secret), or None."""
+    def cancel_target(self) -> tuple[str, int, int, bytes, bool] | None:
+        """Where this client's CancelRequest goes now: (host, port, pid, secret, tls), or None."""
         relay = self.relay
         return None if relay is None else relay.cancel_target()
 
