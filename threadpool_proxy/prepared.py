@@ -855,10 +855,10 @@ class PreparedRelay:
 
     def _too_large(self, t: int, size) -> MessageTooLarge:
         what = {_PARSE: "Parse", _BIND: "Bind", _DESCRIBE: "Describe", _CLOSE: "Close"}[t]
-        held = "its statement and portal names are" if t == _BIND else "it is"
+        held = f"its portal and statement names take {size} bytes or more" if t == _BIND else f"it is {size} bytes"
         return MessageTooLarge(
             pq.SQLSTATE_PROGRAM_LIMIT_EXCEEDED,
-            f"{what} message too long for threadpool_proxy: {held} {size} bytes or more, "
+            f"{what} message too long for threadpool_proxy: {held}, "
             f"more than max_tracked_message_size ({self.max_message} bytes)",
             hint="The proxy holds named Parse, Describe and Close messages, and a Bind's names, in memory "
                  "to rewrite them; shorten the statement, or raise max_tracked_message_size.")
