@@ -387,3 +387,33 @@ def test_a_long_parameter_status_from_a_server_is_a_protocol_violation():
         for chunk in _chunks(status):
             scanner.feed(memoryview(chunk), len(chunk))
             assert scanner.carry_need() <= 2 * CHUNK
+
+
+def test_a_clients_statements_keep_at_most_16_times_the_limit_of_text(pg, proxy_factory):
+    """max_tracked_message_size 4096: a client's named statements hold at most 64 KiB of
+    Parse messages; the next Parse gets 53400 and the client stays; a Close makes room."""
+    proxy = proxy_factory(max_tracked_message_size=4096)
+    sock = trust_session(proxy)
+    try:
+        def parse(i: int) -> list:
+            text = f"SELECT {i} -- ".encode() + b"x" * 3900
+            sock.sendall(pq.message(pq.PARSE, f"s{i}".encode() + b"\0" + text + b"\0\0\0") + pq.SYNC_MESSAGE)
+            return read_until_ready(sock)
+
+        kept = 0
+        while True:
+            replies = parse(kept)
+            if replies[0][0] != "1":
+                break
+            kept += 1
+            assert kept < 40, "no limit"
+        assert kept == 65536 // (5 + 37 + len(b"SELECT 15 -- ") + 3900 + 3), kept      # 16
+        error = parse_error_fields(replies[0][1])
+        assert (error["S"], error["C"]) == ("ERROR", "53400"), error
+        assert "more than 65536 bytes of statement text" in error["M"], error
+        assert replies[-1] == ("Z", b"I")
+        sock.sendall(pq.message(pq.CLOSE, b"Ss0\0") + pq.SYNC_MESSAGE)
+        assert [kind for kind, _ in read_until_ready(sock)] == ["3", "Z"]
+        assert parse(kept)[0][0] == "1"
+    finally:
+        sock.close()

@@ -887,14 +887,14 @@ class PreparedRelay:
             return self._refuse(_error(
                 pq.SQLSTATE_CONFIGURATION_LIMIT_EXCEEDED, f"too many prepared statements on this connection (at most {statements.limit})",
                 hint="Close or DEALLOCATE statements no longer needed, or raise the proxy's limit."))
-        if not statements.fits(len(tail) + len(name) + 6):
+        statement = statement_for(tail)
+        if not statements.fits(len(statement.parse_message)):
             return self._refuse(_error(
                 pq.SQLSTATE_CONFIGURATION_LIMIT_EXCEEDED,
                 f"prepared statements on this connection would hold more than {statements.max_bytes} bytes "
                 f"of statement text",
                 hint="Close or DEALLOCATE statements no longer needed, or raise the proxy's "
                      "max_tracked_message_size (the limit is 16 times it)."))
-        statement = statement_for(tail)
         statements.add(name, statement)
         forget = partial(_forget_parse, statements, name, statement)
         if self._server.use(statement.server_name) is not None:
