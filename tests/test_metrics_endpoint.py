@@ -92,7 +92,9 @@ def test_connections_beyond_the_cap_get_503_at_once_and_no_thread(pg, proxy_fact
     """metrics_max_connections slow clients hold every place: more get 503 at once and
     are closed (no thread each), and a scrape works again once the slow ones are cut off;
     with one place free a scrape works at once."""
-    proxy = proxy_factory(metrics_listen="127.0.0.1:0", metrics_timeout=3)
+    # (long enough that no slow one is cut off before the connections beyond the cap are made,
+    # however loaded the machine)
+    proxy = proxy_factory(metrics_listen="127.0.0.1:0", metrics_timeout=10)
     threads = threading.active_count()
     slow = [_connect(proxy) for _ in range(DEFAULT_MAX_CONNECTIONS - 1)]
     try:
@@ -113,7 +115,7 @@ def test_connections_beyond_the_cap_get_503_at_once_and_no_thread(pg, proxy_fact
             _scrape(proxy)
         assert getattr(refused.value, "code", 503) == 503
         # the slow ones are cut off at metrics_timeout: scrapes work again
-        assert wait_until(lambda: proxy.metrics.http.active == 0, timeout=10)
+        assert wait_until(lambda: proxy.metrics.http.active == 0, timeout=20)
         assert "threadpool_proxy_clients" in _scrape(proxy)
     finally:
         for sock in slow:
