@@ -280,7 +280,7 @@ def test_config_requires_the_files_each_mode_needs(certs):
         _config(client_tls_sslmode="on")
     with pytest.raises(ConfigError, match="^server_tls_key_file: required with server_tls_cert_file$"):
         _config(server_tls_sslmode="require", server_tls_cert_file=certs.cert_file)
-    _config(server_tls_sslmode="verify-full")      # the system's CAs
+    _config(server_tls_sslmode="verify-full", server_tls_ca_file="system")      # the system's CAs
 
 
 def test_unusable_files_are_named_at_start(certs, tmp_path):

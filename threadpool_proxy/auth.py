@@ -365,6 +365,36 @@ def md5_server_check(secret: Secret, username: str, salt: bytes, response: bytes
 
 # --- proxy as client of PostgreSQL (proxy -> server) ---------------------------
 
+#: What each server request is called in ``ServerAuthRule`` (libpq's require_auth names).
+_METHOD_OF_REQUEST = {pq.AUTH_OK: "none", pq.AUTH_CLEARTEXT_PASSWORD: "password",
+                      pq.AUTH_MD5_PASSWORD: "md5", pq.AUTH_SASL: "scram-sha-256"}
+_METHOD_WORDS = {"none": "accepted the login without asking for any authentication",
+                 "password": "asked for a cleartext password", "md5": "asked for an md5 password",
+                 "scram-sha-256": "asked for SCRAM-SHA-256"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerAuthRule:
+    """Which ways of logging in the proxy accepts from a server (libpq's ``require_auth``).
+
+    ``allowed`` holds "password" (cleartext), "md5", "scram-sha-256" and
+    "none" (AuthenticationOk with no exchange before it); ``source`` names
+    the rule in errors (the setting, or which default).  A request for
+    another method is refused before anything is sent.
+    """
+
+    allowed: frozenset
+    source: str
+
+    def check(self, auth_code: int) -> None:
+        """AuthFailed (28000) unless the method the server asks for (``auth_code``) is allowed."""
+        method = _METHOD_OF_REQUEST.get(auth_code)
+        if method is not None and method not in self.allowed:
+            raise AuthFailed(f"the server {_METHOD_WORDS[method]}, which {self.source} does not accept "
+                             f"(it accepts {', '.join(sorted(self.allowed)) or 'nothing'}); nothing was sent",
+                             pq.SQLSTATE_INVALID_AUTHORIZATION)
+
+
 class _LoginStage(enum.IntEnum):
     START = 1           # waiting for the server's first Authentication request
     SASL_CONTINUE = 2   # client-first sent, waiting for SASLContinue
@@ -392,7 +422,8 @@ class ServerLogin:
 
     def __init__(self, username: str, password: str | None = None,
                  client_key: bytes | None = None, scram_secret: Secret | None = None,
-                 *, md5_hash: str | None = None):
+                 *, md5_hash: str | None = None, rule: ServerAuthRule | None = None,
+                 max_iterations: int | None = None):
         if client_key is not None:
             if scram_secret is None or scram_secret.kind != "scram":
                 raise ValueError("client_key needs the scram_secret it belongs to "
@@ -411,6 +442,8 @@ class ServerLogin:
         self._stage = _LoginStage.START
         self._client_nonce = _b64e(secrets.token_bytes(_NONCE_BYTES))
         self.method: str | None = None    # "trust", "password", "md5", "scram-sha-256"
+        self._rule = rule                 # the methods accepted from the server; None: any
+        self._max_iterations = max_iterations   # most PBKDF2 rounds computed for a server; None: any
 
     @property
     def done(self) -> bool:
@@ -438,6 +471,7 @@ class ServerLogin:
         if stage != _LoginStage.START and auth_code not in (pq.AUTH_SASL_CONTINUE, pq.AUTH_SASL_FINAL):
             raise self._fail(f"server sent authentication request {auth_code} in the middle "
                              "of another authentication", pq.SQLSTATE_PROTOCOL_VIOLATION)
+        self._check_rule(auth_code)
         if auth_code == pq.AUTH_CLEARTEXT_PASSWORD:
             return self._on_cleartext()
         if auth_code == pq.AUTH_MD5_PASSWORD:
@@ -461,9 +495,17 @@ class ServerLogin:
                              "(no server signature): the server is not who it claims to be",
                              pq.SQLSTATE_PROTOCOL_VIOLATION)
         if stage == _LoginStage.START:
+            self._check_rule(pq.AUTH_OK)
             self.method = "trust"
         self._stage = _LoginStage.DONE
         return None
+
+    def _check_rule(self, auth_code: int) -> None:
+        if self._rule is not None:
+            try:
+                self._rule.check(auth_code)
+            except AuthFailed as exc:
+                raise self._fail(str(exc), exc.sqlstate) from None
 
     def _on_cleartext(self) -> tuple[str, bytes]:
         if self._password is None:
@@ -527,6 +569,10 @@ class ServerLogin:
                     "into the auth file")
             client_key, stored_key, server_key = self._client_key, v.stored_key, v.server_key
         else:
+            if self._max_iterations is not None and iterations > self._max_iterations:
+                # PBKDF2 at the server's say-so: 10^9 rounds would take this thread minutes.
+                raise self._fail(f"the server asks for {iterations} SCRAM iterations, more than "
+                                 f"server_scram_max_iterations ({self._max_iterations}); nothing more was sent")
             client_key, stored_key, server_key = scram_keys(self._password, salt, iterations)
         without_proof = f"c=biws,r={nonce}"          # biws = base64("n,,")
         auth_message = ",".join((self._client_first_bare, server_first, without_proof)).encode("utf-8")
@@ -583,14 +629,17 @@ class ServerCredentials:
     client_key: bytes | None = None
     scram_secret: Secret | None = None
 
-    def login(self, user: str) -> ServerLogin | None:
-        """A ServerLogin for these credentials; None when there are none (trusting server)."""
+    def login(self, user: str, rule: ServerAuthRule | None = None,
+              max_iterations: int | None = None) -> ServerLogin | None:
+        """A ServerLogin for these credentials; None when there are none (trusting server).
+        ``rule`` and ``max_iterations``: see ServerLogin."""
+        limits = dict(rule=rule, max_iterations=max_iterations)
         if self.password is not None:
-            return ServerLogin(user, password=self.password)
+            return ServerLogin(user, password=self.password, **limits)
         if self.client_key is not None:
-            return ServerLogin(user, client_key=self.client_key, scram_secret=self.scram_secret)
+            return ServerLogin(user, client_key=self.client_key, scram_secret=self.scram_secret, **limits)
         if self.md5_hash is not None:
-            return ServerLogin(user, md5_hash=self.md5_hash)
+            return ServerLogin(user, md5_hash=self.md5_hash, **limits)
         return None
 
     @property

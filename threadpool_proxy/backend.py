@@ -25,6 +25,11 @@ from .logs import get_logger
 
 log = get_logger(__name__)
 
+#: The longest message read whole off the hot path (login, reset, SET, auth_query,
+#: health checks), whose answers are all short: a server declaring more is not
+#: believed, and never gets a buffer that size.
+MAX_OFF_PATH_MESSAGE = 1 << 20
+
 #: Numbers for server connections (SHOW SERVERS' id).
 _SERIALS = itertools.count(1)
 
@@ -201,6 +206,9 @@ class ServerConnection:
                 length = pq.UINT32.unpack_from(buf, 1)[0]
                 if length < 4:
                     raise ServerGone("server sent an invalid message length")
+                if length - 4 > MAX_OFF_PATH_MESSAGE:
+                    raise ServerGone(f"server sent a message of type {bytes(buf[:1])!r} of {length - 4} bytes, "
+                                     f"more than the {MAX_OFF_PATH_MESSAGE} the proxy reads here")
                 if len(buf) > length:
                     t = bytes(buf[0:1])
                     body = bytes(buf[5:length + 1])

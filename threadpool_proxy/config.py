@@ -41,6 +41,13 @@ LOAD_BALANCE = ("round-robin", "least-connections", "random", "disable")
 #: libpq's target_session_attrs values: which servers a database entry may use.
 TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
 NODE_ROLES = ("primary", "replica")
+#: The methods ``server_require_auth`` names, as libpq's ``require_auth`` (the ones the proxy can do).
+SERVER_AUTH_METHODS = ("password", "md5", "scram-sha-256", "none")
+#: ``server_tls_ca_file: system``: the system's trusted roots (libpq's ``sslrootcert=system``).
+SYSTEM_CA = "system"
+#: The least ``max_tracked_message_size``: a long server error is judged by its first
+#: 1024 bytes (protocol.ERROR_HEAD_SIZE), which must fit.
+MIN_TRACKED_MESSAGE_SIZE = 4096
 
 #: Settings only a restart changes: RELOAD keeps their old values (and says so).
 RESTART_ONLY = ("listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode", "unix_socket_group",
@@ -173,6 +180,8 @@ class Config:
     shutdown_timeout: float = 30.0          # SIGTERM: how long running transactions may take to finish
     reset_query: str = DEFAULT_RESET_QUERY
     max_prepared_statements: int = 200
+    #: the longest message the proxy holds in memory to look into (protocol.MAX_HELD_MESSAGE)
+    max_tracked_message_size: int = 1 << 20
     auth_type: str = "passthrough"
     auth_file: str | None = None
     auth_user: str | None = None
@@ -204,6 +213,12 @@ class Config:
     server_tls_key_file: str | None = None
     server_tls_cert_file: str | None = None
     server_tls_ca_file: str | None = None
+    #: which authentication the proxy accepts from servers it logs in to (libpq's require_auth);
+    #: None: by the secret it holds (see docs/security-wire.md)
+    server_require_auth: str | None = None
+    server_scram_max_iterations: int = 100_000   # most PBKDF2 rounds a server may ask of the proxy
+    metrics_timeout: float = 5.0         # a metrics request must arrive and its answer go out within this
+    metrics_max_connections: int = 4     # metrics connections served at once; more get 503
     workers: int = 1                     # processes serving the port (SO_REUSEPORT); command line only
     load_balance: str = "round-robin"
     target_session_attrs: str = "any"
@@ -305,6 +320,39 @@ def _host_port(v):
     return bool(sep and host and port.isdigit() and int(port) <= 65535)
 
 
+def parse_require_auth(value: str) -> tuple[bool, frozenset]:
+    """``server_require_auth`` as libpq reads ``require_auth``: (negated, methods).
+
+    A comma-separated list of SERVER_AUTH_METHODS, each or none of them
+    prefixed with ``!`` (then: every method but those).  ValueError says what is wrong.
+    """
+    words = [w.strip() for w in value.split(",")]
+    if not all(words):
+        raise ValueError("an empty method in the list")
+    negated = {w.startswith("!") for w in words}
+    if len(negated) > 1:
+        raise ValueError("negative and positive methods cannot be mixed")
+    methods = [w.lstrip("!") for w in words]
+    for method in methods:
+        if method not in SERVER_AUTH_METHODS:
+            raise ValueError(f"unknown method {method!r} (the proxy can do {', '.join(SERVER_AUTH_METHODS)})")
+    if len(set(methods)) != len(methods):
+        raise ValueError("a method is named twice")
+    return negated.pop(), frozenset(methods)
+
+
+def _require_auth(v) -> bool:
+    if isinstance(v, (list, tuple)) and v and all(isinstance(w, str) for w in v):
+        v = ",".join(v)
+    if not isinstance(v, str):
+        return False
+    try:
+        parse_require_auth(v)
+    except ValueError:
+        return False
+    return True
+
+
 def _as_user_tuple(v) -> tuple:
     if isinstance(v, str):
         return tuple(u.strip() for u in v.split(",") if u.strip())
@@ -346,6 +394,8 @@ _TOP_LEVEL = {
     "shutdown_timeout": (_SECONDS_OR_OFF[0], "a number of seconds >= 0 (0: SIGTERM stops at once, as SIGINT)"),
     "reset_query": (_str, "a string (empty for no reset)"),
     "max_prepared_statements": (_non_negative_int, "an integer >= 0 (0: no tracking)"),
+    "max_tracked_message_size": (lambda v: _positive_int(v) and v >= MIN_TRACKED_MESSAGE_SIZE,
+                                 f"a number of bytes >= {MIN_TRACKED_MESSAGE_SIZE}"),
     "auth_type": (_choice(AUTH_TYPES), "one of " + ", ".join(AUTH_TYPES)),
     "auth_file": (_nonempty_str, "a file path"),
     "auth_user": (_nonempty_str, "a user name"),
@@ -372,6 +422,11 @@ _TOP_LEVEL = {
     "metrics_listen": (_host_port, "host:port (port 0 picks a free one)"),
     "client_tls_sslmode": (_choice(SSLMODES), "one of " + ", ".join(SSLMODES)),
     "server_tls_sslmode": (_choice(SSLMODES), "one of " + ", ".join(SSLMODES)),
+    "server_require_auth": (_require_auth, "a comma-separated list of " + ", ".join(SERVER_AUTH_METHODS)
+                            + ", each or none prefixed with ! (as libpq's require_auth)"),
+    "server_scram_max_iterations": _COUNT,
+    "metrics_timeout": _SECONDS,
+    "metrics_max_connections": _COUNT,
     **{key: (_nonempty_str, "a file path") for key in TLS_FILES},
     "workers": (lambda v: _positive_int(v) and v <= MAX_WORKERS, f"an integer from 1 to {MAX_WORKERS}"),
     "load_balance": (_choice(LOAD_BALANCE), "one of " + ", ".join(LOAD_BALANCE)),
@@ -520,6 +575,8 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
             value = float(value)
         elif key in ("admin_users", "stats_users"):
             value = _as_user_tuple(value)
+        elif key == "server_require_auth" and not isinstance(value, str):
+            value = ",".join(value)
         kwargs[key] = value
     if "host" in listen:
         kwargs["listen_host"] = listen["host"]
@@ -791,6 +848,17 @@ def _check_tls(config: Config) -> None:
         if side == "client" and mode in ("verify-ca", "verify-full") and not ca:
             raise ConfigError(f"client_tls_ca_file: required when client_tls_sslmode is {mode} "
                               f"(client certificates are checked against it)")
+        if side == "server" and mode in ("verify-ca", "verify-full") and not ca:
+            # libpq: "root certificate file ... does not exist"; no silent fall-back to every public CA
+            raise ConfigError(f"server_tls_ca_file: required when server_tls_sslmode is {mode}: the CA "
+                              f"certificates servers' certificates must be signed by (or '{SYSTEM_CA}', "
+                              f"the system's trusted roots, with verify-full only)")
+        if side == "server" and ca == SYSTEM_CA and mode != "verify-full":
+            # libpq: sslrootcert=system requires verify-full; anyone can get a publicly
+            # signed certificate for a host name they control
+            raise ConfigError(f"server_tls_ca_file: '{SYSTEM_CA}' (the system's trusted roots) needs "
+                              f"server_tls_sslmode verify-full, not {mode}: any publicly signed certificate "
+                              f"would pass verify-ca")
         if bool(key) != bool(cert):
             missing = "key" if cert else "cert"
             raise ConfigError(f"{side}_tls_{missing}_file: required with {side}_tls_"
@@ -801,7 +869,7 @@ def check_tls_files(config: Config) -> None:
     """Every TLS file named is a readable file; ConfigError naming the key and the path."""
     for key in TLS_FILES:
         path = getattr(config, key)
-        if path is None:
+        if path is None or (key == "server_tls_ca_file" and path == SYSTEM_CA):
             continue
         try:
             with open(path, "rb"):
@@ -861,7 +929,8 @@ def load(source: str | os.PathLike | Mapping[str, Any] | Config, notes: list | N
                               f"run 'chmod 600 {name}'")
     here = os.path.dirname(os.path.abspath(path))
     relative = {key: os.path.join(here, getattr(config, key)) for key in PATH_SETTINGS
-                if getattr(config, key) and not os.path.isabs(getattr(config, key))}
+                if getattr(config, key) and not os.path.isabs(getattr(config, key))
+                and not (key == "server_tls_ca_file" and getattr(config, key) == SYSTEM_CA)}
     return dataclasses.replace(config, **relative) if relative else config
 
 

@@ -91,5 +91,10 @@ class QueryCanceled(ProxyError):
         self.raw = raw
 
 
+class MessageTooLarge(ClientFatal):
+    """A client message the proxy must hold whole (or up to its names) to look into is
+    longer than ``max_tracked_message_size``: the client is ended with 54000."""
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range (config.py, pgbouncer_ini.py)."""

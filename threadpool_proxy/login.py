@@ -31,7 +31,11 @@ How the proxy logs in to the server for a client: with the plain password if
 the auth file has one, else with the md5 hash, else with the ClientKey the
 client proved during SCRAM (SCRAM pass-through, as PgBouncer does; it works
 when the server's verifier has the same salt and iterations as the proxy's).
-Those credentials are kept in memory per user, never logged.
+Those credentials are kept in memory per user, never logged.  What the server
+may ask for them is ``server_auth_rule``'s (``server_require_auth``, libpq's
+``require_auth``): by default a SCRAM verifier logs in only by SCRAM, so a
+server that asks for a cleartext or md5 password, or says AuthenticationOk at
+once, gets nothing (see docs/security-wire.md).
 
 An unknown user goes through the same exchange as a known one and fails at the
 same step; every password failure is answered after the same fixed delay with
@@ -63,6 +67,7 @@ from .auth import (
     NO_CREDENTIALS,
     AuthFailed,
     ScramServerExchange,
+    ServerAuthRule,
     ServerCredentials,
     ServerLogin,
     credentials_from_secret,
@@ -74,7 +79,8 @@ from .authcache import MISS, VerifierCache
 from .authfile import DEFAULT_ITERATIONS, AuthFile, AuthFileError, Secret, check_password, secret_from_rolpassword
 from .backend import ServerConnection
 from .channel import ClientChannel
-from .config import Config, ConfigError, DatabaseConfig, NodeConfig, auth_database
+from .config import (SERVER_AUTH_METHODS, Config, ConfigError, DatabaseConfig, NodeConfig, auth_database,
+                     parse_require_auth)
 from .errors import (ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, ServerGone, ServerUnavailable,
                      TooManyPending)
 from . import hba as hba_mod
@@ -585,8 +591,8 @@ class Logins:
                 if conn is not None:
                     conn.close(reason)
         try:
-            conn = self._open(db, startup, _answer_from(creds.login(user), user), time.monotonic() + timeout,
-                              release, node=node)
+            conn = self._open(db, startup, self._answer_for(creds, user, db.auth_type),
+                              time.monotonic() + timeout, release, node=node)
         except (ServerError, AuthFailed, ServerGone) as exc:
             with self._lock:
                 self.server_login_failures += 1
@@ -676,8 +682,8 @@ class Logins:
             if conn is None:
                 params = {"user": auth_user, "database": dbname, "options": AUTH_QUERY_OPTIONS,
                           "application_name": "threadpool_proxy auth_query"}
-                conn = self._open(db, params, _answer_from(self._auth_user_credentials(auth_user).login(auth_user),
-                                                           auth_user), time.monotonic() + timeout,
+                conn = self._open(db, params, self._answer_for(self._auth_user_credentials(auth_user), auth_user),
+                                  time.monotonic() + timeout,
                                   lambda conn, reason: pool.give_back(key, conn, reason), node=node)
             conn.send(pq.extended_query(auth_query, [user]))
             status = conn.read_until_ready(timeout, on_message=on_message)
@@ -733,12 +739,23 @@ class Logins:
         conn = ServerConnection.dial(node.host, node.port, timeout, self.server_tls)
         try:
             params = {"user": user, "database": dbname, "application_name": "threadpool_proxy health check"}
-            conn.complete_login(pq.startup_message(params), _answer_from(creds.login(user), user),
+            conn.complete_login(pq.startup_message(params), self._answer_for(creds, user),
                                 time.monotonic() + timeout, None, timeout)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _answer_for(self, creds: ServerCredentials, user: str, auth_type: str | None = None):
+        """``answer_auth`` for a server login as ``user`` with ``creds``, within the server auth rule."""
+        config = self.config
+        rule = server_auth_rule(config, creds, auth_type, tls_verified=self._server_tls_verified())
+        return _answer_from(creds.login(user, rule, config.server_scram_max_iterations), user, rule)
+
+    def _server_tls_verified(self) -> bool:
+        """Every server connection is TLS with a checked certificate chain."""
+        server_tls = self.server_tls
+        return server_tls is not None and server_tls.required and server_tls.verifies
 
     def _auth_user_credentials(self, auth_user: str | None = None) -> ServerCredentials:
         config = self.config
@@ -790,12 +807,53 @@ def _connect_query(conn: ServerConnection, db: DatabaseConfig, timeout: float) -
         raise ServerGone(f"connect_query of database {db.name} left the server connection in a transaction")
 
 
-def _answer_from(login: ServerLogin | None, user: str):
+_ALL_METHODS = frozenset(SERVER_AUTH_METHODS)
+
+
+def server_auth_rule(config: Config, creds: ServerCredentials, auth_type: str | None,
+                     tls_verified: bool) -> ServerAuthRule | None:
+    """What a server may ask of the proxy logging in with ``creds`` (None: anything).
+
+    ``server_require_auth`` when set, as libpq's require_auth; else by the secret held:
+
+      SCRAM verifier (a ClientKey)     scram-sha-256 only: the server proves it knows the verifier
+      password, entry scram-sha-256    scram-sha-256 only, as the entry says
+      password, otherwise              scram-sha-256, md5, none; a cleartext password only when every
+                                       server connection is TLS with a verified certificate
+      md5 hash                         md5, none (scram-sha-256 cannot work with it)
+      nothing                          anything (the server must trust the proxy)
+
+    ``auth_type`` is the database entry's (None for auth_query's and health checks' own logins).
+    """
+    if config.server_require_auth is not None:
+        negated, methods = parse_require_auth(config.server_require_auth)
+        return ServerAuthRule(_ALL_METHODS - methods if negated else methods,
+                              f'server_require_auth "{config.server_require_auth}"')
+    kind = creds.kind
+    if kind == "scram-client-key":
+        return ServerAuthRule(frozenset({"scram-sha-256"}), "the rule for a SCRAM verifier "
+                                                            "(server_require_auth is not set)")
+    if kind == "password" and auth_type == "scram-sha-256":
+        return ServerAuthRule(frozenset({"scram-sha-256"}), "the rule for the password of a scram-sha-256 "
+                                                            "entry (server_require_auth is not set)")
+    if kind == "password":
+        allowed = {"scram-sha-256", "md5", "none"} | ({"password"} if tls_verified else set())
+        return ServerAuthRule(frozenset(allowed), "the rule for a stored password (server_require_auth is "
+                                                  "not set; a cleartext password goes only over verified TLS)")
+    if kind == "md5-hash":
+        return ServerAuthRule(frozenset({"md5", "scram-sha-256", "none"}),
+                              "the rule for an md5 hash (server_require_auth is not set)")
+    return None
+
+
+def _answer_from(login: ServerLogin | None, user: str, rule: ServerAuthRule | None = None):
     """``answer_auth`` for ServerConnection.complete_login, answering from stored credentials."""
     def answer(code: int, body: bytes) -> bytes | None:
         if login is not None:
             return login.answer(code, body[4:])
         if code == pq.AUTH_OK:
+            if rule is not None:
+                rule.check(code)
             return None
         raise AuthFailed(f"the server asks for a password (authentication request {code}), "
                          f"but the proxy holds none for user {user!r}", pq.SQLSTATE_INVALID_AUTHORIZATION)

@@ -6,14 +6,22 @@ the two always agree and nothing is counted twice.  Names follow
 prometheus-community's pgbouncer_exporter with the prefix ``threadpool_proxy_``
 (``threadpool_proxy_pools_client_active_connections`` is its
 ``pgbouncer_pools_client_active_connections``).
+
+The endpoint itself is metrics_http.py: a read timeout and a connection cap
+(``metrics_timeout``, ``metrics_max_connections``), and no authentication.
 """
 
 from __future__ import annotations
 
 
-from prometheus_client import CollectorRegistry, start_http_server
+import threading
+
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+
 from .logs import get_logger
+from .metrics_http import BoundedHTTPServer
 
 log = get_logger(__name__)
 
@@ -131,20 +139,41 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 class MetricsEndpoint:
-    """The HTTP server of ``metrics_listen``: ``start`` binds and serves from a thread, ``stop`` closes."""
+    """The HTTP server of ``metrics_listen``: ``start`` binds and serves from a thread, ``stop`` closes.
+
+    ``metrics_timeout`` and ``metrics_max_connections`` are read from the
+    server's configuration at each connection (a RELOAD applies to the next).
+    """
 
     def __init__(self, server, listen: str) -> None:
+        self.server = server
         self.host, self.port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProxyCollector(server))
-        self._httpd = None
+        self._httpd: BoundedHTTPServer | None = None
         self._thread = None
 
     def start(self) -> "MetricsEndpoint":
-        self._httpd, self._thread = start_http_server(self.port, self.host, registry=self.registry)
+        self._httpd = BoundedHTTPServer((self.host, self.port), self._render, self._limits)
         self.port = self._httpd.server_address[1]
-        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics (no authentication; at most %d connections, %g s each)",
+                 self.host, self.port, self.server.config.metrics_max_connections, self.server.config.metrics_timeout)
         return self
+
+    @property
+    def http(self) -> BoundedHTTPServer | None:
+        """The HTTP server (its counters: served, refused, cut), while running."""
+        return self._httpd
+
+    def _limits(self) -> tuple[float, int]:
+        config = self.server.config
+        return config.metrics_timeout, config.metrics_max_connections
+
+    def _render(self, accept: str) -> tuple[str, bytes]:
+        encoder, content_type = choose_encoder(accept)
+        return content_type, encoder(self.registry)
 
     def stop(self) -> None:
         if self._httpd is not None:

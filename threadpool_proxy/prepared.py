@@ -44,7 +44,12 @@ Known limits:
   old plan, instead of being answered from the cache; a name prepared before
   the change keeps getting the error, as directly (see ``PreparedStatement``).
 * A named Parse is held until it has arrived whole; a Bind only up to the end of
-  its statement name.
+  its statement name.  Neither may take more than ``max_message`` bytes
+  (``max_tracked_message_size``) to get there: a client whose message declares
+  more is ended with 54000 (``MessageTooLarge``), nothing of it sent on.  A
+  client's statements keep at most ``ClientStatements.max_bytes`` of text.
+* A server's ErrorResponse longer than ``max_message`` is judged by its first
+  fields (SQLSTATE) and passed on as it is, never held.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from functools import partial
 from hashlib import blake2b
 
 from . import protocol as pq
+from .errors import MessageTooLarge
 
 #: Prefix of the names the proxy gives statements on servers.  Clients must not
 #: use it themselves (their own names are rewritten, so only SQL-level
@@ -109,6 +115,7 @@ _ROW_DESCRIPTION, _NO_DATA = pq.ROW_DESCRIPTION[0], pq.NO_DATA[0]
 _COMMAND_COMPLETE, _EMPTY_QUERY, _PORTAL_SUSPENDED = (pq.COMMAND_COMPLETE[0], pq.EMPTY_QUERY_RESPONSE[0],
                                                       pq.PORTAL_SUSPENDED[0])
 _ERROR, _READY = pq.ERROR_RESPONSE[0], pq.READY_FOR_QUERY[0]
+_STATEMENT = pq.STATEMENT[0]
 _COPY_IN, _COPY_BOTH = pq.COPY_IN_RESPONSE[0], pq.COPY_BOTH_RESPONSE[0]
 
 #: Client messages whose handling needs more than the header; the rest (CopyData,
@@ -293,20 +300,28 @@ class ClientStatements(_NameMap):
 
     This outlives server connections: it is what lets the relay prepare a
     statement again on whichever connection the client gets next.  ``limit``
-    bounds it; a Parse over the limit is refused with an error (see
-    ``PreparedRelay``) rather than silently forgetting an older statement, which
-    would surface later as a baffling "does not exist".
+    bounds how many, ``max_bytes`` (None: no bound) the bytes of their Parse
+    messages together (texts shared with other clients count for each); a Parse
+    over either is refused with an error (see ``PreparedRelay``) rather than
+    silently forgetting an older statement, which would surface later as a
+    baffling "does not exist".
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_bytes: int | None = None) -> None:
         super().__init__(limit, {})
         self._statements: dict[bytes, PreparedStatement] = self._items
         # The statement's generation when the client prepared each name (the result type it expects).
         self._generations: dict[bytes, int] = {}
+        self.max_bytes = max_bytes
+        self.bytes = 0          # of the Parse messages of the statements held
 
     @property
     def full(self) -> bool:
         return len(self._statements) >= self.limit
+
+    def fits(self, size: int) -> bool:
+        """Whether a statement whose Parse is ``size`` bytes stays within ``max_bytes``."""
+        return self.max_bytes is None or self.bytes + size <= self.max_bytes
 
     def get(self, name: bytes) -> PreparedStatement | None:
         return self._statements.get(name)
@@ -316,18 +331,25 @@ class ClientStatements(_NameMap):
         return self._generations.get(name, 0)
 
     def add(self, name: bytes, statement: PreparedStatement, generation: int = 0) -> None:
+        self._drop(name)
         self._statements[name] = statement
         self._generations[name] = generation
+        self.bytes += len(statement.parse_message)
 
     def remove(self, name: bytes) -> PreparedStatement | None:
+        return self._drop(name)
+
+    def _drop(self, name: bytes) -> PreparedStatement | None:
         self._generations.pop(name, None)
-        return self._statements.pop(name, None)
+        statement = self._statements.pop(name, None)
+        if statement is not None:
+            self.bytes -= len(statement.parse_message)
+        return statement
 
     def discard(self, name: bytes, statement: PreparedStatement) -> None:
         """Undo a Parse: remove ``name`` if it still means ``statement``."""
         if self._statements.get(name) is statement:
-            del self._statements[name]
-            self._generations.pop(name, None)
+            self._drop(name)
 
     def restore(self, name: bytes, statement: PreparedStatement, generation: int = 0) -> None:
         """Undo a Close: map ``name`` again unless it was defined anew since."""
@@ -337,8 +359,7 @@ class ClientStatements(_NameMap):
     def retain(self, names: set[bytes]) -> None:
         """Keep only ``names`` (the session deallocated everything else)."""
         for name in [name for name in self._statements if name not in names]:
-            del self._statements[name]
-            self._generations.pop(name, None)
+            self._drop(name)
 
 
 @dataclass
@@ -781,8 +802,9 @@ class PreparedRelay:
     ``reset()``.  ``statements`` (the client's names) survives both.
     """
 
-    def __init__(self, statements: ClientStatements) -> None:
+    def __init__(self, statements: ClientStatements, max_message: int = pq.MAX_HELD_MESSAGE) -> None:
         self.statements = statements
+        self.max_message = max_message              # the longest message held to look into
         self.stats = PreparedStats()
         self._server: ServerStatements | None = None
         self._requests = _Requests()
@@ -790,6 +812,10 @@ class PreparedRelay:
         self._replies = _MessageStream(_SERVER_ACTIVE, self._reply_verdict, self._reply_done)
         self._error_sqlstate: str | None = None     # of the ErrorResponse being passed
         self._deallocated = False                   # the CommandComplete being passed is DEALLOCATE/DISCARD ALL
+        # A Bind held until its names have arrived: (end of its portal name or -1,
+        # bytes searched for a NUL so far), both from the message's start, so that
+        # each of its bytes is searched once however many chunks it takes.
+        self._held_bind: tuple[int, int] | None = None
 
     # -- the relay's interface ------------------------------------------------------
 
@@ -843,10 +869,16 @@ class PreparedRelay:
         if t == _BIND:
             return self._bind_verdict(buf, start, available, end)
         if t == _DESCRIBE or t == _CLOSE:
+            if available < start + 7:
+                return None if available < end else self._plain_describe_or_close(t)
+            if buf[start + 5] != _STATEMENT or buf[start + 6] == 0:
+                return self._plain_describe_or_close(t)     # a portal, or the unnamed statement
             if available < end:
+                if end - start > self.max_message:
+                    raise self._too_large(t, end - start)
                 return None
             body = bytes(buf[start + 5:end])
-            if body[:1] == pq.STATEMENT and len(body) > 2 and body[1:-1] in self.statements:
+            if len(body) > 2 and body[1:-1] in self.statements:
                 handle = self._describe_statement if t == _DESCRIBE else self._close_statement
                 return end - start, handle(body[1:-1])
             self._requests.append(_PLAIN[_K_DESCRIBE if t == _DESCRIBE else _K_CLOSE])
@@ -860,6 +892,20 @@ class PreparedRelay:
             self._requests.copy_end()
         return _KEEP
 
+    def _plain_describe_or_close(self, t) -> str:
+        self._requests.append(_PLAIN[_K_DESCRIBE if t == _DESCRIBE else _K_CLOSE])
+        return _KEEP
+
+    def _too_large(self, t: int, size) -> MessageTooLarge:
+        what = {_PARSE: "Parse", _BIND: "Bind", _DESCRIBE: "Describe", _CLOSE: "Close"}[t]
+        held = f"its portal and statement names take {size} bytes or more" if t == _BIND else f"it is {size} bytes"
+        return MessageTooLarge(
+            pq.SQLSTATE_PROGRAM_LIMIT_EXCEEDED,
+            f"{what} message too long for threadpool_proxy: {held}, "
+            f"more than max_tracked_message_size ({self.max_message} bytes)",
+            hint="The proxy holds named Parse, Describe and Close messages, and a Bind's names, in memory "
+                 "to rewrite them; shorten the statement, or raise max_tracked_message_size.")
+
     def _parse_verdict(self, buf, start, available, end):
         if available < start + 6:
             return None
@@ -867,6 +913,8 @@ class PreparedRelay:
             self._requests.append(_PLAIN[_K_PARSE])
             return _KEEP
         if available < end:
+            if end - start > self.max_message:
+                raise self._too_large(_PARSE, end - start)
             return None
         body = bytes(buf[start + 5:end])
         name, _, tail = body.partition(b"\0")
@@ -883,6 +931,13 @@ class PreparedRelay:
                 pq.SQLSTATE_CONFIGURATION_LIMIT_EXCEEDED, f"too many prepared statements on this connection (at most {statements.limit})",
                 hint="Close or DEALLOCATE statements no longer needed, or raise the proxy's limit."))
         statement = statement_for(tail)
+        if not statements.fits(len(statement.parse_message)):
+            return self._refuse(_error(
+                pq.SQLSTATE_CONFIGURATION_LIMIT_EXCEEDED,
+                f"prepared statements on this connection would hold more than {statements.max_bytes} bytes "
+                f"of statement text",
+                hint="Close or DEALLOCATE statements no longer needed, or raise the proxy's "
+                     "max_tracked_message_size (the limit is 16 times it)."))
         statements.add(name, statement, statement.generation)
         forget = partial(_forget_parse, statements, name, statement)
         entry = self._server.use(statement.server_name)
@@ -899,13 +954,30 @@ class PreparedRelay:
         return _REFUSAL_PARSE
 
     def _bind_verdict(self, buf, start, available, end):
-        portal_end = _find_nul(buf, start + 5, available)
-        name_end = _find_nul(buf, portal_end + 1, available) if portal_end >= 0 else -1
+        # Portal name, statement name: each NUL-ended.  A Bind cut by the end of a
+        # chunk is held, and searched on from where the last search stopped.
+        portal_end, searched = self._held_bind or (-1, 5)
+        name_end = -1
+        if portal_end < 0:
+            found = _find_nul(buf, start + searched, available)
+            if found >= 0:
+                portal_end, searched = found - start, found - start + 1
+        if portal_end >= 0:
+            found = _find_nul(buf, start + searched, available)
+            if found >= 0:
+                name_end = found - start
         if name_end < 0:
             if available < end:
+                if available - start > self.max_message:
+                    raise self._too_large(_BIND, available - start)
+                self._held_bind = (portal_end, available - start)
                 return None
+            self._held_bind = None
             self._requests.append(_PLAIN[_K_BIND])   # malformed: the server will say so
             return _KEEP
+        self._held_bind = None
+        portal_end += start
+        name_end += start
         name = bytes(buf[portal_end + 1:name_end])
         statement = self.statements.get(name) if name else None
         if statement is None:
@@ -988,6 +1060,13 @@ class PreparedRelay:
 
     def _reply_verdict(self, t, buf, start, available, end):
         if t == _ERROR:
+            if end - start > self.max_message:
+                # Too long to hold (a RAISE of a huge text): judged by its first fields, passed on as it is.
+                head_end = start + 5 + pq.ERROR_HEAD_SIZE
+                if available < head_end:
+                    return None
+                self._error_sqlstate = pq.parse_error_head(buf[start + 5:head_end]).get("C")
+                return _KEEP
             if available < end:
                 return None
             self._error_sqlstate = _sqlstate(bytes(buf[start + 5:end]))

@@ -28,6 +28,15 @@ GSSENC_REQUEST_CODE = 80877104
 MAX_STARTUP_PACKET_LENGTH = 10000   # as PostgreSQL's MAX_STARTUP_PACKET_LENGTH
 MAX_AUTH_MESSAGE = 65535            # longest password/SASL message (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH)
 
+#: Default of ``max_tracked_message_size``: the longest message the proxy holds in
+#: memory to look into (a named Parse, Describe or Close, a Bind up to the end of
+#: its names, a server's ErrorResponse, ParameterStatus or NotificationResponse).
+#: PostgreSQL itself refuses messages over 1 GB; what the proxy must hold is far smaller.
+MAX_HELD_MESSAGE = 1 << 20
+#: How much of a longer ErrorResponse the proxy reads to judge it: PostgreSQL sends
+#: the S (severity), V (severity, not localised) and C (SQLSTATE) fields first.
+ERROR_HEAD_SIZE = 1024
+
 # -- backend (server -> client) message types -----------------------------------
 AUTHENTICATION = b"R"
 BACKEND_KEY_DATA = b"K"
@@ -120,6 +129,7 @@ SQLSTATE_UNDEFINED_COLUMN = "42703"
 SQLSTATE_INVALID_SQL_STATEMENT_NAME = "26000"      # e.g. prepared statement "x" does not exist
 SQLSTATE_DUPLICATE_PREPARED_STATEMENT = "42P05"
 SQLSTATE_CONFIGURATION_LIMIT_EXCEEDED = "53400"
+SQLSTATE_PROGRAM_LIMIT_EXCEEDED = "54000"
 SQLSTATE_INTERNAL_ERROR = "XX000"
 SQLSTATE_OBJECT_NOT_IN_STATE = "55000"
 
@@ -266,6 +276,13 @@ def parse_error_fields(body: bytes) -> dict:
     return fields
 
 
+def parse_error_head(head: bytes) -> dict:
+    """The fields of the first bytes of an ErrorResponse/NoticeResponse body that are
+    whole (those up to its last NUL): S, V and C of a long error, which PostgreSQL sends first."""
+    head = bytes(head)
+    return parse_error_fields(head[:head.rfind(b"\0") + 1])
+
+
 def ends_connection(fields: dict) -> bool:
     """True for an error the server closes the connection after (FATAL, PANIC)."""
     return fields.get("V", fields.get("S")) in SEVERITIES_ENDING_THE_CONNECTION
@@ -328,21 +345,32 @@ _OTHER_FRONTEND_TYPES = frozenset(FLUSH + COPY_DATA + COPY_DONE + COPY_FAIL)
 
 
 class _Scanner:
-    __slots__ = ("_skip", "_carry")
+    __slots__ = ("_skip", "_carry", "limit")
 
     #: message types whose whole body the scanner wants (set per subclass)
     WANTED = b""
     #: a message type (an int) whose cut by the end of a chunk ``_cut`` hears of (-1: none)
     CUT_WATCH = -1
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_HELD_MESSAGE) -> None:
         self._skip = 0
         self._carry = None
+        #: the longest body of a wanted message held whole; a longer one is shown to
+        #: ``_oversized`` by its first ERROR_HEAD_SIZE bytes and the rest skipped
+        self.limit = limit
+
+    def reset(self) -> None:
+        """Forget everything fed so far (the stream starts again at a message boundary)."""
+        self.__init__(self.limit)
 
     @property
     def at_boundary(self) -> bool:
         """True when the bytes fed so far end exactly at a message boundary."""
         return self._skip == 0 and self._carry is None
+
+    def _held_length(self, total: int) -> int:
+        """How much of a wanted message of ``total`` bytes (type byte included) is held."""
+        return total if total - 5 <= self.limit else min(total, 5 + ERROR_HEAD_SIZE)
 
     def feed(self, buf, n: int) -> None:
         """Scan ``buf[:n]`` (a bytearray or memoryview), calling ``_message``."""
@@ -372,12 +400,19 @@ class _Scanner:
                 raise ProtocolError(f"invalid message length {length}")
             end = pos + 1 + length
             if t in wanted:
-                if end > n:
+                held = pos + self._held_length(1 + length)
+                if held > n:
                     self._carry = bytearray(buf[pos:n])
                     if t == self.CUT_WATCH:
                         self._cut(n - pos)
                     return
-                self._message(t, buf, pos + 5, end)
+                if held == end:
+                    self._message(t, buf, pos + 5, end)
+                else:
+                    self._oversized(t, buf, pos + 5, held, length - 4)
+                    if end > n:
+                        self._skip = end - n
+                        return
             else:
                 self._header(t)
                 if end > n:
@@ -410,14 +445,23 @@ class _Scanner:
                 self._skip = remaining - (n - pos)
                 return -1
             return pos + remaining
-        need = total - len(carry)
+        held = self._held_length(total)
+        need = held - len(carry)
         take = min(need, n - pos)
         carry += buf[pos:pos + take]
         if take < need:
             return -1
         self._carry = None
-        self._message(t, carry, 5, total)
-        return pos + take
+        pos += take
+        if held == total:
+            self._message(t, carry, 5, total)
+            return pos
+        self._oversized(t, carry, 5, held, total - 5)
+        rest = total - held
+        if rest > n - pos:
+            self._skip = rest - (n - pos)
+            return -1
+        return pos + rest
 
     def carry_need(self) -> int:
         """Bytes still missing from a message cut by the end of the last chunk (its
@@ -428,7 +472,7 @@ class _Scanner:
             return 0
         if len(carry) < 5:
             return 5 - len(carry)
-        return 1 + UINT32.unpack_from(carry, 1)[0] - len(carry)
+        return self._held_length(1 + UINT32.unpack_from(carry, 1)[0]) - len(carry)
 
     def _cut(self, held: int) -> None:
         """A message of type CUT_WATCH starts in the last ``held`` bytes of the chunk and goes on after it."""
@@ -438,6 +482,13 @@ class _Scanner:
 
     def _message(self, t: int, buf, start: int, end: int) -> None:
         """A whole message of a wanted type: body is ``buf[start:end]``."""
+
+    def _oversized(self, t: int, buf, start: int, end: int, size: int) -> None:
+        """A wanted message whose body (``size`` bytes) is longer than ``limit``: its first
+        bytes are ``buf[start:end]``, the rest is skipped.  A protocol violation unless
+        the subclass knows better."""
+        raise ProtocolError(f"message of type {chr(t)!r} is {size} bytes long, more than the "
+                            f"{self.limit} bytes the proxy holds (max_tracked_message_size)")
 
 
 class ServerScanner(_Scanner):
@@ -461,8 +512,8 @@ class ServerScanner(_Scanner):
     WANTED = READY_FOR_QUERY + PARAMETER_STATUS + ERROR_RESPONSE + NOTIFICATION_RESPONSE
     CUT_WATCH = _NOTIFICATION_RESPONSE
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, limit: int = MAX_HELD_MESSAGE) -> None:
+        super().__init__(limit)
         self.ready = 0
         self.xacts = 0
         self.status = IDLE[0]
@@ -495,6 +546,16 @@ class ServerScanner(_Scanner):
             if ends_connection(parse_error_fields(buf[start:end])):
                 self.fatal = True
 
+    def _oversized(self, t, buf, start, end, size):
+        """A long ErrorResponse (a RAISE of a huge message) is judged by its first fields and
+        passes on whole, unparsed; a long ReadyForQuery, ParameterStatus or NotificationResponse
+        is no PostgreSQL's (its values are short: a notification's payload is under 8000 bytes)."""
+        if t != ERROR_RESPONSE[0]:
+            super()._oversized(t, buf, start, end, size)
+        self.errors += 1
+        if ends_connection(parse_error_head(buf[start:end])):
+            self.fatal = True
+
 
 class ClientScanner(_Scanner):
     """Follows the client -> server stream.
@@ -511,8 +572,8 @@ class ClientScanner(_Scanner):
     __slots__ = ("requests", "unsynced", "terminated", "extended", "invalid")
     WANTED = b""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, limit: int = MAX_HELD_MESSAGE) -> None:
+        super().__init__(limit)
         self.requests = 0
         self.unsynced = False
         self.terminated = False

@@ -24,7 +24,7 @@ from . import tls
 from .backend import ServerConnection
 from .prepared import ClientStatements, PreparedRelay, ServerStatements
 from .checkout import ClientSettings, ServerCheckout
-from .errors import ClientFatal, ClientGone, ErrorAlreadySent, PoolClosed, QueryCanceled
+from .errors import ClientFatal, ClientGone, ErrorAlreadySent, MessageTooLarge, PoolClosed, QueryCanceled
 from .logs import get_logger
 
 # Buffers are per client thread, so they decide the memory of many idle clients:
@@ -39,6 +39,9 @@ SERVER_BUFFER_MAX = 256 * 1024
 #: statements, the client-side one only guards the proxy's memory against a
 #: client that never closes what it prepares.
 CLIENT_STATEMENTS_FACTOR = 10
+#: The bytes of the Parse messages of a client's statements together: at most this many
+#: times max_tracked_message_size (also against a client that never closes what it prepares).
+CLIENT_STATEMENT_BYTES_FACTOR = 16
 
 _POLLIN = select.POLLIN
 
@@ -102,7 +105,7 @@ class Relay:
         self.sbuf = None
         self.sview = None
         self.cscan = pq.ClientScanner()
-        self.sscan = pq.ServerScanner()
+        self.sscan = pq.ServerScanner(config.max_tracked_message_size)
         self.backend: ServerConnection | None = None
         self.ssock = None
         self.sfd = -1
@@ -123,7 +126,9 @@ class Relay:
         # Named prepared statements follow a pooled client from one server
         # connection to the next (prepared.py); in session mode names are the client's own.
         self.prepared_limit = checkout.db.max_prepared_statements if self.pooled else 0
-        self.prepared = (PreparedRelay(ClientStatements(self.prepared_limit * CLIENT_STATEMENTS_FACTOR))
+        held = config.max_tracked_message_size
+        self.prepared = (PreparedRelay(ClientStatements(self.prepared_limit * CLIENT_STATEMENTS_FACTOR,
+                                                        held * CLIENT_STATEMENT_BYTES_FACTOR), held)
                          if self.prepared_limit else None)
         # Simple Query traffic passes untracked, at the usual header-only cost,
         # until the client's first extended-protocol message (_start_tracking).
@@ -246,7 +251,11 @@ class Relay:
                 cscan.extended != extended_before or not cscan.at_boundary):
             self._start_tracking(new_requests)
         if self.tracking:
-            to_server, to_client = self.prepared.from_client(self.cview[:n], self.backend.statements)
+            try:
+                to_server, to_client = self.prepared.from_client(self.cview[:n], self.backend.statements)
+            except MessageTooLarge:
+                self._message_refused()
+                raise
         else:
             to_server, to_client = self.cview[:n], None
         try:
@@ -522,7 +531,7 @@ class Relay:
 
         The server connection is shut down, which wakes this client's thread
         (``_server_lost`` tells the client why and closes it), and its
-        (host, port, pid, secret) returned for a CancelRequest that stops the
+        (host, port, pid, secret, tls) returned for a CancelRequest that stops the
         query on the server; None if that query is no longer running.
         """
         with self.backend_lock:
@@ -534,7 +543,7 @@ class Relay:
                 tls.shutdown(conn.sock, socket.SHUT_RDWR)
             except OSError:
                 pass
-            return conn.host, conn.port, conn.pid, conn.secret
+            return conn.host, conn.port, conn.pid, conn.secret, conn.tls
 
     def cancel_target(self) -> ServerConnection | None:
         """The server connection held now, for a CancelRequest (None: it holds none).
@@ -630,7 +639,7 @@ class Relay:
                 if not answer:
                     return
             else:
-                sscan.__init__()
+                sscan.reset()
         self._stop_lingering()
         if answer:
             # The server ended the connection in answer to what the client sent
@@ -707,7 +716,16 @@ class Relay:
             self.client.sendall(data)
         except OSError:
             raise ClientGone() from None
-        self.sscan.__init__()                  # what went out ended at a boundary
+        self.sscan.reset()                     # what went out ended at a boundary
+
+    def _message_refused(self) -> None:
+        """The client sent a message too long for the proxy to hold (MessageTooLarge,
+        about to end it): nothing of the chunk went to the server, but what went
+        before may have left it mid-pipeline, so its server connection is closed."""
+        self._stop_lingering()
+        self.detach(park=False, reason="its client sent a message longer than max_tracked_message_size")
+        if not self.sscan.at_boundary:
+            raise ErrorAlreadySent()    # a server message is half relayed: nothing can follow it
 
     def _refuse_transaction_block(self, view, n: int) -> None:
         """Statement mode: the server entered a transaction block; end the client like PgBouncer.

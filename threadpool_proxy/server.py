@@ -36,6 +36,7 @@ from . import stats as stats_mod
 from .backend import connect_socket
 from .errors import ClientFatal
 from . import listeners as listeners_mod
+from .errors import ProxyError
 from . import tls
 from .console_control import ConsoleControl
 from .login import Logins
@@ -292,25 +293,40 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         relay, conn = target
         delivered = False
         try:
-            delivered = self.send_cancel((conn.host, conn.port, conn.pid, conn.secret))
+            delivered = self.send_cancel((conn.host, conn.port, conn.pid, conn.secret, conn.tls))
         finally:
             relay.cancel_done(conn, delivered)
 
     def send_cancel(self, target) -> bool:
-        """A CancelRequest to the server connection ``target`` = (host, port, pid, secret).
+        """A CancelRequest to the server connection ``target`` = (host, port, pid, secret, tls).
 
         True once the server has closed the cancel connection (it has handled
-        the request: the signal is sent), False if that is not known.
+        the request: the signal is sent), False if that is not known.  Over TLS
+        (an SSLRequest first, the certificate checked as for a login) when that
+        connection talks TLS, so the key is not sent in clear text where the
+        session is encrypted: PostgreSQL takes a CancelRequest after an
+        SSLRequest (15 does, checked; 17 documents it).  A server that has since
+        stopped offering TLS ('N') gets it in plain text when server_tls_sslmode allows.
         """
-        host, port, server_pid, server_secret = target
+        host, port, server_pid, server_secret, over_tls = target
         timeout = self.config.server_connect_timeout
+        server_tls = self.logins.server_tls
         try:
-            with connect_socket(host, port, timeout) as s:
-                s.sendall(pq.cancel_request(server_pid, server_secret))
-                return s.recv(1) == b""     # the server closes it when done
+            s = connect_socket(host, port, timeout)
         except OSError as exc:
             log.warning("could not forward a cancel request to %s:%d: %s", host, port, exc)
             return False
+        try:
+            if over_tls and server_tls is not None:
+                s = server_tls.negotiate(s, host, port)
+                s.settimeout(timeout)
+            s.sendall(pq.cancel_request(server_pid, server_secret))
+            return s.recv(1) == b""     # the server closes it when done
+        except (OSError, ProxyError) as exc:
+            log.warning("could not forward a cancel request to %s:%d: %s", host, port, exc)
+            return False
+        finally:
+            s.close()
 
     def enforce_query_timeout(self) -> int:
         """query_timeout (the janitor, each round): end queries that run longer, as PgBouncer does.

@@ -21,7 +21,7 @@ from .backend import ServerConnection, out_of_descriptors
 from .channel import CLOSE_LINGER, ClientChannel, close_client
 from .checkout import ClientSettings, ServerCheckout
 from .config import CONSOLE_DATABASES
-from .errors import ClientFatal, ClientGone, PoolClosed, ProtocolError, ProxyError, ServerError
+from .errors import ClientFatal, ClientGone, MessageTooLarge, PoolClosed, ProtocolError, ProxyError, ServerError
 from .listeners import UNIX_HOST, tune_client
 from .login import LoginRequest
 from .relay import Relay
@@ -94,6 +94,7 @@ class ClientSession:
         self.replication = ""              # "physical" or "logical" for a replication connection
         self.authenticated = False         # the proxy or the server accepted the client's login
         self.admitted_as = None            # (database, user) counted by max_*_client_connections
+        self.drain_on_close = True         # False: a client that abused the protocol gets no grace at close
 
     # -- life cycle -------------------------------------------------------------
 
@@ -133,6 +134,10 @@ class ClientSession:
             if relay is None or relay.sscan.at_boundary:
                 self.channel.send_quietly(SHUTDOWN_NOTICE)
         elif isinstance(exc, ClientFatal):
+            if isinstance(exc, MessageTooLarge):
+                # It declared more than we read: reading the rest of it to close softly is
+                # what the limit refuses (close_client would drain up to 64 MiB of it).
+                self.drain_on_close = False
             self._log_failure("%s", exc)
             self.channel.send_quietly(exc.raw or pq.error_response(exc.sqlstate, str(exc), pq.FATAL,
                                                                    exc.detail, exc.hint))
@@ -163,7 +168,7 @@ class ClientSession:
             self.relay.close()
             self.server.stats.retire(self.stats)
         # An orderly end of stream, never a reset; while the proxy stops, no waiting for the client.
-        close_client(self.client, linger=0.0 if self.server.stopping else CLOSE_LINGER)
+        close_client(self.client, linger=CLOSE_LINGER if self.drain_on_close and not self.server.stopping else 0.0)
 
     @property
     def who(self) -> str:

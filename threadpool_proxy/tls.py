@@ -12,9 +12,16 @@ The sslmode names and meanings are PgBouncer's:
   server_tls_sslmode  disable      no SSLRequest is sent
                       allow        no SSLRequest is sent (the proxy never retries in TLS)
                       prefer       SSLRequest first; plain text if the server says 'N'
-                      require      TLS or no connection; the certificate is not checked
+                      require      TLS or no connection; the certificate is not checked,
+                                   unless server_tls_ca_file is given: then as verify-ca
                       verify-ca    the certificate must be signed by server_tls_ca_file
                       verify-full  ... and name the host of the database entry
+
+The server side follows libpq's rules for sslrootcert: verify-ca and verify-full
+need server_tls_ca_file (there is no silent fall-back to the system's roots,
+which would let any publicly signed certificate pass verify-ca); ``system``
+names the system's roots and is allowed with verify-full only; and a CA file
+given with require makes it verify-ca (config.py checks the first two).
 
 Once wrapped, an ``ssl.SSLSocket`` stays in blocking mode like a plain one (the
 relay polls its descriptor).  Two things differ, and every reader of a TLS
@@ -32,7 +39,7 @@ import socket
 import ssl
 
 from . import protocol as pq
-from .config import Config, ConfigError, check_tls_files
+from .config import SYSTEM_CA, Config, ConfigError, check_tls_files
 from .errors import ClientFatal, ServerGone
 from .logs import get_logger
 
@@ -187,11 +194,14 @@ class ServerTLS:
 
     def __init__(self, config: Config) -> None:
         self.mode, self.required, ctx = _context(config.server_tls_sslmode, ssl.PROTOCOL_TLS_CLIENT)
-        if self.mode in ("verify-ca", "verify-full"):
-            if config.server_tls_ca_file:
-                _load_ca(ctx, "server_tls_ca_file", config.server_tls_ca_file)
+        ca_file = config.server_tls_ca_file
+        #: whether every TLS connection's certificate chain is checked
+        self.verifies = self.mode in ("verify-ca", "verify-full") or (self.mode == "require" and bool(ca_file))
+        if self.verifies:
+            if ca_file == SYSTEM_CA:
+                ctx.load_default_certs()         # (verify-full only: config.py)
             else:
-                ctx.load_default_certs()
+                _load_ca(ctx, "server_tls_ca_file", ca_file)
             ctx.check_hostname = self.mode == "verify-full"
         else:
             ctx.check_hostname = False
