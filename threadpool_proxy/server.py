@@ -30,6 +30,7 @@ import time
 import weakref
 
 from . import config as config_mod
+from . import events as events_mod
 from . import protocol as pq
 from . import stats as stats_mod
 from . import tls
@@ -226,7 +227,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     request_queue_size = 1024
     block_on_close = False
 
-    def __init__(self, config: config_mod.Config, worker: "WorkerSlot | None" = None) -> None:
+    def __init__(self, config: config_mod.Config, worker: "WorkerSlot | None" = None,
+                 events: events_mod.EventHub | None = None) -> None:
         self.config = config
         self.whole_config = config              # workers mode: before for_worker divided its limits
         self.worker = worker                    # which worker process this is (None: the only process)
@@ -254,6 +256,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._refused_now: set = set()          # refused by the accepting thread, never counted
         self.junk_log = JunkLog(log)
         self.stats = stats_mod.StatsRegistry(config.stats_period)
+        self.events = events if events is not None else events_mod.EventHub()   # the embedding program's hooks
         self.console_control = ConsoleControl(self)
         self.reloader = None                    # Proxy.reload: RELOAD on the console
         self.setter = None                      # Proxy.set_setting: SET on the console
@@ -265,6 +268,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.client_tls, server_tls = tls.contexts(config)
         self.router = Router(self.pool)
         self.logins = Logins(config, self.pool, server_tls, self.router)
+        self.logins.events = self.events
         super().__init__((config.listen_host, config.listen_port), _Handler)
         self._take_spare_fd()
 
@@ -302,9 +306,15 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             return
         target = session.cancel_target()
         if target is None:
-            if session.cancel_wait():
+            ended = session.cancel_wait()
+            if ended:
                 log.debug("client %s: cancel request ended its wait for a server connection", session.who)
+            if self.events.active:
+                self.events.emit_client(events_mod.CANCEL, session.stats,
+                                        detail="ended a wait" if ended else "nothing running")
             return            # else nothing is running for that client
+        if self.events.active:
+            self.events.emit_client(events_mod.CANCEL, session.stats, server_pid=target[2], detail="forwarded")
         self.send_cancel(target)
 
     def send_cancel(self, target) -> None:

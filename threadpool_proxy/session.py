@@ -15,6 +15,7 @@ import logging
 import select
 import socket
 
+from . import events as events_mod
 from . import protocol as pq
 from .admin import ConsoleClient
 from . import tls
@@ -171,24 +172,35 @@ class ClientSession:
             relay = self.relay
             if relay is None or relay.sscan.at_boundary:      # (not into a half-sent message: a stream)
                 self.channel.send_quietly(KILL_NOTICE)
+                self._told(pq.SQLSTATE_ADMIN_SHUTDOWN, "KILL on the admin console")
         elif self.server.stopping or isinstance(exc, PoolClosed):
             # The proxy is stopping (that is why the client's socket or server
             # connection was shut down): say so, unless a message is half sent.
             relay = self.relay
             if relay is None or relay.sscan.at_boundary:
                 self.channel.send_quietly(SHUTDOWN_NOTICE)
+                self._told(pq.SQLSTATE_ADMIN_SHUTDOWN, "the proxy is shutting down")
         elif isinstance(exc, ClientFatal):
             self._log_failure("%s", exc)
             self.channel.send_quietly(exc.raw or pq.error_response(exc.sqlstate, str(exc), pq.FATAL,
                                                                    exc.detail, exc.hint))
+            if not exc.raw:            # (a raw one is the server's own words, passed on)
+                self._told(exc.sqlstate, str(exc))
         elif isinstance(exc, ProtocolError):
             self._log_failure("protocol violation: %s", exc)
             self.channel.send_quietly(pq.error_response(pq.SQLSTATE_PROTOCOL_VIOLATION,
                                                         f"protocol violation: {exc}"))
+            self._told(pq.SQLSTATE_PROTOCOL_VIOLATION, f"protocol violation: {exc}")
         elif isinstance(exc, ServerError):
             self.channel.send_quietly(exc.raw)
         # ClientGone, ErrorAlreadySent, and errors of a server connection already
         # turned into a ClientFatal where they happened: nothing more to say.
+
+    def _told(self, sqlstate: str, text: str) -> None:
+        """The proxy itself ended this client with an error: an event for the embedding program's hooks."""
+        events = self.server.events
+        if events.active:
+            events.emit_client(events_mod.PROXY_ERROR, self.stats, sqlstate=sqlstate, detail=text)
 
     def _log_failure(self, text: str, exc: Exception) -> None:
         """Log why a client is turned away; junk before a valid startup packet only in summary."""
@@ -205,6 +217,8 @@ class ClientSession:
             self.relay.detach(park=False)    # attached here only after an unexpected error
             self.relay.close()
             self.server.stats.retire(self.stats)
+            if self.server.events.active:
+                self.server.events.emit_client(events_mod.CLIENT_LOGOUT, self.stats)
         try:
             self.client.close()
         except OSError:
@@ -375,6 +389,7 @@ class ClientSession:
                 self.settings)
         kwargs = dict(client_alive=lambda: client_connected(client), stats=self.stats,
                       backends=self.server.backends)
+        events, stats = self.server.events, self.stats
         if request.replication:
             checkout = self.checkout = repl.ReplicationCheckout(*args, dial=None, kind=request.replication,
                                                                 **kwargs)
@@ -383,6 +398,7 @@ class ClientSession:
                 *args,
                 dial=None if passthrough else lambda params, node, key: logins.proxy_login(request, params, node, key),
                 router=self.server.router, **kwargs)
+        checkout.waiter.on_wait = lambda: events.emit_client(events_mod.POOL_WAIT, stats)
         if passthrough:
             conn = logins.passthrough_login(channel, request, checkout.startup_params())
             checkout.adopt(conn)
@@ -399,6 +415,7 @@ class ClientSession:
         # The client keeps its login connection; in transaction and statement
         # mode the relay lets it go as soon as another client waits for one.
         relay = Relay(self.client, checkout, self.settings, db.pool_mode, self.config.server_idle_timeout)
+        relay.events = self.server.events
         # Session mode: the client holds this server connection for life, so it is told
         # the real backend pid (a proxy secret still guards its cancels).
         self.cancel_pid, cancel_secret = self.server.cancel_keys.register(
@@ -417,6 +434,10 @@ class ClientSession:
             raise ClientGone() from None
         log.debug("client %s logged in (%s)", self.who,
                   f"{request.replication} replication" if request.replication else f"{db.pool_mode} mode")
+        events = self.server.events
+        if events.active:
+            events.emit_client(events_mod.CLIENT_LOGIN, self.stats,
+                               detail=f"{request.replication} replication" if request.replication else db.pool_mode)
         if ahead:
             relay.replay(ahead)
         return relay
