@@ -31,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,13 @@ class EventHub:
                 hooks.remove(hook)
             self._hooks = tuple(hooks)
 
-    def emit(self, kind: str, **fields) -> None:
-        """Queue an event (``fields`` are Event's); never blocks, never calls a hook."""
+    def emit(self, kind: str, at: float = 0.0, **fields: Any) -> None:
+        """Queue an event (``fields`` are Event's); never blocks, never calls a hook.
+
+        ``at``: when it happened (a ``time.monotonic()`` value), for an event
+        told after the fact (a server connection released once its client had
+        its answer: stamped with the transaction's start); default: now.
+        """
         if not self._hooks:
             return
         if self._queue.qsize() >= self.max_queued:
@@ -151,12 +156,15 @@ class EventHub:
                 self.dropped += 1
                 self._unlogged += 1
             return
-        self._queue.put(Event(kind, time.time(), time.monotonic(), **fields))
+        now, wall = time.monotonic(), time.time()
+        if 0.0 < at < now:
+            now, wall = at, wall - (now - at)
+        self._queue.put(Event(kind, wall, now, **fields))
 
-    def emit_client(self, kind: str, stats, **fields) -> None:
+    def emit_client(self, kind: str, stats: Any, at: float = 0.0, **fields: Any) -> None:
         """``emit`` for a client, named by its ``stats.ClientStats`` (id, database, user)."""
         if self._hooks:
-            self.emit(kind, database=stats.database, user=stats.user, client_id=stats.id, **fields)
+            self.emit(kind, at, database=stats.database, user=stats.user, client_id=stats.id, **fields)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event emitted before this call was delivered; False if ``timeout`` passed first."""

@@ -71,7 +71,7 @@ class Relay:
                  "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
                  "tracking", "stats", "unanswered", "idle_timeout", "idle_transaction_timeout",
                  "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark", "client_pid",
-                 "stop_requested", "events", "reported", "used_from")
+                 "stop_requested", "events", "reported", "used_from", "attached_at")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
@@ -140,6 +140,7 @@ class Relay:
         self.events = None
         self.reported = (0, 0)
         self.used_from = 0
+        self.attached_at = 0.0        # time.monotonic() of the attach, while hooks listen: the events' ``at``
 
     # -- the loop -------------------------------------------------------------------
 
@@ -492,6 +493,9 @@ class Relay:
         # The login connection of a pooled client: keep it while nobody waits.
         self.check_release = self.pooled
         self.used_from = self.stats.query_count
+        events = self.events
+        if events is not None and events.active:
+            self.attached_at = time.monotonic()
 
     def detach(self, park: bool, reason: str = "its state is unknown") -> None:
         """Let go of the server connection: reset and park it, or close it (``reason`` is logged)."""
@@ -577,7 +581,8 @@ class Relay:
         self.detach(park=True)
         events = self.events
         if events is not None and events.active and conn is not None and self.stats.query_count > self.used_from:
-            events.emit_client(SERVER_RELEASE, self.stats, server_id=conn.serial, server_pid=conn.pid)
+            events.emit_client(SERVER_RELEASE, self.stats, self.attached_at, server_id=conn.serial,
+                               server_pid=conn.pid)
 
     def _report_statements(self, events) -> None:
         """Statements re-prepared on this connection, or refused, since the last report: events."""
@@ -587,10 +592,11 @@ class Relay:
             self.reported = (counts.injected, counts.refused)
             conn = self.backend
             server = dict(server_id=conn.serial, server_pid=conn.pid) if conn is not None else {}
+            at = self.attached_at      # (in the transaction that ends here, whose answer the client has)
             if counts.injected > injected:
-                events.emit_client(STATEMENT_REPREPARED, self.stats, count=counts.injected - injected, **server)
+                events.emit_client(STATEMENT_REPREPARED, self.stats, at, count=counts.injected - injected, **server)
             if counts.refused > refused:
-                events.emit_client(STATEMENT_REFUSED, self.stats, count=counts.refused - refused,
+                events.emit_client(STATEMENT_REFUSED, self.stats, at, count=counts.refused - refused,
                                    detail="a Parse of a statement name the client holds already (42P05), "
                                           "or beyond its limit (53400)", **server)
 

@@ -28,6 +28,7 @@ import socketserver
 import threading
 import time
 import weakref
+from typing import Callable
 
 from . import config as config_mod
 from . import events as events_mod
@@ -258,10 +259,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.stats = stats_mod.StatsRegistry(config.stats_period)
         self.events = events if events is not None else events_mod.EventHub()   # the embedding program's hooks
         self.console_control = ConsoleControl(self)
-        self.reloader = None                    # Proxy.reload: RELOAD on the console
-        self.setter = None                      # Proxy.set_setting: SET on the console
+        self.reloader: Callable[[], object] | None = None       # Proxy.reload: RELOAD on the console
+        self.setter: Callable[[str, str], object] | None = None  # Proxy.set_setting: SET on the console
         self.disabled: set = set()              # DISABLE on the console: database names refused
-        self.stopper = None                     # stops the Proxy from another thread: SHUTDOWN
+        self.stopper: Callable[[bool], object] | None = None     # stops the Proxy from another thread: SHUTDOWN
         self._spare_fd = -1                     # given up to accept (and refuse) a client when out of fds
         self._fd_refusals = 0                   # clients refused for want of a descriptor, since the last log
         # Before binding: a bad auth file or TLS file (ConfigError) must not leave a listening socket behind.
@@ -304,17 +305,18 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         if session is None:
             self.junk_log.log("cancel requests with an unknown key", "ignoring a cancel request with an unknown key")
             return
+        at = time.monotonic()        # (the event's time: before the client can see what the cancel did)
         target = session.cancel_target()
         if target is None:
             ended = session.cancel_wait()
             if ended:
                 log.debug("client %s: cancel request ended its wait for a server connection", session.who)
             if self.events.active:
-                self.events.emit_client(events_mod.CANCEL, session.stats,
+                self.events.emit_client(events_mod.CANCEL, session.stats, at,
                                         detail="ended a wait" if ended else "nothing running")
             return            # else nothing is running for that client
         if self.events.active:
-            self.events.emit_client(events_mod.CANCEL, session.stats, server_pid=target[2], detail="forwarded")
+            self.events.emit_client(events_mod.CANCEL, session.stats, at, server_pid=target[2], detail="forwarded")
         self.send_cancel(target)
 
     def send_cancel(self, target) -> None:

@@ -171,26 +171,26 @@ class ClientSession:
         if self.killed:
             relay = self.relay
             if relay is None or relay.sscan.at_boundary:      # (not into a half-sent message: a stream)
-                self.channel.send_quietly(KILL_NOTICE)
                 self._told(pq.SQLSTATE_ADMIN_SHUTDOWN, "KILL on the admin console")
+                self.channel.send_quietly(KILL_NOTICE)
         elif self.server.stopping or isinstance(exc, PoolClosed):
             # The proxy is stopping (that is why the client's socket or server
             # connection was shut down): say so, unless a message is half sent.
             relay = self.relay
             if relay is None or relay.sscan.at_boundary:
-                self.channel.send_quietly(SHUTDOWN_NOTICE)
                 self._told(pq.SQLSTATE_ADMIN_SHUTDOWN, "the proxy is shutting down")
+                self.channel.send_quietly(SHUTDOWN_NOTICE)
         elif isinstance(exc, ClientFatal):
             self._log_failure("%s", exc)
-            self.channel.send_quietly(exc.raw or pq.error_response(exc.sqlstate, str(exc), pq.FATAL,
-                                                                   exc.detail, exc.hint))
             if not exc.raw:            # (a raw one is the server's own words, passed on)
                 self._told(exc.sqlstate, str(exc))
+            self.channel.send_quietly(exc.raw or pq.error_response(exc.sqlstate, str(exc), pq.FATAL,
+                                                                   exc.detail, exc.hint))
         elif isinstance(exc, ProtocolError):
             self._log_failure("protocol violation: %s", exc)
+            self._told(pq.SQLSTATE_PROTOCOL_VIOLATION, f"protocol violation: {exc}")
             self.channel.send_quietly(pq.error_response(pq.SQLSTATE_PROTOCOL_VIOLATION,
                                                         f"protocol violation: {exc}"))
-            self._told(pq.SQLSTATE_PROTOCOL_VIOLATION, f"protocol violation: {exc}")
         elif isinstance(exc, ServerError):
             self.channel.send_quietly(exc.raw)
         # ClientGone, ErrorAlreadySent, and errors of a server connection already
