@@ -285,6 +285,36 @@ def test_quiet():
     assert "test_cancel.py::test_quiet" not in text
 
 
+THREE_AT_ONCE = '''
+import os
+import psycopg
+
+
+def test_three_transactions_at_once():
+    conns = []
+    try:
+        for _ in range(3):
+            conn = psycopg.connect(os.environ["DATABASE_URL"])
+            conn.execute("SELECT 1")          # (not autocommit: each stays in its transaction)
+            conns.append(conn)
+    finally:
+        for conn in conns:
+            conn.close()
+'''
+
+
+def test_a_test_needing_more_connections_than_pool_size_fails_fast_and_says_so(app_env, pytester):
+    pytester.makepyfile(test_three=THREE_AT_ONCE)
+    result = pytester.runpytest_subprocess(*PLUGIN, "--through-pool=transaction", "-o", "tpp_wait_timeout=1",
+                                           "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    text = summary(result)
+    block = text.split("test_three.py::test_three_transactions_at_once: FAILED")[1]
+    assert "errors the proxy itself sent: 1" in block
+    assert '53300 query_wait_timeout: no server connection slot for user "app"' in block
+    assert "(pool_size 2" in text
+
+
 def test_no_database_to_front_is_a_usage_error_naming_the_options(app_env, pytester, monkeypatch):
     monkeypatch.delenv("DATABASE_URL")
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
