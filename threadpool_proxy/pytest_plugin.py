@@ -125,7 +125,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 # -- what the plugin keeps for one run ------------------------------------------------------
 
 @dataclasses.dataclass
-class TestRecord:
+class RecordedTest:
     """One test's time span and outcome, and the events the proxies told of meanwhile."""
 
     nodeid: str
@@ -147,9 +147,9 @@ class PluginState:
         self.upstream_origin = ""                     # where the --through-pool DSN came from
         self._lock = threading.Lock()
         self.events: list = []
-        self.tests: list[TestRecord] = []
+        self.tests: list[RecordedTest] = []
         self._starts: list[float] = []
-        self.by_id: dict[str, TestRecord] = {}
+        self.by_id: dict[str, RecordedTest] = {}
 
     # -- settings, from the command line, the ini file, the environment -----------------
 
@@ -317,7 +317,7 @@ class PluginState:
             self.events.append(event)
 
     def test_started(self, nodeid: str) -> None:
-        record = TestRecord(nodeid, time.monotonic())
+        record = RecordedTest(nodeid, time.monotonic())
         self.tests.append(record)
         self._starts.append(record.start)
         self.by_id[nodeid] = record
