@@ -273,11 +273,14 @@ def _to_uri(params: Mapping[str, str], safe_secrets: bool = False) -> str:
     query = {k: v for k, v in params.items() if k not in _URI_PARTS}
     hosts = params["host"].split(",") if params.get("host") else []
     ports = params["port"].split(",") if params.get("port") else []
-    if len(ports) == 1 and len(hosts) > 1:
-        ports = ports * len(hosts)
     if any(h.startswith("/") for h in hosts) or (ports and hosts and len(ports) != len(hosts)):
-        # unix-socket directories (or a list libpq would refuse) go in the query, as written
-        query = {**{k: params[k] for k in ("host", "port") if k in params}, **query}
+        # unix-socket directories, one port for several hosts (or a list libpq would refuse):
+        # in the query, as written
+        if hosts and not any(h.startswith("/") for h in hosts):
+            out.append(",".join(_host_in_uri(h) for h in hosts))
+            query = {**{k: params[k] for k in ("port",) if k in params}, **query}
+        else:
+            query = {**{k: params[k] for k in ("host", "port") if k in params}, **query}
     elif hosts:
         out.append(",".join(_host_in_uri(h) + (f":{p}" if p else "") for h, p in zip(hosts, ports or [""] * len(hosts))))
     elif ports:
