@@ -468,7 +468,7 @@ def test_statements_prepared_again_on_another_server_connection_are_told(pg, sta
     b.close()
     assert wait_until(lambda: len(rec.of(ev.CLIENT_LOGOUT)) == 2)     # (told after the clients' last answers)
     again = rec.of(ev.STATEMENT_REPREPARED)
-    assert sum(e.count for e in again) == 1 and again[0].client_id == rec.of(ev.CLIENT_LOGIN)[0].client_id
+    assert sum(e.number for e in again) == 1 and again[0].client_id == rec.of(ev.CLIENT_LOGIN)[0].client_id
 
 
 def test_a_slow_hook_and_a_raising_hook_neither_slow_nor_break_the_proxy(pg, started, caplog):

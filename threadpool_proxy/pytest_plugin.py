@@ -453,7 +453,7 @@ def report_lines(state: PluginState, outside: list) -> list[str]:
     totals = dict.fromkeys(TROUBLE, 0)
     for record in state.tests:
         events = [e for e in record.events if not _is_noise(e)]
-        counts = {kind: sum(e.count for e in events if e.kind == kind) for kind in TROUBLE}
+        counts = {kind: sum(e.number for e in events if e.kind == kind) for kind in TROUBLE}
         releases = sum(1 for e in events if e.kind == "server_release")
         for kind, n in counts.items():
             totals[kind] += n
@@ -481,7 +481,7 @@ def report_lines(state: PluginState, outside: list) -> list[str]:
                     lines.append(f"        {detail}")
     trouble_outside = [e for e in outside if e.kind in TROUBLE and not _is_noise(e)]
     if trouble_outside:
-        outside_counts = {k: sum(e.count for e in trouble_outside if e.kind == k) for k in TROUBLE}
+        outside_counts = {k: sum(e.number for e in trouble_outside if e.kind == k) for k in TROUBLE}
         lines.append("outside any test (session fixtures, collection): "
                      + ", ".join(f"{TROUBLE[k]}: {n}" for k, n in outside_counts.items() if n))
     failures = sum(1 for r in state.tests if r.outcome in ("failed", "error"))

@@ -594,9 +594,9 @@ class Relay:
             server = dict(server_id=conn.serial, server_pid=conn.pid) if conn is not None else {}
             at = self.attached_at      # (in the transaction that ends here, whose answer the client has)
             if counts.injected > injected:
-                events.emit_client(STATEMENT_REPREPARED, self.stats, at, count=counts.injected - injected, **server)
+                events.emit_client(STATEMENT_REPREPARED, self.stats, at, number=counts.injected - injected, **server)
             if counts.refused > refused:
-                events.emit_client(STATEMENT_REFUSED, self.stats, at, count=counts.refused - refused,
+                events.emit_client(STATEMENT_REFUSED, self.stats, at, number=counts.refused - refused,
                                    detail="a Parse of a statement name the client holds already (42P05), "
                                           "or beyond its limit (53400)", **server)
 
