@@ -426,6 +426,9 @@ class ClientSession:
         for key in checkout.node_keys.values() if checkout.routed else (request.key,):
             self.server.stats.note_key(key, self.stats.pool)
         self.relay = relay
+        if events.active:         # (before the welcome: nothing the client does can come before it)
+            events.emit_client(events_mod.CLIENT_LOGIN, self.stats,
+                               detail=f"{request.replication} replication" if request.replication else db.pool_mode)
         try:
             ahead = channel.ready_for_relay()
             channel.send(self._welcome(conn, cancel_secret))
@@ -434,10 +437,6 @@ class ClientSession:
             raise ClientGone() from None
         log.debug("client %s logged in (%s)", self.who,
                   f"{request.replication} replication" if request.replication else f"{db.pool_mode} mode")
-        events = self.server.events
-        if events.active:
-            events.emit_client(events_mod.CLIENT_LOGIN, self.stats,
-                               detail=f"{request.replication} replication" if request.replication else db.pool_mode)
         if ahead:
             relay.replay(ahead)
         return relay
