@@ -330,3 +330,22 @@ def test_a_unix_socket_database_url_is_refused_with_the_reason(app_env, pytester
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*names no TCP server: the proxy reaches PostgreSQL over TCP*"])
     assert "hunter2secret" not in result.stderr.str() + result.stdout.str()
+
+
+def test_pg_vars_naming_another_server_are_left_alone_and_the_report_says_so(app_env, pytester, monkeypatch):
+    pg = app_env
+    monkeypatch.setenv("PGHOST", "reports.invalid")
+    monkeypatch.setenv("PGPORT", "5999")
+    pytester.makepyfile(test_env=f'''
+import os
+
+
+def test_only_database_url_moved():
+    assert os.environ["PGHOST"] == "reports.invalid" and os.environ["PGPORT"] == "5999"
+    url = os.environ["DATABASE_URL"]
+    assert url.startswith("postgresql://app:") and url.endswith("/appdb") and ":{pg.port}/" not in url
+''')
+    result = pytester.runpytest_subprocess(*PLUGIN, "--through-pool=transaction", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert ("$PGHOST/$PGPORT name another server (reports.invalid:5999): left alone, so code that reads them "
+            "does not go through the proxy") in summary(result)

@@ -145,6 +145,7 @@ class PluginState:
         self.saved_env: dict[str, str | None] = {}
         self.through: Any = None                      # the --through-pool proxy, once started
         self.upstream_origin = ""                     # where the --through-pool DSN came from
+        self.notes: list[str] = []                    # what the report's header says besides
         self._lock = threading.Lock()
         self.events: list = []
         self.tests: list[RecordedTest] = []
@@ -287,11 +288,29 @@ class PluginState:
             except dsn_mod.DsnError as exc:
                 raise pytest.UsageError(f"threadpool_proxy: ${name}: {exc}") from None
             self._set_env(name, to_proxy(info, proxy).to_string())
+        elsewhere = self._pg_env_elsewhere(upstream)
+        if elsewhere:
+            self.notes.append(f"$PGHOST/$PGPORT name another server ({elsewhere}): left alone, so code that "
+                              f"reads them does not go through the proxy")
+            return
         self._set_env("PGHOST", proxy.host)
         self._set_env("PGPORT", str(proxy.port))
         self._set_env("PGHOSTADDR", None)
         if os.environ.get("PGSSLMODE") in _TLS_REQUIRED:
             self._set_env("PGSSLMODE", "disable")
+
+    @staticmethod
+    def _pg_env_elsewhere(upstream: "ConnInfo") -> str:
+        """host:port that $PGHOSTADDR/$PGHOST and $PGPORT name when it is not a server of ``upstream``, else ""."""
+        host = os.environ.get("PGHOSTADDR") or os.environ.get("PGHOST")
+        if not host:
+            return ""                 # libpq's default: pointing it at the proxy changes no server choice
+        port = os.environ.get("PGPORT") or "5432"
+        try:
+            named = {(h, str(p)) for h, p in upstream.addresses}
+        except ValueError:
+            return ""
+        return "" if (host, port) in named else f"{host}:{port}"
 
     def _set_env(self, name: str, value: str | None) -> None:
         if name not in self.saved_env:
@@ -445,6 +464,7 @@ def report_lines(state: PluginState, outside: list) -> list[str]:
                      f"(pool_size {state.pool_size()}, in front of {state.upstream_origin})")
     else:
         lines.append(f"proxies started by fixtures: {', '.join(modes)} pooling (pool_size {state.pool_size()})")
+    lines += state.notes
     lines.append("server connections released and reset at every transaction end" if not linger else
                  "clients kept idle server connections while nobody waited (--tpp-linger): session state may "
                  "survive here and break under load")
