@@ -5,13 +5,18 @@ setup(
     version="0.1.0",
     description="A PostgreSQL connection pooler / wire proxy in pure Python, using threads",
     packages=["threadpool_proxy"],
+    package_data={"threadpool_proxy": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=["scramp>=1.4", "pyyaml>=6", "prometheus_client>=0.17"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "psycopg[binary]>=3.1", "trustme>=1.0",
-                 "hypothesis>=6", "asyncpg>=0.29"],
+                 "hypothesis>=6", "asyncpg>=0.29", "psycopg2-binary>=2.9"],
     },
     entry_points={
         "console_scripts": ["threadpool-proxy = threadpool_proxy.__main__:main"],
+        # The pytest plugin (docs/testing-through-pooling.md): loaded wherever the package is installed,
+        # inert unless --through-pool is given or its fixtures are used.  Named as its module, so that
+        # "-p threadpool_proxy.pytest_plugin" (needed where the package is not installed) names the same plugin.
+        "pytest11": ["threadpool_proxy.pytest_plugin = threadpool_proxy.pytest_plugin"],
     },
 )

@@ -18,6 +18,7 @@ import select
 import socket
 import time
 
+from . import events as events_mod
 from . import protocol as pq
 from . import tls
 from .errors import ClientFatal, ProtocolError, ServerError, ServerGone
@@ -106,7 +107,7 @@ class ServerConnection:
     __slots__ = ("sock", "raw_socket", "tls", "node", "host", "port", "pid", "secret",
                  "params", "param_names", "login_params", "unreported",
                  "_buf", "_poller", "reset_pending", "reset_timeout", "reset_answer", "statements", "created",
-                 "serial", "holder_pid", "ended_by", "cancels", "after_cancel", "__weakref__")
+                 "serial", "holder_pid", "ended_by", "cancels", "after_cancel", "_observer", "__weakref__")
 
     def __init__(self, sock: socket.socket, host: str, port: int) -> None:
         self.sock = sock
@@ -137,6 +138,7 @@ class ServerConnection:
         # does once the last one is done (Relay.detach, Relay.cancel_done): under the relay's backend_lock.
         self.cancels = 0
         self.after_cancel = None
+        self._observer = None         # (events.EventHub, database, user) told when it closes (observe)
 
     @classmethod
     def dial(cls, host: str, port: int, timeout: float, server_tls=None, keepalive=None) -> "ServerConnection":
@@ -177,10 +179,25 @@ class ServerConnection:
         """Close the socket; ``reason`` (when given) is logged, so every closed connection says why."""
         if reason:
             log.info("closing server connection %r: %s", self, reason)
+        self.note_closing(reason)
         try:
             self.sock.close()
         except OSError:
             pass
+
+    def observe(self, hub, database: str, user: str) -> None:
+        """Tell ``hub`` (an events.EventHub) when this connection is closed (once)."""
+        self._observer = (hub, database, user)
+
+    def note_closing(self, reason: str | None) -> None:
+        """This connection is being closed for ``reason``: an event for the hub that observes it, once.
+
+        The pool calls this before ``close()`` (it logs the reason itself).
+        """
+        observer, self._observer = self._observer, None
+        if observer is not None and observer[0].active:
+            observer[0].emit(events_mod.SERVER_CLOSE, database=observer[1], user=observer[2], server_id=self.serial,
+                             server_pid=self.pid, detail=reason or "")
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.node} pid={self.pid}>"

@@ -16,6 +16,7 @@ import yaml
 
 from .errors import ConfigError
 from .protocol import CONSOLE_DATABASES
+from . import dsn as dsn_mod
 
 POOL_MODES = ("session", "transaction", "statement")
 #: password: the client sends its password in clear text (PgBouncer's "plain"); hba: the method
@@ -178,6 +179,7 @@ class Config:
     pending_login_timeout: float = 10.0
     server_login_retry: float = 1.0
     shutdown_timeout: float = 30.0          # SIGTERM: how long running transactions may take to finish
+    server_linger: bool = True              # False: every transaction end releases the server connection
     reset_query: str = DEFAULT_RESET_QUERY
     max_prepared_statements: int = 200
     #: the longest message the proxy holds in memory to look into (protocol.MAX_HELD_MESSAGE)
@@ -392,6 +394,7 @@ _TOP_LEVEL = {
     "pending_login_timeout": _SECONDS,
     "server_login_retry": _SECONDS,
     "shutdown_timeout": (_SECONDS_OR_OFF[0], "a number of seconds >= 0 (0: SIGTERM stops at once, as SIGINT)"),
+    "server_linger": (lambda v: isinstance(v, bool), "true or false"),
     "reset_query": (_str, "a string (empty for no reset)"),
     "max_prepared_statements": (_non_negative_int, "an integer >= 0 (0: no tracking)"),
     "max_tracked_message_size": (lambda v: _positive_int(v) and v >= MIN_TRACKED_MESSAGE_SIZE,
@@ -469,6 +472,7 @@ _DATABASE = {
     "connect_query": (_nonempty_str, "an SQL query"),
     "settings": (_settings_map, "a mapping of parameter names to string values"),
     "max_db_client_connections": _TOP_LEVEL["max_db_client_connections"],
+    "dsn": (_str, "a PostgreSQL connection URI or key=value string"),
 }
 
 _USER = {
@@ -556,6 +560,92 @@ def _users(raw) -> dict:
     return out
 
 
+#: Connection string keywords a database entry takes (host, port, dbname and these),
+#: and where each goes: an entry setting of the same meaning.
+DSN_ENTRY_KEYWORDS = {"target_session_attrs": "target_session_attrs", "load_balance_hosts": "load_balance"}
+
+#: Keywords accepted and not used: the client's side of a connection (its own name,
+#: timeouts, encoding), or credentials, which clients give themselves when they log in.
+DSN_IGNORED_KEYWORDS = frozenset(("user", "password", "passfile", "application_name", "fallback_application_name",
+                                  "connect_timeout", "client_encoding", "keepalives", "keepalives_idle",
+                                  "keepalives_interval", "keepalives_count", "tcp_user_timeout", "gssencmode"))
+
+#: Keywords that have a proxy setting of their own: the message names it.
+DSN_ELSEWHERE = {"sslcert": "server_tls_cert_file", "sslkey": "server_tls_key_file",
+                 "sslrootcert": "server_tls_ca_file", "options": "the clients' own startup parameters",
+                 "service": "host, port and dbname written out"}
+
+
+def _from_dsn(fields: dict, where: str, top: Config) -> dict:
+    """An entry's ``dsn`` (a URI or key=value string) -> its host/port (or nodes) and dbname.
+
+    The string is the application's own, so it may carry a user and password:
+    they are accepted and not used (clients log in as themselves) and never
+    appear in a message.  What the entry cannot honour is an error naming the
+    keyword: a unix-socket host, an sslmode stronger than ``server_tls_sslmode``,
+    channel_binding=require, a keyword with a proxy setting of its own.
+    """
+    where = f"{where}.dsn"
+    clash = [k for k in ("host", "port", "nodes", "dbname") if k in fields]
+    if clash:
+        raise ConfigError(f"{where}: give either dsn or {', '.join(clash)}, not both")
+    try:
+        info = dsn_mod.parse(fields.pop("dsn"))
+        addresses = info.addresses
+    except dsn_mod.DsnError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    for keyword, value in info.params.items():
+        if keyword in ("host", "hostaddr", "port", "dbname") or keyword in DSN_ENTRY_KEYWORDS:
+            continue
+        if keyword in DSN_IGNORED_KEYWORDS:
+            continue
+        if keyword == "sslmode":
+            if value not in SSLMODES:
+                raise ConfigError(f"{where}: sslmode: expected one of {', '.join(SSLMODES)}, got {value!r}")
+            if SSLMODES.index(value) > SSLMODES.index(top.server_tls_sslmode) and value not in ("allow", "prefer"):
+                raise ConfigError(f"{where}: sslmode={value} is stronger than server_tls_sslmode "
+                                  f"({top.server_tls_sslmode}), which the proxy's connections to servers use: "
+                                  f"set server_tls_sslmode: {value}")
+            continue
+        if keyword == "channel_binding":
+            if value == "require":
+                raise ConfigError(f"{where}: channel_binding=require: the proxy's own logins to servers do not "
+                                  f"use channel binding")
+            continue
+        if keyword in DSN_ELSEWHERE:
+            raise ConfigError(f"{where}: {keyword} is not taken in a database entry: use {DSN_ELSEWHERE[keyword]}")
+        raise ConfigError(f"{where}: {keyword}: not a connection string parameter a database entry takes "
+                          f"(it takes host, hostaddr, port, dbname, {', '.join(DSN_ENTRY_KEYWORDS)}, sslmode; "
+                          f"user and password are accepted and not used)")
+    if not addresses:
+        raise ConfigError(f"{where}: no host: name the server (host=... or postgresql://host/...)")
+    for host, _port in addresses:
+        if host.startswith("/") or host.startswith("@"):
+            raise ConfigError(f"{where}: host {host} is a unix-socket directory; the proxy reaches servers "
+                              f"over TCP: give a host name or address")
+        if not host:
+            raise ConfigError(f"{where}: an empty host name in the host list")
+    out = dict(fields)
+    if len(addresses) == 1:
+        out["host"], out["port"] = addresses[0]
+    else:
+        out["nodes"] = [{"host": host, "port": port} for host, port in addresses]
+    if info.get("dbname"):
+        out["dbname"] = info.get("dbname")
+    for keyword, key in DSN_ENTRY_KEYWORDS.items():
+        value = info.get(keyword)
+        if value is None:
+            continue
+        if key == "load_balance":
+            value = {"random": "random", "disable": "disable"}.get(value, value)
+            if value not in ("random", "disable"):
+                raise ConfigError(f"{where}: load_balance_hosts: expected disable or random, got {value!r}")
+        if key in out:
+            raise ConfigError(f"{where}: {keyword} in the connection string and {key} in the entry: give one")
+        out[key] = value
+    return _check_section(out, _DATABASE, where.rsplit(".", 1)[0])
+
+
 def from_dict(raw: Mapping[str, Any] | None) -> Config:
     """Validate a plain mapping (as parsed from YAML) and build a Config."""
     raw = dict(raw or {})
@@ -600,7 +690,11 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
             raise ConfigError(f"databases: entry names must be non-empty strings, got {name!r}")
         if name in CONSOLE_DATABASES:
             raise ConfigError(f"{where}: the name is reserved for the admin console")
+        if isinstance(entry, str):
+            entry = {"dsn": entry}
         fields = _check_section(entry or {}, _DATABASE, where)
+        if "dsn" in fields:
+            fields = _from_dsn(fields, where, defaults)
         nodes = _nodes(fields, where)
         entries[name] = DatabaseConfig(
             name=name,

@@ -123,8 +123,13 @@ class ConsoleControl:
             if isinstance(answer, dict) and answer.get("error"):
                 log.info("%s %s in worker %d: %s", verb.upper(), database or "", index, answer["error"])
 
-    def pause(self, database: str | None) -> None:
+    def pause(self, database: str | None, timeout: float | None = None) -> bool:
+        """PAUSE: hold new transactions, wait for the running ones; False if ``timeout`` passed first
+        (the hold stays).  With workers, in every worker (and no ``timeout``)."""
+        if self.server.peers is None:
+            return self._pause(database, timeout)
         self._everywhere("pause", database)
+        return True
 
     def resume(self, database: str | None) -> None:
         self._everywhere("resume", database)
@@ -167,8 +172,11 @@ class ConsoleControl:
         entry = self.server.config.lookup_database(database)
         return (node_names(entry), entry.server_dbname(database))
 
-    def _pause(self, database: str | None) -> None:
-        """Hold new transactions of ``database`` (None: all), then wait until none runs."""
+    def _pause(self, database: str | None, timeout: float | None = None) -> bool:
+        """Hold new transactions of ``database`` (None: all), then wait until none runs.
+
+        False if ``timeout`` seconds passed first: the hold stays (RESUME lifts it).
+        """
         target = self._target(database)
         with self._lock:
             if None in self._paused:
@@ -177,9 +185,15 @@ class ConsoleControl:
         pool = self.server.pool
         pool.hold(target)
         log.info("PAUSE %s: waiting for running transactions to end", database or "(all databases)")
+        deadline = None if timeout is None else time.monotonic() + timeout
         while pool.in_use(target) and target in pool.held() and not self.server.stopping:
+            if deadline is not None and time.monotonic() >= deadline:
+                log.info("PAUSE %s: transactions still running after %g s", database or "(all databases)",
+                         timeout)
+                return False
             time.sleep(self.POLL)
         log.info("PAUSE %s: paused", database or "(all databases)")
+        return True
 
     def _resume(self, database: str | None) -> None:
         with self._lock:

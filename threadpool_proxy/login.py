@@ -62,6 +62,7 @@ import struct
 import threading
 import time
 
+from . import events as events_mod
 from . import protocol as pq
 from .auth import (
     NO_CREDENTIALS,
@@ -86,6 +87,7 @@ from .errors import (ClientFatal, ErrorAlreadySent, PoolTimeout, ServerError, Se
 from . import hba as hba_mod
 from .hba_login import check_cert, hba_method
 from .listeners import UNIX_HOST
+from .events import EventHub
 from .nodes import Router
 from .pool import BackendIdlePool, Limits, pool_key
 from . import tls
@@ -170,6 +172,7 @@ class Logins:
         self._fetched: collections.Counter = collections.Counter()
         self.server_logins = 0
         self.server_login_failures = 0
+        self.events: EventHub | None = None    # the server's: told of each server connection opened and closed
         self.auth_queries = 0
         # Lines about logins that failed, rate-limited: the server's JunkLog, or one of our own.
         self.junk_log = junk_log if junk_log is not None else JunkLog(log)
@@ -610,10 +613,11 @@ class Logins:
 
     def _open(self, db: DatabaseConfig, startup: dict, answer_auth, deadline: float, release,
               on_notice=None, ready_timeout: float | None = None, on_dial=None,
-              node: NodeConfig | None = None) -> ServerConnection:
+              node: NodeConfig | None = None, for_client: bool = True) -> ServerConnection:
         """Dial ``node`` (default: ``db``'s first server) and log in; on any failure
         ``release(conn or None, reason)`` closes what was opened and gives back the place
-        the login held.  ``on_dial(conn)`` sees the connection before the login starts."""
+        the login held.  ``on_dial(conn)`` sees the connection before the login starts.
+        A connection ``for_client`` (not auth_query's) is told to ``events``: opened now, closed later."""
         conn = None
         node = node or db.nodes[0]
         try:
@@ -627,6 +631,13 @@ class Logins:
         except BaseException as exc:
             release(conn, f"the login failed: {exc}")
             raise
+        events = self.events
+        if for_client and events is not None:
+            database, user = startup.get("database", ""), startup.get("user", "")
+            conn.observe(events, database, user)
+            if events.active:
+                events.emit(events_mod.SERVER_OPEN, database=database, user=user, server_id=conn.serial,
+                            server_pid=conn.pid, detail=node.name)
         return conn
 
     # -- auth_query --------------------------------------------------------------
@@ -684,7 +695,8 @@ class Logins:
                           "application_name": "threadpool_proxy auth_query"}
                 conn = self._open(db, params, self._answer_for(self._auth_user_credentials(auth_user), auth_user),
                                   time.monotonic() + timeout,
-                                  lambda conn, reason: pool.give_back(key, conn, reason), node=node)
+                                  lambda conn, reason: pool.give_back(key, conn, reason), node=node,
+                                  for_client=False)
             conn.send(pq.extended_query(auth_query, [user]))
             status = conn.read_until_ready(timeout, on_message=on_message)
         except BaseException as exc:

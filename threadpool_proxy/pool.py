@@ -150,7 +150,8 @@ class Waiter:
     still connected; ``waiting`` and ``canceled`` are guarded by the pool's lock.
     """
 
-    __slots__ = ("alive", "key", "waiting", "canceled", "slice_ended", "gate", "handed", "takes_connection")
+    __slots__ = ("alive", "key", "waiting", "canceled", "slice_ended", "gate", "handed", "takes_connection",
+                 "on_wait")
 
     def __init__(self, alive: Optional[Callable[[], bool]] = None, takes_connection: bool = True) -> None:
         self.alive = alive
@@ -161,6 +162,7 @@ class Waiter:
         self.gate: Any = None         # the lock it sleeps on while queued (IdentityPool.wait)
         self.handed: Any = None       # a connection handed to it while it slept
         self.takes_connection = takes_connection   # False: it waits for a free slot (promote)
+        self.on_wait: Optional[Callable[[], None]] = None   # called (under the pool's lock) when a wait begins
 
 
 class Limits:
@@ -381,8 +383,11 @@ def _groups_of(key: str) -> tuple:
 
 
 def _close(conn: Any, key: str, reason: str) -> None:
-    """Close a server connection the pool let go of, saying why in the log."""
+    """Close a server connection the pool let go of, saying why in the log (and to its observer)."""
     log.info("closing server connection %r of %s: %s", conn, _show(key), reason)
+    note_closing = getattr(conn, "note_closing", None)      # a ServerConnection's (events.py)
+    if note_closing is not None:
+        note_closing(reason)
     try:
         conn.close()
     except OSError:
@@ -1076,6 +1081,8 @@ class BackendIdlePool:
         if deadline is None:
             deadline = now + timeout
             self.stats["waits"] += 1
+            if waiter is not None and waiter.on_wait is not None:
+                waiter.on_wait()          # (events.EventHub.emit: a queue put, no I/O)
         remaining = deadline - now
         if remaining <= 0:
             self.stats["wait_timeouts"] += 1

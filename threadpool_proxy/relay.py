@@ -26,6 +26,7 @@ from .prepared import ClientStatements, PreparedRelay, ServerStatements
 from .checkout import ClientSettings, ServerCheckout
 from .errors import ClientFatal, ClientGone, ErrorAlreadySent, MessageTooLarge, PoolClosed, QueryCanceled
 from .logs import get_logger
+from .events import SERVER_RELEASE, STATEMENT_REFUSED, STATEMENT_REPREPARED
 
 # Buffers are per client thread, so they decide the memory of many idle clients:
 # requests are small (16 KiB, COPY IN just takes more reads); the server buffer
@@ -73,7 +74,7 @@ class Relay:
                  "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
                  "tracking", "stats", "unanswered", "idle_timeout", "idle_transaction_timeout",
                  "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark", "client_pid",
-                 "stop_requested")
+                 "stop_requested", "events", "reported", "used_from", "attached_at")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
@@ -138,6 +139,13 @@ class Relay:
         self.client_pid = 0
         # A graceful shutdown asked this client to leave at its next release point (request_stop).
         self.stop_requested = False
+        # The embedding program's hooks (events.EventHub, set by the session): told at release points
+        # of statements re-prepared or refused (``reported``: the counts told so far) and of releases
+        # of a connection the client used (``used_from``: its query count when it took the connection).
+        self.events = None
+        self.reported = (0, 0)
+        self.used_from = 0
+        self.attached_at = 0.0        # time.monotonic() of the attach, while hooks listen: the events' ``at``
 
     # -- the loop -------------------------------------------------------------------
 
@@ -459,7 +467,7 @@ class Relay:
         self._drain_wake()
         if self.lingering:
             self.lingering = False
-            self.detach(park=True)
+            self._release()
         if self.stop_requested and (self.backend is None or self.at_release_point()):
             self.detach(park=True)
             raise PoolClosed()
@@ -493,6 +501,10 @@ class Relay:
             conn.statements = ServerStatements(self.prepared_limit)
         # The login connection of a pooled client: keep it while nobody waits.
         self.check_release = self.pooled
+        self.used_from = self.stats.query_count
+        events = self.events
+        if events is not None and events.active:
+            self.attached_at = time.monotonic()
 
     def detach(self, park: bool, reason: str = "its state is unknown") -> None:
         """Let go of the server connection: reset and park it, or close it (``reason`` is logged).
@@ -595,20 +607,48 @@ class Relay:
         return self.pool.unlinger(self.key, self)
 
     def _keep_or_hand_on(self) -> None:
-        """At a release point: keep the connection while nobody waits, else hand it on."""
+        """At a release point: keep the connection while nobody waits (and ``server_linger``), else hand it on."""
         if self.wake_rfd < 0:
             self._make_wake_fd()
-        if self.pool.linger(self.key, self, self.backend):
+        events = self.events
+        if events is not None and events.active and self.prepared is not None:
+            self._report_statements(events)
+        if self.checkout.config.server_linger and self.pool.linger(self.key, self, self.backend):
             self.lingering = True
         else:
-            self.detach(park=True)
+            self._release()
             if self.stop_requested:         # a graceful shutdown waited for this release point
                 raise PoolClosed()
 
     def _linger_expired(self) -> None:
         """Idle past server_idle_timeout: park it, so the janitor may close it (or a waiter take it)."""
         self._stop_lingering()
+        self._release()
+
+    def _release(self) -> None:
+        """Between transactions: reset and park the connection (detach), and tell the hooks if the client used it."""
+        conn = self.backend
         self.detach(park=True)
+        events = self.events
+        if events is not None and events.active and conn is not None and self.stats.query_count > self.used_from:
+            events.emit_client(SERVER_RELEASE, self.stats, self.attached_at, server_id=conn.serial,
+                               server_pid=conn.pid)
+
+    def _report_statements(self, events) -> None:
+        """Statements re-prepared on this connection, or refused, since the last report: events."""
+        counts = self.prepared.stats
+        injected, refused = self.reported
+        if counts.injected != injected or counts.refused != refused:
+            self.reported = (counts.injected, counts.refused)
+            conn = self.backend
+            server = dict(server_id=conn.serial, server_pid=conn.pid) if conn is not None else {}
+            at = self.attached_at      # (in the transaction that ends here, whose answer the client has)
+            if counts.injected > injected:
+                events.emit_client(STATEMENT_REPREPARED, self.stats, at, number=counts.injected - injected, **server)
+            if counts.refused > refused:
+                events.emit_client(STATEMENT_REFUSED, self.stats, at, number=counts.refused - refused,
+                                   detail="a Parse of a statement name the client holds already (42P05), "
+                                          "or beyond its limit (53400)", **server)
 
     def _lingering_backend_spoke(self, view, n: int) -> None:
         """A lingering (idle) server connection sent something.
@@ -737,6 +777,9 @@ class Relay:
             self.client.sendall(view[:pq.trailing_ready_for_query(view, n)])
         except OSError:
             raise ClientGone() from None
+        if self.events is not None and self.events.active:
+            self.events.emit_client(STATEMENT_REFUSED, self.stats, sqlstate=pq.SQLSTATE_PROTOCOL_VIOLATION,
+                                    detail="transaction blocks not allowed in statement pooling mode")
         raise ClientFatal(pq.SQLSTATE_PROTOCOL_VIOLATION,
                           "transaction blocks not allowed in statement pooling mode",
                           hint="Use pool_mode transaction or session for this database, or autocommit.")

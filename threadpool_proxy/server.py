@@ -29,8 +29,10 @@ import socketserver
 import threading
 import time
 import weakref
+from typing import Callable
 
 from . import config as config_mod
+from . import events as events_mod
 from . import protocol as pq
 from . import stats as stats_mod
 from .backend import connect_socket
@@ -191,7 +193,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     request_queue_size = 1024
     block_on_close = False
 
-    def __init__(self, config: config_mod.Config, worker: "WorkerSlot | None" = None) -> None:
+    def __init__(self, config: config_mod.Config, worker: "WorkerSlot | None" = None,
+                 events: events_mod.EventHub | None = None) -> None:
         self.config = config
         self.whole_config = config              # workers mode: before for_worker divided its limits
         self.worker = worker                    # which worker process this is (None: the only process)
@@ -219,17 +222,19 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._refused_now: set = set()          # refused by the accepting thread, never counted
         self.junk_log = JunkLog(log)
         self.stats = stats_mod.StatsRegistry(config.stats_period)
+        self.events = events if events is not None else events_mod.EventHub()   # the embedding program's hooks
         self.console_control = ConsoleControl(self)
-        self.reloader = None                    # Proxy.reload: RELOAD on the console
-        self.setter = None                      # Proxy.set_setting: SET on the console
+        self.reloader: Callable[[], object] | None = None       # Proxy.reload: RELOAD on the console
+        self.setter: Callable[[str, str], object] | None = None  # Proxy.set_setting: SET on the console
         self.disabled: set = set()              # DISABLE on the console: database names refused
-        self.stopper = None                     # stops the Proxy from another thread: SHUTDOWN
+        self.stopper: Callable[[bool], object] | None = None     # stops the Proxy from another thread: SHUTDOWN
         self._spare_fd = -1                     # given up to accept (and refuse) a client when out of fds
         self._fd_refusals = 0                   # clients refused for want of a descriptor, since the last log
         # Before binding: a bad auth file or TLS file (ConfigError) must not leave a listening socket behind.
         self.client_tls, server_tls = tls.contexts(config)
         self.router = Router(self.pool)
         self.logins = Logins(config, self.pool, server_tls, self.router, junk_log=self.junk_log)
+        self.logins.events = self.events
         super().__init__(None, _Handler, bind_and_activate=False)
         self.socket.close()               # the listeners below replace the one socket TCPServer makes
         self._shutdown_request = False
@@ -285,12 +290,19 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         if session is None:
             self.junk_log.log("cancel requests with an unknown key", "ignoring a cancel request with an unknown key")
             return
+        at = time.monotonic()        # (the event's time: before the client can see what the cancel did)
         target = session.cancel_target()
         if target is None:
-            if session.cancel_wait():
+            ended = session.cancel_wait()
+            if ended:
                 log.debug("client %s: cancel request ended its wait for a server connection", session.who)
+            if self.events.active:
+                self.events.emit_client(events_mod.CANCEL, session.stats, at,
+                                        detail="ended a wait" if ended else "nothing running")
             return            # else nothing is running for that client
         relay, conn = target
+        if self.events.active:
+            self.events.emit_client(events_mod.CANCEL, session.stats, at, server_pid=conn.pid, detail="forwarded")
         delivered = False
         try:
             delivered = self.send_cancel((conn.host, conn.port, conn.pid, conn.secret, conn.tls))

@@ -14,6 +14,7 @@ import errno
 import select
 import socket
 
+from . import events as events_mod
 from . import protocol as pq
 from .admin import ConsoleClient
 from . import tls
@@ -126,12 +127,14 @@ class ClientSession:
         if self.killed:
             relay = self.relay
             if relay is None or relay.sscan.at_boundary:      # (not into a half-sent message: a stream)
+                self._told(pq.SQLSTATE_ADMIN_SHUTDOWN, "KILL on the admin console")
                 self.channel.send_quietly(KILL_NOTICE)
         elif self.server.stopping or isinstance(exc, PoolClosed):
             # The proxy is stopping (that is why the client's socket or server
             # connection was shut down): say so, unless a message is half sent.
             relay = self.relay
             if relay is None or relay.sscan.at_boundary:
+                self._told(pq.SQLSTATE_ADMIN_SHUTDOWN, "the proxy is shutting down")
                 self.channel.send_quietly(SHUTDOWN_NOTICE)
         elif isinstance(exc, ClientFatal):
             if isinstance(exc, MessageTooLarge):
@@ -139,16 +142,25 @@ class ClientSession:
                 # what the limit refuses (close_client would drain up to 64 MiB of it).
                 self.drain_on_close = False
             self._log_failure("%s", exc)
+            if not exc.raw:            # (a raw one is the server's own words, passed on)
+                self._told(exc.sqlstate, str(exc))
             self.channel.send_quietly(exc.raw or pq.error_response(exc.sqlstate, str(exc), pq.FATAL,
                                                                    exc.detail, exc.hint))
         elif isinstance(exc, ProtocolError):
             self._log_failure("protocol violation: %s", exc)
+            self._told(pq.SQLSTATE_PROTOCOL_VIOLATION, f"protocol violation: {exc}")
             self.channel.send_quietly(pq.error_response(pq.SQLSTATE_PROTOCOL_VIOLATION,
                                                         f"protocol violation: {exc}"))
         elif isinstance(exc, ServerError):
             self.channel.send_quietly(exc.raw)
         # ClientGone, ErrorAlreadySent, and errors of a server connection already
         # turned into a ClientFatal where they happened: nothing more to say.
+
+    def _told(self, sqlstate: str, text: str) -> None:
+        """The proxy itself ended this client with an error: an event for the embedding program's hooks."""
+        events = self.server.events
+        if events.active:
+            events.emit_client(events_mod.PROXY_ERROR, self.stats, sqlstate=sqlstate, detail=text)
 
     def _log_failure(self, text: str, exc: Exception) -> None:
         """Log why a client is turned away; one that never logged in only in summary (rate-limited)."""
@@ -167,6 +179,8 @@ class ClientSession:
             self.relay.detach(park=False)    # attached here only after an unexpected error
             self.relay.close()
             self.server.stats.retire(self.stats)
+            if self.server.events.active:
+                self.server.events.emit_client(events_mod.CLIENT_LOGOUT, self.stats)
         # An orderly end of stream, never a reset; while the proxy stops, no waiting for the client.
         close_client(self.client, linger=CLOSE_LINGER if self.drain_on_close and not self.server.stopping else 0.0)
 
@@ -353,6 +367,7 @@ class ClientSession:
                 db.server_dbname(request.database), self.settings)
         kwargs = dict(client_alive=lambda: client_connected(client), stats=self.stats,
                       backends=self.server.backends)
+        events, stats = self.server.events, self.stats
         if request.replication:
             checkout = self.checkout = repl.ReplicationCheckout(*args, dial=None, kind=request.replication,
                                                                 **kwargs)
@@ -361,6 +376,7 @@ class ClientSession:
                 *args,
                 dial=None if passthrough else lambda params, node, key: logins.proxy_login(request, params, node, key),
                 router=self.server.router, **kwargs)
+        checkout.waiter.on_wait = lambda: events.emit_client(events_mod.POOL_WAIT, stats)
         if passthrough:
             conn = logins.passthrough_login(channel, request, checkout.startup_params())
             self.authenticated = True
@@ -380,6 +396,7 @@ class ClientSession:
         # The client keeps its login connection; in transaction and statement
         # mode the relay lets it go as soon as another client waits for one.
         relay = Relay(self.client, checkout, self.settings, db.pool_mode, self.config.server_idle_timeout)
+        relay.events = self.server.events
         # Session mode: the client holds this server connection for life, so it is told
         # the real backend pid (a proxy secret still guards its cancels).
         self.cancel_pid, cancel_secret = self.server.cancel_keys.register(
@@ -390,6 +407,9 @@ class ClientSession:
         for key in checkout.node_keys.values() if checkout.routed else (request.key,):
             self.server.stats.note_key(key, self.stats.pool)
         self.relay = relay
+        if events.active:         # (before the welcome: nothing the client does can come before it)
+            events.emit_client(events_mod.CLIENT_LOGIN, self.stats,
+                               detail=f"{request.replication} replication" if request.replication else db.pool_mode)
         try:
             ahead = channel.ready_for_relay()
             channel.send(self._welcome(conn, cancel_secret))
