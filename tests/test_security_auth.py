@@ -113,8 +113,11 @@ def session_as(proxy, user: str, dbname: str, password: str):
 
 def auth_query_config(tenant_pg, **overrides) -> dict:
     target = {"host": tenant_pg.host, "port": tenant_pg.port}
+    # This server trusts postgres from loopback (no exchange): with a SCRAM verifier the proxy
+    # accepts that only when told so (server_require_auth; docs/security-wire.md).
     config = dict(auth_type="auth_query", auth_user="postgres", auth_query_cache_seconds=30,
-                  pool_mode="session", databases={"*": dict(target)})
+                  pool_mode="session", databases={"*": dict(target)},
+                  server_require_auth="scram-sha-256,none")
     config.update(overrides)
     return config
 
