@@ -37,7 +37,7 @@ from .console_control import ConsoleControl
 from .login import Logins
 from .peers import Peers, WorkerSlot, owner_of
 from .nodes import Router, node_names
-from .pool import BackendIdlePool, pool_key
+from .pool import BackendIdlePool, Limits, pool_key
 from .session import ClientSession
 from .logs import JunkLog, get_logger
 
@@ -472,6 +472,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         if new.log_level != old.log_level:
             logging.getLogger("threadpool_proxy").setLevel(new.log_level.upper())
         kept = collections.Counter()
+        sizes: dict = {}                 # pool key -> (pool_size, Limits) under the new configuration
         for session in self.sessions():
             session.config = new
             checkout, request = session.checkout, session.request
@@ -484,9 +485,28 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 continue
             checkout.config = new
             checkout.route(entry)
+            for key in checkout.node_keys.values() if checkout.routed else (checkout.key,):
+                sizes[key] = (entry.pool_size, checkout.limits)
         for database, n in kept.items():
             log.warning("RELOAD: %d clients of database %s keep their old server until they reconnect", n, database)
+        self._resize_pools(new, sizes)
         return new
+
+    def _resize_pools(self, new: config_mod.Config, sizes: dict) -> None:
+        """RELOAD: every pool in use takes its new pool_size and caps now (the surplus closes).
+
+        ``sizes`` covers the pools of connected clients; those kept warm by
+        min_pool_size are looked up here.  A pool with neither holds only
+        parked connections: its next checkout brings the new size, and
+        server_idle_timeout closes them meanwhile.
+        """
+        for key, request in list(self.warm_pools.items()):
+            entry = new.lookup_database(request.database)
+            if key not in sizes and entry is not None and self.key_for(entry, request.user, request.database) == key:
+                sizes[key] = (entry.pool_size, Limits.of(new, entry))
+        closed = sum(self.pool.resize(key, size, limits) for key, (size, limits) in sizes.items())
+        if closed:
+            log.info("RELOAD: %d parked server connections beyond the new limits closed", closed)
 
     # -- min_pool_size ---------------------------------------------------------------
 
@@ -528,7 +548,6 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     def _warm(self, todo) -> None:
         """Open server connections up to min_pool_size for each pool in ``todo`` and park them."""
-        from .pool import Limits
         for key, request, want in todo:
             limits = Limits.of(self.config, request.db)
             opened = 0
