@@ -14,7 +14,6 @@ import functools
 import threading
 import time
 
-import psycopg
 import pytest
 import yaml
 

@@ -427,7 +427,7 @@ def test_idle_client_whose_connection_is_terminated_is_told_nothing(pg, proxy_fa
 def test_silent_connections_beyond_max_client_conn_hold_no_thread_for_long(pg, proxy_factory):
     """max_client_conn bounds threads from accept: over-limit sockets are turned away within seconds."""
     from threadpool_proxy.server import MAX_REFUSING
-    from threadpool_proxy.session import REFUSAL_TIMEOUT
+    from threadpool_proxy.refusal import REFUSAL_TIMEOUT
     threads0 = threading.active_count()
     proxy = proxy_factory(max_client_conn=3, client_login_timeout=30)
     threads1 = threading.active_count()
