@@ -230,7 +230,7 @@ class IdentityPool:
     """
 
     __slots__ = ("key", "lock", "idle", "open", "pending", "waiters", "sleepers", "login_cond", "lingering",
-                 "defaults", "groups")
+                 "defaults", "groups", "ceiling", "limits")
 
     def __init__(self, key: str, lock: Any) -> None:
         self.key = key
@@ -255,6 +255,12 @@ class IdentityPool:
         self.defaults: Dict[str, str] = {}
         #: Its groups, whose open connections max_db_connections and max_user_connections count.
         self.groups = _groups_of(key)
+        #: The most connections it may keep open: pool_size (plus reserve_pool_size) as its checkouts
+        #: last said or RELOAD set (``resize``); 0 until known.  A connection released while more are
+        #: open is closed, not parked or handed on, so a lowered pool_size takes effect.
+        self.ceiling = 0
+        #: The caps of its database and user (Limits) as its checkouts last said, or None.
+        self.limits: Optional[Limits] = None
 
     def is_empty(self) -> bool:
         """Nothing parked, open, pending, waiting or lingering: the registry may forget it."""
@@ -482,22 +488,27 @@ class BackendIdlePool:
             reuses=0, parked=0, handed_on=0, over_capacity=0, stale_evicted=0, reaped=0, reconnected=0,
             reset_failed=0, evicted_for_login=0, waits=0, wait_timeouts=0,
             pending_timeouts=0, waits_canceled=0, waiters_gone=0, dials_failed=0, evicted_for_limit=0,
-            reserve_used=0, lifetime_closed=0, pending_refused=0)
+            reserve_used=0, lifetime_closed=0, pending_refused=0, shrunk=0)
 
     # -- the idle structure -------------------------------------------------
 
-    def checkout(self, key: str, prefer: Optional[Callable[[Any], bool]] = None) -> Any:
+    def checkout(self, key: str, prefer: Optional[Callable[[Any], bool]] = None, limit: int = 0,
+                 limits: Optional[Limits] = None) -> Any:
         """Return a live parked connection of ``key``, or None.
 
         With ``prefer``, the newest parked connection for which it is true is
         taken first (used to find one whose session parameters already match).
-        Dead connections met on the way are closed and counted.
+        Dead connections met on the way are closed and counted.  ``limit`` and
+        ``limits`` (when given): the key's pool_size and caps as the caller
+        knows them, noted for its releases.
         """
         while True:
             with self._lock:
                 ident = self._pools.get(key)
                 if ident is None or not ident.idle:
                     return None
+                if limit:
+                    self._note_limits_locked(ident, limit, limits)
                 conn = ident.pop(prefer)
                 self._total_idle -= 1
             conn = self._vet(key, conn)
@@ -600,6 +611,9 @@ class BackendIdlePool:
             return "its reset query could not be sent"
         if self._closed:
             return "the proxy is shutting down"
+        if ident.open > ident.ceiling > 0 or (ident.limits is not None and self._over_caps_locked(ident)):
+            self.stats["shrunk"] += 1
+            return "pool_size, max_db_connections or max_user_connections is lower than the connections open"
         if (len(ident.idle) >= self.max_idle_per_key or self._total_idle >= self.max_total_idle) \
                 and not ident.waiters:
             self.stats["over_capacity"] += 1
@@ -659,7 +673,7 @@ class BackendIdlePool:
         """
         paused = self._held and self._held_key(key)
         if not paused:
-            conn = self.checkout(key, prefer)
+            conn = self.checkout(key, prefer, limit, limits)
             if conn is not None:
                 return conn              # at hand: nobody waited, so nobody to ask whether still there
         return self._acquire_waiting(_Checkout(key, limit, timeout, prefer, dial,
@@ -719,6 +733,7 @@ class BackendIdlePool:
             self._check_canceled_locked(waiter)
             ident = self._identity_locked(want.key)
             try:
+                self._note_limits_locked(ident, want.limit, want.limits)
                 if ident.idle:
                     return None
                 wake_at = slice_end = None
@@ -995,6 +1010,7 @@ class BackendIdlePool:
                 if self._closed or self._draining:
                     raise PoolClosed()
                 ident = self._identity_locked(key)      # never empty here: this login is pending
+                self._note_limits_locked(ident, limit, limits)
                 if limits is not None and not self._room_locked(ident, limits, victims):
                     deadline = self._wait_locked(key, deadline, timeout, None, time.monotonic() + CAP_SLICE)
                     continue
@@ -1047,6 +1063,8 @@ class BackendIdlePool:
             ident = self._pools.get(key)
             if ident is None or ident.waiters or self._closed or self._draining or (self._held and self._held_key(key)):
                 return False        # (None: nothing of the key is open, so nothing to keep)
+            if ident.open > ident.ceiling > 0 or (ident.limits is not None and self._over_caps_locked(ident)):
+                return False        # one too many since RELOAD lowered a limit: it goes back (and closes)
             if conn is not None and ((self._born_before and conn.created <= self._born_before
                                       and key in self.renewable)
                                      or (self._close_before and self._stale_locked(key, conn))):
@@ -1121,6 +1139,59 @@ class BackendIdlePool:
         for conn, key in victims:
             _close(conn, key, f"server_lifetime: open for longer than {lifetime:g} s")
         return len(victims)
+
+    def resize(self, key: str, limit: int, limits: Optional[Limits] = None) -> int:
+        """RELOAD: ``key``'s pool_size is now ``limit`` and its caps ``limits``; what is beyond them goes.
+
+        Parked connections beyond the new size (or beyond its database's or
+        user's cap) are closed now, oldest first; clients keeping idle ones
+        are asked to give them back; those in use are closed when released
+        (``checkin``), never parked or handed on, until the key is within its
+        limits, as PgBouncer closes a pool's surplus.  Returns how many were
+        closed now.
+        """
+        victims: list = []
+        with self._lock:
+            ident = self._pools.get(key)
+            if ident is None:
+                return 0
+            self._note_limits_locked(ident, limit, limits)
+            over = ident.open - ident.ceiling
+            while over > 0 and ident.idle:
+                victims.append((ident.idle.popleft()[0], key))
+                self._total_idle -= 1
+                self.stats["shrunk"] += 1
+                self._forget_locked(key)
+                over -= 1
+            while over > 0 and ident.ask_back_one():
+                over -= 1
+            if limits is not None:
+                for group, cap in zip(ident.groups, (limits.db_cap, limits.user_cap)):
+                    over = self._open_groups[group] - cap if cap else 0
+                    while over > 0:
+                        victim = self._evict_locked(group)
+                        if victim is None:
+                            break
+                        victims.append(victim)
+                        over -= 1
+                    while over > 0 and self._wake_lingering_group_locked(group):
+                        over -= 1
+        for conn, victim_key in victims:
+            _close(conn, victim_key, "RELOAD lowered pool_size, max_db_connections or max_user_connections")
+        return len(victims)
+
+    def _note_limits_locked(self, ident: IdentityPool, limit: int, limits: Optional[Limits]) -> None:
+        """The caller's pool_size and caps of ``ident`` are the ones in force (RELOAD may change them)."""
+        ident.ceiling = limit + limits.reserve_size if limits is not None else limit
+        ident.limits = limits if limits is not None and (limits.db_cap or limits.user_cap) else None
+
+    def _over_caps_locked(self, ident: IdentityPool) -> bool:
+        """Whether ``ident``'s database or user has more connections open than its cap (RELOAD lowered it)."""
+        limits, groups = ident.limits, self._open_groups
+        for group, cap in zip(ident.groups, (limits.db_cap, limits.user_cap)):
+            if cap and groups[group] > cap:
+                return True
+        return False
 
     def take_slot(self, key: str, upto: int, limits: Optional[Limits] = None) -> bool:
         """min_pool_size: take a slot of ``key`` for a new connection if fewer than ``upto`` are open
@@ -1407,11 +1478,12 @@ class BackendIdlePool:
         self._forget_locked(other)
         return conn, other
 
-    def _wake_lingering_group_locked(self, group) -> None:
+    def _wake_lingering_group_locked(self, group) -> bool:
+        """Ask one client keeping an idle connection of ``group`` to give it back; False if none does."""
         for ident in self._pools.values():
             if ident.lingering and group in ident.groups:
-                ident.ask_back_one()
-                return
+                return ident.ask_back_one()
+        return False
 
     def _identity_locked(self, key: str) -> IdentityPool:
         """The pool of ``key``'s identity, registered now if it has none."""

@@ -6,12 +6,14 @@ and the embedding API are embed.py's ``Proxy``; the admin console's verbs are
 console_control.py's ``ConsoleControl``, which the server builds.
 
 Admission bounds threads and file descriptors from the moment of accept: at
-most ``max_client_conn`` clients, plus at most ``MAX_REFUSING`` connections
-being turned away (each gets ``REFUSAL_TIMEOUT`` seconds to send its startup
-packet, so it can read why); beyond those a connection is answered and closed
+most ``max_client_conn`` clients, each in a thread of its own, plus at most
+``MAX_REFUSING`` connections being turned away as PostgreSQL turns them away
+(refusal.py: the SSLRequest answered, the startup packet read, then the
+reason), all in one thread; beyond those a connection is answered and closed
 by the accepting thread itself.  Out of file descriptors at accept (EMFILE),
-one spare descriptor is given up to accept and refuse the client with 53300,
-and the condition is logged once, never spun on.
+one spare descriptor is given up to accept and refuse the client with 53300
+(after its SSLRequest too, in a hurry), and the condition is logged once,
+never spun on.
 """
 
 from __future__ import annotations
@@ -44,14 +46,19 @@ from .console_control import ConsoleControl
 from .login import Logins
 from .peers import Peers, WorkerSlot, owner_of
 from .nodes import Router, node_names
-from .pool import BackendIdlePool, pool_key
+from .pool import BackendIdlePool, Limits, pool_key
+from .refusal import Refuser, refuse_now
 from .session import ClientSession
 from .logs import JunkLog, get_logger
 
 log = get_logger(__name__)
 
-#: Connections being refused (with a message after their startup packet) at once, at most.
-MAX_REFUSING = 16
+#: Connections being refused (with a message after their startup packet) at once, at most: each costs
+#: a descriptor and a few hundred bytes in the refuser's one thread.
+MAX_REFUSING = 64
+
+#: Cancel requests that came on refused connections being forwarded at once, at most (a thread each).
+MAX_REFUSED_CANCELS = 8
 
 #: File descriptors a client can need: its socket, its server connection, the relay's eventfd.
 FDS_PER_CLIENT = 3
@@ -82,7 +89,7 @@ def raise_fd_limit(config: config_mod.Config) -> int:
                 break
             except (ValueError, OSError):
                 continue
-    need = FDS_PER_CLIENT * config.max_client_conn + config.max_total_idle + FD_RESERVE
+    need = FDS_PER_CLIENT * config.max_client_conn + config.max_total_idle + MAX_REFUSING + FD_RESERVE
     if soft != resource.RLIM_INFINITY and need > soft:
         log.warning("the open files limit (RLIMIT_NOFILE) is %d, but max_client_conn %d may need up to %d "
                     "file descriptors (%d per client, plus parked server connections): raise the limit "
@@ -152,23 +159,9 @@ class CancelKeys:
             return len(self._by_pid)
 
 
-def _refuse_now(sock: socket.socket, reason: str, sqlstate: str = pq.SQLSTATE_TOO_MANY_CONNECTIONS) -> None:
-    """Answer a connection we have no thread for: the error at once, never blocking."""
-    try:
-        sock.setblocking(False)
-        try:
-            sock.recv(65536)              # what it sent already: closing with unread data would reset
-        except OSError:
-            pass
-        sock.send(pq.error_response(sqlstate, reason))
-    except OSError:
-        pass
-
-
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        session = ClientSession(self.server, self.request, self.client_address,
-                                refusal=self.server.refusal_for(self.request))
+        session = ClientSession(self.server, self.request, self.client_address)
         self.server.track(session, True)
         try:
             session.run()
@@ -217,9 +210,11 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.warm_pools: dict = {}              # pool key -> a LoginRequest that used it (min_pool_size)
         self._warming: threading.Thread | None = None
         self._admitted = 0                      # clients accepted and not yet closed
-        self._refusing = 0                      # connections being refused in a thread of their own
-        self._refusals: dict = {}               # socket -> why it is refused (until closed)
-        self._refused_now: set = set()          # refused by the accepting thread, never counted
+        self._refused: set = set()              # sockets handed to the refuser or refused at once, never counted
+        self.refuser = Refuser(MAX_REFUSING, self._cancel_while_refusing)
+        self._refused_cancels = threading.BoundedSemaphore(MAX_REFUSED_CANCELS)
+        self._spare_lock = threading.Lock()     # the spare descriptor: the accept thread's and the refuser's
+        self._spare_returned = threading.Condition(self._spare_lock)
         self.junk_log = JunkLog(log)
         self.stats = stats_mod.StatsRegistry(config.stats_period)
         self.events = events if events is not None else events_mod.EventHub()   # the embedding program's hooks
@@ -376,11 +371,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def verify_request(self, request, client_address) -> bool:
         """Admit the connection, or have it refused; thread and descriptors are bounded from here.
 
-        A refusal waits for the startup packet (at most REFUSAL_TIMEOUT):
-        libpq first sends an SSLRequest (sslmode=prefer), and an ErrorResponse
-        in place of the 'N' reaches the user as "server sent an error response
-        during SSL exchange" instead of the reason.  Beyond MAX_REFUSING
-        refusals under way, the reason is sent at once and the socket closed.
+        A refused connection goes to the refuser (refusal.py), which answers
+        its SSLRequest and reads its startup packet before saying why, as
+        PostgreSQL does: an ErrorResponse in place of the SSLRequest's answer
+        reaches a libpq user (sslmode=prefer) only as "server sent an error
+        response during SSL exchange".  Beyond MAX_REFUSING refusals under
+        way, the reason is sent at once and the socket closed.
         """
         with self._sessions_lock:
             if self._stopping:
@@ -390,27 +386,42 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             else:
                 self._admitted += 1
                 return True
-            if self._refusing < MAX_REFUSING:
-                self._refusing += 1
-                self._refusals[request] = reason
-                return True
-            self._refused_now.add(request)
+            self._refused.add(request)
+        self._refuse(request, client_address, reason)
+        return False          # socketserver lets go of it (shutdown_request); the refuser has it now
+
+    def _refuse(self, request, client_address, reason: str, hurried: bool = False, on_close=None) -> None:
+        """Hand ``request`` (its descriptor) to the refuser, or answer it at once when the refuser is full."""
+        error = pq.error_response(pq.SQLSTATE_TOO_MANY_CONNECTIONS, reason)
+        sock = socket.socket(request.family, request.type, request.proto, fileno=request.detach())
+        if self.refuser.refuse(sock, error, self.client_tls, hurried=hurried, on_close=on_close):
+            return
         self.junk_log.log("connections refused at once", "refusing %s:%s at once: %s",
                           *client_address[:2], reason)
-        _refuse_now(request, reason)
-        return False          # socketserver closes it (shutdown_request)
+        refuse_now(sock, error)
+        sock.close()
+        if on_close is not None:
+            on_close()
 
-    def refusal_for(self, request) -> str | None:
-        with self._sessions_lock:
-            return self._refusals.get(request)
+    def _cancel_while_refusing(self, pid: int, secret: bytes) -> None:
+        """A CancelRequest on a refused connection: forwarded all the same (PostgreSQL serves those
+        however full it is), in a short thread of its own (at most MAX_REFUSED_CANCELS at once)."""
+        if not self._refused_cancels.acquire(blocking=False):
+            self.junk_log.log("cancel requests dropped while refusing", "dropping a cancel request: %d are "
+                              "being forwarded already while clients are refused", MAX_REFUSED_CANCELS)
+            return
+
+        def forward() -> None:
+            try:
+                self.forward_cancel(pid, secret)
+            finally:
+                self._refused_cancels.release()
+        threading.Thread(target=forward, name="threadpool_proxy-cancel", daemon=True).start()
 
     def shutdown_request(self, request) -> None:
         with self._sessions_lock:
-            if request in self._refusals:
-                del self._refusals[request]
-                self._refusing -= 1
-            elif request in self._refused_now:
-                self._refused_now.discard(request)
+            if request in self._refused:
+                self._refused.discard(request)
             else:
                 self._admitted -= 1
         super().shutdown_request(request)
@@ -419,16 +430,19 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     def server_close(self) -> None:
         self.listeners.close()
-        if self._spare_fd >= 0:
-            os.close(self._spare_fd)
-            self._spare_fd = -1
+        self.refuser.stop()
+        with self._spare_lock:
+            if self._spare_fd >= 0:
+                os.close(self._spare_fd)
+                self._spare_fd = -1
 
     def _take_spare_fd(self) -> None:
-        if self._spare_fd < 0:
-            try:
-                self._spare_fd = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError:
-                self._spare_fd = -1
+        with self._spare_lock:
+            if self._spare_fd < 0:
+                try:
+                    self._spare_fd = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    self._spare_fd = -1
 
     def get_request(self, listener=None):
         """accept() on ``listener``; out of descriptors, give up the spare one to refuse the client, never spin.
@@ -460,19 +474,30 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                         exc.strerror)
         self._fd_refusals += 1
         sock = None
-        if self._spare_fd >= 0:
-            os.close(self._spare_fd)
-            self._spare_fd = -1
-            try:
-                sock, _ = listener.accept()
-            except OSError:
-                sock = None
+        with self._spare_lock:
+            if self._spare_fd >= 0:
+                os.close(self._spare_fd)
+                self._spare_fd = -1
+                try:
+                    sock, address = listener.accept()
+                except OSError:
+                    sock = None
         if sock is not None:
-            _refuse_now(sock, "the proxy is out of file descriptors; try again later", pq.SQLSTATE_TOO_MANY_CONNECTIONS)
-            sock.close()
-            self._take_spare_fd()
-        if self._spare_fd < 0 or sock is None:
-            time.sleep(0.1)           # no way to make progress now: do not spin on the ready listening socket
+            # The spare descriptor is its socket now: taken again once the refuser closes it (in a
+            # hurry: a moment for the client's first packet), and the next client's turn comes then.
+            self._refuse(sock, address, "the proxy is out of file descriptors; try again later", hurried=True,
+                         on_close=self._spare_back)
+            with self._spare_lock:
+                self._spare_returned.wait_for(lambda: self._spare_fd >= 0, 0.1)
+            return
+        self._take_spare_fd()
+        time.sleep(0.1)               # no way to make progress now: do not spin on the ready listening socket
+
+    def _spare_back(self) -> None:
+        """The refuser closed the socket that had the spare descriptor: take it again at once."""
+        self._take_spare_fd()
+        with self._spare_lock:
+            self._spare_returned.notify_all()
 
     def handle_error(self, request, client_address) -> None:
         log.exception("unhandled error serving %s", client_address)
@@ -559,6 +584,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         if new.log_level != old.log_level:
             logging.getLogger("threadpool_proxy").setLevel(new.log_level.upper())
         kept = collections.Counter()
+        sizes: dict = {}                 # pool key -> (pool_size, Limits) under the new configuration
         for session in self.sessions():
             session.config = new
             checkout, request = session.checkout, session.request
@@ -571,9 +597,28 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 continue
             checkout.config = new
             checkout.route(entry)
+            for key in checkout.node_keys.values() if checkout.routed else (checkout.key,):
+                sizes[key] = (entry.pool_size, checkout.limits)
         for database, n in kept.items():
             log.warning("RELOAD: %d clients of database %s keep their old server until they reconnect", n, database)
+        self._resize_pools(new, sizes)
         return new
+
+    def _resize_pools(self, new: config_mod.Config, sizes: dict) -> None:
+        """RELOAD: every pool in use takes its new pool_size and caps now (the surplus closes).
+
+        ``sizes`` covers the pools of connected clients; those kept warm by
+        min_pool_size are looked up here.  A pool with neither holds only
+        parked connections: its next checkout brings the new size, and
+        server_idle_timeout closes them meanwhile.
+        """
+        for key, request in list(self.warm_pools.items()):
+            entry = new.lookup_database(request.database)
+            if key not in sizes and entry is not None and self.key_for(entry, request.user, request.database) == key:
+                sizes[key] = (entry.pool_size, Limits.of(new, entry))
+        closed = sum(self.pool.resize(key, size, limits) for key, (size, limits) in sizes.items())
+        if closed:
+            log.info("RELOAD: %d parked server connections beyond the new limits closed", closed)
 
     # -- min_pool_size ---------------------------------------------------------------
 
@@ -615,7 +660,6 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     def _warm(self, todo) -> None:
         """Open server connections up to min_pool_size for each pool in ``todo`` and park them."""
-        from .pool import Limits
         for key, request, want in todo:
             limits = Limits.of(self.config, request.db)
             opened = 0

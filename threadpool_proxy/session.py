@@ -33,10 +33,6 @@ from .logs import get_logger
 
 log = get_logger(__name__)
 
-#: Seconds a client turned away (max_client_conn, shutdown) gets to send its
-#: startup packet, so that it can read why; a silent one is closed after this.
-REFUSAL_TIMEOUT = 2.0
-
 #: What every client is told when the proxy stops, as PostgreSQL tells its own at a fast shutdown.
 SHUTDOWN_NOTICE = pq.error_response(pq.SQLSTATE_ADMIN_SHUTDOWN,
                                     "terminating connection due to administrator command: "
@@ -70,19 +66,18 @@ def client_connected(sock: socket.socket) -> bool:
 class ClientSession:
     """One client connection.  ``run()`` is its whole life; it never raises.
 
-    ``server`` is the ProxyServer (pool, logins, cancel keys, config);
-    ``refusal``, when set before ``run()``, is why the client is turned away
-    after its startup packet (max_client_conn, shutdown).
+    ``server`` is the ProxyServer (pool, logins, cancel keys, config).
+    Clients turned away (max_client_conn, shutdown) never get one: the
+    server's refuser (refusal.py) answers them.
     """
 
-    def __init__(self, server, sock: socket.socket, address, refusal: str | None = None) -> None:
+    def __init__(self, server, sock: socket.socket, address) -> None:
         self.server = server
         self.config = server.config
         self.client = sock
         self.address = address
-        self.refusal = refusal
         login_timeout = self.config.client_login_timeout
-        self.channel = ClientChannel(sock, min(login_timeout, REFUSAL_TIMEOUT) if refusal else login_timeout)
+        self.channel = ClientChannel(sock, login_timeout)
         self.settings = ClientSettings()
         self.request: LoginRequest | None = None
         self.checkout: ServerCheckout | None = None
@@ -109,8 +104,6 @@ class ClientSession:
                     self.relay = self.login()
                     self.relay.run()
         except ProxyError as exc:
-            if self.refusal and self.request is None and isinstance(exc, (ClientFatal, ProtocolError)):
-                exc = ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS, self.refusal)   # silent or garbled: the real reason
             self._goodbye(exc)
         except Exception as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
@@ -266,8 +259,6 @@ class ClientSession:
                                   f"unsupported frontend protocol {major}.{minor}: "
                                   f"server supports 3.0 to 3.0")
             params = pq.parse_startup_params(packet[4:])
-            if self.refusal:
-                raise ClientFatal(pq.SQLSTATE_TOO_MANY_CONNECTIONS, self.refusal)
             if client_tls is not None and client_tls.required and not self.tls:
                 raise ClientFatal(pq.SQLSTATE_INVALID_AUTHORIZATION,
                                   f'connection without encryption refused for host "{self.address[0]}", '
