@@ -29,6 +29,8 @@ SECRET_KEYS = ("auth_password",)
 CONSOLE_DATABASES = ("threadpool_proxy", "pgbouncer")
 #: Most worker processes (``workers``); the worker's index is encoded in cancel key secrets.
 MAX_WORKERS = 64
+#: The largest ``peer_id``: cancel key secrets keep 8 bits for it (cancelkeys.py).
+PEER_ID_MAX = 255
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 #: The TLS settings that name files (relative paths in a YAML file are relative to it).
 TLS_FILES = ("client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
@@ -56,6 +58,17 @@ class NodeConfig:
     @property
     def name(self) -> str:
         """host:port, the ``node`` part of pool keys (and what the proxy's logs call the server)."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class PeerConfig:
+    """One entry of ``peers``: another proxy of the group, where its clients' cancel requests are sent."""
+
+    host: str
+    port: int = 6432
+
+    def __repr__(self) -> str:          # SHOW CONFIG shows peers as {2: 10.0.0.2:6432, ...}
         return f"{self.host}:{self.port}"
 
 
@@ -159,6 +172,11 @@ class Config:
     server_tls_cert_file: str | None = None
     server_tls_ca_file: str | None = None
     workers: int = 1                     # processes serving the port (SO_REUSEPORT); command line only
+    worker_retire_timeout: float = 10.0  # rolling restart (SIGUSR2): a replaced worker's clients may stay this long
+    peer_id: int = 0                     # this proxy's id in a group of proxies (cancel keys name it); 0: none
+    peers: Mapping[int, PeerConfig] = dataclasses.field(default_factory=dict)   # peer id -> its listen address
+    peer_cancel_timeout: float = 5.0     # forwarding a cancel request to a peer: connect, send, its close
+    shutdown_unready_delay: float = 0.0  # SIGTERM: /ready fails this long before the listening socket closes
     load_balance: str = "round-robin"
     target_session_attrs: str = "any"
     health_check_period: float = 5.0
@@ -277,6 +295,11 @@ _TOP_LEVEL = {
     "server_tls_sslmode": (_choice(SSLMODES), "one of " + ", ".join(SSLMODES)),
     **{key: (_nonempty_str, "a file path") for key in TLS_FILES},
     "workers": (lambda v: _positive_int(v) and v <= MAX_WORKERS, f"an integer from 1 to {MAX_WORKERS}"),
+    "worker_retire_timeout": _SECONDS_OR_OFF,
+    "peer_id": (lambda v: _non_negative_int(v) and v <= PEER_ID_MAX,
+                f"an integer from 1 to {PEER_ID_MAX} (0: no peering)"),
+    "peer_cancel_timeout": _SECONDS,
+    "shutdown_unready_delay": (_SECONDS_OR_OFF[0], "a number of seconds >= 0 (0: the listener closes at once)"),
     "load_balance": (_choice(LOAD_BALANCE), "one of " + ", ".join(LOAD_BALANCE)),
     "target_session_attrs": (_choice(TARGET_SESSION_ATTRS), "one of " + ", ".join(TARGET_SESSION_ATTRS)),
     "health_check_period": _SECONDS,
@@ -307,6 +330,11 @@ _DATABASE = {
     "target_session_attrs": _TOP_LEVEL["target_session_attrs"],
     "role": (_choice(NODE_ROLES), "one of " + ", ".join(NODE_ROLES)),
     "auth_dbname": _TOP_LEVEL["auth_dbname"],
+}
+
+_PEER = {
+    "host": (_nonempty_str, "a host name or address"),
+    "port": (lambda v: _port(v) and v > 0, "an integer from 1 to 65535"),
 }
 
 _NODE = {
@@ -358,6 +386,36 @@ def _nodes(fields: dict, where: str) -> tuple:
     return nodes
 
 
+def _peers(raw, peer_id: int) -> dict:
+    """``peers``: peer id -> {host, port} (or "host:port"); this proxy's own id may be listed too."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"peers: expected a mapping of peer ids to addresses, got {type(raw).__name__}")
+    out = {}
+    for key, value in raw.items():
+        number = int(key) if isinstance(key, str) and key.isdigit() else key
+        if not _positive_int(number) or number > PEER_ID_MAX:
+            raise ConfigError(f"peers: {key!r} is not a peer id (an integer from 1 to {PEER_ID_MAX})")
+        where = f"peers.{number}"
+        if number in out:
+            raise ConfigError(f"{where}: listed twice")
+        if isinstance(value, str):
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ConfigError(f"{where}: expected host:port or a mapping with host and port, got {value!r}")
+            out[number] = PeerConfig(host.strip("[]"), int(port))
+            continue
+        fields = _check_section(value, _PEER, where)
+        if "host" not in fields:
+            raise ConfigError(f"{where}.host: required")
+        out[number] = PeerConfig(fields["host"], fields.get("port", 6432))
+    if out and not peer_id:
+        raise ConfigError(f"peer_id: required with peers (this proxy's own id, 1 to {PEER_ID_MAX}): "
+                          f"its cancel keys must say which proxy gave them out")
+    return out
+
+
 def _check_section(section: Mapping[str, Any], rules, where: str) -> dict:
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where or 'configuration'}: expected a mapping, got {type(section).__name__}")
@@ -378,6 +436,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
     raw = dict(raw or {})
     listen = raw.pop("listen", {}) or {}
     databases = raw.pop("databases", None)
+    peers = raw.pop("peers", None)
     top = _check_section(raw, _TOP_LEVEL, "")
     listen = _check_section(listen, _LISTEN, "listen")
     if databases is None or databases == {}:
@@ -387,7 +446,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
 
     kwargs: dict[str, Any] = {}
     for key, value in top.items():
-        if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime")):
+        if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime", "_delay")):
             value = float(value)
         elif key in ("admin_users", "stats_users"):
             value = _as_user_tuple(value)
@@ -396,6 +455,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
         kwargs["listen_host"] = listen["host"]
     if "port" in listen:
         kwargs["listen_port"] = listen["port"]
+    kwargs["peers"] = _peers(peers, kwargs.get("peer_id", 0))
     defaults = Config(**kwargs)
 
     entries = {}
@@ -445,8 +505,9 @@ def with_setting(config: Config, key: str, text: str) -> Config:
     key otherwise).  Database entries that had the old top-level value of a
     setting they can override take the new one.
     """
-    if key in ("listen", "listen_host", "listen_port", "databases") or key not in _TOP_LEVEL:
-        raise ConfigError(f"{key}: unknown key" if key not in _TOP_LEVEL and key not in ("listen", "databases")
+    if key in ("listen", "listen_host", "listen_port", "databases", "peers") or key not in _TOP_LEVEL:
+        raise ConfigError(f"{key}: unknown key" if key not in _TOP_LEVEL and key not in ("listen", "databases",
+                                                                                         "peers")
                           else f"{key}: cannot be changed while running")
     check, expected = _TOP_LEVEL[key]
     current = getattr(config, key)
@@ -465,7 +526,7 @@ def with_setting(config: Config, key: str, text: str) -> Config:
         value = None
     if value is not None and not check(value):
         raise ConfigError(f"{key}: expected {expected}, got {_shown(key, text)}")
-    if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime")) and value is not None:
+    if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime", "_delay")) and value is not None:
         value = float(value)
     elif key in ("admin_users", "stats_users"):
         value = _as_user_tuple(value)

@@ -38,7 +38,8 @@ log = logging.getLogger("threadpool_proxy.server")
 
 #: Settings RELOAD and SET change in a running proxy (listen.*, metrics_listen and workers need a restart).
 CHANGEABLE = frozenset(f.name for f in dataclasses.fields(config_mod.Config)
-                       if f.name not in ("listen_host", "listen_port", "metrics_listen", "workers", "databases"))
+                       if f.name not in ("listen_host", "listen_port", "metrics_listen", "workers", "databases",
+                                         "peer_id", "peers"))
 
 
 class ConsoleControl:

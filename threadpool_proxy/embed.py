@@ -169,7 +169,7 @@ class Proxy:
             if self.overrides:
                 new = dataclasses.replace(new, **self.overrides)
             self.config = self.server.apply_config(self._share(new))
-            fixed = ("listen_host", "listen_port", "metrics_listen", "workers")    # as apply_config keeps them
+            fixed = ("listen_host", "listen_port", "metrics_listen", "workers", "peer_id")  # as apply_config keeps them
             self.whole_config = self.server.whole_config = dataclasses.replace(
                 new, **{name: getattr(self.config, name) for name in fixed})
             log.info("configuration reloaded%s", f" from {self.config_path}" if self.config_path else

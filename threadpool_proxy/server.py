@@ -19,10 +19,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
-import hmac
 import logging
 import os
-import secrets
 import socket
 import socketserver
 import threading
@@ -33,9 +31,10 @@ from . import config as config_mod
 from . import protocol as pq
 from . import stats as stats_mod
 from . import tls
+from .cancelkeys import CancelKeys, KeyLayout, RouteKind, forwarded, route
 from .console_control import ConsoleControl
 from .login import Logins
-from .peers import Peers, WorkerSlot, owner_of
+from .peers import Peers, WorkerSlot
 from .nodes import Router, node_names
 from .pool import BackendIdlePool, pool_key
 from .session import ClientSession
@@ -130,67 +129,6 @@ def raise_fd_limit(config: config_mod.Config) -> int:
     return soft
 
 
-#: Process ids above this are never a server's (Linux's pid_max is at most 2^22),
-#: so the proxy's own pids never collide with the real ones session-mode clients get.
-_PROXY_PID_FLOOR = 2**22
-
-
-class CancelKeys:
-    """BackendKeyData values given to clients, and the client sessions they belong to.
-
-    The secret is always the proxy's own: a client never learns a server's
-    secret, and a CancelRequest goes on to whichever server connection the
-    client holds when it arrives (in transaction mode that changes).  The pid
-    is the real server process id where a client keeps one server connection
-    for life (session mode: drivers compare it with pg_backend_pid() and
-    NOTIFY senders), else a proxy-made one above any real pid.
-
-    With ``workers`` processes the secret also says which one gave it out:
-    secret modulo ``workers`` is the ``worker`` index (peers.owner_of), so a
-    CancelRequest the kernel hands to another worker is forwarded to this one.
-    That costs log2(workers) of the secret's 32 random bits (1 bit for 2
-    workers); the real pid of session mode is the part a stranger can know.
-    """
-
-    def __init__(self, worker: int = 0, workers: int = 1) -> None:
-        self._lock = threading.Lock()
-        self._by_pid: dict[int, tuple[bytes, ClientSession]] = {}
-        self.worker, self.workers = worker, workers
-
-    def new_secret(self) -> bytes:
-        """4 random bytes whose value modulo the worker count is this worker's index."""
-        n = self.workers
-        return (secrets.randbelow(2**32 // n) * n + self.worker).to_bytes(4, "big")
-
-    def register(self, session: ClientSession, real_pid: int = 0) -> tuple[int, bytes]:
-        """A (pid, secret) for ``session``: ``real_pid`` when given and free, else a proxy-made pid."""
-        secret = self.new_secret()
-        with self._lock:
-            if 0 < real_pid and real_pid not in self._by_pid:
-                self._by_pid[real_pid] = (secret, session)
-                return real_pid, secret
-            while True:
-                pid = _PROXY_PID_FLOOR + 1 + secrets.randbelow(2**31 - 2 - _PROXY_PID_FLOOR)
-                if pid not in self._by_pid:
-                    self._by_pid[pid] = (secret, session)
-                    return pid, secret
-
-    def unregister(self, pid: int) -> None:
-        with self._lock:
-            self._by_pid.pop(pid, None)
-
-    def lookup(self, pid: int, secret: bytes) -> ClientSession | None:
-        with self._lock:
-            entry = self._by_pid.get(pid)
-        if entry is None or not hmac.compare_digest(entry[0], secret):
-            return None
-        return entry[1]
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._by_pid)
-
-
 def _refuse_now(sock: socket.socket, reason: str, sqlstate: str = pq.SQLSTATE_TOO_MANY_CONNECTIONS) -> None:
     """Answer a connection we have no thread for: the error at once, never blocking."""
     try:
@@ -231,11 +169,13 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.whole_config = config              # workers mode: before for_worker divided its limits
         self.worker = worker                    # which worker process this is (None: the only process)
         self.peers = Peers(worker) if worker is not None else None
-        self.cancel_counts = collections.Counter()   # received (from clients), forwarded (to another worker)
+        # received (from clients and peers), forwarded (to another worker), to_peers, from_peers, dropped
+        self.cancel_counts = collections.Counter()
         self._cancel_lock = threading.Lock()
         self.pool = BackendIdlePool(config.max_idle_per_key, config.max_total_idle)
         self.pool.expire(config.server_lifetime)    # then each janitor round, and at RELOAD
-        self.cancel_keys = CancelKeys(worker.index, worker.count) if worker is not None else CancelKeys()
+        self.cancel_keys = CancelKeys(KeyLayout(config.peer_id, worker.index if worker else 0,
+                                                worker.count if worker else 1))
         # (node, real pid) -> server connection opened for a client, whose holder_pid is
         # the pid its client was told: names NOTIFY senders (Relay._name_notifiers).
         self.backends: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -278,17 +218,46 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         return pool_key(db.node, user, db.server_dbname(database))
 
     def forward_cancel(self, pid: int, secret: bytes) -> None:
-        """A client's CancelRequest: cancel here, or hand it to the worker that gave out the key."""
-        worker = self.worker
-        owner = owner_of(secret, worker.count) if worker is not None else 0
+        """A CancelRequest that arrived here: cancel here, or hand it to the worker or the peer
+        (another proxy of ``peers``) that gave out the key (cancelkeys.route), or drop it."""
+        layout = self.cancel_keys.layout
+        way = route(layout, self.config.peers, secret)
         with self._cancel_lock:
             self.cancel_counts["received"] += 1
-            if worker is not None and owner != worker.index:
-                self.cancel_counts["forwarded"] += 1
-        if worker is not None and owner != worker.index:
-            self.peers.forward_cancel(owner, pq.cancel_request(pid, secret))
+            if layout.peer_id and not layout.owner(secret).fresh:
+                self.cancel_counts["from_peers"] += 1
+            self.cancel_counts[{RouteKind.WORKER: "forwarded", RouteKind.PEER: "to_peers",
+                                RouteKind.DROP: "dropped"}.get(way.kind, "here")] += 1
+        if way.kind is RouteKind.WORKER:
+            self.peers.forward_cancel(way.worker, pq.cancel_request(pid, secret))
+        elif way.kind is RouteKind.PEER:
+            self.send_to_peer(way.peer_id, pq.cancel_request(pid, forwarded(secret)))
+        elif way.kind is RouteKind.DROP:
+            self.junk_log.log(way.what, "dropping a cancel request: %s", way.why)
+        else:
+            self.cancel_here(pid, secret)
+
+    def send_to_peer(self, peer_id: int, packet: bytes) -> None:
+        """A CancelRequest to the listening address of proxy ``peer_id``, within peer_cancel_timeout.
+
+        Waits until the peer closes the connection (it has sent the cancel on),
+        as a client waits for the proxy: the cancel is not overtaken by the
+        client's next query.
+        """
+        peer = self.config.peers.get(peer_id)
+        if peer is None:           # gone from peers since route() (RELOAD)
             return
-        self.cancel_here(pid, secret)
+        deadline = time.monotonic() + self.config.peer_cancel_timeout
+        try:
+            with socket.create_connection((peer.host, peer.port), timeout=self.config.peer_cancel_timeout) as s:
+                s.settimeout(max(0.001, deadline - time.monotonic()))
+                s.sendall(packet)
+                s.recv(1)
+        except OSError as exc:
+            self.junk_log.log("cancel requests not forwarded to a peer",
+                              "could not forward a cancel request to peer %d (%s:%d) within %g s "
+                              "(peer_cancel_timeout): %s", peer_id, peer.host, peer.port,
+                              self.config.peer_cancel_timeout, exc, level=logging.WARNING)
 
     def cancel_here(self, pid: int, secret: bytes) -> None:
         """Send a CancelRequest for a client of this process on to the server connection it holds now.
@@ -497,12 +466,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         ConfigError (a bad auth file or TLS file) with nothing changed.
         """
         old = self.config
-        if (new.listen_host, new.listen_port, new.metrics_listen, new.workers) != (
-                old.listen_host, old.listen_port, old.metrics_listen, old.workers):
-            log.warning("RELOAD: listen.host, listen.port, metrics_listen and workers take effect at the next "
-                        "start; still listening on %s:%d", *self.server_address[:2])
+        if (new.listen_host, new.listen_port, new.metrics_listen, new.workers, new.peer_id) != (
+                old.listen_host, old.listen_port, old.metrics_listen, old.workers, old.peer_id):
+            log.warning("RELOAD: listen.host, listen.port, metrics_listen, workers and peer_id take effect at the "
+                        "next start; still listening on %s:%d", *self.server_address[:2])
             new = dataclasses.replace(new, listen_host=old.listen_host, listen_port=old.listen_port,
-                                      metrics_listen=old.metrics_listen, workers=old.workers)
+                                      metrics_listen=old.metrics_listen, workers=old.workers, peer_id=old.peer_id)
         client_tls, server_tls = tls.contexts(new)     # TLS files are read again: rotated certificates
         self.logins.reconfigure(new)
         self.client_tls, self.logins.server_tls = client_tls, server_tls

@@ -50,7 +50,7 @@ import tempfile
 import time
 
 from . import config as config_mod
-from .peers import WorkerSlot
+from .peers import SUPERVISOR, WorkerSlot
 from .stopping import StopSignals, install_reload
 
 log = logging.getLogger("threadpool_proxy.workers")
@@ -323,6 +323,7 @@ class Supervisor:
             worker.ready = None
         process = worker.process
         process.join(0)
+        self._remove_sockets(process.pid)
         code = process.exitcode
         how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
         lived = now - worker.started
@@ -330,6 +331,15 @@ class Supervisor:
         worker.restart_at = now + worker.delay
         log.error("worker %d (pid %d) died (%s) after %.1f s; restarting it%s", worker.index, process.pid, how,
                   lived, f" in {worker.delay:g} s" if worker.delay else "")
+
+    def _remove_sockets(self, pid: int) -> None:
+        """The peer sockets a dead worker left (killed, it could not remove them): nobody answers there."""
+        for _, _, owner, path in WorkerSlot(SUPERVISOR, self.count, self.rundir).sockets():
+            if owner == pid:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def _reload(self) -> None:
         """SIGHUP: every worker re-reads the files; the supervisor keeps the result for restarts."""
