@@ -85,7 +85,7 @@ class ConsoleControl:
         return [answers[i] for i in sorted(answers)]
 
     def peer_query(self, request: dict):
-        """Answer another worker (peers.py): this worker's SHOW rows, metrics figures, or an action."""
+        """Answer another worker or the supervisor (peers.py): SHOW rows, metrics figures, readiness, an action."""
         kind = request.get("kind")
         if kind == "rows":
             what = str(request.get("show", ""))
@@ -96,6 +96,8 @@ class ConsoleControl:
         if kind == "figures":
             from .metrics import local_figures
             return local_figures(self.server)
+        if kind == "ready":                    # the supervisor's /ready (readiness.py)
+            return list(self.server.readiness.ready())
         if kind == "action" and request.get("verb") in ("pause", "resume", "reconnect", "kill", "reload", "set",
                                                         "disable", "enable"):
             database = request.get("database")

@@ -11,9 +11,15 @@ prometheus-community's pgbouncer_exporter with the prefix ``threadpool_proxy_``
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from .readiness import routes
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +85,7 @@ def merge_figures(figures: list) -> dict:
 
 
 class ProxyCollector:
-    """Metrics of one ProxyServer, computed at scrape time; with workers, of all of them.
-
-    With worker processes the endpoint runs in worker 0, which asks the others
-    for their figures over the peer channel at each scrape and adds them up;
-    ``threadpool_proxy_workers`` says how many answered.
-    """
+    """Metrics of one ProxyServer, computed at scrape time (with ``peers``: and of the other workers')."""
 
     def __init__(self, server) -> None:
         self.server = server
@@ -122,6 +123,17 @@ class ProxyCollector:
                                 value=fig["workers"])
 
 
+class WorkersCollector(ProxyCollector):
+    """The worker supervisor's metrics: every worker's figures, asked over the peer channel at each
+    scrape and added up; ``threadpool_proxy_workers`` says how many answered."""
+
+    def __init__(self, peers) -> None:
+        self.peers = peers
+
+    def figures(self) -> dict:
+        return merge_figures([fig for _, fig in sorted(self.peers.ask_all({"kind": "figures"}).items())])
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` too) -> (host, port)."""
     host, sep, port = text.rpartition(":")
@@ -130,20 +142,40 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class MetricsEndpoint:
-    """The HTTP server of ``metrics_listen``: ``start`` binds and serves from a thread, ``stop`` closes."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:      # one line per scrape or probe: not in our log
+        pass
 
-    def __init__(self, server, listen: str) -> None:
+
+class MetricsEndpoint:
+    """The HTTP server of ``metrics_listen``: ``start`` binds and serves from a thread, ``stop`` closes.
+
+    ``/metrics`` (any path but these two) from ``collector`` (default: ``server``'s
+    ProxyCollector); ``/ready`` and ``/live`` from ``readiness`` (readiness.py), when given.
+    """
+
+    def __init__(self, server, listen: str, readiness=None, collector=None) -> None:
         self.host, self.port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ProxyCollector(server))
+        self.registry.register(collector if collector is not None else ProxyCollector(server))
+        self.readiness = readiness
         self._httpd = None
         self._thread = None
 
     def start(self) -> "MetricsEndpoint":
-        self._httpd, self._thread = start_http_server(self.port, self.host, registry=self.registry)
+        app = make_wsgi_app(self.registry)
+        if self.readiness is not None:
+            app = routes(app, self.readiness)
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+        self._httpd = make_server(self.host, self.port, app, Server, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="threadpool_proxy-metrics",
+                                        daemon=True)
+        self._thread.start()
         self.port = self._httpd.server_address[1]
-        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        log.info("metrics on http://%s:%d/metrics (and /ready, /live)", self.host, self.port)
         return self
 
     def stop(self) -> None:

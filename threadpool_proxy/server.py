@@ -164,7 +164,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     request_queue_size = 1024
     block_on_close = False
 
-    def __init__(self, config: config_mod.Config, worker: "WorkerSlot | None" = None) -> None:
+    def __init__(self, config: config_mod.Config, worker: "WorkerSlot | None" = None,
+                 listener: socket.socket | None = None) -> None:
         self.config = config
         self.whole_config = config              # workers mode: before for_worker divided its limits
         self.worker = worker                    # which worker process this is (None: the only process)
@@ -205,7 +206,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.client_tls, server_tls = tls.contexts(config)
         self.router = Router(self.pool)
         self.logins = Logins(config, self.pool, server_tls, self.router, junk_log=self.junk_log)
-        super().__init__((config.listen_host, config.listen_port), _Handler)
+        self.readiness = None                   # readiness.Readiness: /ready, /live (the Proxy sets it)
+        super().__init__((config.listen_host, config.listen_port), _Handler, bind_and_activate=listener is None)
+        if listener is not None:                # a worker serves the socket its supervisor made (and keeps)
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
         self._take_spare_fd()
 
     @property
@@ -585,6 +591,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             self._drain(timeout)
         self.disconnect_all(wait)
         self.pool.close()
+
+    def wait_unless_forced(self, seconds: float) -> None:
+        """Sleep ``seconds`` (shutdown_unready_delay), or less if ``force_stop()`` is called meanwhile."""
+        deadline = time.monotonic() + seconds
+        while not self._force_stop and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def force_stop(self) -> None:
         """End a graceful ``close_down`` now (a second signal).  Sets a flag only: safe in a signal handler."""

@@ -3,9 +3,12 @@
 One Python process runs one thread at a time (the GIL), so a busy proxy is
 bound to one core.  With ``workers`` above 1 the command line runs a
 supervisor that starts N worker processes; each is a whole proxy (its own
-``ProxyServer``, pool, threads) with a listening socket of its own bound to
-the same address with ``SO_REUSEPORT``, so the kernel spreads new connections
-over them.  What must hold for the proxy as a whole is kept so:
+``ProxyServer``, pool, threads).  The supervisor makes N listening sockets
+bound to the same address with ``SO_REUSEPORT`` (the kernel spreads new
+connections over them) and hands socket i to worker i; it keeps its own copy,
+so a worker that dies or is replaced leaves connections queued on its socket
+for the next worker of its index instead of having the kernel reset them.
+What must hold for the proxy as a whole is kept so:
 
 * limits are divided (``config.for_worker``): ``pool_size`` (each database's),
   ``max_pending_logins``, ``max_client_conn``, ``max_idle_per_key``,
@@ -16,23 +19,23 @@ over them.  What must hold for the proxy as a whole is kept so:
 * a CancelRequest may reach any worker: the worker's index is encoded in the
   secret of the BackendKeyData it gave out, and the worker that receives the
   request forwards it on the peer channel (peers.py) to the owner;
-* the admin console and the metrics endpoint ask the other workers for their
-  figures over the same channel and show the sum;
+* the admin console asks the other workers for their figures over the same
+  channel and shows the sum; the supervisor serves ``metrics_listen``
+  (``/metrics``, ``/ready``, ``/live``) for all of them, asking each;
 * SIGTERM, SIGINT and SIGHUP to the supervisor are passed to every worker (a
   worker's own process group keeps a terminal's Ctrl-C from reaching it
-  twice); SHUTDOWN on the console signals the supervisor; a worker that dies
-  is started again (after a pause if it keeps dying) and logged; a worker
-  whose supervisor is gone stops.
+  twice); on SIGTERM ``/ready`` fails first, and the workers are told
+  ``shutdown_unready_delay`` seconds later; SHUTDOWN on the console signals
+  the supervisor; a worker that dies is started again (after a pause if it
+  keeps dying) and logged; a worker whose supervisor is gone stops.
 
 Workers are started with multiprocessing's ``spawn`` (a fresh interpreter),
-not ``fork``: the supervisor itself runs no threads, but ``fork`` copies
-whatever state the parent has (locks held by a logging handler, an imported
-library's thread), and restarts happen long after start-up; a fresh
-interpreter costs about 0.2 s per (re)start and is right whatever the
-parent holds.  The supervisor keeps a bound (not listening) SO_REUSEPORT
-socket on the port: it resolves ``port: 0`` once for all workers, fails
-start-up cleanly when the port is taken, and keeps the port while a worker
-restarts.
+not ``fork``: ``fork`` copies whatever state the parent has (locks held by a
+logging handler, the metrics endpoint's thread), and restarts happen long
+after start-up; a fresh interpreter costs about 0.2 s per (re)start and is
+right whatever the parent holds.  The listening socket goes to the worker as
+an inherited descriptor.  Binding the sockets first resolves ``port: 0``
+once for all workers and fails start-up cleanly when the port is taken.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ import tempfile
 import time
 
 from . import config as config_mod
-from .peers import SUPERVISOR, WorkerSlot
+from .peers import SUPERVISOR, Peers, WorkerSlot
+from .readiness import Cached
 from .stopping import StopSignals, install_reload
 
 log = logging.getLogger("threadpool_proxy.workers")
@@ -82,6 +86,7 @@ class WorkerSpec:
     overrides: dict
     log_level: int
     supervisor: int                     # the supervisor's pid
+    listener: socket.socket             # the listening socket to serve (the supervisor keeps a copy)
 
 
 # -- one worker process ------------------------------------------------------------
@@ -105,7 +110,8 @@ def worker_main(spec: WorkerSpec, ready) -> None:
         except config_mod.ConfigError as exc:
             log.warning("%s; starting with the configuration the proxy was last (re)loaded with", exc)
             config = spec.config
-    proxy = Proxy(config, config_path=spec.config_path, overrides=spec.overrides, worker=spec.slot)
+    proxy = Proxy(config, config_path=spec.config_path, overrides=spec.overrides, worker=spec.slot,
+                  listener=spec.listener)
     signals = StopSignals(proxy)       # SIGTERM graceful, SIGINT/SIGQUIT now, as the command line
     signals.install()
     install_reload(proxy)
@@ -154,6 +160,45 @@ class _Worker:
         self.ready = None              # a restarted worker's pipe, until it says it listens
 
 
+#: Seconds the supervisor's /ready waits for the workers' answers.
+READY_ASK_TIMEOUT = 2.0
+
+
+class SupervisorReadiness:
+    """/ready and /live of the supervisor, for all its workers (readiness.py's answers, asked of each).
+
+    Live while at least one worker process runs.  Ready once every worker
+    started, until a stop begins, while at least one worker says it is ready
+    (the kernel sends new clients only to workers that listen).
+    """
+
+    def __init__(self, supervisor: "Supervisor") -> None:
+        self.supervisor = supervisor
+        self.unready = "starting"
+        self._ready = Cached(self._ask)
+
+    def stop_serving(self, why: str) -> None:
+        self.unready = why
+        self._ready.forget()
+
+    def live(self) -> tuple[bool, str]:
+        running = self.supervisor.running_count()
+        return running > 0, f"{running} of {self.supervisor.count} workers running"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.unready:
+            return False, self.unready
+        return self._ready.get()
+
+    def _ask(self) -> tuple[bool, str]:
+        answers = self.supervisor.peers.ask_all({"kind": "ready"}, timeout=READY_ASK_TIMEOUT)
+        ready = sorted(i for i, answer in answers.items() if answer and answer[0])
+        if ready:
+            return True, f"ready ({len(ready)} of {self.supervisor.count} workers)"
+        why = "; ".join(f"worker {i}: {answer[1]}" for i, answer in sorted(answers.items()))
+        return False, why or "no worker answered"
+
+
 class Supervisor:
     """Starts the workers, passes signals on, restarts the ones that die; ``run()`` is the command line's life."""
 
@@ -167,22 +212,40 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.workers = [_Worker(i) for i in range(self.count)]
         self.rundir = ""
+        self.peers: Peers | None = None
+        self.readiness = SupervisorReadiness(self)
+        self.metrics = None                             # metrics.MetricsEndpoint, with metrics_listen
         self._signals: list[int] = []
-        self._reserved: socket.socket | None = None
+        self._listeners: dict[int, socket.socket] = {}  # worker index -> its listening socket
+
+    def running_count(self) -> int:
+        """Workers running now (not dead and waiting for their restart)."""
+        return sum(1 for w in self.workers if w.process is not None and w.restart_at == 0.0)
 
     def run(self) -> int:
         try:
-            self._reserve_port()
+            self._listen_all()
         except OSError as exc:
+            self._close_listeners()
             print(f"threadpool-proxy: cannot listen on {self.config.listen_host}:{self.config.listen_port}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
             return 1
         for line in config_mod.split_warnings(self.config):
             log.warning("%s", line)
         self.rundir = tempfile.mkdtemp(prefix="threadpool_proxy-")      # mode 0700: the peer sockets
+        self.peers = Peers(WorkerSlot(SUPERVISOR, self.count, self.rundir))
         log.info("peer channel in %s", self.rundir)
         wake_r, wake_w = socket.socketpair()
         try:
+            if self.config.metrics_listen:
+                from .metrics import MetricsEndpoint, WorkersCollector
+                try:
+                    self.metrics = MetricsEndpoint(None, self.config.metrics_listen, readiness=self.readiness,
+                                                   collector=WorkersCollector(self.peers)).start()
+                except OSError as exc:
+                    print(f"threadpool-proxy: cannot listen on {self.config.metrics_listen} (metrics_listen): "
+                          f"{exc.strerror or exc}", file=sys.stderr)
+                    return 1
             for sock in (wake_r, wake_w):
                 sock.setblocking(False)
             old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
@@ -195,7 +258,11 @@ class Supervisor:
                     log.info("threadpool_proxy listening on %s:%d with %d worker processes (pids %s)",
                              self.config.listen_host, self.config.listen_port, self.count,
                              ", ".join(str(w.process.pid) for w in self.workers))
+                    self.readiness.unready = ""
                     stop_signal = self._supervise(wake_r)
+                self.readiness.stop_serving("shutting down")
+                if status == 0 and stop_signal == signal.SIGTERM and self.config.shutdown_timeout > 0:
+                    self._unready_delay(wake_r)
                 self._stop_all(stop_signal, wake_r)
             finally:
                 signal.set_wakeup_fd(old_wakeup)
@@ -203,28 +270,53 @@ class Supervisor:
         finally:
             wake_r.close()
             wake_w.close()
-            if self._reserved is not None:
-                self._reserved.close()
+            if self.metrics is not None:
+                self.metrics.stop()
+            self._close_listeners()
             shutil.rmtree(self.rundir, ignore_errors=True)
 
-    def _reserve_port(self) -> None:
+    # -- the listening sockets -------------------------------------------------------
+
+    def _new_listener(self, port: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET6 if ":" in self.config.listen_host else socket.AF_INET)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((self.config.listen_host, self.config.listen_port))
+            sock.bind((self.config.listen_host, port))
+            sock.listen(1024)
         except OSError:
             sock.close()
             raise
-        self._reserved = sock
-        port = sock.getsockname()[1]
+        return sock
+
+    def _listen_all(self) -> None:
+        """A listening socket per worker on one port (the first resolves ``port: 0`` for all)."""
+        first = self._new_listener(self.config.listen_port)
+        self._listeners[0] = first
+        port = first.getsockname()[1]
         self.overrides["listen_port"] = port
         self.config = dataclasses.replace(self.config, listen_port=port)
+        for index in range(1, self.count):
+            self._listeners[index] = self._new_listener(port)
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners.values():
+            sock.close()
+        self._listeners.clear()
+
+    def _listener(self, index: int) -> socket.socket:
+        """Worker ``index``'s socket; a new one if it was closed (its worker kept dying)."""
+        sock = self._listeners.get(index)
+        if sock is None:
+            sock = self._listeners[index] = self._new_listener(self.config.listen_port)
+        return sock
+
+    # -- starting workers --------------------------------------------------------------
 
     def _spec(self, index: int) -> WorkerSpec:
         return WorkerSpec(slot=WorkerSlot(index, self.count, self.rundir), config=self.config,
                           config_path=self.config_path, overrides=self.overrides, log_level=self.log_level,
-                          supervisor=os.getpid())
+                          supervisor=os.getpid(), listener=self._listener(index))
 
     def _launch(self, worker: _Worker):
         reader, writer = self.ctx.Pipe(duplex=False)
@@ -301,7 +393,14 @@ class Supervisor:
                     self._died(worker, now)
             for worker in self.workers:
                 if worker.restart_at and worker.restart_at <= now:
-                    worker.ready = self._launch(worker)
+                    try:
+                        worker.ready = self._launch(worker)
+                    except OSError as exc:        # its listening socket could not be made again
+                        worker.restart_at = now + max(1.0, worker.delay)
+                        log.error("worker %d cannot listen on %s:%d: %s; trying again in %g s", worker.index,
+                                  self.config.listen_host, self.config.listen_port, exc.strerror or exc,
+                                  worker.restart_at - now)
+                        continue
                     log.warning("worker %d restarted (pid %d)", worker.index, worker.process.pid)
 
     def _started(self, worker: _Worker) -> None:
@@ -329,6 +428,12 @@ class Supervisor:
         lived = now - worker.started
         worker.delay = min(max(1.0, worker.delay * 2), MAX_RESTART_DELAY) if lived < QUICK_DEATH else 0.0
         worker.restart_at = now + worker.delay
+        if worker.delay:
+            # Nobody will accept on its socket for a while: close it, so that the kernel sends new
+            # clients to the other workers (those queued on it are reset); a new one comes at restart.
+            listener = self._listeners.pop(worker.index, None)
+            if listener is not None:
+                listener.close()
         log.error("worker %d (pid %d) died (%s) after %.1f s; restarting it%s", worker.index, process.pid, how,
                   lived, f" in {worker.delay:g} s" if worker.delay else "")
 
@@ -353,10 +458,26 @@ class Supervisor:
             if worker.process is not None and worker.process.is_alive():
                 os.kill(worker.process.pid, signal.SIGHUP)
 
+    def _unready_delay(self, wake: socket.socket) -> None:
+        """SIGTERM: /ready fails now; the workers go on accepting for shutdown_unready_delay seconds,
+        or until another stop signal (left in ``_signals`` for ``_stop_all``, which passes it on)."""
+        delay = self.config.shutdown_unready_delay
+        if delay <= 0:
+            return
+        log.info("shutting down: /ready answers 503; clients are still accepted for %g s "
+                 "(shutdown_unready_delay)", delay)
+        deadline = time.monotonic() + delay
+        while not self._stop_requested() and time.monotonic() < deadline:
+            multiprocessing.connection.wait([wake], max(0.0, deadline - time.monotonic()))
+            self._drain(wake)
+
     def _stop_all(self, signum: int, wake: socket.socket) -> None:
         """Pass the stop signal to every worker and wait for them; later stop signals are passed
         on too (a second one makes a graceful stop immediate); SIGKILL for those still there
         after the grace time (shutdown_timeout, if configured, plus STOP_GRACE)."""
+        # The workers' copies of the listening sockets are the last: each closes as its worker stops
+        # accepting, and new clients are refused instead of queued for a worker that will not come.
+        self._close_listeners()
         live = [w.process for w in self.workers if w.process is not None and w.process.is_alive()]
         grace = STOP_GRACE + getattr(self.config, "shutdown_timeout", 0.0)
         deadline = time.monotonic() + grace
@@ -368,15 +489,16 @@ class Supervisor:
                     pass
             signum = 0
             while not signum:
+                later, self._signals[:] = [s for s in self._signals if s in STOP_SIGNALS], []
+                if later:
+                    signum = later[-1]
+                    break
                 live = [p for p in live if p.is_alive()]
                 if not live or time.monotonic() >= deadline:
                     break
                 multiprocessing.connection.wait([wake] + [p.sentinel for p in live],
                                                 max(0.0, deadline - time.monotonic()))
                 self._drain(wake)
-                later, self._signals[:] = [s for s in self._signals if s in STOP_SIGNALS], []
-                if later:
-                    signum = later[-1]
             if not signum:
                 break
         for process in live:
