@@ -55,6 +55,7 @@ import time
 from . import config as config_mod
 from .peers import SUPERVISOR, Peers, WorkerSlot
 from .readiness import Cached
+from .sdnotify import Notifier
 from .stopping import StopSignals, install_reload
 
 log = logging.getLogger("threadpool_proxy.workers")
@@ -217,6 +218,7 @@ class Supervisor:
         self.metrics = None                             # metrics.MetricsEndpoint, with metrics_listen
         self._signals: list[int] = []
         self._listeners: dict[int, socket.socket] = {}  # worker index -> its listening socket
+        self.notifier = Notifier.from_environment()     # systemd: READY=1, STOPPING=1 (workers never see it)
 
     def running_count(self) -> int:
         """Workers running now (not dead and waiting for their restart)."""
@@ -259,7 +261,10 @@ class Supervisor:
                              self.config.listen_host, self.config.listen_port, self.count,
                              ", ".join(str(w.process.pid) for w in self.workers))
                     self.readiness.unready = ""
+                    self.notifier.send("READY=1", f"STATUS=listening on {self.config.listen_host}:"
+                                                  f"{self.config.listen_port} with {self.count} workers")
                     stop_signal = self._supervise(wake_r)
+                    self.notifier.send("STOPPING=1")
                 self.readiness.stop_serving("shutting down")
                 if status == 0 and stop_signal == signal.SIGTERM and self.config.shutdown_timeout > 0:
                     self._unready_delay(wake_r)
