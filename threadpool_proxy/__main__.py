@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         signals.install()
         install_reload(proxy)
+        rolling: list = []                    # SIGUSR2, a rolling restart, replaces worker processes: none here
+        if hasattr(signal, "SIGUSR2"):
+            signal.signal(signal.SIGUSR2, lambda *_: rolling.append(True))
         if demo:
             print(demo.banner(proxy.port), flush=True)
         notifier.send("READY=1", f"STATUS=listening on {proxy.host}:{proxy.port}")
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         # run here and take no lock) and acts on what they noted.
         while not proxy.stopped:
             signals.act()
+            if rolling:
+                rolling.clear()
+                log.warning("SIGUSR2 (a rolling restart of the workers) needs workers above 1; ignored")
             if not told_stopping and (signals.stopping or proxy.server.readiness.unready):
                 told_stopping = True          # a signal, or SHUTDOWN on the console
                 notifier.send("STOPPING=1")

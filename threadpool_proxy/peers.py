@@ -182,15 +182,18 @@ class Peers:
         sock.settimeout(timeout)
         return sock
 
-    def forward_cancel(self, index: int, packet: bytes) -> None:
+    def forward_cancel(self, index: int, packet: bytes, only_if_any: bool = False) -> bool:
         """Hand a client's CancelRequest (16 bytes) to worker ``index``, which owns its key.
 
         While that worker is being replaced both processes of the index get it:
-        the one that does not know the key ignores it.
+        the one that does not know the key ignores it.  False (logged unless
+        ``only_if_any``) when no process of that index runs.
         """
         paths = self.slot.owners(index)
         if not paths:
-            log.warning("could not forward a cancel request to worker %d: it is not running", index)
+            if not only_if_any:
+                log.warning("could not forward a cancel request to worker %d: it is not running", index)
+            return False
         for path in paths:
             try:
                 with self._connect(path) as sock:
@@ -199,6 +202,7 @@ class Peers:
                     sock.recv(1)      # closed once the owner has sent it on: the cancel is not lost in a race
             except OSError as exc:
                 log.warning("could not forward a cancel request to worker %d: %s", index, exc)
+        return True
 
     def ask(self, index: int, request: dict, timeout: float | None = PEER_TIMEOUT):
         """Worker ``index``'s answer to ``request``; raises OSError/ValueError if it gives none.

@@ -240,8 +240,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             self.send_to_peer(way.peer_id, pq.cancel_request(pid, forwarded(secret)))
         elif way.kind is RouteKind.DROP:
             self.junk_log.log(way.what, "dropping a cancel request: %s", way.why)
-        else:
-            self.cancel_here(pid, secret)
+        elif not self.cancel_here(pid, secret, quiet=self.peers is not None) and self.peers is not None:
+            # A key of this worker's index that this process did not give out: during a rolling
+            # restart it may be the predecessor's (or successor's), which share the index.
+            if not self.peers.forward_cancel(self.worker.index, pq.cancel_request(pid, secret), only_if_any=True):
+                self.junk_log.log("cancel requests with an unknown key", "ignoring a cancel request with an "
+                                  "unknown key")
 
     def send_to_peer(self, peer_id: int, packet: bytes) -> None:
         """A CancelRequest to the listening address of proxy ``peer_id``, within peer_cancel_timeout.
@@ -265,22 +269,26 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                               "(peer_cancel_timeout): %s", peer_id, peer.host, peer.port,
                               self.config.peer_cancel_timeout, exc, level=logging.WARNING)
 
-    def cancel_here(self, pid: int, secret: bytes) -> None:
+    def cancel_here(self, pid: int, secret: bytes, quiet: bool = False) -> bool:
         """Send a CancelRequest for a client of this process on to the server connection it holds now.
 
         The target is copied under the session's lock and the cancel sent after
-        it, so a slow server never stalls that client's relay.
+        it, so a slow server never stalls that client's relay.  False if the key
+        is not one this process gave out (logged, unless ``quiet``).
         """
         session = self.cancel_keys.lookup(pid, secret)
         if session is None:
-            self.junk_log.log("cancel requests with an unknown key", "ignoring a cancel request with an unknown key")
-            return
+            if not quiet:
+                self.junk_log.log("cancel requests with an unknown key",
+                                  "ignoring a cancel request with an unknown key")
+            return False
         target = session.cancel_target()
         if target is None:
             if session.cancel_wait():
                 log.debug("client %s: cancel request ended its wait for a server connection", session.who)
-            return            # else nothing is running for that client
+            return True           # else nothing is running for that client
         self.send_cancel(target)
+        return True
 
     def send_cancel(self, target) -> None:
         """A CancelRequest to the server connection ``target`` = (host, port, pid, secret)."""
@@ -591,6 +599,20 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             self._drain(timeout)
         self.disconnect_all(wait)
         self.pool.close()
+
+    def wait_for_clients(self, timeout: float) -> bool:
+        """Wait until every client has left by itself (a retiring worker), ``timeout`` at most; True if all did.
+
+        Ends early when a stop begins or ``force_stop()`` is called.
+        """
+        deadline = time.monotonic() + timeout
+        with self._sessions_lock:
+            while self._sessions and not self._stopping and not self._force_stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._sessions_empty.wait(min(0.1, left))
+            return not self._sessions
 
     def wait_unless_forced(self, seconds: float) -> None:
         """Sleep ``seconds`` (shutdown_unready_delay), or less if ``force_stop()`` is called meanwhile."""

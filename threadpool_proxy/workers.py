@@ -50,6 +50,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 from . import config as config_mod
@@ -129,12 +130,19 @@ def worker_main(spec: WorkerSpec, ready) -> None:
     # (SIGTERM for a graceful stop where the proxy has one, SIGINT for an immediate one).
     proxy.server.stopper = lambda graceful=False, *_: os.kill(spec.supervisor,
                                                                signal.SIGTERM if graceful else signal.SIGINT)
+    retire_asked: list = []
+    signal.signal(signal.SIGUSR2, lambda *_: retire_asked.append(True))     # a rolling restart replaced it
+    retiring = None
     ready.send(("ready", proxy.port))
     ready.close()
     orphan = False
     try:
         while not proxy.stopped:
             signals.act()
+            if retire_asked and retiring is None:
+                retiring = threading.Thread(target=retire, args=(proxy,), name="threadpool_proxy-retire",
+                                            daemon=True)
+                retiring.start()
             if os.getppid() != spec.supervisor:
                 log.warning("the supervisor (pid %d) is gone: stopping", spec.supervisor)
                 orphan = True
@@ -149,6 +157,31 @@ def worker_main(spec: WorkerSpec, ready) -> None:
                 pass
 
 
+def retire(proxy) -> None:
+    """Leave after a successor took this worker's place (rolling restart, SIGUSR2 from the supervisor).
+
+    The successor accepts on the same listening socket, so this worker stops
+    accepting at once and nothing queued is lost; its clients stay until they
+    leave by themselves, ``worker_retire_timeout`` at most; those left then
+    get the graceful stop (ended at their next transaction boundary with
+    57P01, within ``shutdown_timeout``).
+    """
+    server = proxy.server
+    timeout = server.config.worker_retire_timeout
+    server.readiness.stop_serving("replaced by a new worker (rolling restart)")
+    if proxy.peer_listener is not None:
+        proxy.peer_listener.retire()      # questions go to the successor; cancels still reach this one
+    server.stop_accepting()
+    log.info("rolling restart: replaced; no new clients here; waiting up to %g s (worker_retire_timeout) for "
+             "%d clients to leave", timeout, server.session_count())
+    if server.wait_for_clients(timeout):
+        log.info("rolling restart: every client left")
+    elif not server.stopping:
+        log.info("rolling restart: %d clients still connected: ending each at its next transaction boundary",
+                 server.session_count())
+    proxy.shutdown()
+
+
 # -- the supervisor ------------------------------------------------------------------
 
 class _Worker:
@@ -159,6 +192,22 @@ class _Worker:
         self.restart_at = 0.0          # monotonic time of the next start; 0 while running
         self.delay = 0.0               # the pause before the next restart after a quick death
         self.ready = None              # a restarted worker's pipe, until it says it listens
+
+
+class _Replacement:
+    """One step of a rolling restart: worker ``index``'s new process starting, then its old one retiring."""
+
+    def __init__(self, index: int, process, ready) -> None:
+        self.index = index
+        self.process = process          # the new process
+        self.ready = ready              # its pipe, until it says it listens (then None)
+        self.old = None                 # the old process, once told to retire
+        self.deadline = time.monotonic() + START_TIMEOUT
+
+    def waitables(self) -> list:
+        if self.ready is not None:
+            return [self.ready, self.process.sentinel]
+        return [self.old.sentinel] if self.old is not None else []
 
 
 #: Seconds the supervisor's /ready waits for the workers' answers.
@@ -219,6 +268,9 @@ class Supervisor:
         self._signals: list[int] = []
         self._listeners: dict[int, socket.socket] = {}  # worker index -> its listening socket
         self.notifier = Notifier.from_environment()     # systemd: READY=1, STOPPING=1 (workers never see it)
+        self._roll: list[int] = []                      # rolling restart: the workers still to replace
+        self._replacing: _Replacement | None = None     # and the one being replaced
+        self._replaced = 0
 
     def running_count(self) -> int:
         """Workers running now (not dead and waiting for their restart)."""
@@ -251,7 +303,7 @@ class Supervisor:
             for sock in (wake_r, wake_w):
                 sock.setblocking(False)
             old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2):
                 signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
             try:
                 status = self._start_all()
@@ -323,12 +375,17 @@ class Supervisor:
                           config_path=self.config_path, overrides=self.overrides, log_level=self.log_level,
                           supervisor=os.getpid(), listener=self._listener(index))
 
-    def _launch(self, worker: _Worker):
+    def _spawn(self, index: int):
+        """A new process for worker ``index`` (on its listening socket) and the pipe it says "ready" on."""
         reader, writer = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(target=worker_main, args=(self._spec(worker.index), writer),
-                                   name=f"threadpool_proxy-worker-{worker.index}", daemon=False)
+        process = self.ctx.Process(target=worker_main, args=(self._spec(index), writer),
+                                   name=f"threadpool_proxy-worker-{index}", daemon=False)
         process.start()
         writer.close()
+        return process, reader
+
+    def _launch(self, worker: _Worker):
+        process, reader = self._spawn(worker.index)
         worker.process, worker.started, worker.restart_at = process, time.monotonic(), 0.0
         return reader
 
@@ -373,14 +430,18 @@ class Supervisor:
             pass
 
     def _supervise(self, wake: socket.socket) -> int:
-        """Until a stop signal (returned): restart workers that die, pass SIGHUP on."""
+        """Until a stop signal (returned): restart workers that die, pass SIGHUP on, replace the
+        workers one at a time on SIGUSR2."""
         while True:
             running = [w for w in self.workers if w.process is not None and w.restart_at == 0.0]
             due = [w.restart_at for w in self.workers if w.restart_at]
+            replacing = self._replacing
+            if replacing is not None:
+                due.append(replacing.deadline)
             timeout = max(0.0, min(due) - time.monotonic()) if due else None
             starting = [w.ready for w in running if w.ready is not None]
-            ready = multiprocessing.connection.wait([wake] + starting + [w.process.sentinel for w in running],
-                                                    timeout)
+            ready = multiprocessing.connection.wait([wake] + starting + [w.process.sentinel for w in running]
+                                                    + (replacing.waitables() if replacing else []), timeout)
             for worker in running:
                 if worker.ready is not None and worker.ready in ready:
                     self._started(worker)
@@ -392,10 +453,14 @@ class Supervisor:
                     return signum
                 if signum == signal.SIGHUP:
                     self._reload()
+                if signum == signal.SIGUSR2:
+                    self._begin_roll()
             now = time.monotonic()
             for worker in running:
                 if not worker.process.is_alive():
                     self._died(worker, now)
+            if self._replacing is not None:
+                self._advance_roll(now, ready)
             for worker in self.workers:
                 if worker.restart_at and worker.restart_at <= now:
                     try:
@@ -442,6 +507,96 @@ class Supervisor:
         log.error("worker %d (pid %d) died (%s) after %.1f s; restarting it%s", worker.index, process.pid, how,
                   lived, f" in {worker.delay:g} s" if worker.delay else "")
 
+    # -- rolling restart (SIGUSR2) -----------------------------------------------------
+
+    def _begin_roll(self) -> None:
+        if self._replacing is not None:
+            log.warning("SIGUSR2: a rolling restart is under way (worker %d of %d); this one is ignored",
+                        self._replacing.index, self.count)
+            return
+        log.info("SIGUSR2: rolling restart: each worker in turn is replaced by a new process on its socket")
+        self._roll = list(range(self.count))
+        self._replaced = 0
+        self._next_replacement()
+
+    def _next_replacement(self) -> None:
+        while self._roll:
+            index = self._roll.pop(0)
+            try:
+                process, reader = self._spawn(index)
+            except OSError as exc:                  # its listening socket could not be made again
+                log.error("rolling restart: worker %d cannot listen: %s; it is left as it is", index,
+                          exc.strerror or exc)
+                continue
+            self._replacing = _Replacement(index, process, reader)
+            log.info("rolling restart: starting a new worker %d (pid %d)", index, process.pid)
+            return
+        log.info("rolling restart done: %d of %d workers replaced", self._replaced, self.count)
+
+    def _advance_roll(self, now: float, ready: list) -> None:
+        """The replacement under way: its new process listens (the old one retires), or failed;
+        the old one is gone (the next worker's turn), or overstayed."""
+        step = self._replacing
+        if step.ready is not None:                                  # the new process is starting
+            if step.ready not in ready and step.process.is_alive() and now < step.deadline:
+                return
+            message = None
+            if step.ready in ready:
+                try:
+                    message = step.ready.recv()
+                except (EOFError, OSError):
+                    message = None
+            step.ready.close()
+            step.ready = None
+            if message and message[0] == "ready":
+                self._adopt(step, now)
+                return
+            why = (message[2] if message else f"exit status {step.process.exitcode}" if not step.process.is_alive()
+                   else f"it did not listen within {START_TIMEOUT:g} s")
+            log.error("rolling restart stopped: the new worker %d (pid %d) could not start: %s; the old one goes on",
+                      step.index, step.process.pid, why)
+            if step.process.is_alive():
+                step.process.kill()
+            step.process.join(5)
+            self._remove_sockets(step.process.pid)
+            self._replacing, self._roll = None, []
+            return
+        old = step.old                                              # the old process is retiring
+        if old is None or not old.is_alive():
+            if old is not None:
+                old.join(0)
+                self._remove_sockets(old.pid)
+                log.info("rolling restart: the old worker %d (pid %d) left (exit status %s)", step.index, old.pid,
+                         old.exitcode)
+            self._replacing = None
+            self._next_replacement()
+        elif now >= step.deadline:
+            log.error("rolling restart: the old worker %d (pid %d) did not leave in time: killing it",
+                      step.index, old.pid)
+            old.kill()
+            step.deadline = now + STOP_GRACE
+
+    def _adopt(self, step: "_Replacement", now: float) -> None:
+        """The new process listens: it is worker ``step.index`` from now on; the old one retires (SIGUSR2)."""
+        worker = self.workers[step.index]
+        old = worker.process if worker.process is not None and worker.restart_at == 0.0 else None
+        if worker.ready is not None:        # the old one was itself restarting after a death
+            worker.ready.close()
+            worker.ready = None
+        worker.process, worker.started, worker.restart_at, worker.delay = step.process, now, 0.0, 0.0
+        self._replaced += 1
+        if old is not None and old.is_alive():
+            os.kill(old.pid, signal.SIGUSR2)
+            step.old = old
+            config = self.config
+            step.deadline = now + config.worker_retire_timeout + config.shutdown_timeout + STOP_GRACE
+            log.info("rolling restart: worker %d is pid %d now; the old pid %d takes no new client and leaves "
+                     "once its clients do (worker_retire_timeout %g s)", step.index, step.process.pid, old.pid,
+                     config.worker_retire_timeout)
+        else:
+            step.old = None
+            log.info("rolling restart: worker %d is pid %d now", step.index, step.process.pid)
+
     def _remove_sockets(self, pid: int) -> None:
         """The peer sockets a dead worker left (killed, it could not remove them): nobody answers there."""
         for _, _, owner, path in WorkerSlot(SUPERVISOR, self.count, self.rundir).sockets():
@@ -484,6 +639,10 @@ class Supervisor:
         # accepting, and new clients are refused instead of queued for a worker that will not come.
         self._close_listeners()
         live = [w.process for w in self.workers if w.process is not None and w.process.is_alive()]
+        step = self._replacing                  # a rolling restart's new (still starting) or old process
+        if step is not None:
+            live += [p for p in (step.process if step.ready is not None else None, step.old)
+                     if p is not None and p.is_alive()]
         grace = STOP_GRACE + getattr(self.config, "shutdown_timeout", 0.0)
         deadline = time.monotonic() + grace
         while True:
