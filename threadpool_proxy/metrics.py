@@ -1,4 +1,5 @@
-"""The Prometheus endpoint (``metrics_listen``), with prometheus_client.
+"""The Prometheus endpoint (``metrics_listen``), with prometheus_client; ``/ready`` and ``/live``
+beside it come from readiness.py.
 
 A collector builds every metric on each scrape from the same
 ``stats.Observation`` as the admin console's SHOW POOLS and SHOW STATS, so

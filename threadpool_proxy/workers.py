@@ -106,9 +106,15 @@ def worker_main(spec: WorkerSpec, ready) -> None:
             config = config_mod.load(spec.config_path)
             if spec.overrides:
                 config = dataclasses.replace(config, **spec.overrides)
-            if config.workers != spec.config.workers or config.listen_port != spec.config.listen_port:
-                config = dataclasses.replace(config, workers=spec.config.workers,
-                                             listen_port=spec.config.listen_port)
+            # What every worker of the proxy must agree on changes only with a restart of the whole:
+            # the port, the number of workers, and peer_id (the cancel keys of the others name it).
+            fixed = {key: getattr(spec.config, key) for key in ("workers", "listen_port", "peer_id")
+                     if getattr(config, key) != getattr(spec.config, key)}
+            if fixed:
+                if "peer_id" in fixed:
+                    log.warning("peer_id %d in %s: keeping %d until the whole proxy restarts",
+                                config.peer_id, spec.config_path, spec.config.peer_id)
+                config = dataclasses.replace(config, **fixed)
         except config_mod.ConfigError as exc:
             log.warning("%s; starting with the configuration the proxy was last (re)loaded with", exc)
             config = spec.config
@@ -580,8 +586,8 @@ class Supervisor:
         """The new process listens: it is worker ``step.index`` from now on; the old one retires (SIGUSR2)."""
         worker = self.workers[step.index]
         old = worker.process if worker.process is not None and worker.restart_at == 0.0 else None
-        if worker.ready is not None:        # the old one was itself restarting after a death
-            worker.ready.close()
+        if worker.ready is not None:        # the old one was itself restarting after a death: it has no
+            worker.ready.close()            # client yet, and SIGUSR2 may end it before its handler is set
             worker.ready = None
         worker.process, worker.started, worker.restart_at, worker.delay = step.process, now, 0.0, 0.0
         self._replaced += 1
@@ -611,7 +617,8 @@ class Supervisor:
         if self.config_path:
             try:
                 new = config_mod.load(self.config_path)
-                self.config = dataclasses.replace(new, **self.overrides, workers=self.count)
+                self.config = dataclasses.replace(new, **self.overrides, workers=self.count,
+                                                  peer_id=self.config.peer_id)
             except config_mod.ConfigError as exc:
                 log.error("SIGHUP: %s (each worker keeps its configuration)", exc)
         for worker in self.workers:
