@@ -1,17 +1,21 @@
 """Rolling restart of the workers (SIGUSR2 to the supervisor): each worker in turn is replaced
 by a new process on the same listening socket, under a load of clients that connect, run a
-query and leave, over and over: not one connection refused, not one query failed.
+query and leave, over and over: not one connection refused, not one query failed; and the
+clients the old process keeps can still be canceled.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
+import struct
 import threading
 import time
 
 import psycopg
 
-from helpers import wait_until
+from helpers import (cancel_packet, parse_error_fields, query, read_message, read_until_ready, startup_packet,
+                     wait_until)
 from proxyproc import ProxyProcess
 from threadpool_proxy.pgcluster import free_port
 
@@ -91,5 +95,53 @@ def test_a_rolling_restart_under_load_refuses_no_connection_and_fails_no_query(p
         print(f"\nrolling restart of 2 workers: {took:.1f} s; {counts['connections']} connections, "
               f"{counts['queries']} queries, 0 refused, 0 failed")
         assert proxy.stop() == 0, proxy.log()
+    finally:
+        proxy.stop()
+
+
+def _show(proxy, what: str) -> list[dict]:
+    with psycopg.connect(proxy.pg.dsn(host="127.0.0.1", port=proxy.port, dbname="pgbouncer", connect_timeout=10),
+                         autocommit=True) as console:
+        cur = console.execute(f"SHOW {what}")
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def test_cancels_reach_a_retiring_workers_clients(pg, tmp_path):
+    """A client stays on its worker's old process while a successor has its place: a cancel that
+    reaches the successor (same index) or the other worker still cancels the client's query."""
+    proxy = ProxyProcess(pg, tmp_path, listen={"host": "127.0.0.1", "port": free_port()}, workers=2,
+                         worker_retire_timeout=60, shutdown_timeout=20)
+    try:
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+        sock.sendall(startup_packet({"user": "trustuser", "database": "appdb"}))
+        while True:
+            kind, body = read_message(sock)
+            assert kind != "E", parse_error_fields(body)
+            if kind == "K":
+                pid, secret = struct.unpack("!II", body)
+            if kind == "Z":
+                break
+        [mine] = [w for w in _show(proxy, "WORKERS") if w["clients"] == 1]
+        proxy.signal(signal.SIGUSR2)
+        assert wait_until(lambda: f"the old pid {mine['pid']} takes no new client" in proxy.log(), timeout=50), \
+            proxy.log()
+        for round_ in range(6):                  # the kernel picks the worker of each cancel connection
+            sql = f"SELECT pg_sleep(60) -- round {round_}"
+            query(sock, sql)
+            with pg.superuser_conn() as watch:
+                assert wait_until(lambda: watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = %s AND state = 'active'",
+                    (sql,)).fetchone()[0] == 1, timeout=20)
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as c:
+                c.sendall(cancel_packet(pid, secret))
+                c.settimeout(30)
+                assert c.recv(1) == b""
+            sock.settimeout(30)
+            errors = [parse_error_fields(b)["C"] for k, b in read_until_ready(sock) if k == "E"]
+            assert errors == ["57014"], (round_, errors)
+        sock.close()
+        assert wait_until(lambda: "rolling restart done: 2 of 2 workers replaced" in proxy.log(), timeout=50), \
+            proxy.log()
     finally:
         proxy.stop()

@@ -240,12 +240,16 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             self.send_to_peer(way.peer_id, pq.cancel_request(pid, forwarded(secret)))
         elif way.kind is RouteKind.DROP:
             self.junk_log.log(way.what, "dropping a cancel request: %s", way.why)
-        elif not self.cancel_here(pid, secret, quiet=self.peers is not None) and self.peers is not None:
-            # A key of this worker's index that this process did not give out: during a rolling
-            # restart it may be the predecessor's (or successor's), which share the index.
-            if not self.peers.forward_cancel(self.worker.index, pq.cancel_request(pid, secret), only_if_any=True):
-                self.junk_log.log("cancel requests with an unknown key", "ignoring a cancel request with an "
-                                  "unknown key")
+        else:
+            self._cancel_of_this_index(pid, secret)
+
+    def _cancel_of_this_index(self, pid: int, secret: bytes) -> None:
+        """A key naming this worker's index: this process's, or, during a rolling restart, the other
+        process's of the same index (the old one retiring, or its successor), which then gets it."""
+        if (self.peers is not None and self.cancel_keys.lookup(pid, secret) is None
+                and self.peers.forward_cancel(self.worker.index, pq.cancel_request(pid, secret), only_if_any=True)):
+            return
+        self.cancel_here(pid, secret)
 
     def send_to_peer(self, peer_id: int, packet: bytes) -> None:
         """A CancelRequest to the listening address of proxy ``peer_id``, within peer_cancel_timeout.
@@ -269,26 +273,22 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                               "(peer_cancel_timeout): %s", peer_id, peer.host, peer.port,
                               self.config.peer_cancel_timeout, exc, level=logging.WARNING)
 
-    def cancel_here(self, pid: int, secret: bytes, quiet: bool = False) -> bool:
+    def cancel_here(self, pid: int, secret: bytes) -> None:
         """Send a CancelRequest for a client of this process on to the server connection it holds now.
 
         The target is copied under the session's lock and the cancel sent after
-        it, so a slow server never stalls that client's relay.  False if the key
-        is not one this process gave out (logged, unless ``quiet``).
+        it, so a slow server never stalls that client's relay.
         """
         session = self.cancel_keys.lookup(pid, secret)
         if session is None:
-            if not quiet:
-                self.junk_log.log("cancel requests with an unknown key",
-                                  "ignoring a cancel request with an unknown key")
-            return False
+            self.junk_log.log("cancel requests with an unknown key", "ignoring a cancel request with an unknown key")
+            return
         target = session.cancel_target()
         if target is None:
             if session.cancel_wait():
                 log.debug("client %s: cancel request ended its wait for a server connection", session.who)
-            return True           # else nothing is running for that client
+            return            # else nothing is running for that client
         self.send_cancel(target)
-        return True
 
     def send_cancel(self, target) -> None:
         """A CancelRequest to the server connection ``target`` = (host, port, pid, secret)."""
