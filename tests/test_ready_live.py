@@ -90,19 +90,19 @@ def test_the_answer_is_reused_for_a_second(pg, proxy_factory):
 
 
 def test_embedded_shutdown_fails_ready_first_and_accepts_until_the_delay_ends(pg, proxy_factory):
-    proxy = proxy_factory(metrics_listen="127.0.0.1:0", shutdown_unready_delay=1.5)
+    proxy = proxy_factory(metrics_listen="127.0.0.1:0", shutdown_unready_delay=3)
     port, metrics = proxy.port, proxy.metrics.port
     stopper = threading.Thread(target=proxy.shutdown, daemon=True)
     began = time.monotonic()
     stopper.start()
-    assert wait_until(lambda: http_get(metrics, "/ready")[0] == 503, timeout=1.0)
+    assert wait_until(lambda: http_get(metrics, "/ready")[0] == 503, timeout=2.0)
     assert http_get(metrics, "/ready") == (503, "shutting down\n")
     # still accepting (and serving) during the delay
     with psycopg.connect(pg.dsn(host="127.0.0.1", port=port, connect_timeout=10), autocommit=True) as conn:
         assert conn.execute("SELECT 7").fetchone() == (7,)
-    assert time.monotonic() - began < 1.5
+    assert time.monotonic() - began < 3
     assert wait_until(lambda: not port_open(port), timeout=10)
-    assert time.monotonic() - began >= 1.4
+    assert time.monotonic() - began >= 2.9
     stopper.join(30)
     assert not stopper.is_alive()
 
@@ -142,7 +142,7 @@ def test_sigterm_order_ready_fails_then_the_listener_closes_then_transactions_fi
 
     watch()
     assert "unready" in times and "closed" in times, (times, proxy.log())
-    assert times["unready"] - sent < 1.0
+    assert times["unready"] - sent < 1.5
     assert times["closed"] - sent >= 1.9              # shutdown_unready_delay: 2
     assert proxy.http("/live") == (200, "live\n")     # still serving the open transaction
     # the open transaction finishes, then that client is disconnected (57P01) before its next one
@@ -164,15 +164,16 @@ def test_sigterm_order_ready_fails_then_the_listener_closes_then_transactions_fi
 def test_workers_the_supervisor_answers_for_all(pg, tmp_path, procs):
     metrics = free_port()
     proxy = ProxyProcess(pg, tmp_path, listen={"host": "127.0.0.1", "port": free_port()}, workers=2,
-                         metrics_listen=f"127.0.0.1:{metrics}", shutdown_unready_delay=1.5)
+                         metrics_listen=f"127.0.0.1:{metrics}", shutdown_unready_delay=3)
     procs.append(proxy)
     assert proxy.http("/live") == (200, "2 of 2 workers running\n")
     assert proxy.http("/ready") == (200, "ready (2 of 2 workers)\n")
     proxy.signal(signal.SIGTERM)
     sent = time.monotonic()
-    assert wait_until(lambda: proxy.http("/ready", timeout=2)[0] == 503, timeout=1.0)
+    assert wait_until(lambda: proxy.http("/ready", timeout=2)[0] == 503, timeout=2.0)
     assert proxy.http("/ready") == (503, "shutting down\n")
     assert port_open(proxy.port)                      # the workers accept during the delay
+    assert time.monotonic() - sent < 3
     assert wait_until(lambda: not port_open(proxy.port), timeout=20)
-    assert time.monotonic() - sent >= 1.4
+    assert time.monotonic() - sent >= 2.9
     assert proxy.wait(60) == 0, proxy.log()
