@@ -25,6 +25,7 @@ from .console_control import CHANGEABLE
 from .health import HealthChecker
 from .peers import PeerListener, WorkerSlot
 from .pool import BackendIdlePool
+from .readiness import Readiness
 from .server import ProxyServer, raise_fd_limit
 
 #: The logger these lines had before this module left server.py: log filters keep working.
@@ -45,10 +46,11 @@ class Proxy:
     """
 
     def __init__(self, config, config_path: str | None = None, overrides: dict | None = None,
-                 worker: WorkerSlot | None = None) -> None:
+                 worker: WorkerSlot | None = None, listener=None) -> None:
         if config_path is None and isinstance(config, (str, os.PathLike)):
             config_path = os.fspath(config)
         self.worker = worker
+        self.listener = listener                # a listening socket to serve (a worker's, from its supervisor)
         self.whole_config = config_mod.load(config)     # as configured (SHOW CONFIG, SHOW DATABASES)
         self.config = self._share(self.whole_config)    # what this process enforces
         self.peer_listener: PeerListener | None = None
@@ -84,7 +86,8 @@ class Proxy:
             log.warning("workers: %d is for the command line (python -m threadpool_proxy); this embedded "
                         "proxy serves from one process", self.config.workers)
         raise_fd_limit(self.config)
-        self.server = ProxyServer(self.config, self.worker)
+        self.server = ProxyServer(self.config, self.worker, listener=self.listener)
+        self.server.readiness = Readiness(self.server)
         self.server.whole_config = self.whole_config
         self.server.reloader = self.reload
         self.server.setter = self.set_setting
@@ -95,10 +98,11 @@ class Proxy:
                 self._threads.append(threading.Thread(target=self.peer_listener.serve_forever,
                                                       kwargs={"poll_interval": 0.2},
                                                       name="threadpool_proxy-peers", daemon=True))
-            # With workers, the first serves the metrics of them all (it asks the others at each scrape).
-            if self.config.metrics_listen and (self.worker is None or self.worker.index == 0):
+            # With workers, the supervisor serves the metrics, /ready and /live of them all (workers.py).
+            if self.config.metrics_listen and self.worker is None:
                 from .metrics import MetricsEndpoint
-                self.metrics = MetricsEndpoint(self.server, self.config.metrics_listen).start()
+                self.metrics = MetricsEndpoint(self.server, self.config.metrics_listen,
+                                               readiness=self.server.readiness).start()
         except BaseException:
             self.server.server_close()
             if self.peer_listener is not None:
@@ -205,6 +209,7 @@ class Proxy:
         Ends a graceful ``shutdown()`` under way in another thread.
         """
         if self.server is not None:
+            self.server.readiness.stop_serving("shutting down")
             self.server.force_stop()
         with self._stop_lock:
             self._stop(wait, 0.0)
@@ -212,8 +217,21 @@ class Proxy:
     def shutdown(self, timeout: float | None = None, wait: float = 5.0) -> None:
         """Stop gracefully, as SIGTERM: running transactions get ``timeout`` seconds to finish.
 
-        ``timeout`` defaults to ``shutdown_timeout``; see ProxyServer.close_down.
+        ``/ready`` fails at once; the listening socket stays open (clients are
+        still accepted) for ``shutdown_unready_delay`` seconds first, so that a
+        load balancer checking ``/ready`` stops sending clients before
+        connections are refused (a worker process skips it: its supervisor
+        waited).  ``timeout`` defaults to ``shutdown_timeout``; see
+        ProxyServer.close_down.
         """
+        server = self.server
+        if server is not None:
+            server.readiness.stop_serving("shutting down")
+            delay = self.config.shutdown_unready_delay if self.worker is None else 0.0
+            if delay > 0 and not self._stopped:
+                log.info("shutting down: /ready answers 503; clients are still accepted for %g s "
+                         "(shutdown_unready_delay)", delay)
+                server.wait_unless_forced(delay)
         with self._stop_lock:
             self._stop(wait, self.config.shutdown_timeout if timeout is None else timeout)
 
