@@ -363,7 +363,7 @@ def test_a_port_in_use_fails_start_up_before_any_worker(pg, tmp_path):
     assert "worker" not in r.stderr.lower()
 
 
-def test_metrics_of_worker_0_add_up_every_worker(pg, workers_proxy):
+def test_metrics_add_up_every_worker(pg, workers_proxy):
     import urllib.request
     port = free_port()
     proxy = workers_proxy(metrics_listen=f"127.0.0.1:{port}")

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from threadpool_proxy import admin, metrics
-from threadpool_proxy.peers import owner_of
-from threadpool_proxy.server import CancelKeys
+from threadpool_proxy.cancelkeys import CancelKeys, KeyLayout
 
 
 def test_cancel_secrets_name_their_worker_and_stay_random():
     for count in (1, 2, 3, 7):
         for index in range(count):
-            keys = CancelKeys(index, count)
+            keys = CancelKeys(KeyLayout(0, index, count))
             secrets = {keys.new_secret() for _ in range(200)}
             assert len(secrets) > 190                      # still random (1 - log2(count) of 32 bits aside)
-            assert all(len(s) == 4 and owner_of(s, count) == index for s in secrets)
+            assert all(len(s) == 4 and int.from_bytes(s, "big") % count == index for s in secrets)
 
 
 def test_single_process_secrets_use_all_32_bits():
     keys = CancelKeys()
-    assert {owner_of(keys.new_secret(), 1) for _ in range(50)} == {0}
+    assert {KeyLayout().owner(keys.new_secret()).worker for _ in range(50)} == {0}
     assert any(keys.new_secret()[3] % 2 for _ in range(50)) and any(not keys.new_secret()[3] % 2 for _ in range(50))
 
 

@@ -6,12 +6,14 @@ import argparse
 import logging
 import logging.handlers
 import os
+import signal
 import subprocess
 import sys
 import time
 
 from . import config as config_mod
 from .embed import Proxy
+from .sdnotify import Notifier
 from .stopping import StopSignals, install_reload
 
 log = logging.getLogger("threadpool_proxy")
@@ -109,6 +111,8 @@ def _serve(config, args, overrides: dict, level: int, demo) -> int:
         return workers.run(config, args.config, overrides, level)
     proxy = Proxy(config, config_path=None if demo else args.config, overrides=overrides)
     signals = StopSignals(proxy)
+    notifier = Notifier.from_environment()          # systemd Type=notify: READY=1, STOPPING=1
+    told_stopping = False
     try:
         try:
             proxy.start()
@@ -121,14 +125,26 @@ def _serve(config, args, overrides: dict, level: int, demo) -> int:
             return 1
         signals.install()
         install_reload(proxy)
+        rolling: list = []                    # SIGUSR2, a rolling restart, replaces worker processes: none here
+        if hasattr(signal, "SIGUSR2"):
+            signal.signal(signal.SIGUSR2, lambda *_: rolling.append(True))
         if demo:
             print(demo.banner(proxy.port), flush=True)
+        notifier.send("READY=1", f"STATUS=listening on {proxy.host}:{proxy.port}")
         # The stop runs in a thread of its own; this one only sleeps (signal handlers
         # run here and take no lock) and acts on what they noted.
         while not proxy.stopped:
             signals.act()
+            if rolling:
+                rolling.clear()
+                log.warning("SIGUSR2 (a rolling restart of the workers) needs workers above 1; ignored")
+            if not told_stopping and (signals.stopping or proxy.server.readiness.unready):
+                told_stopping = True          # a signal, or SHUTDOWN on the console
+                notifier.send("STOPPING=1")
             time.sleep(0.2)
     finally:
+        if not told_stopping:
+            notifier.send("STOPPING=1")
         proxy.stop()
         if demo:
             demo.stop()

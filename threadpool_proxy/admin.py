@@ -525,7 +525,8 @@ class Console:
         return WORKER_COLUMNS, [[worker.index if worker else 0, os.getpid(),
                                  len(obs.clients) + obs.login_clients, obs.console_clients, obs.open_servers,
                                  sum(v["xact_count"] for v in obs.database_totals.values()),
-                                 cancels.get("received", 0), cancels.get("forwarded", 0)]]
+                                 cancels.get("received", 0), cancels.get("forwarded", 0),
+                                 cancels.get("to_peers", 0), cancels.get("from_peers", 0)]]
 
     def show_workers(self) -> bytes:
         return self._show("workers")
@@ -664,7 +665,7 @@ CONNECTION_COLUMNS = [("type", "s"), ("user", "s"), ("database", "s"), ("replica
 
 WORKER_COLUMNS = [("worker", "i"), ("pid", "i"), ("clients", "i"), ("console_clients", "i"),
                   ("servers", "i"), ("total_xact_count", "i"), ("cancel_requests", "i"),
-                  ("cancels_forwarded", "i")]
+                  ("cancels_forwarded", "i"), ("cancels_to_peers", "i"), ("cancels_from_peers", "i")]
 
 DATABASE_COLUMNS = [("name", "s"), ("host", "s"), ("port", "i"), ("database", "s"), ("force_user", "s"),
                     ("pool_size", "i"), ("min_pool_size", "i"), ("reserve_pool_size", "i"),

@@ -33,6 +33,8 @@ DEFAULT_AUTH_DBNAME = "postgres"
 SECRET_KEYS = ("auth_password",)
 #: Most worker processes (``workers``); the worker's index is encoded in cancel key secrets.
 MAX_WORKERS = 64
+#: The largest ``peer_id``: cancel key secrets keep 8 bits for it (cancelkeys.py).
+PEER_ID_MAX = 255
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 #: The TLS settings that name files (relative paths in a YAML file are relative to it).
 TLS_FILES = ("client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
@@ -52,7 +54,7 @@ MIN_TRACKED_MESSAGE_SIZE = 4096
 
 #: Settings only a restart changes: RELOAD keeps their old values (and says so).
 RESTART_ONLY = ("listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode", "unix_socket_group",
-                "metrics_listen", "workers", "logfile", "pidfile")
+                "metrics_listen", "workers", "logfile", "pidfile", "peer_id")
 
 
 
@@ -68,6 +70,17 @@ class NodeConfig:
     @property
     def name(self) -> str:
         """host:port, the ``node`` part of pool keys (and what the proxy's logs call the server)."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class PeerConfig:
+    """One entry of ``peers``: another proxy of the group, where its clients' cancel requests are sent."""
+
+    host: str
+    port: int = 6432
+
+    def __repr__(self) -> str:          # SHOW CONFIG shows peers as {2: 10.0.0.2:6432, ...}
         return f"{self.host}:{self.port}"
 
 
@@ -222,6 +235,11 @@ class Config:
     metrics_timeout: float = 5.0         # a metrics request must arrive and its answer go out within this
     metrics_max_connections: int = 4     # metrics connections served at once; more get 503
     workers: int = 1                     # processes serving the port (SO_REUSEPORT); command line only
+    worker_retire_timeout: float = 10.0  # rolling restart (SIGUSR2): a replaced worker's clients may stay this long
+    peer_id: int = 0                     # this proxy's id in a group of proxies (cancel keys name it); 0: none
+    peers: Mapping[int, PeerConfig] = dataclasses.field(default_factory=dict)   # peer id -> its listen address
+    peer_cancel_timeout: float = 5.0     # forwarding a cancel request to a peer: connect, send, its close
+    shutdown_unready_delay: float = 0.0  # SIGTERM: /ready fails this long before the listening socket closes
     load_balance: str = "round-robin"
     target_session_attrs: str = "any"
     health_check_period: float = 5.0
@@ -432,6 +450,11 @@ _TOP_LEVEL = {
     "metrics_max_connections": _COUNT,
     **{key: (_nonempty_str, "a file path") for key in TLS_FILES},
     "workers": (lambda v: _positive_int(v) and v <= MAX_WORKERS, f"an integer from 1 to {MAX_WORKERS}"),
+    "worker_retire_timeout": _SECONDS_OR_OFF,
+    "peer_id": (lambda v: _non_negative_int(v) and v <= PEER_ID_MAX,
+                f"an integer from 1 to {PEER_ID_MAX} (0: no peering)"),
+    "peer_cancel_timeout": _SECONDS,
+    "shutdown_unready_delay": (_SECONDS_OR_OFF[0], "a number of seconds >= 0 (0: the listener closes at once)"),
     "load_balance": (_choice(LOAD_BALANCE), "one of " + ", ".join(LOAD_BALANCE)),
     "target_session_attrs": (_choice(TARGET_SESSION_ATTRS), "one of " + ", ".join(TARGET_SESSION_ATTRS)),
     "health_check_period": _SECONDS,
@@ -483,6 +506,11 @@ _USER = {
     "max_user_client_connections": _TOP_LEVEL["max_user_client_connections"],
 }
 
+_PEER = {
+    "host": (_nonempty_str, "a host name or address"),
+    "port": (lambda v: _port(v) and v > 0, "an integer from 1 to 65535"),
+}
+
 _NODE = {
     "host": _DATABASE["host"],
     "port": _DATABASE["port"],
@@ -530,6 +558,36 @@ def _nodes(fields: dict, where: str) -> tuple:
     if role is not None and not any(n.role == role for n in nodes):
         raise ConfigError(f"{where}.role: no node has role {role}")
     return nodes
+
+
+def _peers(raw, peer_id: int) -> dict:
+    """``peers``: peer id -> {host, port} (or "host:port"); this proxy's own id may be listed too."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"peers: expected a mapping of peer ids to addresses, got {type(raw).__name__}")
+    out = {}
+    for key, value in raw.items():
+        number = int(key) if isinstance(key, str) and key.isdigit() else key
+        if not _positive_int(number) or number > PEER_ID_MAX:
+            raise ConfigError(f"peers: {key!r} is not a peer id (an integer from 1 to {PEER_ID_MAX})")
+        where = f"peers.{number}"
+        if number in out:
+            raise ConfigError(f"{where}: listed twice")
+        if isinstance(value, str):
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ConfigError(f"{where}: expected host:port or a mapping with host and port, got {value!r}")
+            out[number] = PeerConfig(host.strip("[]"), int(port))
+            continue
+        fields = _check_section(value, _PEER, where)
+        if "host" not in fields:
+            raise ConfigError(f"{where}.host: required")
+        out[number] = PeerConfig(fields["host"], fields.get("port", 6432))
+    if out and not peer_id:
+        raise ConfigError(f"peer_id: required with peers (this proxy's own id, 1 to {PEER_ID_MAX}): "
+                          f"its cancel keys must say which proxy gave them out")
+    return out
 
 
 def _check_section(section: Mapping[str, Any], rules, where: str) -> dict:
@@ -652,6 +710,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
     listen = raw.pop("listen", {}) or {}
     databases = raw.pop("databases", None)
     users = raw.pop("users", None) or {}
+    peers = raw.pop("peers", None)
     top = _check_section(raw, _TOP_LEVEL, "")
     listen = _check_section(listen, _LISTEN, "listen")
     if databases is None or databases == {}:
@@ -661,7 +720,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
 
     kwargs: dict[str, Any] = {}
     for key, value in top.items():
-        if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime")):
+        if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime", "_delay")):
             value = float(value)
         elif key in ("admin_users", "stats_users"):
             value = _as_user_tuple(value)
@@ -681,6 +740,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
     if not kwargs.get("listen_host", "127.0.0.1").strip() and not kwargs.get("unix_socket_dir"):
         raise ConfigError('listen.host: "" (no TCP) needs listen.unix_socket_dir: the proxy would listen nowhere')
     kwargs["users"] = _users(users)
+    kwargs["peers"] = _peers(peers, kwargs.get("peer_id", 0))
     defaults = Config(**kwargs)
 
     entries = {}
@@ -742,7 +802,7 @@ def with_setting(config: Config, key: str, text: str) -> Config:
     setting they can override take the new one.
     """
     fixed = ("listen", "listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode", "unix_socket_group",
-             "databases", "users")
+             "databases", "users", "peers")
     if key in fixed or key not in _TOP_LEVEL:
         raise ConfigError(f"{key}: unknown key" if key not in _TOP_LEVEL and key not in fixed
                           else f"{key}: cannot be changed while running")
@@ -766,7 +826,7 @@ def with_setting(config: Config, key: str, text: str) -> Config:
         value = None
     if value is not None and not check(value):
         raise ConfigError(f"{key}: expected {expected}, got {_shown(key, text)}")
-    if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime")) and value is not None:
+    if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime", "_delay")) and value is not None:
         value = float(value)
     elif key in ("admin_users", "stats_users"):
         value = _as_user_tuple(value)

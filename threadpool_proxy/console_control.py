@@ -38,7 +38,7 @@ log = get_logger("threadpool_proxy.server")
 
 #: Settings RELOAD and SET change in a running proxy (listen.*, metrics_listen and workers need a restart).
 CHANGEABLE = frozenset(f.name for f in dataclasses.fields(config_mod.Config)
-                       if f.name not in config_mod.RESTART_ONLY + ("databases", "users"))
+                       if f.name not in config_mod.RESTART_ONLY + ("databases", "users", "peers"))
 
 
 class ConsoleControl:
@@ -84,7 +84,7 @@ class ConsoleControl:
         return [answers[i] for i in sorted(answers)]
 
     def peer_query(self, request: dict):
-        """Answer another worker (peers.py): this worker's SHOW rows, metrics figures, or an action."""
+        """Answer another worker or the supervisor (peers.py): SHOW rows, metrics figures, readiness, an action."""
         kind = request.get("kind")
         if kind == "rows":
             what = str(request.get("show", ""))
@@ -95,6 +95,8 @@ class ConsoleControl:
         if kind == "figures":
             from .metrics import local_figures
             return local_figures(self.server)
+        if kind == "ready":                    # the supervisor's /ready (readiness.py)
+            return list(self.server.readiness.ready())
         if kind == "action" and request.get("verb") in ("pause", "resume", "reconnect", "kill", "reload", "set",
                                                         "disable", "enable"):
             database = request.get("database")

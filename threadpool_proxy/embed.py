@@ -37,6 +37,7 @@ from .events import Event, EventHub
 from .health import HealthChecker
 from .peers import PeerListener, WorkerSlot
 from .pool import BackendIdlePool
+from .readiness import Readiness
 from .server import ProxyServer, raise_fd_limit
 
 #: The logger these lines had before this module left server.py: log filters keep working.
@@ -73,10 +74,12 @@ class Proxy:
     """
 
     def __init__(self, config: ConfigSource, config_path: str | None = None, overrides: dict | None = None,
-                 worker: WorkerSlot | None = None, on_event: EventHook | None = None) -> None:
+                 worker: WorkerSlot | None = None, on_event: EventHook | None = None,
+                 listener: Any = None) -> None:
         if config_path is None and isinstance(config, (str, os.PathLike)):
             config_path = os.fspath(config)
         self.worker = worker
+        self.listener = listener                # a listening socket to serve (a worker's, from its supervisor)
         self.whole_config = config_mod.load(config)     # as configured (SHOW CONFIG, SHOW DATABASES)
         self.config = self._share(self.whole_config)    # what this process enforces
         self.peer_listener: PeerListener | None = None
@@ -152,21 +155,23 @@ class Proxy:
             log.warning("workers: %d is for the command line (python -m threadpool_proxy); this embedded "
                         "proxy serves from one process", self.config.workers)
         raise_fd_limit(self.config)
-        server = self.server = ProxyServer(self.config, self.worker, events=self.events)
+        server = self.server = ProxyServer(self.config, self.worker, events=self.events, listener=self.listener)
         server.whole_config = self.whole_config
         server.reloader = self.reload
         server.setter = self.set_setting
         server.stopper = self.stop_in_background
+        server.readiness = Readiness(server)
         try:
             if self.worker is not None:
                 self.peer_listener = PeerListener(self.worker, server)
                 self._threads.append(threading.Thread(target=self.peer_listener.serve_forever,
                                                       kwargs={"poll_interval": 0.2},
                                                       name="threadpool_proxy-peers", daemon=True))
-            # With workers, the first serves the metrics of them all (it asks the others at each scrape).
-            if self.config.metrics_listen and (self.worker is None or self.worker.index == 0):
+            # With workers, the supervisor serves the metrics, /ready and /live of them all (workers.py).
+            if self.config.metrics_listen and self.worker is None:
                 from .metrics import MetricsEndpoint
-                self.metrics = MetricsEndpoint(server, self.config.metrics_listen).start()
+                self.metrics = MetricsEndpoint(server, self.config.metrics_listen,
+                                               readiness=server.readiness).start()
         except BaseException:
             server.server_close()
             if self.peer_listener is not None:
@@ -362,15 +367,26 @@ class Proxy:
         """
         if timeout < 0:
             raise ValueError(f"timeout must be >= 0, got {timeout!r}")
-        if timeout == 0 and self.server is not None:
-            self.server.force_stop()
+        server = self.server
+        if server is not None:
+            server.readiness.stop_serving("shutting down")
+            if timeout == 0:
+                server.force_stop()
+            else:
+                # /ready fails first; the listening socket stays open (clients still accepted) for
+                # shutdown_unready_delay, so a load balancer checking /ready stops sending clients
+                # before connections are refused (a worker skips it: its supervisor waited).
+                delay = self.config.shutdown_unready_delay if self.worker is None else 0.0
+                if delay > 0 and not self._stopped:
+                    log.info("shutting down: /ready answers 503; clients are still accepted for %g s "
+                             "(shutdown_unready_delay)", delay)
+                    server.wait_unless_forced(delay)
         with self._stop_lock:
             self._stop(wait, timeout)
 
     def shutdown(self, timeout: float | None = None, wait: float = 5.0) -> None:
         """``stop(timeout)``, ``timeout`` defaulting to ``shutdown_timeout``: what SIGTERM does."""
-        with self._stop_lock:
-            self._stop(wait, self.config.shutdown_timeout if timeout is None else timeout)
+        self.stop(self.config.shutdown_timeout if timeout is None else timeout, wait)
 
     def _stop(self, wait: float, timeout: float) -> None:
         server = self.server

@@ -206,6 +206,19 @@ def open_listeners(config, reuseport: bool = False, unix: bool = True) -> Listen
     return Listeners(opened, unix_sock, port, path, inode)
 
 
+def adopt_listeners(socks, port: int) -> Listeners:
+    """Listeners over sockets made elsewhere (a worker's, made and kept by its supervisor): ``socks``
+    is one socket or several, TCP ones and at most one unix socket.  The unix socket's file is
+    the maker's to remove: closing these never unlinks it."""
+    socks = [socks] if isinstance(socks, socket.socket) else list(socks)
+    tcp = [sock for sock in socks if sock.family != socket.AF_UNIX]
+    unix = [sock for sock in socks if sock.family == socket.AF_UNIX]
+    if not socks or len(unix) > 1:
+        raise OSError(errno.EINVAL, "a worker needs its listening sockets: TCP ones and at most one unix socket")
+    path = unix[0].getsockname() if unix else None
+    return Listeners(tcp, unix[0] if unix else None, tcp[0].getsockname()[1] if tcp else port, path or None)
+
+
 def tune_client(sock: socket.socket, config) -> None:
     """An accepted TCP client: TCP_NODELAY and the keepalive settings (nothing for a unix socket)."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):

@@ -1,4 +1,5 @@
-"""The Prometheus endpoint (``metrics_listen``), with prometheus_client.
+"""The Prometheus endpoint (``metrics_listen``), with prometheus_client; ``/ready`` and ``/live``
+beside it come from readiness.py.
 
 A collector builds every metric on each scrape from the same
 ``stats.Observation`` as the admin console's SHOW POOLS and SHOW STATS, so
@@ -87,12 +88,7 @@ def merge_figures(figures: list) -> dict:
 
 
 class ProxyCollector:
-    """Metrics of one ProxyServer, computed at scrape time; with workers, of all of them.
-
-    With worker processes the endpoint runs in worker 0, which asks the others
-    for their figures over the peer channel at each scrape and adds them up;
-    ``threadpool_proxy_workers`` says how many answered.
-    """
+    """Metrics of one ProxyServer, computed at scrape time (with ``peers``: and of the other workers')."""
 
     def __init__(self, server) -> None:
         self.server = server
@@ -130,6 +126,17 @@ class ProxyCollector:
                                 value=fig["workers"])
 
 
+class WorkersCollector(ProxyCollector):
+    """The worker supervisor's metrics: every worker's figures, asked over the peer channel at each
+    scrape and added up; ``threadpool_proxy_workers`` says how many answered."""
+
+    def __init__(self, peers) -> None:
+        self.peers = peers
+
+    def figures(self) -> dict:
+        return merge_figures([fig for _, fig in sorted(self.peers.ask_all({"kind": "figures"}).items())])
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` too) -> (host, port)."""
     host, sep, port = text.rpartition(":")
@@ -141,25 +148,32 @@ def parse_listen(text: str) -> tuple[str, int]:
 class MetricsEndpoint:
     """The HTTP server of ``metrics_listen``: ``start`` binds and serves from a thread, ``stop`` closes.
 
+    ``/metrics`` from ``collector`` (default: ``server``'s ProxyCollector);
+    ``/ready`` and ``/live`` from ``readiness`` (readiness.py), when given.
     ``metrics_timeout`` and ``metrics_max_connections`` are read from the
-    server's configuration at each connection (a RELOAD applies to the next).
+    server's configuration (or from ``config()``, for a worker supervisor, which
+    has no server) at each connection (a RELOAD applies to the next).
     """
 
-    def __init__(self, server, listen: str) -> None:
+    def __init__(self, server, listen: str, readiness=None, collector=None, config=None) -> None:
         self.server = server
+        self.config = config
         self.host, self.port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ProxyCollector(server))
+        self.registry.register(collector if collector is not None else ProxyCollector(server))
+        self.readiness = readiness
         self._httpd: BoundedHTTPServer | None = None
         self._thread = None
 
     def start(self) -> "MetricsEndpoint":
-        self._httpd = BoundedHTTPServer((self.host, self.port), self._render, self._limits)
+        self._httpd = BoundedHTTPServer((self.host, self.port), self._render, self._limits, self.readiness)
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="threadpool_proxy-metrics",
+                                        daemon=True)
         self._thread.start()
-        log.info("metrics on http://%s:%d/metrics (no authentication; at most %d connections, %g s each)",
-                 self.host, self.port, self.server.config.metrics_max_connections, self.server.config.metrics_timeout)
+        timeout, most = self._limits()
+        log.info("metrics on http://%s:%d/metrics%s (no authentication; at most %d connections, %g s each)",
+                 self.host, self.port, " (and /ready, /live)" if self.readiness is not None else "", most, timeout)
         return self
 
     @property
@@ -168,7 +182,7 @@ class MetricsEndpoint:
         return self._httpd
 
     def _limits(self) -> tuple[float, int]:
-        config = self.server.config
+        config = self.server.config if self.server is not None else self.config()
         return config.metrics_timeout, config.metrics_max_connections
 
     def _render(self, accept: str) -> tuple[str, bytes]:

@@ -15,7 +15,11 @@ with one page, so this is not a general HTTP server:
   Service Unavailable`` at once (without reading their request) and closes them,
   so they cost no thread and keep no descriptor.
 * One request per connection (``Connection: close``); GET or HEAD of ``/metrics``
-  (or ``/``); anything else gets 404 or 405.
+  (or ``/``), and of ``/ready`` and ``/live`` when the server is given a
+  ``readiness`` (readiness.py: 200 or 503 with the reason); anything else gets
+  404 or 405.  The readiness answers obey the same deadline and cap (a probe
+  beyond the cap gets 503, which a load balancer reads as not ready: keep
+  ``metrics_max_connections`` above the number of probers).
 
 There is no authentication: whoever can connect can read the metrics (database
 and user names, counters).  Bind ``metrics_listen`` to loopback or a private
@@ -94,6 +98,9 @@ def parse_head(head: bytes) -> tuple[str, str, dict]:
 class BoundedHTTPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """Serves ``render(accept_header) -> (content type, body)`` at /metrics; see the module docstring.
 
+    ``readiness`` (optional): an object with ``ready()`` and ``live()``, each
+    returning (ok, why), answering ``/ready`` and ``/live`` (200 or 503).
+
     ``limits()`` returns (timeout seconds, most connections at once); it is
     asked at each connection, so a RELOAD of the settings applies to the next.
     ``served``, ``refused`` (over the cap) and ``cut`` (too slow) count connections.
@@ -104,9 +111,12 @@ class BoundedHTTPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 16
 
-    def __init__(self, address, render, limits) -> None:
+    def __init__(self, address, render, limits, readiness=None) -> None:
         self._render = render
         self._limits = limits
+        self._readiness = readiness
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         self._lock = threading.Lock()
         self.active = 0
         self.served = self.refused = self.cut = 0
@@ -168,6 +178,9 @@ class BoundedHTTPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if method not in ("GET", "HEAD"):
             self._send(sock, response(405, b"only GET\n", extra="Allow: GET, HEAD\r\n"), deadline)
             return
+        if self._readiness is not None and path in ("/ready", "/live"):
+            self._send(sock, self._probe(path, method == "HEAD"), deadline)
+            return
         if path not in ("/metrics", "/"):
             self._send(sock, response(404, b"the metrics are at /metrics\n"), deadline)
             return
@@ -180,6 +193,18 @@ class BoundedHTTPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if self._send(sock, response(200, body, content_type, head_only=method == "HEAD"), deadline):
             with self._lock:
                 self.served += 1
+
+    def _probe(self, path: str, head_only: bool) -> bytes:
+        """The answer to /ready or /live: 200 or 503, the reason as the body, never cached."""
+        try:
+            ok, why = self._readiness.ready() if path == "/ready" else self._readiness.live()
+        except Exception as exc:          # a question a worker could not answer: not ready, and why
+            log.exception("%s failed", path)
+            ok, why = False, f"{path} failed: {exc}"
+        with self._lock:
+            self.served += 1
+        return response(200 if ok else 503, (why + "\n").encode(), head_only=head_only,
+                        extra="Cache-Control: no-store\r\n")
 
     def _send(self, sock: socket.socket, data: bytes, deadline: float) -> bool:
         """The whole answer by ``deadline`` (sendall's timeout bounds it in all); False if not."""

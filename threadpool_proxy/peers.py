@@ -1,13 +1,16 @@
 """The peer channel between worker processes (``workers: N``), as PgBouncer's ``peers``.
 
-Each worker listens on a private unix socket, ``peer-<index>.sock`` in a
-directory only the proxy's user can enter (the supervisor makes it, mode
-0700).  Two kinds of request arrive there, both framed like a startup packet
-(int32 length, int32 code):
+Each worker listens on a private unix socket, ``peer-<index>-<pid>.sock`` in
+a directory only the proxy's user can enter (the supervisor makes it, mode
+0700).  During a rolling restart (workers.py) a worker's successor has the
+same index: the old one renames its socket ``retired-<index>-<pid>.sock`` as
+it starts to leave, so questions go to the successor while cancels of the old
+one's clients still reach it.  Two kinds of request arrive there, both framed
+like a startup packet (int32 length, int32 code):
 
 * a CancelRequest, the raw 16 bytes a client sent to whichever worker the
   kernel gave its connection: the worker that owns the key (its index is
-  encoded in the secret, ``owner_of``) cancels as if the client had come to it;
+  encoded in the secret, cancelkeys.py) cancels as if the client had come to it;
 * a query (``PEER_QUERY_CODE``, then a JSON object): the admin console's and
   the metrics endpoint's questions to the other workers (their SHOW rows, their
   figures, a PAUSE), answered with an int32 length and a JSON value.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
 import socketserver
 import threading
@@ -40,6 +44,11 @@ PEER_TIMEOUT = 5.0
 #: Largest peer message accepted either way.
 MAX_PEER_MESSAGE = 64 << 20
 
+#: The index of a slot that is not a worker: the supervisor, which asks every worker.
+SUPERVISOR = -1
+
+_SOCKET_NAME = re.compile(r"(peer|retired)-(\d+)-(\d+)\.sock")
+
 
 @dataclasses.dataclass(frozen=True)
 class WorkerSlot:
@@ -49,16 +58,43 @@ class WorkerSlot:
     count: int
     rundir: str
 
-    def path(self, index: int) -> str:
-        return os.path.join(self.rundir, f"peer-{index}.sock")
+    def path(self, pid: int | None = None, retired: bool = False) -> str:
+        """This worker's socket (``pid``: this process's), or the name it takes when it retires."""
+        name = f"{'retired' if retired else 'peer'}-{self.index}-{pid or os.getpid()}.sock"
+        return os.path.join(self.rundir, name)
 
-    def others(self) -> list[int]:
-        return [i for i in range(self.count) if i != self.index]
+    def sockets(self) -> list[tuple[str, int, int, str]]:
+        """(kind, index, pid, path) of every worker socket in the directory but this process's."""
+        found = []
+        try:
+            names = os.listdir(self.rundir)
+        except OSError:
+            return []
+        me = os.getpid()
+        for name in names:
+            match = _SOCKET_NAME.fullmatch(name)
+            if match and int(match.group(3)) != me:
+                found.append((match.group(1), int(match.group(2)), int(match.group(3)),
+                              os.path.join(self.rundir, name)))
+        return found
 
+    def owners(self, index: int) -> list[str]:
+        """The sockets of worker ``index``: usually one; two while it is being replaced."""
+        return [path for _, i, _, path in self.sockets() if i == index]
 
-def owner_of(secret: bytes, count: int) -> int:
-    """The worker that gave out a cancel key: its index is the secret modulo the worker count."""
-    return int.from_bytes(secret, "big") % count if count > 1 else 0
+    def others(self) -> dict[int, str]:
+        """index -> socket of every other worker that is not retiring (the newest if two claim one)."""
+        newest: dict[int, tuple[int, str]] = {}
+        for kind, index, _, path in self.sockets():
+            if kind != "peer" or index == self.index:
+                continue
+            try:
+                made = os.stat(path).st_mtime_ns
+            except OSError:
+                continue
+            if index not in newest or made > newest[index][0]:
+                newest[index] = (made, path)
+        return {index: path for index, (_, path) in sorted(newest.items())}
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -99,21 +135,31 @@ class PeerListener(socketserver.ThreadingUnixStreamServer):
 
     def __init__(self, slot: WorkerSlot, proxy) -> None:
         self.proxy = proxy
-        path = slot.path(slot.index)
+        self.slot = slot
+        self.path = slot.path()
         try:
-            os.unlink(path)          # left behind by this worker's predecessor (it was killed)
+            os.unlink(self.path)     # a killed process of the same pid left it (pids are reused)
         except FileNotFoundError:
             pass
-        super().__init__(path, _PeerHandler)
+        super().__init__(self.path, _PeerHandler)
 
     def handle_error(self, request, client_address) -> None:
         log.exception("peer channel: unhandled error")
+
+    def retire(self) -> None:
+        """A successor took this worker's index: questions go to it from now on, cancels still come here."""
+        retired = self.slot.path(retired=True)
+        try:
+            os.rename(self.path, retired)
+            self.path = retired
+        except OSError as exc:
+            log.warning("peer channel: cannot rename %s: %s", self.path, exc)
 
     def close(self) -> None:
         self.shutdown()
         self.server_close()
         try:
-            os.unlink(self.server_address)
+            os.unlink(self.path)
         except OSError:
             pass
 
@@ -124,34 +170,53 @@ class Peers:
     def __init__(self, slot: WorkerSlot) -> None:
         self.slot = slot
 
-    def _connect(self, index: int, timeout: float | None = PEER_TIMEOUT) -> socket.socket:
+    @staticmethod
+    def _connect(path: str, timeout: float | None = PEER_TIMEOUT) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(PEER_TIMEOUT)
         try:
-            sock.connect(self.slot.path(index))
+            sock.connect(path)
         except OSError:
             sock.close()
             raise
         sock.settimeout(timeout)
         return sock
 
-    def forward_cancel(self, index: int, packet: bytes) -> None:
-        """Hand a client's CancelRequest (16 bytes) to worker ``index``, which owns its key."""
-        try:
-            with self._connect(index) as sock:
-                sock.sendall(packet)
-                sock.shutdown(socket.SHUT_WR)
-                sock.recv(1)          # closed once the owner has sent it on: the cancel is not lost in a race
-        except OSError as exc:
-            log.warning("could not forward a cancel request to worker %d: %s", index, exc)
+    def forward_cancel(self, index: int, packet: bytes, only_if_any: bool = False) -> bool:
+        """Hand a client's CancelRequest (16 bytes) to worker ``index``, which owns its key.
+
+        While that worker is being replaced both processes of the index get it:
+        the one that does not know the key ignores it.  False (logged unless
+        ``only_if_any``) when no process of that index runs.
+        """
+        paths = self.slot.owners(index)
+        if not paths:
+            if not only_if_any:
+                log.warning("could not forward a cancel request to worker %d: it is not running", index)
+            return False
+        for path in paths:
+            try:
+                with self._connect(path) as sock:
+                    sock.sendall(packet)
+                    sock.shutdown(socket.SHUT_WR)
+                    sock.recv(1)      # closed once the owner has sent it on: the cancel is not lost in a race
+            except OSError as exc:
+                log.warning("could not forward a cancel request to worker %d: %s", index, exc)
+        return True
 
     def ask(self, index: int, request: dict, timeout: float | None = PEER_TIMEOUT):
         """Worker ``index``'s answer to ``request``; raises OSError/ValueError if it gives none.
 
         ``timeout`` None: as long as it takes (PAUSE waits for running transactions).
         """
+        path = self.slot.others().get(index)
+        if path is None:
+            raise ConnectionError(f"worker {index} is not running")
+        return self._ask(path, request, timeout)
+
+    def _ask(self, path: str, request: dict, timeout: float | None):
         body = json.dumps(request).encode()
-        with self._connect(index, timeout) as sock:
+        with self._connect(path, timeout) as sock:
             sock.sendall(pq.INT32.pack(len(body) + 8) + pq.INT32.pack(PEER_QUERY_CODE) + body)
             length = pq.INT32.unpack(_recv_exact(sock, 4))[0]
             if not 0 <= length <= MAX_PEER_MESSAGE:
@@ -162,14 +227,14 @@ class Peers:
         """Every other worker's answer, asked at once; index -> answer (workers that gave none left out)."""
         answers: dict[int, object] = {}
 
-        def one(index: int) -> None:
+        def one(index: int, path: str) -> None:
             try:
-                answers[index] = self.ask(index, request, timeout)
+                answers[index] = self._ask(path, request, timeout)
             except (OSError, ValueError, ConnectionError) as exc:
                 log.warning("worker %d did not answer %s: %s", index, request.get("kind"), exc)
 
-        threads = [threading.Thread(target=one, args=(i,), name=f"threadpool_proxy-ask-{i}", daemon=True)
-                   for i in self.slot.others()]
+        threads = [threading.Thread(target=one, args=(i, path), name=f"threadpool_proxy-ask-{i}", daemon=True)
+                   for i, path in self.slot.others().items()]
         for t in threads:
             t.start()
         for t in threads:

@@ -21,17 +21,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
-import hmac
 import logging
 import os
-import secrets
 import selectors
 import socket
 import socketserver
 import threading
 import time
 import weakref
-from typing import Callable
+from typing import Any, Callable
 
 from . import config as config_mod
 from . import events as events_mod
@@ -42,9 +40,10 @@ from .errors import ClientFatal
 from . import listeners as listeners_mod
 from .errors import ProxyError
 from . import tls
+from .cancelkeys import CancelKeys, KeyLayout, RouteKind, forwarded, route
 from .console_control import ConsoleControl
 from .login import Logins
-from .peers import Peers, WorkerSlot, owner_of
+from .peers import Peers, WorkerSlot
 from .nodes import Router, node_names
 from .pool import BackendIdlePool, Limits, pool_key
 from .refusal import Refuser, refuse_now
@@ -98,65 +97,6 @@ def raise_fd_limit(config: config_mod.Config) -> int:
     return soft
 
 
-#: Process ids above this are never a server's (Linux's pid_max is at most 2^22),
-#: so the proxy's own pids never collide with the real ones session-mode clients get.
-_PROXY_PID_FLOOR = 2**22
-
-
-class CancelKeys:
-    """BackendKeyData values given to clients, and the client sessions they belong to.
-
-    The secret is always the proxy's own: a client never learns a server's
-    secret, and a CancelRequest goes on to whichever server connection the
-    client holds when it arrives (in transaction mode that changes).  The pid
-    is the real server process id where a client keeps one server connection
-    for life (session mode: drivers compare it with pg_backend_pid() and
-    NOTIFY senders), else a proxy-made one above any real pid.
-
-    With ``workers`` processes the secret also says which one gave it out:
-    secret modulo ``workers`` is the ``worker`` index (peers.owner_of), so a
-    CancelRequest the kernel hands to another worker is forwarded to this one.
-    That costs log2(workers) of the secret's 32 random bits (1 bit for 2
-    workers); the real pid of session mode is the part a stranger can know.
-    """
-
-    def __init__(self, worker: int = 0, workers: int = 1) -> None:
-        self._lock = threading.Lock()
-        self._by_pid: dict[int, tuple[bytes, ClientSession]] = {}
-        self.worker, self.workers = worker, workers
-
-    def new_secret(self) -> bytes:
-        """4 random bytes whose value modulo the worker count is this worker's index."""
-        n = self.workers
-        return (secrets.randbelow(2**32 // n) * n + self.worker).to_bytes(4, "big")
-
-    def register(self, session: ClientSession, real_pid: int = 0) -> tuple[int, bytes]:
-        """A (pid, secret) for ``session``: ``real_pid`` when given and free, else a proxy-made pid."""
-        secret = self.new_secret()
-        with self._lock:
-            if 0 < real_pid and real_pid not in self._by_pid:
-                self._by_pid[real_pid] = (secret, session)
-                return real_pid, secret
-            while True:
-                pid = _PROXY_PID_FLOOR + 1 + secrets.randbelow(2**31 - 2 - _PROXY_PID_FLOOR)
-                if pid not in self._by_pid:
-                    self._by_pid[pid] = (secret, session)
-                    return pid, secret
-
-    def unregister(self, pid: int) -> None:
-        with self._lock:
-            self._by_pid.pop(pid, None)
-
-    def lookup(self, pid: int, secret: bytes) -> ClientSession | None:
-        with self._lock:
-            entry = self._by_pid.get(pid)
-        if entry is None or not hmac.compare_digest(entry[0], secret):
-            return None
-        return entry[1]
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._by_pid)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -187,16 +127,18 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     block_on_close = False
 
     def __init__(self, config: config_mod.Config, worker: "WorkerSlot | None" = None,
-                 events: events_mod.EventHub | None = None) -> None:
+                 events: events_mod.EventHub | None = None, listener: socket.socket | None = None) -> None:
         self.config = config
         self.whole_config = config              # workers mode: before for_worker divided its limits
         self.worker = worker                    # which worker process this is (None: the only process)
         self.peers = Peers(worker) if worker is not None else None
-        self.cancel_counts = collections.Counter()   # received (from clients), forwarded (to another worker)
+        # received (from clients and peers), forwarded (to another worker), to_peers, from_peers, dropped
+        self.cancel_counts = collections.Counter()
         self._cancel_lock = threading.Lock()
         self.pool = BackendIdlePool(config.max_idle_per_key, config.max_total_idle)
         self.pool.expire(config.server_lifetime)    # then each janitor round, and at RELOAD
-        self.cancel_keys = CancelKeys(worker.index, worker.count) if worker is not None else CancelKeys()
+        self.cancel_keys = CancelKeys(KeyLayout(config.peer_id, worker.index if worker else 0,
+                                                worker.count if worker else 1))
         # (node, real pid) -> server connection opened for a client, whose holder_pid is
         # the pid its client was told: names NOTIFY senders (Relay._name_notifiers).
         self.backends: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -230,14 +172,19 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.router = Router(self.pool)
         self.logins = Logins(config, self.pool, server_tls, self.router, junk_log=self.junk_log)
         self.logins.events = self.events
+        self.readiness: Any = None              # readiness.Readiness: /ready, /live (the Proxy sets it)
         super().__init__(None, _Handler, bind_and_activate=False)
         self.socket.close()               # the listeners below replace the one socket TCPServer makes
         self._shutdown_request = False
         self._serve_done = threading.Event()
         self._serve_done.set()
-        # With worker processes the first one alone serves the unix socket (a path has one owner).
-        self.listeners = listeners_mod.open_listeners(config, reuseport=worker is not None,
-                                                      unix=worker is None or worker.index == 0)
+        if listener is not None:
+            # A worker serves the sockets its supervisor made (and keeps): worker 0 has the unix socket too.
+            self.listeners = listeners_mod.adopt_listeners(listener, config.listen_port)
+        else:
+            # With worker processes the first one alone serves the unix socket (a path has one owner).
+            self.listeners = listeners_mod.open_listeners(config, reuseport=worker is not None,
+                                                          unix=worker is None or worker.index == 0)
         self.socket = self.listeners.all[0]
         if self.listeners.tcp:
             self.server_address = self.listeners.tcp[0].getsockname()[:2]
@@ -259,17 +206,54 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                         trust=db.auth_type == "trust")
 
     def forward_cancel(self, pid: int, secret: bytes) -> None:
-        """A client's CancelRequest: cancel here, or hand it to the worker that gave out the key."""
-        worker = self.worker
-        owner = owner_of(secret, worker.count) if worker is not None else 0
+        """A CancelRequest that arrived here: cancel here, or hand it to the worker or the peer
+        (another proxy of ``peers``) that gave out the key (cancelkeys.route), or drop it."""
+        layout = self.cancel_keys.layout
+        way = route(layout, self.config.peers, secret)
         with self._cancel_lock:
             self.cancel_counts["received"] += 1
-            if worker is not None and owner != worker.index:
-                self.cancel_counts["forwarded"] += 1
-        if worker is not None and owner != worker.index:
-            self.peers.forward_cancel(owner, pq.cancel_request(pid, secret))
+            if layout.peer_id and not layout.owner(secret).fresh:
+                self.cancel_counts["from_peers"] += 1
+            self.cancel_counts[{RouteKind.WORKER: "forwarded", RouteKind.PEER: "to_peers",
+                                RouteKind.DROP: "dropped"}.get(way.kind, "here")] += 1
+        if way.kind is RouteKind.WORKER:
+            self.peers.forward_cancel(way.worker, pq.cancel_request(pid, secret))
+        elif way.kind is RouteKind.PEER:
+            self.send_to_peer(way.peer_id, pq.cancel_request(pid, forwarded(secret)))
+        elif way.kind is RouteKind.DROP:
+            self.junk_log.log(way.what, "dropping a cancel request: %s", way.why)
+        else:
+            self._cancel_of_this_index(pid, secret)
+
+    def _cancel_of_this_index(self, pid: int, secret: bytes) -> None:
+        """A key naming this worker's index: this process's, or, during a rolling restart, the other
+        process's of the same index (the old one retiring, or its successor), which then gets it."""
+        if (self.peers is not None and self.cancel_keys.lookup(pid, secret) is None
+                and self.peers.forward_cancel(self.worker.index, pq.cancel_request(pid, secret), only_if_any=True)):
             return
         self.cancel_here(pid, secret)
+
+    def send_to_peer(self, peer_id: int, packet: bytes) -> None:
+        """A CancelRequest to the listening address of proxy ``peer_id``, within peer_cancel_timeout.
+
+        Waits until the peer closes the connection (it has sent the cancel on),
+        as a client waits for the proxy: the cancel is not overtaken by the
+        client's next query.
+        """
+        peer = self.config.peers.get(peer_id)
+        if peer is None:           # gone from peers since route() (RELOAD)
+            return
+        deadline = time.monotonic() + self.config.peer_cancel_timeout
+        try:
+            with socket.create_connection((peer.host, peer.port), timeout=self.config.peer_cancel_timeout) as s:
+                s.settimeout(max(0.001, deadline - time.monotonic()))
+                s.sendall(packet)
+                s.recv(1)
+        except OSError as exc:
+            self.junk_log.log("cancel requests not forwarded to a peer",
+                              "could not forward a cancel request to peer %d (%s:%d) within %g s "
+                              "(peer_cancel_timeout): %s", peer_id, peer.host, peer.port,
+                              self.config.peer_cancel_timeout, exc, level=logging.WARNING)
 
     def cancel_here(self, pid: int, secret: bytes) -> None:
         """Send a CancelRequest for a client of this process on to the server connection it holds now.
@@ -568,7 +552,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         """
         old = self.config
         if any(getattr(new, name) != getattr(old, name) for name in config_mod.RESTART_ONLY):
-            log.warning("RELOAD: listen.*, metrics_listen, workers, logfile and pidfile take effect at the next "
+            log.warning("RELOAD: listen.*, metrics_listen, workers, logfile, pidfile and peer_id take effect at the next "
                         "start; still listening on %s:%d", *self.server_address[:2])
             new = dataclasses.replace(new, **{name: getattr(old, name) for name in config_mod.RESTART_ONLY})
         client_tls, server_tls = tls.contexts(new)     # TLS files are read again: rotated certificates
@@ -705,6 +689,26 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             self._drain(timeout)
         self.disconnect_all(wait)
         self.pool.close()
+
+    def wait_for_clients(self, timeout: float) -> bool:
+        """Wait until every client has left by itself (a retiring worker), ``timeout`` at most; True if all did.
+
+        Ends early when a stop begins or ``force_stop()`` is called.
+        """
+        deadline = time.monotonic() + timeout
+        with self._sessions_lock:
+            while self._sessions and not self._stopping and not self._force_stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._sessions_empty.wait(min(0.1, left))
+            return not self._sessions
+
+    def wait_unless_forced(self, seconds: float) -> None:
+        """Sleep ``seconds`` (shutdown_unready_delay), or less if ``force_stop()`` is called meanwhile."""
+        deadline = time.monotonic() + seconds
+        while not self._force_stop and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def force_stop(self) -> None:
         """End a graceful ``close_down`` now (a second signal).  Sets a flag only: safe in a signal handler."""

@@ -3,9 +3,14 @@
 One Python process runs one thread at a time (the GIL), so a busy proxy is
 bound to one core.  With ``workers`` above 1 the command line runs a
 supervisor that starts N worker processes; each is a whole proxy (its own
-``ProxyServer``, pool, threads) with a listening socket of its own bound to
-the same address with ``SO_REUSEPORT``, so the kernel spreads new connections
-over them.  What must hold for the proxy as a whole is kept so:
+``ProxyServer``, pool, threads).  The supervisor makes N listening sockets
+for each TCP address of ``listen.host`` (listeners.py), bound with
+``SO_REUSEPORT`` (the kernel spreads new connections over them), and hands
+worker i its set; the unix socket (``listen.unix_socket_dir``) is one, made
+by the supervisor and handed to worker 0 alone.  It keeps its own copies,
+so a worker that dies or is replaced leaves connections queued on its socket
+for the next worker of its index instead of having the kernel reset them.
+What must hold for the proxy as a whole is kept so:
 
 * limits are divided (``config.for_worker``): ``pool_size`` (each database's),
   ``max_pending_logins``, ``max_client_conn``, ``max_idle_per_key``,
@@ -16,23 +21,23 @@ over them.  What must hold for the proxy as a whole is kept so:
 * a CancelRequest may reach any worker: the worker's index is encoded in the
   secret of the BackendKeyData it gave out, and the worker that receives the
   request forwards it on the peer channel (peers.py) to the owner;
-* the admin console and the metrics endpoint ask the other workers for their
-  figures over the same channel and show the sum;
+* the admin console asks the other workers for their figures over the same
+  channel and shows the sum; the supervisor serves ``metrics_listen``
+  (``/metrics``, ``/ready``, ``/live``) for all of them, asking each;
 * SIGTERM, SIGINT and SIGHUP to the supervisor are passed to every worker (a
   worker's own process group keeps a terminal's Ctrl-C from reaching it
-  twice); SHUTDOWN on the console signals the supervisor; a worker that dies
-  is started again (after a pause if it keeps dying) and logged; a worker
-  whose supervisor is gone stops.
+  twice); on SIGTERM ``/ready`` fails first, and the workers are told
+  ``shutdown_unready_delay`` seconds later; SHUTDOWN on the console signals
+  the supervisor; a worker that dies is started again (after a pause if it
+  keeps dying) and logged; a worker whose supervisor is gone stops.
 
 Workers are started with multiprocessing's ``spawn`` (a fresh interpreter),
-not ``fork``: the supervisor itself runs no threads, but ``fork`` copies
-whatever state the parent has (locks held by a logging handler, an imported
-library's thread), and restarts happen long after start-up; a fresh
-interpreter costs about 0.2 s per (re)start and is right whatever the
-parent holds.  The supervisor keeps a bound (not listening) SO_REUSEPORT
-socket on the port: it resolves ``port: 0`` once for all workers, fails
-start-up cleanly when the port is taken, and keeps the port while a worker
-restarts.
+not ``fork``: ``fork`` copies whatever state the parent has (locks held by a
+logging handler, the metrics endpoint's thread), and restarts happen long
+after start-up; a fresh interpreter costs about 0.2 s per (re)start and is
+right whatever the parent holds.  The listening sockets go to the worker as
+inherited descriptors.  Binding the sockets first resolves ``port: 0``
+once for all workers and fails start-up cleanly when the port is taken.
 """
 
 from __future__ import annotations
@@ -47,13 +52,18 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 from . import config as config_mod
-from .peers import WorkerSlot
+from . import listeners as listeners_mod
+from .peers import SUPERVISOR, Peers, WorkerSlot
+from .logs import get_logger
+from .readiness import Cached
+from .sdnotify import Notifier
 from .stopping import StopSignals, install_reload
 
-log = logging.getLogger("threadpool_proxy.workers")
+log = get_logger("threadpool_proxy.workers")
 
 #: Seconds the supervisor waits for every worker to listen at start-up.
 START_TIMEOUT = 60.0
@@ -82,6 +92,7 @@ class WorkerSpec:
     overrides: dict
     log_level: int
     supervisor: int                     # the supervisor's pid
+    listener: tuple                     # the listening sockets to serve (the supervisor keeps copies)
 
 
 # -- one worker process ------------------------------------------------------------
@@ -99,13 +110,20 @@ def worker_main(spec: WorkerSpec, ready) -> None:
             config = config_mod.load(spec.config_path)
             if spec.overrides:
                 config = dataclasses.replace(config, **spec.overrides)
-            if config.workers != spec.config.workers or config.listen_port != spec.config.listen_port:
-                config = dataclasses.replace(config, workers=spec.config.workers,
-                                             listen_port=spec.config.listen_port)
+            # What every worker of the proxy must agree on changes only with a restart of the whole:
+            # the port, the number of workers, and peer_id (the cancel keys of the others name it).
+            fixed = {key: getattr(spec.config, key) for key in ("workers", "listen_port", "peer_id")
+                     if getattr(config, key) != getattr(spec.config, key)}
+            if fixed:
+                if "peer_id" in fixed:
+                    log.warning("peer_id %d in %s: keeping %d until the whole proxy restarts",
+                                config.peer_id, spec.config_path, spec.config.peer_id)
+                config = dataclasses.replace(config, **fixed)
         except config_mod.ConfigError as exc:
             log.warning("%s; starting with the configuration the proxy was last (re)loaded with", exc)
             config = spec.config
-    proxy = Proxy(config, config_path=spec.config_path, overrides=spec.overrides, worker=spec.slot)
+    proxy = Proxy(config, config_path=spec.config_path, overrides=spec.overrides, worker=spec.slot,
+                  listener=spec.listener)
     signals = StopSignals(proxy)       # SIGTERM graceful, SIGINT/SIGQUIT now, as the command line
     signals.install()
     install_reload(proxy)
@@ -122,12 +140,19 @@ def worker_main(spec: WorkerSpec, ready) -> None:
     # (SIGTERM for a graceful stop where the proxy has one, SIGINT for an immediate one).
     proxy.server.stopper = lambda graceful=False, *_: os.kill(spec.supervisor,
                                                                signal.SIGTERM if graceful else signal.SIGINT)
+    retire_asked: list = []
+    signal.signal(signal.SIGUSR2, lambda *_: retire_asked.append(True))     # a rolling restart replaced it
+    retiring = None
     ready.send(("ready", proxy.port))
     ready.close()
     orphan = False
     try:
         while not proxy.stopped:
             signals.act()
+            if retire_asked and retiring is None:
+                retiring = threading.Thread(target=retire, args=(proxy,), name="threadpool_proxy-retire",
+                                            daemon=True)
+                retiring.start()
             if os.getppid() != spec.supervisor:
                 log.warning("the supervisor (pid %d) is gone: stopping", spec.supervisor)
                 orphan = True
@@ -142,6 +167,31 @@ def worker_main(spec: WorkerSpec, ready) -> None:
                 pass
 
 
+def retire(proxy) -> None:
+    """Leave after a successor took this worker's place (rolling restart, SIGUSR2 from the supervisor).
+
+    The successor accepts on the same listening socket, so this worker stops
+    accepting at once and nothing queued is lost; its clients stay until they
+    leave by themselves, ``worker_retire_timeout`` at most; those left then
+    get the graceful stop (ended at their next transaction boundary with
+    57P01, within ``shutdown_timeout``).
+    """
+    server = proxy.server
+    timeout = server.config.worker_retire_timeout
+    server.readiness.stop_serving("replaced by a new worker (rolling restart)")
+    if proxy.peer_listener is not None:
+        proxy.peer_listener.retire()      # questions go to the successor; cancels still reach this one
+    server.stop_accepting()
+    log.info("rolling restart: replaced; no new clients here; waiting up to %g s (worker_retire_timeout) for "
+             "%d clients to leave", timeout, server.session_count())
+    if server.wait_for_clients(timeout):
+        log.info("rolling restart: every client left")
+    elif not server.stopping:
+        log.info("rolling restart: %d clients still connected: ending each at its next transaction boundary",
+                 server.session_count())
+    proxy.shutdown()
+
+
 # -- the supervisor ------------------------------------------------------------------
 
 class _Worker:
@@ -152,6 +202,61 @@ class _Worker:
         self.restart_at = 0.0          # monotonic time of the next start; 0 while running
         self.delay = 0.0               # the pause before the next restart after a quick death
         self.ready = None              # a restarted worker's pipe, until it says it listens
+
+
+class _Replacement:
+    """One step of a rolling restart: worker ``index``'s new process starting, then its old one retiring."""
+
+    def __init__(self, index: int, process, ready) -> None:
+        self.index = index
+        self.process = process          # the new process
+        self.ready = ready              # its pipe, until it says it listens (then None)
+        self.old = None                 # the old process, once told to retire
+        self.deadline = time.monotonic() + START_TIMEOUT
+
+    def waitables(self) -> list:
+        if self.ready is not None:
+            return [self.ready, self.process.sentinel]
+        return [self.old.sentinel] if self.old is not None else []
+
+
+#: Seconds the supervisor's /ready waits for the workers' answers.
+READY_ASK_TIMEOUT = 2.0
+
+
+class SupervisorReadiness:
+    """/ready and /live of the supervisor, for all its workers (readiness.py's answers, asked of each).
+
+    Live while at least one worker process runs.  Ready once every worker
+    started, until a stop begins, while at least one worker says it is ready
+    (the kernel sends new clients only to workers that listen).
+    """
+
+    def __init__(self, supervisor: "Supervisor") -> None:
+        self.supervisor = supervisor
+        self.unready = "starting"
+        self._ready = Cached(self._ask)
+
+    def stop_serving(self, why: str) -> None:
+        self.unready = why
+        self._ready.forget()
+
+    def live(self) -> tuple[bool, str]:
+        running = self.supervisor.running_count()
+        return running > 0, f"{running} of {self.supervisor.count} workers running"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.unready:
+            return False, self.unready
+        return self._ready.get()
+
+    def _ask(self) -> tuple[bool, str]:
+        answers = self.supervisor.peers.ask_all({"kind": "ready"}, timeout=READY_ASK_TIMEOUT)
+        ready = sorted(i for i, answer in answers.items() if answer and answer[0])
+        if ready:
+            return True, f"ready ({len(ready)} of {self.supervisor.count} workers)"
+        why = "; ".join(f"worker {i}: {answer[1]}" for i, answer in sorted(answers.items()))
+        return False, why or "no worker answered"
 
 
 class Supervisor:
@@ -167,26 +272,49 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.workers = [_Worker(i) for i in range(self.count)]
         self.rundir = ""
+        self.peers: Peers | None = None
+        self.readiness = SupervisorReadiness(self)
+        self.metrics = None                             # metrics.MetricsEndpoint, with metrics_listen
         self._signals: list[int] = []
-        self._reserved: socket.socket | None = None
+        self._listeners: dict = {}                      # worker index -> its listeners.Listeners
+        self.notifier = Notifier.from_environment()     # systemd: READY=1, STOPPING=1 (workers never see it)
+        self._roll: list[int] = []                      # rolling restart: the workers still to replace
+        self._replacing: _Replacement | None = None     # and the one being replaced
+        self._replaced = 0
+
+    def running_count(self) -> int:
+        """Workers running now (not dead and waiting for their restart)."""
+        return sum(1 for w in self.workers if w.process is not None and w.restart_at == 0.0)
 
     def run(self) -> int:
         try:
-            self._reserve_port()
+            self._listen_all()
         except OSError as exc:
+            self._close_listeners()
             print(f"threadpool-proxy: cannot listen on {self.config.listen_host}:{self.config.listen_port}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
             return 1
         for line in config_mod.split_warnings(self.config):
             log.warning("%s", line)
         self.rundir = tempfile.mkdtemp(prefix="threadpool_proxy-")      # mode 0700: the peer sockets
+        self.peers = Peers(WorkerSlot(SUPERVISOR, self.count, self.rundir))
         log.info("peer channel in %s", self.rundir)
         wake_r, wake_w = socket.socketpair()
         try:
+            if self.config.metrics_listen:
+                from .metrics import MetricsEndpoint, WorkersCollector
+                try:
+                    self.metrics = MetricsEndpoint(None, self.config.metrics_listen, readiness=self.readiness,
+                                                   collector=WorkersCollector(self.peers),
+                                                   config=lambda: self.config).start()
+                except OSError as exc:
+                    print(f"threadpool-proxy: cannot listen on {self.config.metrics_listen} (metrics_listen): "
+                          f"{exc.strerror or exc}", file=sys.stderr)
+                    return 1
             for sock in (wake_r, wake_w):
                 sock.setblocking(False)
             old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2):
                 signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
             try:
                 status = self._start_all()
@@ -195,7 +323,14 @@ class Supervisor:
                     log.info("threadpool_proxy listening on %s:%d with %d worker processes (pids %s)",
                              self.config.listen_host, self.config.listen_port, self.count,
                              ", ".join(str(w.process.pid) for w in self.workers))
+                    self.readiness.unready = ""
+                    self.notifier.send("READY=1", f"STATUS=listening on {self.config.listen_host}:"
+                                                  f"{self.config.listen_port} with {self.count} workers")
                     stop_signal = self._supervise(wake_r)
+                    self.notifier.send("STOPPING=1")
+                self.readiness.stop_serving("shutting down")
+                if status == 0 and stop_signal == signal.SIGTERM and self.config.shutdown_timeout > 0:
+                    self._unready_delay(wake_r)
                 self._stop_all(stop_signal, wake_r)
             finally:
                 signal.set_wakeup_fd(old_wakeup)
@@ -203,42 +338,59 @@ class Supervisor:
         finally:
             wake_r.close()
             wake_w.close()
-            if self._reserved is not None:
-                self._reserved.close()
+            if self.metrics is not None:
+                self.metrics.stop()
+            self._close_listeners()
             shutil.rmtree(self.rundir, ignore_errors=True)
 
-    def _reserve_port(self) -> None:
-        from .listeners import tcp_addresses
-        addresses = tcp_addresses(self.config.listen_host, self.config.listen_port)
-        if not addresses:           # the unix socket only: its port is the configured one
-            return
-        family, address = addresses[0]
-        sock = socket.socket(family)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((address, self.config.listen_port))
-        except OSError:
-            sock.close()
-            raise
-        self._reserved = sock
-        port = sock.getsockname()[1]
+    # -- the listening sockets -------------------------------------------------------
+
+    def _new_listeners(self, index: int, port: int) -> "listeners_mod.Listeners":
+        """Worker ``index``'s sockets: one per TCP address of ``listen.host`` (SO_REUSEPORT, on ``port``),
+        and for worker 0 the unix socket too (a path has one owner; its successors inherit it)."""
+        return listeners_mod.open_listeners(dataclasses.replace(self.config, listen_port=port), reuseport=True,
+                                            unix=index == 0)
+
+    def _listen_all(self) -> None:
+        """The listening sockets of every worker on one port (the first resolves ``port: 0`` for all)."""
+        first = self._new_listeners(0, self.config.listen_port)
+        self._listeners[0] = first
+        port = first.port
         self.overrides["listen_port"] = port
         self.config = dataclasses.replace(self.config, listen_port=port)
+        for index in range(1, self.count):
+            self._listeners[index] = self._new_listeners(index, port)
+
+    def _close_listeners(self) -> None:
+        for listeners in self._listeners.values():
+            listeners.close()
+        self._listeners.clear()
+
+    def _listener(self, index: int) -> tuple:
+        """Worker ``index``'s sockets; new ones if they were closed (its worker kept dying)."""
+        listeners = self._listeners.get(index)
+        if listeners is None:
+            listeners = self._listeners[index] = self._new_listeners(index, self.config.listen_port)
+        return tuple(listeners.all)
+
+    # -- starting workers --------------------------------------------------------------
 
     def _spec(self, index: int) -> WorkerSpec:
         return WorkerSpec(slot=WorkerSlot(index, self.count, self.rundir), config=self.config,
                           config_path=self.config_path, overrides=self.overrides, log_level=self.log_level,
-                          supervisor=os.getpid())
+                          supervisor=os.getpid(), listener=self._listener(index))
 
-    def _launch(self, worker: _Worker):
+    def _spawn(self, index: int):
+        """A new process for worker ``index`` (on its listening socket) and the pipe it says "ready" on."""
         reader, writer = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(target=worker_main, args=(self._spec(worker.index), writer),
-                                   name=f"threadpool_proxy-worker-{worker.index}", daemon=False)
+        process = self.ctx.Process(target=worker_main, args=(self._spec(index), writer),
+                                   name=f"threadpool_proxy-worker-{index}", daemon=False)
         process.start()
         writer.close()
+        return process, reader
+
+    def _launch(self, worker: _Worker):
+        process, reader = self._spawn(worker.index)
         worker.process, worker.started, worker.restart_at = process, time.monotonic(), 0.0
         return reader
 
@@ -283,14 +435,18 @@ class Supervisor:
             pass
 
     def _supervise(self, wake: socket.socket) -> int:
-        """Until a stop signal (returned): restart workers that die, pass SIGHUP on."""
+        """Until a stop signal (returned): restart workers that die, pass SIGHUP on, replace the
+        workers one at a time on SIGUSR2."""
         while True:
             running = [w for w in self.workers if w.process is not None and w.restart_at == 0.0]
             due = [w.restart_at for w in self.workers if w.restart_at]
+            replacing = self._replacing
+            if replacing is not None:
+                due.append(replacing.deadline)
             timeout = max(0.0, min(due) - time.monotonic()) if due else None
             starting = [w.ready for w in running if w.ready is not None]
-            ready = multiprocessing.connection.wait([wake] + starting + [w.process.sentinel for w in running],
-                                                    timeout)
+            ready = multiprocessing.connection.wait([wake] + starting + [w.process.sentinel for w in running]
+                                                    + (replacing.waitables() if replacing else []), timeout)
             for worker in running:
                 if worker.ready is not None and worker.ready in ready:
                     self._started(worker)
@@ -302,13 +458,24 @@ class Supervisor:
                     return signum
                 if signum == signal.SIGHUP:
                     self._reload()
+                if signum == signal.SIGUSR2:
+                    self._begin_roll()
             now = time.monotonic()
             for worker in running:
                 if not worker.process.is_alive():
                     self._died(worker, now)
+            if self._replacing is not None:
+                self._advance_roll(now, ready)
             for worker in self.workers:
                 if worker.restart_at and worker.restart_at <= now:
-                    worker.ready = self._launch(worker)
+                    try:
+                        worker.ready = self._launch(worker)
+                    except OSError as exc:        # its listening socket could not be made again
+                        worker.restart_at = now + max(1.0, worker.delay)
+                        log.error("worker %d cannot listen on %s:%d: %s; trying again in %g s", worker.index,
+                                  self.config.listen_host, self.config.listen_port, exc.strerror or exc,
+                                  worker.restart_at - now)
+                        continue
                     log.warning("worker %d restarted (pid %d)", worker.index, worker.process.pid)
 
     def _started(self, worker: _Worker) -> None:
@@ -330,31 +497,160 @@ class Supervisor:
             worker.ready = None
         process = worker.process
         process.join(0)
+        self._remove_sockets(process.pid)
         code = process.exitcode
         how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
         lived = now - worker.started
         worker.delay = min(max(1.0, worker.delay * 2), MAX_RESTART_DELAY) if lived < QUICK_DEATH else 0.0
         worker.restart_at = now + worker.delay
+        if worker.delay:
+            # Nobody will accept on its socket for a while: close it, so that the kernel sends new
+            # clients to the other workers (those queued on it are reset); a new one comes at restart.
+            listener = self._listeners.pop(worker.index, None)
+            if listener is not None:
+                listener.close()
         log.error("worker %d (pid %d) died (%s) after %.1f s; restarting it%s", worker.index, process.pid, how,
                   lived, f" in {worker.delay:g} s" if worker.delay else "")
+
+    # -- rolling restart (SIGUSR2) -----------------------------------------------------
+
+    def _begin_roll(self) -> None:
+        if self._replacing is not None:
+            log.warning("SIGUSR2: a rolling restart is under way (worker %d of %d); this one is ignored",
+                        self._replacing.index, self.count)
+            return
+        log.info("SIGUSR2: rolling restart: each worker in turn is replaced by a new process on its socket")
+        self._roll = list(range(self.count))
+        self._replaced = 0
+        self._next_replacement()
+
+    def _next_replacement(self) -> None:
+        while self._roll:
+            index = self._roll.pop(0)
+            try:
+                process, reader = self._spawn(index)
+            except OSError as exc:                  # its listening socket could not be made again
+                log.error("rolling restart: worker %d cannot listen: %s; it is left as it is", index,
+                          exc.strerror or exc)
+                continue
+            self._replacing = _Replacement(index, process, reader)
+            log.info("rolling restart: starting a new worker %d (pid %d)", index, process.pid)
+            return
+        log.info("rolling restart done: %d of %d workers replaced", self._replaced, self.count)
+
+    def _advance_roll(self, now: float, ready: list) -> None:
+        """The replacement under way: its new process listens (the old one retires), or failed;
+        the old one is gone (the next worker's turn), or overstayed."""
+        step = self._replacing
+        if step.ready is not None:                                  # the new process is starting
+            if step.ready not in ready and step.process.is_alive() and now < step.deadline:
+                return
+            message = None
+            if step.ready in ready:
+                try:
+                    message = step.ready.recv()
+                except (EOFError, OSError):
+                    message = None
+            step.ready.close()
+            step.ready = None
+            if message and message[0] == "ready":
+                self._adopt(step, now)
+                return
+            why = (message[2] if message else f"exit status {step.process.exitcode}" if not step.process.is_alive()
+                   else f"it did not listen within {START_TIMEOUT:g} s")
+            log.error("rolling restart stopped: the new worker %d (pid %d) could not start: %s; the old one goes on",
+                      step.index, step.process.pid, why)
+            if step.process.is_alive():
+                step.process.kill()
+            step.process.join(5)
+            self._remove_sockets(step.process.pid)
+            self._replacing, self._roll = None, []
+            return
+        old = step.old                                              # the old process is retiring
+        if old is None or not old.is_alive():
+            if old is not None:
+                old.join(0)
+                self._remove_sockets(old.pid)
+                log.info("rolling restart: the old worker %d (pid %d) left (exit status %s)", step.index, old.pid,
+                         old.exitcode)
+            self._replacing = None
+            self._next_replacement()
+        elif now >= step.deadline:
+            log.error("rolling restart: the old worker %d (pid %d) did not leave in time: killing it",
+                      step.index, old.pid)
+            old.kill()
+            step.deadline = now + STOP_GRACE
+
+    def _adopt(self, step: "_Replacement", now: float) -> None:
+        """The new process listens: it is worker ``step.index`` from now on; the old one retires (SIGUSR2)."""
+        worker = self.workers[step.index]
+        old = worker.process if worker.process is not None and worker.restart_at == 0.0 else None
+        if worker.ready is not None:        # the old one was itself restarting after a death: it has no
+            worker.ready.close()            # client yet, and SIGUSR2 may end it before its handler is set
+            worker.ready = None
+        worker.process, worker.started, worker.restart_at, worker.delay = step.process, now, 0.0, 0.0
+        self._replaced += 1
+        if old is not None and old.is_alive():
+            os.kill(old.pid, signal.SIGUSR2)
+            step.old = old
+            config = self.config
+            step.deadline = now + config.worker_retire_timeout + config.shutdown_timeout + STOP_GRACE
+            log.info("rolling restart: worker %d is pid %d now; the old pid %d takes no new client and leaves "
+                     "once its clients do (worker_retire_timeout %g s)", step.index, step.process.pid, old.pid,
+                     config.worker_retire_timeout)
+        else:
+            step.old = None
+            log.info("rolling restart: worker %d is pid %d now", step.index, step.process.pid)
+
+    def _remove_sockets(self, pid: int) -> None:
+        """The peer sockets a dead worker left (killed, it could not remove them): nobody answers there."""
+        for _, _, owner, path in WorkerSlot(SUPERVISOR, self.count, self.rundir).sockets():
+            if owner == pid:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def _reload(self) -> None:
         """SIGHUP: every worker re-reads the files; the supervisor keeps the result for restarts."""
         if self.config_path:
             try:
                 new = config_mod.load(self.config_path)
-                self.config = dataclasses.replace(new, **self.overrides, workers=self.count)
+                # What a restart alone changes (config.RESTART_ONLY: the listening sockets, workers,
+                # peer_id...) stays: restarted workers must serve the same sockets and agree on keys.
+                kept = {**self.overrides, **{name: getattr(self.config, name) for name in config_mod.RESTART_ONLY}}
+                self.config = dataclasses.replace(new, **kept)
             except config_mod.ConfigError as exc:
                 log.error("SIGHUP: %s (each worker keeps its configuration)", exc)
         for worker in self.workers:
             if worker.process is not None and worker.process.is_alive():
                 os.kill(worker.process.pid, signal.SIGHUP)
 
+    def _unready_delay(self, wake: socket.socket) -> None:
+        """SIGTERM: /ready fails now; the workers go on accepting for shutdown_unready_delay seconds,
+        or until another stop signal (left in ``_signals`` for ``_stop_all``, which passes it on)."""
+        delay = self.config.shutdown_unready_delay
+        if delay <= 0:
+            return
+        log.info("shutting down: /ready answers 503; clients are still accepted for %g s "
+                 "(shutdown_unready_delay)", delay)
+        deadline = time.monotonic() + delay
+        while not self._stop_requested() and time.monotonic() < deadline:
+            multiprocessing.connection.wait([wake], max(0.0, deadline - time.monotonic()))
+            self._drain(wake)
+
     def _stop_all(self, signum: int, wake: socket.socket) -> None:
         """Pass the stop signal to every worker and wait for them; later stop signals are passed
         on too (a second one makes a graceful stop immediate); SIGKILL for those still there
         after the grace time (shutdown_timeout, if configured, plus STOP_GRACE)."""
+        # The workers' copies of the listening sockets are the last: each closes as its worker stops
+        # accepting, and new clients are refused instead of queued for a worker that will not come.
+        self._close_listeners()
         live = [w.process for w in self.workers if w.process is not None and w.process.is_alive()]
+        step = self._replacing                  # a rolling restart's new (still starting) or old process
+        if step is not None:
+            live += [p for p in (step.process if step.ready is not None else None, step.old)
+                     if p is not None and p.is_alive()]
         grace = STOP_GRACE + getattr(self.config, "shutdown_timeout", 0.0)
         deadline = time.monotonic() + grace
         while True:
@@ -365,15 +661,16 @@ class Supervisor:
                     pass
             signum = 0
             while not signum:
+                later, self._signals[:] = [s for s in self._signals if s in STOP_SIGNALS], []
+                if later:
+                    signum = later[-1]
+                    break
                 live = [p for p in live if p.is_alive()]
                 if not live or time.monotonic() >= deadline:
                     break
                 multiprocessing.connection.wait([wake] + [p.sentinel for p in live],
                                                 max(0.0, deadline - time.monotonic()))
                 self._drain(wake)
-                later, self._signals[:] = [s for s in self._signals if s in STOP_SIGNALS], []
-                if later:
-                    signum = later[-1]
             if not signum:
                 break
         for process in live:
