@@ -100,8 +100,13 @@ def test_connections_beyond_the_cap_get_503_at_once_and_no_thread(pg, proxy_fact
     try:
         assert wait_until(lambda: proxy.metrics.http.active == DEFAULT_MAX_CONNECTIONS - 1)
         assert "threadpool_proxy_clients" in _scrape(proxy)          # a place is free
+        # the scrape's thread gives its place back after the client has read the answer:
+        # wait for that, or the next connection could be refused and the count be right by chance
+        assert wait_until(lambda: proxy.metrics.http.active == DEFAULT_MAX_CONNECTIONS - 1)
+        refused_before = proxy.metrics.http.refused
         slow.append(_connect(proxy))
         assert wait_until(lambda: proxy.metrics.http.active == DEFAULT_MAX_CONNECTIONS)
+        assert proxy.metrics.http.refused == refused_before
         t0 = time.monotonic()
         beyond = [_connect(proxy) for _ in range(12)]
         for sock in beyond:
@@ -110,6 +115,7 @@ def test_connections_beyond_the_cap_get_503_at_once_and_no_thread(pg, proxy_fact
             assert b"Retry-After: 1\r\n" in data
             sock.close()
         assert time.monotonic() - t0 < 2
+        assert proxy.metrics.http.refused == refused_before + len(beyond)
         assert threading.active_count() <= threads + DEFAULT_MAX_CONNECTIONS, threading.enumerate()
         with pytest.raises((urllib.error.HTTPError, urllib.error.URLError, ConnectionError)) as refused:
             _scrape(proxy)
