@@ -66,7 +66,7 @@ class Relay:
 
     __slots__ = ("client", "cfd", "checkout", "pool", "key", "settings", "pooled", "statement_mode",
                  "linger_ms", "poller", "cbuf", "cview", "sbuf", "sview", "cscan", "sscan",
-                 "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "check_release",
+                 "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "registered", "check_release",
                  "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
                  "tracking", "stats", "unanswered", "idle_timeout", "idle_transaction_timeout",
                  "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark", "client_pid",
@@ -109,6 +109,10 @@ class Relay:
         self.backend_lock = threading.Lock()     # guards ``backend`` against a concurrent cancel
         self.pending = 0                  # requests sent that have not had their ReadyForQuery
         self.lingering = False            # keeping an idle backend that a waiter may claim
+        # Entered in the pool's list of clients keeping a connection (BackendIdlePool.linger), as far
+        # as this thread knows: it stays there from one transaction to the next, so a client that
+        # nobody asks for its connection takes no pool lock per transaction; a waiter's claim removes it.
+        self.registered = False
         self.check_release = False        # look for a release point at the top of the loop
         # Events to handle without a poll(): the server's answer after a whole
         # request went out; a TLS socket holding decrypted bytes (no poll() sees those).
@@ -221,10 +225,10 @@ class Relay:
                 raise ClientGone()
         new_requests = cscan.requests - requests_before
         if self.lingering:
+            # Still entered in the pool's list: a waiter that claims it from now on is
+            # answered at this transaction's release point (the wake-up is drained then).
             self.lingering = False
             self.unanswered = False
-            if not self.pool.unlinger(self.key, self):
-                self._drain_wake()     # claimed meanwhile; we keep it this time
         elif self.backend is None:
             try:
                 self.attach(self.checkout.obtain(
@@ -449,7 +453,7 @@ class Relay:
         """
         self._drain_wake()
         if self.lingering:
-            self.lingering = False
+            self._stop_lingering()
             self.detach(park=True)
         if self.stop_requested and (self.backend is None or self.at_release_point()):
             self.detach(park=True)
@@ -491,6 +495,8 @@ class Relay:
             conn, self.backend = self.backend, None
         if conn is None:
             return
+        if self.registered:
+            self._stop_lingering()
         self.poller.unregister(self.sfd)
         if self.due:
             self.due = tuple(e for e in self.due if e[0] != self.sfd)
@@ -539,17 +545,29 @@ class Relay:
 
     def _stop_lingering(self) -> bool:
         """No longer keep the idle connection for a waiter to claim; False if one had claimed it."""
-        if not self.lingering:
-            return True
         self.lingering = False
+        if not self.registered:
+            return True
+        self.registered = False
         return self.pool.unlinger(self.key, self)
 
     def _keep_or_hand_on(self) -> None:
-        """At a release point: keep the connection while nobody waits, else hand it on."""
+        """At a release point: keep the connection while nobody waits, else hand it on.
+
+        A client still entered from its last release point, that nobody claimed
+        and nobody waits for, keeps it with no lock taken (``keeps``).
+        """
+        pool = self.pool
+        if self.registered:
+            if pool.keeps(self.key, self):
+                self.lingering = True
+                return
+            if not self._stop_lingering():
+                self._drain_wake()      # claimed during the transaction: this release answers it
         if self.wake_rfd < 0:
             self._make_wake_fd()
-        if self.pool.linger(self.key, self, self.backend):
-            self.lingering = True
+        if pool.linger(self.key, self, self.backend):
+            self.lingering = self.registered = True
         else:
             self.detach(park=True)
             if self.stop_requested:         # a graceful shutdown waited for this release point
