@@ -19,7 +19,10 @@ Design notes
   every hand-off).  A connection released while somebody waits is parked and
   the longest waiter called; a client that is running meanwhile may take it
   first (it barges), and the called waiter, should it find nothing, waits
-  again at the head of the queue.  A strict hand-off to a sleeping thread
+  again at the head of the queue.  One waiter is called at a time: more
+  releases meanwhile only park, and whoever takes a parked connection calls
+  the next waiter if more are parked (every call that finds nothing is two
+  context switches wasted: calling one per release lost a quarter of them).  A strict hand-off to a sleeping thread
   makes every release wait until that one thread is scheduled: on a busy
   machine a lock convoy.  A waiter that has waited ``HANDOFF_AFTER`` already
   is handed the connection directly, which bounds the unfairness.
@@ -345,7 +348,7 @@ class IdentityPool:
                 self.called -= 1
         return woken
 
-    def hand(self, conn: Any, barge_before: float) -> Tuple[Optional[Waiter], bool]:
+    def hand(self, conn: Any, barge_before: float, call: bool = True) -> Tuple[Optional[Waiter], bool]:
         """The longest waiter that takes a connection, and whether ``conn`` is handed to it.
 
         Handed directly when it began to wait at or before ``barge_before``;
@@ -356,7 +359,10 @@ class IdentityPool:
         """
         waiters = self.waiters
         while waiters:
-            waiter = waiters.popleft()
+            waiter = waiters[0]
+            if waiter.takes_connection and waiter.since > barge_before and not call:
+                return None, False            # one called already: it is on its way (it calls the next)
+            waiters.popleft()
             if waiter.takes_connection:
                 if waiter.since > barge_before:
                     waiter.called = True
@@ -367,6 +373,19 @@ class IdentityPool:
                 return waiter, True
             waiter.gate.release()
         return None, False
+
+    def call_next(self) -> Optional[Waiter]:
+        """Call the longest waiter that takes a connection to come for a parked one (its gate is for
+        the caller to open after the lock); None if nobody waits for one."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.takes_connection:
+                waiter.called = True
+                self.called += 1
+                return waiter
+            waiter.gate.release()
+        return None
 
     def wake_all(self) -> None:
         waiters = self.waiters
@@ -546,6 +565,9 @@ class BackendIdlePool:
                     self._note_limits_locked(ident, limit, limits)
                 conn = ident.pop(prefer)
                 self._total_idle -= 1
+                caller = ident.call_next() if ident.idle and ident.waiters and not ident.called else None
+            if caller is not None:
+                caller.gate.release()         # more are parked: the next waiter comes for one
             conn = self._vet(key, conn)
             if conn is not None:
                 return conn
@@ -614,7 +636,7 @@ class BackendIdlePool:
                 now = time.monotonic()
                 handed = False
                 if ident.waiters and not (self._held and self._held_key(key)):
-                    taker, handed = ident.hand(conn, now - HANDOFF_AFTER)
+                    taker, handed = ident.hand(conn, now - HANDOFF_AFTER, ident.called == 0)
                 if handed:
                     self.stats["handed_on"] += 1
                 else:
