@@ -200,8 +200,8 @@ class Relay:
     def at_release_point(self) -> bool:
         """Every request answered, nothing extended unsynced, both streams between messages, idle."""
         cscan, sscan = self.cscan, self.sscan
-        return (self.pending == 0 and not cscan.unsynced and cscan.at_boundary and sscan.at_boundary
-                and sscan.status == _IDLE and not sscan.copy_in
+        return (self.pending == 0 and sscan.status == _IDLE and not cscan.unsynced and cscan.at_boundary
+                and sscan.at_boundary and not sscan.copy_in
                 and (not self.tracking or self.prepared.idle()))
 
     def on_client_readable(self) -> None:
@@ -267,7 +267,10 @@ class Relay:
         if cscan.terminated:
             raise ClientGone()
         if new_requests > 0 and cscan.at_boundary and not cscan.unsynced and not self.sscan.copy_in:
-            self._due(self.server_due)
+            if self.due:
+                self._due(self.server_due)
+            else:
+                self.due = self.server_due
         if self.stall_timeout and not cscan.at_boundary:
             self._arm_timer(CLIENT_STALL, self.stall_timeout)
         if new_requests == 0 and self.pending == 0:
@@ -323,7 +326,8 @@ class Relay:
             self._note_parameters()
         if ready:
             sscan.ready = 0
-            self.pending = max(0, self.pending - ready)
+            pending = self.pending - ready
+            self.pending = pending if pending > 0 else 0
             if not self.pending:
                 self.stats.answered(sscan.xacts, sscan.status != _IDLE)
                 sscan.xacts = 0
