@@ -753,8 +753,22 @@ class BackendIdlePool:
                 if conn is None:
                     conn = self._look_again(want)
             return self._hand_to_client(want, conn)
+        except BaseException:
+            if want.waiter.front:
+                self._pass_call(want.key)
+            raise
         finally:
             self._end_checkout(want)
+
+    def _pass_call(self, key: str) -> None:
+        """A called waiter gives up (canceled, its client left, ...): the next one is called if a
+        connection is parked, so that it does not sit there until the next release."""
+        with self._lock:
+            ident = self._pools.get(key)
+            caller = ident.call_next() if ident is not None and ident.idle and ident.waiters \
+                and not ident.called else None
+        if caller is not None:
+            caller.gate.release()
 
     def _look_again(self, want: _Checkout) -> Any:
         """A parked connection of the key, or None; first waiting out a PAUSE of it."""
