@@ -612,7 +612,10 @@ def test_snapshot(pairs):
 
 # -- hand-off: a released connection goes to the longest waiter ------------------
 
-def test_released_connections_go_to_waiters_in_arrival_order(pairs):
+def test_released_connections_go_to_waiters_in_arrival_order(pairs, monkeypatch):
+    """Waiters past HANDOFF_AFTER (0 here: all) are handed a released connection directly, first come
+    first served (those within it may lose it to a running client: tests/test_handoff.py)."""
+    monkeypatch.setattr(pool_mod, "HANDOFF_AFTER", 0.0)
     p = BackendIdlePool(5, 10)
     assert p.acquire(K, limit=1, timeout=1) is None          # the only slot: in use
     first_t, first = run_thread(lambda: p.acquire(K, 1, 30, waiter=Waiter()))

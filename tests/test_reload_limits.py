@@ -88,8 +88,27 @@ class Load:
             conn.close()
 
 
-def servers(pg, **kw) -> int:
-    return len(pg.backend_pids(**kw))
+_SINCE: dict = {}
+
+
+def servers(pg, user: str | None = None, dbname: str | None = None) -> int:
+    """PostgreSQL's count of client backends (of ``user``, of ``dbname``) started during this test:
+    a backend an earlier test's proxy left behind, still on its way out, is not this test's."""
+    return _SINCE["conn"].execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        " AND pid <> pg_backend_pid() AND backend_start >= %(since)s"
+        " AND (%(user)s::text IS NULL OR usename = %(user)s::text)"
+        " AND (%(db)s::text IS NULL OR datname = %(db)s::text)",
+        {"since": _SINCE["t"], "user": user, "db": dbname}).fetchone()[0]
+
+
+@pytest.fixture(autouse=True)
+def since(pg):
+    """When this test began, by PostgreSQL's clock; and the connection that counts."""
+    with pg.superuser_conn() as conn:
+        _SINCE["conn"] = conn
+        _SINCE["t"] = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        yield
 
 
 def stays_within(pg, limit: int, seconds: float, **kw) -> list:

@@ -13,12 +13,19 @@ Design notes
   holds only what spans identities; an identity leaves the registry, in one
   ``del``, as soon as it holds nothing.
 * One lock guards everything.  Waiters of a key queue first come, first
-  served (``IdentityPool.wait``), each on a gate of its own: a connection
-  released while somebody waits is handed to the longest waiter directly,
-  never parked for whoever comes next, and its gate opens after the pool lock
-  is let go, so the woken thread does not start by waiting for that lock (a
-  Condition's notify under the lock would make it do just that, on every
-  hand-off).
+  served (``IdentityPool.wait``), each on a gate of its own, opened after the
+  pool lock is let go, so the woken thread does not start by waiting for that
+  lock (a Condition's notify under the lock would make it do just that, on
+  every hand-off).  A connection released while somebody waits is parked and
+  the longest waiter called; a client that is running meanwhile may take it
+  first (it barges), and the called waiter, should it find nothing, waits
+  again at the head of the queue.  One waiter is called at a time: more
+  releases meanwhile only park, and whoever takes a parked connection calls
+  the next waiter if more are parked (every call that finds nothing is two
+  context switches wasted: calling one per release lost a quarter of them).  A strict hand-off to a sleeping thread
+  makes every release wait until that one thread is scheduled: on a busy
+  machine a lock convoy.  A waiter that has waited ``HANDOFF_AFTER`` already
+  is handed the connection directly, which bounds the unfairness.
 * No socket I/O happens while the lock is held: connections to close or to
   probe are taken out of the structure under the lock and handled after it.
 * Parked connections are reused LIFO (the most recently parked is the warmest);
@@ -74,6 +81,13 @@ WAIT_SLICE = 1.0
 #: is not: PostgreSQL too runs a query whose client left just after sending it,
 #: and under contention nearly every transaction waits a little.
 CLIENT_CHECK_AFTER = 0.01
+
+#: A connection released while clients wait is parked and the longest waiter called to come and take
+#: it, and a client that is running meanwhile may take it first (it barges: the called one may still be
+#: waiting for a CPU, and a lock convoy behind every sleeping waiter is what a busy machine makes of a
+#: strict hand-off).  A waiter that has waited this long already is handed the connection directly, so
+#: no client waits much more than first come, first served would make it wait.
+HANDOFF_AFTER = 0.01
 
 #: How often a client that waits because of max_db_connections or max_user_connections looks again
 #: (a connection of another pool of its database or user may have closed or become parked meanwhile).
@@ -151,7 +165,7 @@ class Waiter:
     """
 
     __slots__ = ("alive", "key", "waiting", "canceled", "slice_ended", "gate", "handed", "takes_connection",
-                 "on_wait")
+                 "on_wait", "since", "called", "front")
 
     def __init__(self, alive: Optional[Callable[[], bool]] = None, takes_connection: bool = True) -> None:
         self.alive = alive
@@ -163,6 +177,9 @@ class Waiter:
         self.handed: Any = None       # a connection handed to it while it slept
         self.takes_connection = takes_connection   # False: it waits for a free slot (promote)
         self.on_wait: Optional[Callable[[], None]] = None   # called (under the pool's lock) when a wait begins
+        self.since = 0.0              # monotonic time its current checkout began to wait
+        self.called = False           # woken to take a parked connection (IdentityPool.called counts it)
+        self.front = False            # called, and somebody else took it: it queues first again
 
 
 class Limits:
@@ -229,8 +246,8 @@ class IdentityPool:
     server came back, RESUME, a cancel, shutdown: each waiter looks again).
     """
 
-    __slots__ = ("key", "lock", "idle", "open", "pending", "waiters", "sleepers", "login_cond", "lingering",
-                 "defaults", "groups", "ceiling", "limits")
+    __slots__ = ("key", "lock", "idle", "open", "pending", "waiters", "called", "sleepers", "login_cond",
+                 "lingering", "defaults", "groups", "ceiling", "limits")
 
     def __init__(self, key: str, lock: Any) -> None:
         self.key = key
@@ -244,6 +261,8 @@ class IdentityPool:
         self.pending = 0
         #: Checkouts waiting for a connection or a slot, longest first.
         self.waiters: Deque[Waiter] = collections.deque()
+        #: Waiters called to take a parked connection that have not woken yet (they count as waiting).
+        self.called = 0
         #: Threads asleep on this identity (its waiters, and logins waiting for a pending place),
         #: woken or not: each is still to take the pool lock back and look again.
         self.sleepers = 0
@@ -299,10 +318,18 @@ class IdentityPool:
     # -- waiters: hand-offs ------------------------------------------------------
 
     def wait(self, waiter: Waiter, timeout: float) -> bool:
-        """Sleep up to ``timeout`` (pool lock held on entry and on return); True if woken."""
+        """Sleep up to ``timeout`` (pool lock held on entry and on return); True if woken.
+
+        A waiter that was called and lost the connection to a barging client
+        queues first again: it keeps its place.
+        """
         gate = waiter.gate = threading.Lock()
         gate.acquire()
-        self.waiters.append(waiter)
+        if waiter.front:
+            waiter.front = False
+            self.waiters.appendleft(waiter)
+        else:
+            self.waiters.append(waiter)
         self.sleepers += 1
         self.lock.release()
         woken = False
@@ -316,17 +343,47 @@ class IdentityPool:
                     self.waiters.remove(waiter)
                 except ValueError:
                     woken = True     # opened (or handed a connection) just as the time ran out
+            if waiter.called:
+                waiter.called = False
+                waiter.front = True       # until it takes a connection: should it wait again, it is next
+                self.called -= 1
         return woken
 
-    def hand(self, conn: Any) -> Optional[Waiter]:
-        """Give ``conn`` to the longest waiter that takes one (None: nobody); waiters met on
-        the way that only want a slot are woken to look again."""
+    def hand(self, conn: Any, barge_before: float, call: bool = True) -> Tuple[Optional[Waiter], bool]:
+        """The longest waiter that takes a connection, and whether ``conn`` is handed to it.
+
+        Handed directly when it began to wait at or before ``barge_before``;
+        otherwise it is only called (``conn`` is to be parked, where a running
+        client may take it first).  (None, False): nobody takes one.  Waiters
+        met on the way that only want a slot are woken to look again.  The
+        caller opens the returned waiter's gate once it has let go of the lock.
+        """
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters[0]
+            if waiter.takes_connection and waiter.since > barge_before and not call:
+                return None, False            # one called already: it is on its way (it calls the next)
+            waiters.popleft()
+            if waiter.takes_connection:
+                if waiter.since > barge_before:
+                    waiter.called = True
+                    self.called += 1
+                    return waiter, False
+                # No longer waiting: a CancelRequest from now on is for the server connection.
+                waiter.handed, waiter.waiting = conn, False
+                return waiter, True
+            waiter.gate.release()
+        return None, False
+
+    def call_next(self) -> Optional[Waiter]:
+        """Call the longest waiter that takes a connection to come for a parked one (its gate is for
+        the caller to open after the lock); None if nobody waits for one."""
         waiters = self.waiters
         while waiters:
             waiter = waiters.popleft()
             if waiter.takes_connection:
-                # No longer waiting: a CancelRequest from now on is for the server connection.
-                waiter.handed, waiter.waiting = conn, False
+                waiter.called = True
+                self.called += 1
                 return waiter
             waiter.gate.release()
         return None
@@ -345,11 +402,12 @@ class IdentityPool:
     # -- lingering holders -------------------------------------------------------
 
     def ask_back_one(self) -> bool:
-        """Ask the longest lingering holder to give its connection back; False if there is none."""
+        """Ask a lingering holder to give its connection back: the longest idle one, else the longest
+        entered (it is in a transaction: it lets go at its end); False if there is none."""
         held = self.lingering
         if not held:
             return False
-        holder = next(iter(held))
+        holder = next((h for h in held if getattr(h, "lingering", True)), None) or next(iter(held))
         del held[holder]
         holder.wake()          # a non-blocking eventfd write
         return True
@@ -488,7 +546,7 @@ class BackendIdlePool:
             reuses=0, parked=0, handed_on=0, over_capacity=0, stale_evicted=0, reaped=0, reconnected=0,
             reset_failed=0, evicted_for_login=0, waits=0, wait_timeouts=0,
             pending_timeouts=0, waits_canceled=0, waiters_gone=0, dials_failed=0, evicted_for_limit=0,
-            reserve_used=0, lifetime_closed=0, pending_refused=0, shrunk=0)
+            reserve_used=0, lifetime_closed=0, pending_refused=0, shrunk=0, barged=0)
 
     # -- the idle structure -------------------------------------------------
 
@@ -511,6 +569,9 @@ class BackendIdlePool:
                     self._note_limits_locked(ident, limit, limits)
                 conn = ident.pop(prefer)
                 self._total_idle -= 1
+                caller = ident.call_next() if ident.idle and ident.waiters and not ident.called else None
+            if caller is not None:
+                caller.gate.release()         # more are parked: the next waiter comes for one
             conn = self._vet(key, conn)
             if conn is not None:
                 return conn
@@ -576,12 +637,14 @@ class BackendIdlePool:
             ident = self._pools.get(key) or self._identity_locked(key)
             reason = self._refusal_locked(ident, conn, reset_ok)
             if reason is None:
+                now = time.monotonic()
+                handed = False
                 if ident.waiters and not (self._held and self._held_key(key)):
-                    taker = ident.hand(conn)
-                if taker is not None:
+                    taker, handed = ident.hand(conn, now - HANDOFF_AFTER, ident.called == 0)
+                if handed:
                     self.stats["handed_on"] += 1
                 else:
-                    ident.idle.append((conn, time.monotonic()))
+                    ident.idle.append((conn, now))
                     self._total_idle += 1
                     self.stats["parked"] += 1
             else:
@@ -615,7 +678,7 @@ class BackendIdlePool:
             self.stats["shrunk"] += 1
             return "pool_size, max_db_connections or max_user_connections is lower than the connections open"
         if (len(ident.idle) >= self.max_idle_per_key or self._total_idle >= self.max_total_idle) \
-                and not ident.waiters:
+                and not ident.waiters and not ident.called:
             self.stats["over_capacity"] += 1
             return "max_idle_per_key or max_total_idle reached"
         return None
@@ -694,8 +757,22 @@ class BackendIdlePool:
                 if conn is None:
                     conn = self._look_again(want)
             return self._hand_to_client(want, conn)
+        except BaseException:
+            if want.waiter.front:
+                self._pass_call(want.key)
+            raise
         finally:
             self._end_checkout(want)
+
+    def _pass_call(self, key: str) -> None:
+        """A called waiter gives up (canceled, its client left, ...): the next one is called if a
+        connection is parked, so that it does not sit there until the next release."""
+        with self._lock:
+            ident = self._pools.get(key)
+            caller = ident.call_next() if ident is not None and ident.idle and ident.waiters \
+                and not ident.called else None
+        if caller is not None:
+            caller.gate.release()
 
     def _look_again(self, want: _Checkout) -> Any:
         """A parked connection of the key, or None; first waiting out a PAUSE of it."""
@@ -1057,11 +1134,12 @@ class BackendIdlePool:
         ``wake()`` is called: a waiter calls it instead of waiting blindly.
         """
         ident = self._pools.get(key)
-        if ident is not None and ident.waiters:
+        if ident is not None and (ident.waiters or ident.called):
             return False        # somebody waits (read without the lock: refusing is always safe)
         with self._lock:
             ident = self._pools.get(key)
-            if ident is None or ident.waiters or self._closed or self._draining or (self._held and self._held_key(key)):
+            if ident is None or ident.waiters or ident.called or self._closed or self._draining \
+                    or (self._held and self._held_key(key)):
                 return False        # (None: nothing of the key is open, so nothing to keep)
             if ident.open > ident.ceiling > 0 or (ident.limits is not None and self._over_caps_locked(ident)):
                 return False        # one too many since RELOAD lowered a limit: it goes back (and closes)
@@ -1071,6 +1149,13 @@ class BackendIdlePool:
                 return False
             ident.lingering[holder] = None
             return True
+
+    def keeps(self, key: str, holder: Any) -> bool:
+        """Whether ``holder``, entered by ``linger`` and asked for nothing since, may keep its connection
+        through another release point: nobody waits for the key.  Takes no lock (a claim that
+        comes just after is honoured as any claim: by ``holder.wake()``)."""
+        ident = self._pools.get(key)
+        return ident is not None and holder in ident.lingering and not ident.waiters and not ident.called
 
     def unlinger(self, key: str, holder: Any) -> bool:
         """``holder`` uses its connection again (or is leaving): no longer claimable.
@@ -1096,11 +1181,16 @@ class BackendIdlePool:
         WAIT_SLICE seconds, so its caller can see that its client left.
         """
         now = time.monotonic()
+        if waiter is None:
+            waiter = Waiter(takes_connection=False)
         if deadline is None:
             deadline = now + timeout
             self.stats["waits"] += 1
-            if waiter is not None and waiter.on_wait is not None:
+            waiter.since, waiter.front = now, False
+            if waiter.on_wait is not None:
                 waiter.on_wait()          # (events.EventHub.emit: a queue put, no I/O)
+        elif waiter.front:
+            self.stats["barged"] += 1         # called, and a running client took the connection first
         remaining = deadline - now
         if remaining <= 0:
             self.stats["wait_timeouts"] += 1
@@ -1112,9 +1202,7 @@ class BackendIdlePool:
             ident.ask_back_one()
         if slice_end is not None:
             remaining = min(remaining, max(0.0, slice_end - now))
-        if waiter is None:
-            waiter = Waiter(takes_connection=False)
-        elif waiter.alive is not None:
+        if waiter.alive is not None:
             remaining = min(remaining, WAIT_SLICE)
         waiter.key, waiter.waiting = key, True
         waiter.slice_ended = not ident.wait(waiter, remaining)

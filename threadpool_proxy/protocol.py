@@ -349,6 +349,9 @@ class _Scanner:
 
     #: message types whose whole body the scanner wants (set per subclass)
     WANTED = b""
+    #: message types whose header ``_header`` hears of (None: every type not WANTED); a type
+    #: left out costs no call per message
+    HEADERS = None
     #: a message type (an int) whose cut by the end of a chunk ``_cut`` hears of (-1: none)
     CUT_WATCH = -1
 
@@ -386,6 +389,7 @@ class _Scanner:
             pos = self._skip
             self._skip = 0
         wanted = self.WANTED
+        headers = self.HEADERS
         unpack = UINT32.unpack_from
         while True:
             if pos + 5 > n:
@@ -414,7 +418,8 @@ class _Scanner:
                         self._skip = end - n
                         return
             else:
-                self._header(t)
+                if headers is None or t in headers:
+                    self._header(t)
                 if end > n:
                     self._skip = end - n
                     return
@@ -510,6 +515,7 @@ class ServerScanner(_Scanner):
 
     __slots__ = ("ready", "xacts", "status", "parameters", "errors", "copy_in", "fatal", "notified")
     WANTED = READY_FOR_QUERY + PARAMETER_STATUS + ERROR_RESPONSE + NOTIFICATION_RESPONSE
+    HEADERS = COPY_IN_RESPONSE + COPY_BOTH_RESPONSE
     CUT_WATCH = _NOTIFICATION_RESPONSE
 
     def __init__(self, limit: int = MAX_HELD_MESSAGE) -> None:

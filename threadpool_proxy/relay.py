@@ -70,7 +70,7 @@ class Relay:
 
     __slots__ = ("client", "cfd", "checkout", "pool", "key", "settings", "pooled", "statement_mode",
                  "linger_ms", "poller", "cbuf", "cview", "sbuf", "sview", "cscan", "sscan",
-                 "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "check_release",
+                 "backend", "ssock", "sfd", "backend_lock", "pending", "lingering", "registered", "check_release",
                  "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
                  "tracking", "stats", "unanswered", "idle_timeout", "idle_transaction_timeout",
                  "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark", "client_pid",
@@ -113,6 +113,10 @@ class Relay:
         self.backend_lock = threading.Lock()     # guards ``backend`` against a concurrent cancel
         self.pending = 0                  # requests sent that have not had their ReadyForQuery
         self.lingering = False            # keeping an idle backend that a waiter may claim
+        # Entered in the pool's list of clients keeping a connection (BackendIdlePool.linger), as far
+        # as this thread knows: it stays there from one transaction to the next, so a client that
+        # nobody asks for its connection takes no pool lock per transaction; a waiter's claim removes it.
+        self.registered = False
         self.check_release = False        # look for a release point at the top of the loop
         # Events to handle without a poll(): the server's answer after a whole
         # request went out; a TLS socket holding decrypted bytes (no poll() sees those).
@@ -209,8 +213,8 @@ class Relay:
     def at_release_point(self) -> bool:
         """Every request answered, nothing extended unsynced, both streams between messages, idle."""
         cscan, sscan = self.cscan, self.sscan
-        return (self.pending == 0 and not cscan.unsynced and cscan.at_boundary and sscan.at_boundary
-                and sscan.status == _IDLE and not sscan.copy_in
+        return (self.pending == 0 and sscan.status == _IDLE and not cscan.unsynced and cscan.at_boundary
+                and sscan.at_boundary and not sscan.copy_in
                 and (not self.tracking or self.prepared.idle()))
 
     def on_client_readable(self) -> None:
@@ -234,10 +238,10 @@ class Relay:
                 raise ClientGone()
         new_requests = cscan.requests - requests_before
         if self.lingering:
+            # Still entered in the pool's list: a waiter that claims it from now on is
+            # answered at this transaction's release point (the wake-up is drained then).
             self.lingering = False
             self.unanswered = False
-            if not self.pool.unlinger(self.key, self):
-                self._drain_wake()     # claimed meanwhile; we keep it this time
         elif self.backend is None:
             try:
                 self.attach(self.checkout.obtain(
@@ -280,7 +284,10 @@ class Relay:
         if cscan.terminated:
             raise ClientGone()
         if new_requests > 0 and cscan.at_boundary and not cscan.unsynced and not self.sscan.copy_in:
-            self._due(self.server_due)
+            if self.due:
+                self._due(self.server_due)
+            else:
+                self.due = self.server_due
         if self.stall_timeout and not cscan.at_boundary:
             self._arm_timer(CLIENT_STALL, self.stall_timeout)
         if new_requests == 0 and self.pending == 0:
@@ -336,7 +343,8 @@ class Relay:
             self._note_parameters()
         if ready:
             sscan.ready = 0
-            self.pending = max(0, self.pending - ready)
+            pending = self.pending - ready
+            self.pending = pending if pending > 0 else 0
             if not self.pending:
                 self.stats.answered(sscan.xacts, sscan.status != _IDLE)
                 sscan.xacts = 0
@@ -466,7 +474,7 @@ class Relay:
         """
         self._drain_wake()
         if self.lingering:
-            self.lingering = False
+            self._stop_lingering()
             self._release()
         if self.stop_requested and (self.backend is None or self.at_release_point()):
             self.detach(park=True)
@@ -520,6 +528,8 @@ class Relay:
                 conn.after_cancel = (park, reason)
         if conn is None:
             return
+        if self.registered:
+            self._stop_lingering()
         self.poller.unregister(self.sfd)
         if self.due:
             self.due = tuple(e for e in self.due if e[0] != self.sfd)
@@ -601,20 +611,33 @@ class Relay:
 
     def _stop_lingering(self) -> bool:
         """No longer keep the idle connection for a waiter to claim; False if one had claimed it."""
-        if not self.lingering:
-            return True
         self.lingering = False
+        if not self.registered:
+            return True
+        self.registered = False
         return self.pool.unlinger(self.key, self)
 
     def _keep_or_hand_on(self) -> None:
-        """At a release point: keep the connection while nobody waits (and ``server_linger``), else hand it on."""
-        if self.wake_rfd < 0:
-            self._make_wake_fd()
+        """At a release point: keep the connection while nobody waits (and ``server_linger``), else hand it on.
+
+        A client still entered from its last release point, that nobody claimed
+        and nobody waits for, keeps it with no lock taken (``keeps``).
+        """
         events = self.events
         if events is not None and events.active and self.prepared is not None:
             self._report_statements(events)
-        if self.checkout.config.server_linger and self.pool.linger(self.key, self, self.backend):
-            self.lingering = True
+        pool = self.pool
+        linger = self.checkout.config.server_linger
+        if self.registered:
+            if linger and pool.keeps(self.key, self):
+                self.lingering = True
+                return
+            if not self._stop_lingering():
+                self._drain_wake()      # claimed during the transaction: this release answers it
+        if self.wake_rfd < 0:
+            self._make_wake_fd()
+        if linger and pool.linger(self.key, self, self.backend):
+            self.lingering = self.registered = True
         else:
             self._release()
             if self.stop_requested:         # a graceful shutdown waited for this release point

@@ -296,6 +296,9 @@ class Supervisor:
             return 1
         for line in config_mod.split_warnings(self.config):
             log.warning("%s", line)
+        cores = cores_warning(self.count)
+        if cores:
+            log.warning("%s", cores)
         self.rundir = tempfile.mkdtemp(prefix="threadpool_proxy-")      # mode 0700: the peer sockets
         self.peers = Peers(WorkerSlot(SUPERVISOR, self.count, self.rundir))
         log.info("peer channel in %s", self.rundir)
@@ -679,6 +682,26 @@ class Supervisor:
                 process.kill()
                 process.join(5)
         log.info("threadpool_proxy stopped (%d workers)", self.count)
+
+
+def cores_warning(workers: int, cpus: int | None = None) -> str | None:
+    """The start-up warning when ``workers`` processes have fewer CPUs than that to run on, or None.
+
+    ``cpus``: how many this process may run on (``os.sched_getaffinity``:
+    taskset, cgroup cpusets, a container's limit; ``os.cpu_count()`` where
+    there is no affinity).  A worker's worth is a core of its own: beyond the
+    CPUs they share them, with PostgreSQL and the clients if those run here too.
+    """
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+    if workers <= cpus:
+        return None
+    return (f"workers: {workers}, but this process may run on {cpus} CPU{'s' if cpus != 1 else ''} "
+            f"(sched_getaffinity): workers beyond the CPUs only share them (and each costs ~30 MB); "
+            f"use workers: {cpus} or fewer, or give the proxy more CPUs")
 
 
 def run(config: config_mod.Config, config_path: str | None, overrides: dict, log_level: int) -> int:
