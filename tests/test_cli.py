@@ -215,6 +215,22 @@ def test_port_already_in_use_exits_nonzero_with_one_line(pg, tmp_path):
     assert len(res.stderr.splitlines()) == 1 and str(port) in res.stderr, res.stderr
 
 
+def test_workers_with_only_a_unix_socket_exit_2_saying_why(tmp_path):
+    """The unix socket has one owner (worker 0): workers: 2 with no TCP address is refused at start."""
+    sockdir = tempfile.mkdtemp(prefix="tpp-sock-")
+    try:
+        conf = tmp_path / "proxy.yaml"
+        conf.write_text(yaml.safe_dump({"listen": {"host": "", "port": free_port(), "unix_socket_dir": sockdir},
+                                        "workers": 2, "databases": {"*": {"host": "127.0.0.1"}}}))
+        res = run_cli("-c", str(conf))
+        assert res.returncode == 2, res.stderr
+        assert len(res.stderr.splitlines()) == 1, res.stderr
+        assert "workers: 2 needs a TCP address in listen.host" in res.stderr, res.stderr
+        assert os.listdir(sockdir) == []            # nothing was bound
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
 # -- 3. the shipped example configuration loads ------------------------------------
 
 def _settings(raw: dict, prefix: str = "") -> dict:

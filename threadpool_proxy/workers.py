@@ -287,6 +287,12 @@ class Supervisor:
         return sum(1 for w in self.workers if w.process is not None and w.restart_at == 0.0)
 
     def run(self) -> int:
+        if not listeners_mod.tcp_addresses(self.config.listen_host, 0):
+            # The unix socket has one owner (worker 0): the others would have nothing to serve.
+            print(f"threadpool-proxy: workers: {self.count} needs a TCP address in listen.host (the unix socket "
+                  f"is served by worker 0 alone); with listen.unix_socket_dir only, run workers: 1",
+                  file=sys.stderr)
+            return 2
         try:
             self._listen_all()
         except OSError as exc:
