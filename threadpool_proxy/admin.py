@@ -359,8 +359,8 @@ class Console:
                          timestamp(c.stats.request_time or c.stats.connect_time),
                          int(wait), int((wait % 1) * 1e6), 0, self._ptr(c.ptr),
                          self._ptr(c.server.ptr if c.server else None),
-                         None, c.tls, c.application_name, c.prepared, self._id(c.id)])
-        return CONNECTION_COLUMNS, rows
+                         None, c.tls, c.application_name, c.prepared, self._id(c.id), c.pinned])
+        return CLIENT_COLUMNS, rows
 
     def show_clients(self) -> bytes:
         return self._show("clients")
@@ -590,6 +590,10 @@ DATABASE_COLUMNS = [("name", "s"), ("host", "s"), ("port", "i"), ("database", "s
                     ("max_connections", "i"), ("current_connections", "i"), ("max_client_connections", "i"),
                     ("current_client_connections", "i"), ("paused", "i"), ("disabled", "i"),
                     ("nodes", "s"), ("target_session_attrs", "s"), ("role", "s")]
+
+#: SHOW CLIENTS: PgBouncer's columns, then what pins the client to its server connection
+#: (transaction and statement mode: "temp_table,advisory_lock"...; "" when nothing does).
+CLIENT_COLUMNS = CONNECTION_COLUMNS + [("pinned", "s")]
 
 #: SHOW SERVERS: PgBouncer's columns, then the server's node (host:port) and what the proxy
 #: knows of it ("up primary", "down unknown"...: ConsoleControl.node_state).

@@ -38,6 +38,11 @@ LOAD_BALANCE = ("round-robin", "least-connections", "random", "disable")
 #: libpq's target_session_attrs values: which servers a database entry may use.
 TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
 NODE_ROLES = ("primary", "replica")
+#: The kinds of session state that pin a client to its server connection in transaction
+#: and statement mode (``pin_on``; sessionstate.py): temporary tables, session advisory
+#: locks, cursors WITH HOLD, SET ROLE / SET SESSION AUTHORIZATION, SQL PREPARE, LOAD, and
+#: a LISTEN the proxy cannot take over.
+PIN_KINDS = ("temp_table", "advisory_lock", "cursor_with_hold", "role", "prepare", "load", "listen")
 
 
 class ConfigError(ValueError):
@@ -80,10 +85,16 @@ class DatabaseConfig:
     reserve_pool_size: int = 0  # extra connections per key for clients waiting reserve_pool_timeout
     max_db_connections: int = 0  # server connections of the entry's database, all users; 0: no limit
     auth_dbname: str | None = None   # where auth_query runs for this entry; None: see auth_database()
+    max_pinned_clients: int | None = None   # clients pinned at once per pool; None: half of pool_size
 
     def __post_init__(self) -> None:
         if not self.nodes:
             object.__setattr__(self, "nodes", (NodeConfig(self.host, self.port),))
+
+    @property
+    def pinned_client_limit(self) -> int:
+        """How many of a pool's clients may be pinned to their server connection at once."""
+        return self.pool_size // 2 if self.max_pinned_clients is None else self.max_pinned_clients
 
     @property
     def multi(self) -> bool:
@@ -136,6 +147,8 @@ class Config:
     shutdown_timeout: float = 30.0          # SIGTERM: how long running transactions may take to finish
     reset_query: str = DEFAULT_RESET_QUERY
     max_prepared_statements: int = 200
+    pin_on: tuple = PIN_KINDS               # session state that pins a pooled client (the others are lost)
+    max_pinned_clients: int | None = None   # per pool; None: half of pool_size
     auth_type: str = "passthrough"
     auth_file: str | None = None
     auth_user: str | None = None
@@ -220,6 +233,18 @@ def _host_port(v):
     return bool(sep and host and port.isdigit() and int(port) <= 65535)
 
 
+def _pin_kinds(v):
+    if isinstance(v, str):
+        v = [k.strip() for k in v.split(",") if k.strip()]
+    return isinstance(v, (list, tuple)) and all(isinstance(k, str) and k in PIN_KINDS for k in v)
+
+
+def _as_kinds(v) -> tuple:
+    if isinstance(v, str):
+        v = [k.strip() for k in v.split(",") if k.strip()]
+    return tuple(k for k in PIN_KINDS if k in v)
+
+
 def _as_user_tuple(v) -> tuple:
     if isinstance(v, str):
         return tuple(u.strip() for u in v.split(",") if u.strip())
@@ -259,6 +284,10 @@ _TOP_LEVEL = {
     "shutdown_timeout": (_SECONDS_OR_OFF[0], "a number of seconds >= 0 (0: SIGTERM stops at once, as SIGINT)"),
     "reset_query": (_str, "a string (empty for no reset)"),
     "max_prepared_statements": (_non_negative_int, "an integer >= 0 (0: no tracking)"),
+    "pin_on": (_pin_kinds, "a list of " + ", ".join(PIN_KINDS) + " (or one comma-separated string; "
+                           "empty: nothing pins)"),
+    "max_pinned_clients": (lambda v: v is None or _non_negative_int(v),
+                           "an integer >= 0 (0: no client may be pinned; null: half of pool_size)"),
     "auth_type": (_choice(AUTH_TYPES), "one of " + ", ".join(AUTH_TYPES)),
     "auth_file": (_nonempty_str, "a file path"),
     "auth_user": (_nonempty_str, "a user name"),
@@ -309,6 +338,7 @@ _DATABASE = {
     "target_session_attrs": _TOP_LEVEL["target_session_attrs"],
     "role": (_choice(NODE_ROLES), "one of " + ", ".join(NODE_ROLES)),
     "auth_dbname": _TOP_LEVEL["auth_dbname"],
+    "max_pinned_clients": _TOP_LEVEL["max_pinned_clients"],
 }
 
 _NODE = {
@@ -393,6 +423,8 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
             value = float(value)
         elif key in ("admin_users", "stats_users"):
             value = _as_user_tuple(value)
+        elif key == "pin_on":
+            value = _as_kinds(value)
         kwargs[key] = value
     if "host" in listen:
         kwargs["listen_host"] = listen["host"]
@@ -426,6 +458,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
             reserve_pool_size=fields.get("reserve_pool_size", defaults.reserve_pool_size),
             max_db_connections=fields.get("max_db_connections", defaults.max_db_connections),
             auth_dbname=fields.get("auth_dbname"),
+            max_pinned_clients=fields.get("max_pinned_clients", defaults.max_pinned_clients),
         )
     config = dataclasses.replace(defaults, databases=entries)
     _check_auth(config)
@@ -436,7 +469,8 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
 
 #: Settings a database entry takes from the top level unless it sets its own.
 ENTRY_DEFAULTS = ("pool_mode", "pool_size", "auth_type", "max_prepared_statements", "load_balance",
-                  "target_session_attrs", "min_pool_size", "reserve_pool_size", "max_db_connections")
+                  "target_session_attrs", "min_pool_size", "reserve_pool_size", "max_db_connections",
+                  "max_pinned_clients")
 
 
 def with_setting(config: Config, key: str, text: str) -> Config:
@@ -465,12 +499,16 @@ def with_setting(config: Config, key: str, text: str) -> Config:
             pass
     elif current is None and text == "":
         value = None
+    elif key == "max_pinned_clients" and text.strip().isdigit():
+        value = int(text)
     if value is not None and not check(value):
         raise ConfigError(f"{key}: expected {expected}, got {_shown(key, text)}")
     if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime")) and value is not None:
         value = float(value)
     elif key in ("admin_users", "stats_users"):
         value = _as_user_tuple(value)
+    elif key == "pin_on":
+        value = _as_kinds(value)
     new = dataclasses.replace(config, **{key: value})
     if key in ENTRY_DEFAULTS:
         entries = {name: dataclasses.replace(db, **{key: value}) if getattr(db, key) == current else db
@@ -505,7 +543,8 @@ SPLIT_LIMITS = ("pool_size", "max_pending_logins", "max_pending_logins_total", "
                 "max_user_connections")
 
 #: The limits of a database entry that ``for_worker`` divides too.
-SPLIT_ENTRY_LIMITS = ("pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections")
+SPLIT_ENTRY_LIMITS = ("pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections",
+                      "max_pinned_clients")
 
 
 def for_worker(config: Config, index: int, count: int) -> Config:
@@ -513,8 +552,10 @@ def for_worker(config: Config, index: int, count: int) -> Config:
     (per database entry too: ``pool_size``) divided by ``worker_share``."""
     if count <= 1:
         return config
-    entries = {name: dataclasses.replace(db, **{key: worker_share(getattr(db, key), index, count)
-                                                for key in SPLIT_ENTRY_LIMITS})
+    entries = {name: dataclasses.replace(db, **{key: worker_share(getattr(db, key), index, count, at_least=0)
+                                                if key == "max_pinned_clients" else
+                                                worker_share(getattr(db, key), index, count)
+                                                for key in SPLIT_ENTRY_LIMITS if getattr(db, key) is not None})
                for name, db in config.databases.items()}
     limits = {key: worker_share(getattr(config, key), index, count) for key in SPLIT_LIMITS}
     return dataclasses.replace(config, databases=entries, **limits)

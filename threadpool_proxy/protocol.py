@@ -314,6 +314,7 @@ _COPY_IN_RESPONSE = COPY_IN_RESPONSE[0]
 _COPY_BOTH_RESPONSE = COPY_BOTH_RESPONSE[0]
 _NOTIFICATION_RESPONSE = NOTIFICATION_RESPONSE[0]
 _QUERY = QUERY[0]
+_PARSE = PARSE[0]
 _FUNCTION_CALL = FUNCTION_CALL[0]
 _SYNC = SYNC[0]
 _TERMINATE = TERMINATE[0]
@@ -329,6 +330,9 @@ class _Scanner:
 
     #: message types whose whole body the scanner wants (set per subclass)
     WANTED = b""
+    #: longest message (length field) of a wanted type the scanner gathers whole; a longer
+    #: one is passed over as if unwanted (``_header``), so the scanner never holds more
+    WANTED_MAX = 1 << 31
     #: a message type (an int) whose cut by the end of a chunk ``_cut`` hears of (-1: none)
     CUT_WATCH = -1
 
@@ -368,7 +372,7 @@ class _Scanner:
             if length < 4:
                 raise ProtocolError(f"invalid message length {length}")
             end = pos + 1 + length
-            if t in wanted:
+            if t in wanted and length <= self.WANTED_MAX:
                 if end > n:
                     self._carry = bytearray(buf[pos:n])
                     if t == self.CUT_WATCH:
@@ -399,7 +403,7 @@ class _Scanner:
         total = 1 + UINT32.unpack_from(carry, 1)[0]
         if total < 5:
             raise ProtocolError("invalid message length")
-        if t not in self.WANTED:
+        if t not in self.WANTED or total - 1 > self.WANTED_MAX:
             self._carry = None
             self._header(t)
             remaining = total - len(carry)
@@ -507,6 +511,8 @@ class ClientScanner(_Scanner):
 
     __slots__ = ("requests", "unsynced", "terminated", "extended", "invalid")
     WANTED = b""
+    #: SQL texts worth a look (StatementScanner); none here
+    looked = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -530,3 +536,59 @@ class ClientScanner(_Scanner):
         elif t not in _OTHER_FRONTEND_TYPES and self.invalid < 0:
             self.invalid = t
             self.terminated = True
+
+
+#: The longest Query or Parse message whose SQL text a StatementScanner looks at.
+MAX_LOOKED_MESSAGE = 256 * 1024
+
+
+class StatementScanner(ClientScanner):
+    """A ClientScanner that also shows each Query's and Parse's SQL text to ``worth_a_look``.
+
+    For pooled clients (transaction and statement mode), whose statements may
+    create session state (sessionstate.py).  ``worth_a_look(buf, start, end)``
+    is the cheap test of the text ``buf[start:end]``; the texts it passes are
+    collected in ``looked`` as (message type, text bytes, message start, message
+    end), the offsets in the chunk just fed, or -1 for a message that began in
+    an earlier chunk.  A Query or Parse longer than MAX_LOOKED_MESSAGE is
+    counted in ``unseen`` and not looked at (the scanner never gathers more).
+    """
+
+    __slots__ = ("worth_a_look", "looked", "unseen", "_carried")
+    WANTED = QUERY + PARSE
+    WANTED_MAX = MAX_LOOKED_MESSAGE
+
+    def __init__(self, worth_a_look) -> None:
+        super().__init__()
+        self.worth_a_look = worth_a_look
+        self.looked: list = []
+        self.unseen = 0
+        self._carried = False
+
+    def _continue_carry(self, buf, n: int) -> int:
+        self._carried = True
+        try:
+            return super()._continue_carry(buf, n)
+        finally:
+            self._carried = False
+
+    def _header(self, t):
+        if t == _QUERY or t == _PARSE:
+            self.unseen += 1          # (too long to be looked at)
+        super()._header(t)
+
+    def _message(self, t, buf, start, end):
+        if t == _QUERY:
+            self.requests += 1
+            text, text_start, text_end = buf, start, end - 1       # String: the text, then its NUL
+        else:                                                      # Parse: String name, String query, ...
+            self.unsynced = True
+            self.extended += 1
+            text = bytes(buf[start:end])
+            text_start = text.find(0) + 1
+            text_end = text.find(0, text_start)
+            if text_start == 0 or text_end < 0:
+                return                                             # malformed: the server says so
+        if self.worth_a_look(text, text_start, text_end):
+            where = -1 if self._carried else start - 5
+            self.looked.append((t, bytes(text[text_start:text_end]), where, end))

@@ -20,12 +20,15 @@ import threading
 import time
 
 from . import protocol as pq
+from . import sessionstate
 from . import tls
 from .backend import ServerConnection
 from .prepared import ClientStatements, PreparedRelay, ServerStatements
 from .checkout import ClientSettings, ServerCheckout
-from .errors import ClientFatal, ClientGone, ErrorAlreadySent, PoolClosed, QueryCanceled
+from .config import DEFAULT_RESET_QUERY
+from .errors import ClientFatal, ClientGone, ErrorAlreadySent, PoolClosed, QueryCanceled, ServerError, ServerGone
 from .logs import get_logger
+from .sessionstate import SessionState
 
 # Buffers are per client thread, so they decide the memory of many idle clients:
 # requests are small (16 KiB, COPY IN just takes more reads); the server buffer
@@ -54,6 +57,7 @@ IDLE_TRANSACTION = ("idle_transaction_timeout", pq.SQLSTATE_IDLE_IN_TRANSACTION_
 CLIENT_STALL = ("client_stall_timeout", pq.SQLSTATE_PROTOCOL_VIOLATION,
                 "terminating connection: the client stopped in the middle of a message")
 _IDLE = pq.IDLE[0]
+_QUERY = pq.QUERY[0]
 
 
 class Relay:
@@ -70,7 +74,7 @@ class Relay:
                  "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
                  "tracking", "stats", "unanswered", "idle_timeout", "idle_transaction_timeout",
                  "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark", "client_pid",
-                 "stop_requested")
+                 "stop_requested", "state", "who", "pin_key")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
@@ -101,7 +105,12 @@ class Relay:
         self.cview = memoryview(self.cbuf)
         self.sbuf = None
         self.sview = None
-        self.cscan = pq.ClientScanner()
+        # A pooled client's Query and Parse texts are looked at (cheaply) for statements
+        # that change session state: settings follow it, other state pins it (sessionstate.py).
+        self.cscan = pq.StatementScanner(sessionstate.looks_interesting) if self.pooled else pq.ClientScanner()
+        self.state = SessionState(config.pin_on) if self.pooled else None
+        self.who = ""                     # the client, for log lines (the session sets it)
+        self.pin_key = None               # the pool key whose count of pinned clients holds this one
         self.sscan = pq.ServerScanner()
         self.backend: ServerConnection | None = None
         self.ssock = None
@@ -219,6 +228,10 @@ class Relay:
             n = self.cbuf.rfind(pq.TERMINATE_MESSAGE, 0, n)    # forward what came before it
             if n <= 0:
                 raise ClientGone()
+        if cscan.looked:
+            n = self._look_at_statements(n)
+            if n < 0:
+                return                    # answered by the proxy: nothing goes to the server
         new_requests = cscan.requests - requests_before
         if self.lingering:
             self.lingering = False
@@ -300,6 +313,10 @@ class Relay:
             return
         if not n:
             self._server_lost()
+        self._from_server(view, n)
+
+    def _from_server(self, view, n: int) -> None:
+        """Relay ``view[:n]``, the server's next bytes, to the client (and follow them)."""
         if self.tracking:
             view = self.prepared.from_server(view[:n])
             n = len(view)
@@ -485,8 +502,23 @@ class Relay:
         # The login connection of a pooled client: keep it while nobody waits.
         self.check_release = self.pooled
 
-    def detach(self, park: bool, reason: str = "its state is unknown") -> None:
-        """Let go of the server connection: reset and park it, or close it (``reason`` is logged)."""
+    def detach(self, park: bool, reason: str = "its state is unknown", leaving: bool = False) -> None:
+        """Let go of the server connection: reset and park it, or close it (``reason`` is logged).
+
+        Before it goes to anyone else, the settings this client changed are read
+        back from it (they follow the client); unless the client is ``leaving``.
+        A pinned client's state goes with the connection (the reset undoes it;
+        a reset_query other than DISCARD ALL may not, so such a connection is closed).
+        """
+        state = self.state
+        if state is not None and self.backend is not None:
+            if park and not leaving and state.needs_readback:
+                park = self._read_back_settings()
+                reason = "reading the client's settings back failed"
+            if self.pin_key is not None or state.pins:
+                if park and state.pins and self.checkout.config.reset_query != DEFAULT_RESET_QUERY:
+                    park, reason = False, "its client was pinned to it and reset_query may not undo that state"
+                self._unpin()
         with self.backend_lock:
             conn, self.backend = self.backend, None
         if conn is None:
@@ -535,7 +567,7 @@ class Relay:
         """The client is leaving: park the server connection only if it is idle and in sync."""
         self._stop_lingering()
         self.detach(park=clean and self.at_release_point(), reason="the client left mid-transaction"
-                    if clean else "the client's connection ended abnormally")
+                    if clean else "the client's connection ended abnormally", leaving=True)
 
     def _stop_lingering(self) -> bool:
         """No longer keep the idle connection for a waiter to claim; False if one had claimed it."""
@@ -545,7 +577,18 @@ class Relay:
         return self.pool.unlinger(self.key, self)
 
     def _keep_or_hand_on(self) -> None:
-        """At a release point: keep the connection while nobody waits, else hand it on."""
+        """At a release point: keep the connection while nobody waits, else hand it on.
+
+        A pinned client keeps it in any case (it is not claimable), unless a
+        graceful shutdown waits for it; whether it is still pinned is asked
+        first when one of its statements may have created or undone such state.
+        """
+        state = self.state
+        if state is not None and (state.suspects or state.pins):
+            if state.suspects:
+                self._settle_pins()
+            if state.pins and not self.stop_requested:
+                return
         if self.wake_rfd < 0:
             self._make_wake_fd()
         if self.pool.linger(self.key, self, self.backend):
@@ -727,6 +770,212 @@ class Relay:
         raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE,
                           "server connection lost; the client's transaction, if any, was rolled back",
                           hint="The PostgreSQL server closed the connection or was restarted.")
+
+    # -- session state: settings that follow the client, state that pins it -------------------
+
+    def _look_at_statements(self, n: int) -> int:
+        """The Query/Parse texts of this chunk that passed the scanner's cheap test.
+
+        Each is classified (sessionstate.look) and noted.  A pinning statement
+        that the client may not run here (statement mode, max_pinned_clients) is
+        refused, when its Query is the whole chunk, sent while every earlier
+        request is answered (the usual way: a driver sends one and waits):
+        between transactions the proxy answers it (-1 is returned: nothing goes
+        to the server); inside a transaction block the Query is replaced by one
+        that fails with that error, so the server's transaction fails as it
+        would have.  Returns how many bytes of the chunk (``cbuf``) to relay.
+        Elsewhere the statement runs, and pins.
+        """
+        looked = self.cscan.looked
+        state = self.state
+        alone = (len(looked) == 1 and looked[0][0] == _QUERY and looked[0][2] == 0 and looked[0][3] == n
+                 and self.pending == 0 and self.cscan.at_boundary)
+        try:
+            for _, text, _, _ in looked:
+                effects = sessionstate.look(text.decode("utf-8", "surrogateescape"))
+                if not effects:
+                    continue
+                kinds = state.pinning_kinds(effects)
+                if kinds and not state.pins:
+                    refusal = self._pin_refusal(effects, kinds, alone)
+                    if refusal is not None:
+                        if self.sscan.status == _IDLE:
+                            self._answer_locally(pq.error_response(*refusal[:2], pq.ERROR, *refusal[2:]))
+                            return -1
+                        query = pq.query(sessionstate.raise_statement(*refusal))
+                        self.cbuf[:len(query)] = query
+                        return len(query)
+                state.note(effects)
+        finally:
+            looked.clear()
+        return n
+
+    def _pin_refusal(self, effects, kinds: list, alone: bool) -> tuple | None:
+        """(SQLSTATE, message, detail, hint) refusing a statement that would pin this (unpinned)
+        client, or None to let it run.
+
+        Statement mode refuses every kind but LISTEN (which the proxy takes over,
+        or pins where it cannot); past max_pinned_clients every kind is refused.
+        A statement that is not ``alone`` in its chunk cannot be refused: it runs,
+        and pins; beyond max_pinned_clients the client is then ended (_settle_pins).
+        """
+        if not alone:
+            self._reserve_pin()
+            return None
+        if self.statement_mode:
+            refused = [k for k in kinds if k != sessionstate.LISTEN]
+            if refused:
+                what = effects.pins[refused[0]]
+                return (pq.SQLSTATE_FEATURE_NOT_SUPPORTED, f"{what} is not supported in statement pooling mode",
+                        f"It creates session state ({refused[0]}) that the next statement, on another server "
+                        f"connection, would not see.",
+                        "Use pool_mode transaction (the client is then pinned to its server connection) "
+                        "or session for this database.")
+        if not self._reserve_pin():
+            return self._limit_error(effects.pins[kinds[0]])
+        return None
+
+    def _limit_error(self, what: str) -> tuple:
+        """PgBouncer's way of saying a limit was reached, naming the setting: (SQLSTATE, message, detail, hint)."""
+        limit = self.checkout.db.pinned_client_limit
+        return (pq.SQLSTATE_CONFIGURATION_LIMIT_EXCEEDED, "no more pinned clients allowed (max_pinned_clients)",
+                f"{what} pins a client to its server connection, and {limit} of this pool's clients are "
+                f"pinned already (max_pinned_clients).",
+                "Undo such state sooner (DISCARD ALL), raise max_pinned_clients, or use pool_mode session.")
+
+    def _answer_locally(self, answer: bytes) -> None:
+        """Answer the client's one request (the whole chunk) with ``answer`` and ReadyForQuery."""
+        try:
+            self.client.sendall(answer + pq.ready_for_query(pq.IDLE))
+        except OSError:
+            raise ClientGone() from None
+        if self.idle_timers:
+            self._arm_idle_timer()
+
+    def _reserve_pin(self) -> bool:
+        """Hold one of the pool's max_pinned_clients places (kept while pinned); False if none is free."""
+        if self.pin_key is not None:
+            return True
+        if self.pool.reserve_pin(self.key, self.checkout.db.pinned_client_limit):
+            self.pin_key = self.key
+            return True
+        return False
+
+    def _unpin(self) -> None:
+        """The client's pinning state is gone (with its server connection): give its place back."""
+        self.state.unpin()
+        if self.pin_key is not None:
+            self.pool.release_pin(self.pin_key)
+            self.pin_key = None
+
+    def _settle_pins(self) -> None:
+        """At a release point: ask the server which suspect state exists; pin or unpin accordingly."""
+        state = self.state
+        kinds = state.verified_kinds()
+        found = {}
+        if kinds:
+            try:
+                rows = self._ask_server(state.verify_sql(self.checkout.user))[0]
+                found = {kind: value == b"t" for kind, value in zip(kinds, rows[0])}
+            except ServerGone:
+                self._server_lost()
+            except ServerError as exc:
+                log.warning("client %s: asking the server about its session state failed (%s); "
+                            "it stays on its server connection", self.who, exc)
+                found = {kind: True for kind in kinds}
+        pinned, unpinned = state.settle(found)
+        for kind in pinned:
+            log.info("client %s is pinned to its server connection (%s) by %s", self.who, kind, state.pins[kind])
+        if state.pins:
+            if not self._reserve_pin():
+                what = sessionstate.describe(next(iter(state.pins.values())))
+                self.detach(park=False, reason=f"its client went past max_pinned_clients "
+                                               f"({self.checkout.db.pinned_client_limit})")
+                sqlstate, message, detail, hint = self._limit_error(what)
+                raise ClientFatal(sqlstate, message, detail, hint)
+        elif self.pin_key is not None:
+            self._unpin()
+            if unpinned:
+                log.info("client %s is no longer pinned (%s undone)", self.who, ", ".join(unpinned))
+
+    def _read_back_settings(self) -> bool:
+        """Read the settings this client changed from its server connection, for its next one.
+
+        Returns False when the connection failed meanwhile (it is to be closed).
+        """
+        state = self.state
+        settings = self.settings
+        names = state.readback_names(settings.values)
+        sql = state.readback_sql(names)
+        state.read_back()
+        if not sql:
+            return True
+        try:
+            results = self._ask_server(sql)
+        except ServerError as exc:
+            log.warning("client %s: reading back its settings failed: %s", self.who, exc)
+            return True
+        except ServerGone as exc:
+            log.warning("client %s: reading back its settings failed (%s); they are lost", self.who, exc)
+            return False
+        backend = self.backend
+        for row in results[0] if results else ():
+            if len(row) != 2 or row[0] is None:
+                continue
+            try:
+                name = row[0].decode("utf-8").lower()
+                value = None if row[1] is None else row[1].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if not sessionstate.follows(name):
+                continue
+            if value is None:
+                settings.forget(name)
+            else:
+                settings.follow(name, value)
+                if name not in backend.params:
+                    backend.unreported[name] = value     # in force there (the reset undoes it)
+        return True
+
+    def _ask_server(self, sql: str) -> list:
+        """Run ``sql`` (a simple Query) on the attached server connection at a release point.
+
+        Returns the DataRows of each statement ([[row, ...], ...], a row a list
+        of bytes or None).  What the server sends meanwhile that belongs to the
+        client (a notification, a parameter change) is passed on after it.
+        ServerError if the query failed (the connection is idle again),
+        ServerGone if the connection failed.
+        """
+        conn = self.backend
+        timeout = self.checkout.config.server_connect_timeout
+        conn.send(pq.query(sql))
+        results, rows, error, passed_on = [], [], None, []
+        while True:
+            t, body = conn.read_message(timeout)
+            if t == pq.DATA_ROW:
+                rows.append(pq.parse_data_row(body))
+            elif t == pq.COMMAND_COMPLETE:
+                results.append(rows)
+                rows = []
+            elif t == pq.READY_FOR_QUERY:
+                break
+            elif t == pq.ERROR_RESPONSE:
+                fields = pq.parse_error_fields(body)
+                if pq.ends_connection(fields):
+                    raise ServerGone(fields.get("M", "server error"))
+                error = ServerError(fields, pq.message(t, body))
+            elif t in (pq.NOTIFICATION_RESPONSE, pq.PARAMETER_STATUS):
+                passed_on.append(pq.message(t, body))
+        leftover = bytes(conn._buf)
+        conn._buf.clear()
+        if passed_on or leftover:
+            data = bytearray(b"".join(passed_on) + leftover)
+            self._from_server(memoryview(data), len(data))
+        if conn.tls and conn.sock.pending():
+            self._due(self.server_due)
+        if error is not None:
+            raise error
+        return results
 
     # -- waking a lingering holder ---------------------------------------------------
 

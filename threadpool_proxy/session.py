@@ -349,6 +349,7 @@ class ClientSession:
         # The client keeps its login connection; in transaction and statement
         # mode the relay lets it go as soon as another client waits for one.
         relay = Relay(self.client, checkout, self.settings, db.pool_mode, self.config.server_idle_timeout)
+        relay.who = self.who
         # Session mode: the client holds this server connection for life, so it is told
         # the real backend pid (a proxy secret still guards its cancels).
         self.cancel_pid, cancel_secret = self.server.cancel_keys.register(
