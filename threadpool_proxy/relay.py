@@ -327,6 +327,8 @@ class Relay:
         ready = sscan.ready
         if ready and self.statement_mode and sscan.status != _IDLE:
             self._refuse_transaction_block(view, n)
+        if ready and self.state is not None and self.state.suspects and ready >= self.pending:
+            view, n = self._settle_before_ready(view, n)
         try:
             self.client.sendall(view[:n])
         except OSError:
@@ -897,6 +899,29 @@ class Relay:
             self._unpin()
             if unpinned:
                 log.info("client %s is no longer pinned (%s undone)", self.who, ", ".join(unpinned))
+
+    def _settle_before_ready(self, view, n: int):
+        """The last ReadyForQuery of a transaction whose statements may have created or undone
+        pinning state: ask the server before the client sees it, so that once the client's
+        statement is answered, its pin (SHOW CLIENTS, max_pinned_clients' count) is what it says.
+
+        Everything before the ReadyForQuery is sent first; returns what is left to send.
+        """
+        cut = pq.trailing_ready_for_query(view, n)
+        pending, self.pending = self.pending, 0
+        try:
+            if cut == n or not self.at_release_point():
+                return view, n
+        finally:
+            self.pending = pending
+        try:
+            self.client.sendall(view[:cut])
+        except OSError:
+            raise ClientGone() from None
+        self.stats.sent += cut
+        rest = bytes(view[cut:n])
+        self._settle_pins()
+        return rest, len(rest)
 
     def _read_back_settings(self) -> bool:
         """Read the settings this client changed from its server connection, for its next one.

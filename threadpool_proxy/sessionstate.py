@@ -396,7 +396,7 @@ def _classify_calls(stmt, words, effects: Effects) -> None:
             continue
         if word in _ADVISORY_LOCKS:
             effects.suspects.add(ADVISORY_LOCK)
-            effects.pins[ADVISORY_LOCK] = word + "() (a session advisory lock)"
+            effects.pins[ADVISORY_LOCK] = word + "()"
         elif word in _ADVISORY_UNLOCKS:
             effects.suspects.add(ADVISORY_LOCK)
         elif word == "pg_notify":
