@@ -315,6 +315,7 @@ _COPY_BOTH_RESPONSE = COPY_BOTH_RESPONSE[0]
 _NOTIFICATION_RESPONSE = NOTIFICATION_RESPONSE[0]
 _QUERY = QUERY[0]
 _PARSE = PARSE[0]
+_BIND = BIND[0]
 _FUNCTION_CALL = FUNCTION_CALL[0]
 _SYNC = SYNC[0]
 _TERMINATE = TERMINATE[0]
@@ -548,14 +549,16 @@ class StatementScanner(ClientScanner):
     For pooled clients (transaction and statement mode), whose statements may
     create session state (sessionstate.py).  ``worth_a_look(buf, start, end)``
     is the cheap test of the text ``buf[start:end]``; the texts it passes are
-    collected in ``looked`` as (message type, text bytes, message start, message
-    end), the offsets in the chunk just fed, or -1 for a message that began in
-    an earlier chunk.  A Query or Parse longer than MAX_LOOKED_MESSAGE is
-    counted in ``unseen`` and not looked at (the scanner never gathers more).
+    collected in ``looked`` as (message type, text bytes, message start,
+    message end, statement name), the offsets in the chunk just fed, or -1
+    for a message that began in an earlier chunk.  A named statement the
+    caller ``watch``es is seen again at each Bind of it, as (BIND, b"", -1,
+    -1, name): a prepared statement runs again without its text.  A Query or
+    Parse longer than MAX_LOOKED_MESSAGE is counted in ``unseen`` and not
+    looked at (the scanner never gathers more).
     """
 
-    __slots__ = ("worth_a_look", "looked", "unseen", "_carried")
-    WANTED = QUERY + PARSE
+    __slots__ = ("worth_a_look", "looked", "unseen", "_carried", "WANTED", "watched")
     WANTED_MAX = MAX_LOOKED_MESSAGE
 
     def __init__(self, worth_a_look) -> None:
@@ -564,6 +567,13 @@ class StatementScanner(ClientScanner):
         self.looked: list = []
         self.unseen = 0
         self._carried = False
+        self.WANTED = QUERY + PARSE        # and BIND once a statement is watched
+        self.watched: set = set()
+
+    def watch(self, name: bytes) -> None:
+        """Report the Binds of named statement ``name`` from now on."""
+        self.watched.add(name)
+        self.WANTED = QUERY + PARSE + BIND
 
     def _continue_carry(self, buf, n: int) -> int:
         self._carried = True
@@ -578,17 +588,26 @@ class StatementScanner(ClientScanner):
         super()._header(t)
 
     def _message(self, t, buf, start, end):
+        name = b""
         if t == _QUERY:
             self.requests += 1
             text, text_start, text_end = buf, start, end - 1       # String: the text, then its NUL
         else:                                                      # Parse: String name, String query, ...
-            self.unsynced = True
+            self.unsynced = True                                   # Bind: String portal, String name, ...
             self.extended += 1
+            if t == _BIND:
+                head = bytes(buf[start:min(end, start + 256)])
+                portal_end = head.find(0)
+                name_end = head.find(0, portal_end + 1)
+                if portal_end >= 0 and name_end > portal_end + 1 and head[portal_end + 1:name_end] in self.watched:
+                    self.looked.append((t, b"", -1, -1, head[portal_end + 1:name_end]))
+                return
             text = bytes(buf[start:end])
             text_start = text.find(0) + 1
             text_end = text.find(0, text_start)
             if text_start == 0 or text_end < 0:
                 return                                             # malformed: the server says so
+            name = text[:text_start - 1]
         if self.worth_a_look(text, text_start, text_end):
             where = -1 if self._carried else start - 5
-            self.looked.append((t, bytes(text[text_start:text_end]), where, end))
+            self.looked.append((t, bytes(text[text_start:text_end]), where, end, name))

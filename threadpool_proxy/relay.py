@@ -27,6 +27,7 @@ from .prepared import ClientStatements, PreparedRelay, ServerStatements
 from .checkout import ClientSettings, ServerCheckout
 from .config import DEFAULT_RESET_QUERY
 from .errors import ClientFatal, ClientGone, ErrorAlreadySent, PoolClosed, QueryCanceled, ServerError, ServerGone
+from .listen import Inbox, ListenUnavailable
 from .logs import get_logger
 from .sessionstate import SessionState
 
@@ -58,6 +59,12 @@ CLIENT_STALL = ("client_stall_timeout", pq.SQLSTATE_PROTOCOL_VIOLATION,
                 "terminating connection: the client stopped in the middle of a message")
 _IDLE = pq.IDLE[0]
 _QUERY = pq.QUERY[0]
+_BIND = pq.BIND[0]
+_PARSE_TYPE = pq.PARSE[0]
+
+#: Named prepared statements of one client whose every execution is looked at (a NOTIFY,
+#: a SET, a pinning statement prepared once and run many times); more are seen only at Parse.
+MAX_WATCHED_STATEMENTS = 1000
 
 
 class Relay:
@@ -74,7 +81,7 @@ class Relay:
                  "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
                  "tracking", "stats", "unanswered", "idle_timeout", "idle_transaction_timeout",
                  "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark", "client_pid",
-                 "stop_requested", "state", "who", "pin_key")
+                 "stop_requested", "state", "who", "pin_key", "hub", "listen_dial", "inbox", "statement_effects")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
@@ -111,6 +118,12 @@ class Relay:
         self.state = SessionState(config.pin_on) if self.pooled else None
         self.who = ""                     # the client, for log lines (the session sets it)
         self.pin_key = None               # the pool key whose count of pinned clients holds this one
+        self.statement_effects: dict = {}  # name -> Effects of the client's watched prepared statements
+        # LISTEN taken over by the proxy (listen.py): the hub, how to log in its listening
+        # connection (None: the proxy cannot log in by itself), this client's notifications.
+        self.hub = None
+        self.listen_dial = None
+        self.inbox: Inbox | None = None
         self.sscan = pq.ServerScanner()
         self.backend: ServerConnection | None = None
         self.ssock = None
@@ -170,7 +183,7 @@ class Relay:
                     # or a TLS socket has bytes decrypted that poll() cannot see.
                     self.due = ()
                     events = due
-                elif self.backend is None and not self.timer_at:
+                elif self.backend is None and not self.timer_at and self.inbox is None:
                     # Between transactions with no server connection (it went to
                     # a waiter): only the client can speak, so its socket is read
                     # straight away, without a poll() first.  A KILL or shutdown
@@ -197,6 +210,8 @@ class Relay:
                         on_server_readable()
                     elif fd == self.wake_rfd:
                         self.on_wake()
+                    elif self.inbox is not None and fd == self.inbox.fd:
+                        self.on_mail()
                     # else: an event of a server connection released earlier in this batch
         except BaseException as exc:
             self.leave(clean=isinstance(exc, ClientGone))
@@ -344,6 +359,8 @@ class Relay:
                 sscan.xacts = 0
                 if self.idle_timers:
                     self._arm_idle_timer()
+        if self.inbox is not None and not self.pending and sscan.at_boundary and self.inbox.has_mail:
+            self._deliver_notifications()        # they waited for this answer to end
         # (Session mode looks for a release point only while a graceful shutdown waits for it.)
         self.check_release = (self.pooled or self.stop_requested) and self.pending == 0
 
@@ -514,6 +531,8 @@ class Relay:
         """
         state = self.state
         if state is not None and self.backend is not None:
+            if park and state.notified and self.hub is not None:
+                park = self._sync_notifications()
             if park and not leaving and state.needs_readback:
                 park = self._read_back_settings()
                 reason = "reading the client's settings back failed"
@@ -793,10 +812,30 @@ class Relay:
         alone = (len(looked) == 1 and looked[0][0] == _QUERY and looked[0][2] == 0 and looked[0][3] == n
                  and self.pending == 0 and self.cscan.at_boundary)
         try:
-            for _, text, _, _ in looked:
+            for kind, text, _, _, name in looked:
+                if kind == _BIND:                     # a watched prepared statement runs again
+                    effects = self.statement_effects.get(name)
+                    if effects is not None:
+                        if effects.listen and len(looked) == 1 and self._listen_extended(n, effects.listen, name):
+                            return -1
+                        if state.pinning_kinds(effects) and not state.pins:
+                            self._reserve_pin()
+                        state.note(effects)
+                    continue
                 effects = sessionstate.look(text.decode("utf-8", "surrogateescape"))
                 if not effects:
                     continue
+                if name and len(self.statement_effects) < MAX_WATCHED_STATEMENTS:
+                    self.statement_effects[name] = effects
+                    self.cscan.watch(name)
+                if effects.listen and len(looked) == 1:
+                    if alone and self._listen_here(*effects.listen, lambda tag: pq.command_complete(tag)):
+                        return -1
+                    if kind != _QUERY and not name and self._listen_extended(n, effects.listen, b""):
+                        return -1
+                if effects.unlisten and self.inbox is not None:
+                    for channel in effects.unlisten:
+                        self.hub.unsubscribe(self.inbox, channel)
                 kinds = state.pinning_kinds(effects)
                 if kinds and not state.pins:
                     refusal = self._pin_refusal(effects, kinds, alone)
@@ -923,6 +962,123 @@ class Relay:
         self._settle_pins()
         return rest, len(rest)
 
+    # -- LISTEN taken over by the proxy (listen.py) ------------------------------------------
+
+    def _listen_here(self, verb: str, channel: str | None, replies) -> bool:
+        """A lone LISTEN or UNLISTEN between transactions: answered by the proxy (``replies(tag)``, then
+        ReadyForQuery), the listening done by the hub's connection of this identity.  False: it goes
+        to the server (a LISTEN then pins)."""
+        hub = self.hub
+        if hub is None or self.sscan.status != _IDLE:
+            return False
+        server_listens = sessionstate.LISTEN in self.state.pins
+        if verb == "unlisten":
+            if self.inbox is not None:
+                hub.unsubscribe(self.inbox, channel)
+            if server_listens:
+                return False
+            self._answer_locally(replies("UNLISTEN"))
+            return True
+        if server_listens or not self._can_listen_here():
+            return False
+        if self.inbox is None:
+            self.inbox = Inbox()
+            self.poller.register(self.inbox.fd, _POLLIN)
+        try:
+            hub.subscribe(self.checkout.key, self.checkout.dbname, channel, self.inbox, self.listen_dial)
+        except ListenUnavailable as exc:
+            log.info("client %s: the proxy cannot LISTEN for it (%s); its server connection listens, "
+                     "and it is pinned", self.who, exc)
+            return False
+        self._answer_locally(replies("LISTEN"))
+        return True
+
+    def _listen_extended(self, n: int, command: tuple, statement: bytes) -> bool:
+        """A LISTEN/UNLISTEN in the extended protocol, taken over like a Query (``_listen_here``) when
+        the chunk is one execution of it and nothing else: an unnamed Parse of it, or a Bind of
+        ``statement`` (a named one prepared earlier, as asyncpg does: that Parse went to the
+        server), then Describe, Execute, Sync; answered message by message as PostgreSQL would."""
+        if self.pending != 0 or not self.cscan.at_boundary or self.cscan.unsynced:
+            return False
+        view = self.cview
+        replies = []
+        pos = executes = 0
+        synced = False
+        while pos < n:
+            if n - pos < 5 or synced:
+                return False
+            t = view[pos]
+            end = pos + 1 + pq.UINT32.unpack_from(view, pos + 1)[0]
+            if end > n:
+                return False
+            body = bytes(view[pos + 5:end])
+            if t == _PARSE_TYPE:
+                if not body.startswith(b"\0") or statement:
+                    return False                  # a named Parse goes to the server
+                replies.append(pq.message(pq.PARSE_COMPLETE))
+            elif t == _BIND:
+                names = body.split(b"\0", 2)
+                if len(names) < 3 or names[0] or names[1] != statement:
+                    return False
+                replies.append(pq.message(pq.BIND_COMPLETE))
+            elif t == pq.DESCRIBE[0]:
+                if body[:1] == pq.STATEMENT:
+                    replies.append(pq.message(pq.PARAMETER_DESCRIPTION, pq.INT16.pack(0)))
+                replies.append(pq.message(pq.NO_DATA))
+            elif t == pq.EXECUTE[0]:
+                executes += 1
+                replies.append(None)              # CommandComplete, with the tag
+            elif t == pq.SYNC[0]:
+                synced = True
+            elif t != pq.FLUSH[0]:
+                return False
+            pos = end
+        if executes != 1 or not synced:
+            return False
+        return self._listen_here(*command, lambda tag: b"".join(pq.command_complete(tag) if r is None else r
+                                                                  for r in replies))
+
+    def _can_listen_here(self) -> bool:
+        """Whether the hub may listen for this client: the proxy logs in by itself, one server, and
+        the client reads UTF-8 (the listening connection's encoding)."""
+        if self.listen_dial is None or self.checkout.routed:
+            return False
+        encoding = self.settings.values.get("client_encoding") or self.pool.defaults(self.key).get(
+            "client_encoding", "UTF8")
+        return encoding.upper().replace("-", "").replace("_", "") in ("UTF8", "UNICODE")
+
+    def on_mail(self) -> None:
+        """Notifications arrived for this client: sent now if it is between two answers, else
+        after its current one (``_from_server``)."""
+        self.inbox.drain()
+        if self.pending == 0 and self.sscan.at_boundary:
+            self._deliver_notifications()
+
+    def _deliver_notifications(self) -> None:
+        inbox = self.inbox
+        if inbox.lost is not None:
+            raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE, f"terminating connection: {inbox.lost}",
+                              hint="Connect again and LISTEN again.")
+        data = inbox.take()
+        if data:
+            try:
+                self.client.sendall(data)
+            except OSError:
+                raise ClientGone() from None
+            self.stats.sent += len(data)
+
+    def _sync_notifications(self) -> bool:
+        """Before this client's connection goes to another: let the listeners read what the client
+        notified, so they name it as this client.  False when the connection failed."""
+        self.state.notified = False
+        try:
+            self.hub.sync(self.backend.node, self.checkout.dbname, self._ask_server)
+        except ServerError as exc:
+            log.info("client %s: the sync notification failed: %s", self.who, exc)
+        except ServerGone:
+            return False
+        return True
+
     def _read_back_settings(self) -> bool:
         """Read the settings this client changed from its server connection, for its next one.
 
@@ -1028,7 +1184,12 @@ class Relay:
             pass
 
     def close(self) -> None:
-        """Release the wake-up descriptors (the sockets belong to the session and the pool)."""
+        """Release the wake-up descriptors (the sockets belong to the session and the pool);
+        the client's LISTENs end."""
+        if self.inbox is not None:
+            self.hub.leave(self.inbox)
+            self.inbox.close()
+            self.inbox = None
         if self.wake_rfd >= 0:
             for fd in {self.wake_rfd, self.wake_wfd}:
                 try:

@@ -34,6 +34,7 @@ from . import protocol as pq
 from . import stats as stats_mod
 from . import tls
 from .console_control import ConsoleControl
+from .listen import NotifyHub
 from .login import Logins
 from .peers import Peers, WorkerSlot, owner_of
 from .nodes import Router, node_names
@@ -193,6 +194,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         # (node, real pid) -> server connection opened for a client, whose holder_pid is
         # the pid its client was told: names NOTIFY senders (Relay._name_notifiers).
         self.backends: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # The listening connections of pooled clients' LISTENs (listen.py).
+        self.notify_hub = NotifyHub(self.backends, config.server_connect_timeout)
         self._sessions: set[ClientSession] = set()
         self._sessions_lock = threading.Lock()
         self._sessions_empty = threading.Condition(self._sessions_lock)
@@ -642,6 +645,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         with self._sessions_lock:
             self._stopping = True
         self.pool.close()
+        self.notify_hub.close()
         deadline = time.monotonic() + wait
         for hard in (False, True):
             with self._sessions_lock:

@@ -350,6 +350,13 @@ class ClientSession:
         # mode the relay lets it go as soon as another client waits for one.
         relay = Relay(self.client, checkout, self.settings, db.pool_mode, self.config.server_idle_timeout)
         relay.who = self.who
+        if relay.pooled:
+            relay.hub = self.server.notify_hub
+            if not passthrough and not request.replication:
+                key, listener_login = checkout.key, {"user": request.user, "database": checkout.dbname,
+                                                     "client_encoding": "UTF8",
+                                                     "application_name": "threadpool_proxy listener"}
+                relay.listen_dial = lambda: logins.proxy_login(request, dict(listener_login), None, key, slot=False)
         # Session mode: the client holds this server connection for life, so it is told
         # the real backend pid (a proxy secret still guards its cancels).
         self.cancel_pid, cancel_secret = self.server.cancel_keys.register(

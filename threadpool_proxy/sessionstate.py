@@ -277,12 +277,13 @@ class Effects:
     creates it (for messages), for state that will pin the client if the
     statement succeeds; ``suspects``: kinds whose existence must be asked
     about at the next release point (creating or undoing).  ``notifies``: a
-    NOTIFY or pg_notify.  ``listen``: for a text that is exactly one
+    NOTIFY or pg_notify.  ``unlisten``: the channels an UNLISTEN names (None
+    for ``UNLISTEN *`` and DISCARD ALL).  ``listen``: for a text that is exactly one
     ``LISTEN name``, ``UNLISTEN name`` or ``UNLISTEN *``, ("listen" or
     "unlisten", the channel, or None for ``*``).  ``text``: the text, for the log.
     """
 
-    __slots__ = ("touched", "touched_all", "unknown", "pins", "suspects", "notifies", "listen", "text")
+    __slots__ = ("touched", "touched_all", "unknown", "pins", "suspects", "notifies", "listen", "unlisten", "text")
 
     def __init__(self, text: str = "") -> None:
         self.touched: set[str] = set()
@@ -292,11 +293,12 @@ class Effects:
         self.suspects: set[str] = set()
         self.notifies = False
         self.listen: tuple | None = None
+        self.unlisten: set = set()         # channels UNLISTENed; None in it: every one (UNLISTEN *, DISCARD ALL)
         self.text = text
 
     def __bool__(self) -> bool:
         return bool(self.touched or self.touched_all or self.unknown or self.suspects or self.pins
-                    or self.notifies or self.listen)
+                    or self.notifies or self.listen or self.unlisten)
 
     def logged_text(self) -> str:
         """The text for a log line: one line, escaped, at most LOGGED_TEXT characters."""
@@ -350,6 +352,7 @@ def _classify(stmt, effects: Effects) -> None:
         if what == "all":
             effects.touched_all = True
             effects.suspects.update(VERIFIABLE)
+            effects.unlisten.add(None)
         elif what in _TEMP_WORDS:
             effects.suspects.add(TEMP_TABLE)
     elif first == "create":
@@ -379,6 +382,8 @@ def _classify(stmt, effects: Effects) -> None:
         effects.pins[LISTEN] = "LISTEN"
     elif first == "unlisten":
         effects.suspects.add(LISTEN)
+        channel = stmt[1] if len(stmt) > 1 else (OP, "*")
+        effects.unlisten.add(channel[1] if channel[0] in (WORD, QUOTED) else None)
     elif first == "notify":
         effects.notifies = True
     if first not in ("create", "alter", "comment"):       # (a function's body names functions it does not call)
