@@ -242,3 +242,55 @@ def test_settings_follow_in_statement_mode(pg, proxy_factory, schemas):
         for _ in range(3):
             assert _whoami(a)[0] == "tpp_s5"
             assert b.execute("SHOW search_path").fetchone() != ("tpp_s5, public",)
+
+
+# -- the statement reader, sans I/O -----------------------------------------------------------
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+from threadpool_proxy import protocol as pq  # noqa: E402
+from threadpool_proxy.sessionstate import look, looks_interesting, plain_match, tokens  # noqa: E402
+
+FRAGMENTS = ["SELECT", "select", "Select", "INSERT INTO t VALUES", "UPDATE t SET a = 1", "BEGIN", "COMMIT", "WITH",
+             "SET", "set", "SESSION", "LOCAL", "search_path", "=", "TO", "x", ";", "(", ")", ",", "1", "'a'",
+             "pg_advisory_lock", "pg_try_advisory_lock", "set_config", "SET_CONFIG", "pg_notify", "NOTIFY",
+             "INTO", "into", "iNtO", "TEMP", "temp", "TeMpOrArY", "TABLE", "CREATE", "DECLARE", "c", "CURSOR", "WITH",
+             "HOLD", "FOR", "LISTEN", "UNLISTEN", "*", "RESET", "ALL", "DISCARD", "PREPARE", "LOAD", "ROLE",
+             "--comment\n", "/* ; SET x = 1 */", "$$", "$q$ SET a = 1 $q$", "E'\\''", '"Quoted"', "pg_temp", ".",
+             "\n", "\t"]
+
+
+@hsettings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=12).map(" ".join))
+def test_the_cheap_test_never_passes_over_a_statement_that_touches_session_state(text):
+    data = text.encode()
+    m = plain_match(data, 0, len(data))
+    if m is not None and m.end() == len(data):
+        assert not looks_interesting(data, 0, len(data))
+    if not looks_interesting(data, 0, len(data)):
+        effects = look(text)
+        assert not effects, (text, effects.touched, effects.pins, effects.suspects, effects.notifies)
+
+
+@hsettings(max_examples=500, deadline=None)
+@given(st.text(max_size=200))
+def test_the_lexer_takes_any_text(text):
+    tokens(text)
+    look(text)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["SELECT 1", "SET search_path = a", "SELECT pg_advisory_lock(1)", "BEGIN",
+                                 "LISTEN c"]), min_size=1, max_size=6),
+       st.integers(min_value=1, max_value=40))
+def test_the_scanner_sees_the_same_texts_whatever_the_reads(queries, size):
+    stream = b"".join(pq.query(q) for q in queries)
+    whole = pq.StatementScanner(looks_interesting, plain_match)
+    whole.feed(memoryview(stream), len(stream))
+    cut = pq.StatementScanner(looks_interesting, plain_match)
+    for i in range(0, len(stream), size):
+        chunk = memoryview(bytearray(stream[i:i + size]))
+        cut.feed(chunk, len(chunk))
+    assert [t for _, t, *_ in cut.looked] == [t for _, t, *_ in whole.looked]
+    assert cut.requests == whole.requests == len(queries)
+    assert [t.decode() for _, t, *_ in whole.looked] == [q for q in queries if q not in ("SELECT 1", "BEGIN")]

@@ -558,12 +558,15 @@ class StatementScanner(ClientScanner):
     looked at (the scanner never gathers more).
     """
 
-    __slots__ = ("worth_a_look", "looked", "unseen", "_carried", "WANTED", "watched")
+    __slots__ = ("worth_a_look", "plain", "looked", "unseen", "_carried", "WANTED", "watched")
     WANTED_MAX = MAX_LOOKED_MESSAGE
 
-    def __init__(self, worth_a_look) -> None:
+    def __init__(self, worth_a_look, plain=None) -> None:
         super().__init__()
         self.worth_a_look = worth_a_look
+        # plain(buf, start, end): a match reaching ``end`` clears a Query's text at once (the
+        # hot path: no call of worth_a_look)
+        self.plain = plain
         self.looked: list = []
         self.unseen = 0
         self._carried = False
@@ -592,6 +595,11 @@ class StatementScanner(ClientScanner):
         if t == _QUERY:
             self.requests += 1
             text, text_start, text_end = buf, start, end - 1       # String: the text, then its NUL
+            plain = self.plain
+            if plain is not None:
+                m = plain(buf, start, text_end)
+                if m is not None and m.end() == text_end:
+                    return
         else:                                                      # Parse: String name, String query, ...
             self.unsynced = True                                   # Bind: String portal, String name, ...
             self.extended += 1

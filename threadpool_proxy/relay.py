@@ -114,7 +114,7 @@ class Relay:
         self.sview = None
         # A pooled client's Query and Parse texts are looked at (cheaply) for statements
         # that change session state: settings follow it, other state pins it (sessionstate.py).
-        self.cscan = pq.StatementScanner(sessionstate.looks_interesting) if self.pooled else pq.ClientScanner()
+        self.cscan = pq.StatementScanner(sessionstate.looks_interesting, sessionstate.plain_match) if self.pooled else pq.ClientScanner()
         self.state = SessionState(config.pin_on) if self.pooled else None
         self.who = ""                     # the client, for log lines (the session sets it)
         self.pin_key = None               # the pool key whose count of pinned clients holds this one

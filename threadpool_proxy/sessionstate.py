@@ -61,11 +61,12 @@ LOGGED_TEXT = 200
 
 #: The plainest statements, which cannot touch session state, in one match (most
 #: traffic): a common first word, then no parenthesis (so no function call), no
-#: semicolon and, after SELECT or WITH, no INTO.  ``looks_interesting`` checks that
-#: the match reaches the end of the text (or a last semicolon).
+#: semicolon but a last one and, after SELECT or WITH, no INTO.  Whether the match
+#: reaches the end of the text is the test (``plain_match``, which the scanner runs
+#: itself, before calling ``looks_interesting``); it never backtracks.
 _PLAIN = re.compile(rb"[ \t\r\n]*(?:(?i:insert|update|delete|begin|commit|values|end|rollback|abort|start|show|fetch)"
-                    rb"\b[^;(]*|(?i:select|with)\b(?:[^;(iI]+|[iI](?![nN][tT][oO]\b))*)")
-_TRAILING = re.compile(rb";[ \t\r\n;]*")
+                    rb"\b[^;(]*|(?i:select|with)\b(?:[^;(iI]+|[iI](?![nN][tT][oO]\b))*)(?:;[ \t\r\n;]*)?")
+plain_match = _PLAIN.match
 _FIRST_WORD = re.compile(rb"[ \t\r\n\f]*([A-Za-z]+)")
 #: First words of statements that may touch a setting or pinning state.
 _FIRST_WORDS = frozenset(w.encode() for w in (
@@ -87,13 +88,8 @@ def looks_interesting(buf, start: int, end: int) -> bool:
     (a comment, a parenthesis) is looked at closely.
     """
     m = _PLAIN.match(buf, start, end)
-    if m is not None:
-        stop = m.end()
-        if stop == end:
-            return False
-        trailing = _TRAILING.match(buf, stop, end)
-        if trailing is not None and trailing.end() == end:
-            return False
+    if m is not None and m.end() == end:
+        return False
     m = _FIRST_WORD.match(buf, start, end)
     if m is None:
         return bool(bytes(buf[start:end]).strip())
