@@ -9,6 +9,13 @@ messages, and the status is idle.  There the server connection is released
 client keeps it "lingering", at no cost, until its next transaction or until a
 waiter wakes it to let go (see BackendIdlePool.linger).  Either way no other
 client can see this client's session state.
+
+A pooled client's Query and Parse texts are also looked at, cheaply
+(protocol.StatementScanner, sessionstate.py), for the session state they
+create: settings are read back before the connection passes on (they follow
+the client, checkout.py sets them again), state that cannot follow pins the
+client to its connection, and a lone LISTEN is answered by the proxy, whose
+listening connection (listen.py) fans notifications out to the client's inbox.
 """
 
 from __future__ import annotations
@@ -114,7 +121,8 @@ class Relay:
         self.sview = None
         # A pooled client's Query and Parse texts are looked at (cheaply) for statements
         # that change session state: settings follow it, other state pins it (sessionstate.py).
-        self.cscan = pq.StatementScanner(sessionstate.looks_interesting, sessionstate.plain_match) if self.pooled else pq.ClientScanner()
+        self.cscan = (pq.StatementScanner(sessionstate.looks_interesting, sessionstate.plain_match)
+                      if self.pooled else pq.ClientScanner())
         self.state = SessionState(config.pin_on) if self.pooled else None
         self.who = ""                     # the client, for log lines (the session sets it)
         self.pin_key = None               # the pool key whose count of pinned clients holds this one
@@ -531,11 +539,10 @@ class Relay:
         """
         state = self.state
         if state is not None and self.backend is not None:
-            if park and state.notified and self.hub is not None:
-                park = self._sync_notifications()
-            if park and not leaving and state.needs_readback:
-                park = self._read_back_settings()
-                reason = "reading the client's settings back failed"
+            if park and state.notified and self.hub is not None and not self._sync_notifications():
+                park, reason = False, "it failed while the proxy synced its client's notifications"
+            if park and not leaving and state.needs_readback and not self._read_back_settings():
+                park, reason = False, "it failed while the proxy read its client's settings back"
             if self.pin_key is not None or state.pins:
                 if park and state.pins and self.checkout.config.reset_query != DEFAULT_RESET_QUERY:
                     park, reason = False, "its client was pinned to it and reset_query may not undo that state"

@@ -5,9 +5,9 @@ another server connection.  Session state is of two sorts:
 
 * **Settings** (``SET``, ``RESET``, ``set_config(name, value, false)``,
   ``SET TIME ZONE``...) follow the client: the names a statement touches are
-  noted here, their values are read back from the server once the
-  transaction is over (``readback_sql``: the server's word covers rollbacks,
-  savepoints, ``SET LOCAL``, ``DEFAULT`` and every syntax), and checkout.py
+  noted here, their values are read back from the server connection before
+  it passes to another client (``readback_sql``: the server's word covers
+  rollbacks, savepoints, ``SET LOCAL``, ``DEFAULT`` and every syntax), and checkout.py
   sets them on the client's next server connection, quoted as literals
   (``backend.set_statements``), never as the client's own text.
 * **State that cannot be carried** (temporary tables, session advisory locks,
