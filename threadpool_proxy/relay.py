@@ -35,7 +35,7 @@ from .checkout import ClientSettings, ServerCheckout
 from .config import DEFAULT_RESET_QUERY
 from .errors import (ClientFatal, ClientGone, ErrorAlreadySent, MessageTooLarge, PoolClosed, QueryCanceled,
                      ServerError, ServerGone)
-from .events import SERVER_RELEASE, STATEMENT_REFUSED, STATEMENT_REPREPARED
+from .events import PIN, SERVER_RELEASE, STATEMENT_REFUSED, STATEMENT_REPREPARED
 from .listen import Inbox, ListenUnavailable
 from .logs import get_logger
 from .sessionstate import SessionState
@@ -951,6 +951,9 @@ class Relay:
                 if kinds and not state.pins:
                     refusal = self._pin_refusal(effects, kinds, alone)
                     if refusal is not None:
+                        if self.events is not None and self.events.active:
+                            self.events.emit_client(STATEMENT_REFUSED, self.stats, sqlstate=refusal[0],
+                                                    detail=refusal[1])
                         if self.sscan.status == _IDLE:
                             self._answer_locally(pq.error_response(*refusal[:2], pq.ERROR, *refusal[2:]))
                             return -1
@@ -1035,6 +1038,7 @@ class Relay:
                 log.warning("client %s: asking the server about its session state failed (%s); "
                             "it stays on its server connection", self.who, exc)
                 found = {kind: True for kind in kinds}
+        was_pinned = bool(state.pins)
         pinned, unpinned = state.settle(found)
         for kind in pinned:
             log.info("client %s is pinned to its server connection (%s) by %s", self.who, kind, state.pins[kind])
@@ -1045,6 +1049,12 @@ class Relay:
                                                f"({self.checkout.db.pinned_client_limit})")
                 sqlstate, message, detail, hint = self._limit_error(what)
                 raise ClientFatal(sqlstate, message, detail, hint)
+            events = self.events
+            if not was_pinned and events is not None and events.active:
+                conn = self.backend
+                server = dict(server_id=conn.serial, server_pid=conn.pid) if conn is not None else {}
+                events.emit_client(PIN, self.stats, detail="; ".join(f"{kind}: {state.pins[kind]}"
+                                                                     for kind in pinned), **server)
         elif self.pin_key is not None:
             self._unpin()
             if unpinned:
