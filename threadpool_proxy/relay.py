@@ -74,6 +74,10 @@ _QUERY = pq.QUERY[0]
 _BIND = pq.BIND[0]
 _PARSE_TYPE = pq.PARSE[0]
 
+#: Seconds the proxy's own query at a release point (settings read back, pins verified) waits for a
+#: CancelRequest of the client still on its way to the server (Relay._ask_server).
+CANCEL_LANDING_WAIT = 1.0
+
 #: Named prepared statements of one client whose every execution is looked at (a NOTIFY,
 #: a SET, a pinning statement prepared once and run many times); more are seen only at Parse.
 MAX_WATCHED_STATEMENTS = 1000
@@ -1247,9 +1251,29 @@ class Relay:
         client (a notification, a parameter change) is passed on after it.
         ServerError if the query failed (the connection is idle again),
         ServerGone if the connection failed.
+
+        A CancelRequest of this client on its way to the server (``cancel_target``)
+        is waited for first, up to CANCEL_LANDING_WAIT: it was meant for the
+        client's statement, and would otherwise stop the proxy's query.  One that
+        stops it all the same (sent meanwhile) costs a second try.
         """
         conn = self.backend
         timeout = self.checkout.config.server_connect_timeout
+        if conn.cancels:
+            deadline = time.monotonic() + CANCEL_LANDING_WAIT
+            while conn.cancels and time.monotonic() < deadline:
+                time.sleep(0.001)
+        for attempt in (1, 2):
+            results, error = self._run_on_server(conn, sql, timeout)
+            if error is None:
+                return results
+            if attempt == 1 and error.fields.get("C") == pq.SQLSTATE_QUERY_CANCELED:
+                continue
+            raise error
+        raise AssertionError("unreachable")
+
+    def _run_on_server(self, conn: ServerConnection, sql: str, timeout: float):
+        """One round of ``_ask_server``: (results, the ServerError or None)."""
         conn.send(pq.query(sql))
         results, rows, error, passed_on = [], [], None, []
         while True:
@@ -1275,9 +1299,7 @@ class Relay:
             self._from_server(memoryview(data), len(data))
         if conn.tls and conn.sock.pending():
             self._due(self.server_due)
-        if error is not None:
-            raise error
-        return results
+        return results, error
 
     # -- waking a lingering holder ---------------------------------------------------
 
