@@ -520,10 +520,20 @@ def test_events_beyond_the_queue_limit_are_dropped_and_counted():
 
 
 def test_server_linger_off_releases_at_every_transaction_end(pg, started):
-    """What the pytest plugin runs with: session state does not survive a transaction's end."""
-    proxy = started(trust_config(pg, server_linger=False))
+    """What the pytest plugin runs with: state that does not follow the client or pin it (here a temporary
+    table with pinning off) does not survive a transaction's end; with pinning on, the table pins the client."""
+    proxy = started(trust_config(pg, server_linger=False, pin_on=[]))
     with trust_conn(proxy) as conn:
         conn.execute("CREATE TEMP TABLE scratch (x int)")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            conn.execute("SELECT * FROM scratch")
+    pinning = started(trust_config(pg, server_linger=False))
+    with trust_conn(pinning) as conn:
+        conn.execute("CREATE TEMP TABLE scratch (x int)")
+        assert conn.execute("SELECT count(*) FROM scratch").fetchone() == (0,)
+        assert [c.pinned for c in pinning.stats().clients] == ["temp_table"]
+        conn.execute("DISCARD TEMP")
+        assert [c.pinned for c in pinning.stats().clients] == [""]
         with pytest.raises(psycopg.errors.UndefinedTable):
             conn.execute("SELECT * FROM scratch")
     lingering = started(trust_config(pg))

@@ -389,7 +389,8 @@ def test_passthrough_login_after_parked_death(pg, proxy_factory):
 def test_transaction_mode_state_does_not_leak_to_next_client(pg, proxy_factory):
     default_work_mem = server_setting(pg, "work_mem")
     assert default_work_mem != "7MB"
-    proxy = proxy_factory(pool_size=1)
+    # pin_on empty: nothing keeps A on its connection (see test_pinning.py for that)
+    proxy = proxy_factory(pool_size=1, pin_on=[])
     b = connect(pg, proxy)          # B logs in first so that A's login is the surviving backend
     a = connect(pg, proxy)
     try:
@@ -430,12 +431,12 @@ def test_transaction_mode_state_does_not_leak_to_next_client(pg, proxy_factory):
         with pytest.raises(psycopg.errors.UndefinedTable):
             b.execute("SELECT * FROM tpp_tmp")
 
-        # A's next transaction: the same clean backend; only the reported
-        # setting it changed (application_name) follows it, like PgBouncer
+        # A's next transaction: the same backend, clean of A's other state; the
+        # settings A changed follow it (set again: test_session_state.py)
         with a.transaction():
             assert pid_of(a) == pid_a
             assert a.execute("SHOW application_name").fetchone() == ("client-a",)
-            assert a.execute("SHOW work_mem").fetchone() == (default_work_mem,)
+            assert a.execute("SHOW work_mem").fetchone() == ("7MB",)
             assert a.execute("SELECT to_regclass('pg_temp.tpp_tmp')").fetchone() == (None,)
         assert b.execute("SHOW application_name").fetchone() == ("",)
     finally:

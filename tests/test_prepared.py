@@ -188,8 +188,9 @@ def test_failing_parse_in_a_pipeline_skips_to_sync_and_names_the_statement(pg, p
 
 
 def test_a_client_never_reaches_another_clients_statement_or_sql_prepare(pg, prepared_proxy):
-    """pool_size 1: B gets the very server connection A used, after the reset."""
-    proxy = prepared_proxy(pool_size=1)
+    """pool_size 1: B gets the very server connection A used, after the reset (pin_on empty:
+    A's SQL-level PREPARE does not keep A on it, test_pinning.py)."""
+    proxy = prepared_proxy(pool_size=1, pin_on=[])
     a = connect(pg, proxy)
     b = connect(pg, proxy)        # logs in while A keeps the connection, so it waits its turn
     try:

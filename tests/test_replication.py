@@ -1,11 +1,10 @@
-"""Replication connections through the proxy (issue 11, item 3).
+"""Replication connections through the proxy (issue 11, item 3; issue 20, item 5).
 
-In session mode a ``replication=true`` (physical) or ``replication=database``
+In every pool mode a ``replication=true`` (physical) or ``replication=database``
 (logical) client gets a server connection of its own, relayed both ways (COPY
 both mode included), never reset, parked or handed on, closed when the client
-leaves, and holding no pool_size slot.  Real clients: pg_basebackup,
-pg_receivewal, pg_recvlogical, psql.  In transaction and statement mode such a
-client is refused with 0A000 naming session mode.
+leaves, and holding no pool_size slot, as PgBouncer 1.23+ does.  Real clients:
+pg_basebackup, pg_receivewal, pg_recvlogical, psql.
 """
 
 from __future__ import annotations
@@ -69,6 +68,19 @@ def session_proxy(request, proxy_factory, tmp_path, rolpasswords):
     return proxy_factory(pool_mode="session", auth_type=request.param, **extra)
 
 
+@pytest.fixture(params=[(mode, auth) for mode in ("session", "transaction", "statement")
+                        for auth in ("passthrough", "scram-sha-256")], ids=lambda p: f"{p[0]}-{p[1]}")
+def replication_proxy(request, proxy_factory, tmp_path, rolpasswords):
+    """Any pool mode (the entry's mode is for its ordinary clients), either way of logging in."""
+    from helpers import write_auth_file
+    mode, auth = request.param
+    extra = {}
+    if auth != "passthrough":
+        extra["auth_file"] = write_auth_file(tmp_path / "users.yaml", {
+            "repl": {"scram": rolpasswords["repl"]}, "app": {"scram": rolpasswords["app"]}})
+    return proxy_factory(pool_mode=mode, auth_type=auth, **extra)
+
+
 def test_pg_basebackup_streams_a_whole_backup_through_the_proxy(pg, session_proxy, tmp_path):
     target = tmp_path / "backup"
     _run([_tool("pg_basebackup"), "-h", session_proxy.host, "-p", str(session_proxy.port), "-U", "repl",
@@ -81,7 +93,8 @@ def test_pg_basebackup_streams_a_whole_backup_through_the_proxy(pg, session_prox
     assert session_proxy.pool.idle_count() == 0            # never parked
 
 
-def test_pg_receivewal_streams_wal_up_to_an_end_position(pg, session_proxy, tmp_path):
+def test_pg_receivewal_streams_wal_up_to_an_end_position(pg, replication_proxy, tmp_path):
+    session_proxy = replication_proxy
     lsn = pg.sql("SELECT pg_current_wal_insert_lsn()").strip()
     # WAL past the end position, flushed: the stream reaches it at once (else pg_receivewal
     # learns it only from a keepalive, up to wal_sender_timeout / 2 later).
@@ -93,7 +106,8 @@ def test_pg_receivewal_streams_wal_up_to_an_end_position(pg, session_proxy, tmp_
     assert any(len(f.split(".")[0]) == 24 for f in os.listdir(target))
 
 
-def test_pg_recvlogical_receives_the_rows_inserted(pg, session_proxy):
+def test_pg_recvlogical_receives_the_rows_inserted(pg, replication_proxy):
+    session_proxy = replication_proxy
     slot = f"tpp_slot_{session_proxy.port}"
     common = ["-h", session_proxy.host, "-p", str(session_proxy.port), "-U", "repl", "-d", "appdb", "-S", slot, "-w"]
     recvlogical = _tool("pg_recvlogical")
@@ -119,7 +133,8 @@ def test_pg_recvlogical_receives_the_rows_inserted(pg, session_proxy):
 
 
 @pytest.mark.parametrize("replication", ["database", "true"])
-def test_psql_identify_system_answers_what_the_server_answers(pg, session_proxy, replication):
+def test_psql_identify_system_answers_what_the_server_answers(pg, replication_proxy, replication):
+    session_proxy = replication_proxy
     sql = "IDENTIFY_SYSTEM"
     dbname = f"dbname=appdb replication={replication}"
     through = psql(session_proxy, sql=sql, user="repl", dbname=dbname, check=True).stdout.strip()
@@ -129,15 +144,16 @@ def test_psql_identify_system_answers_what_the_server_answers(pg, session_proxy,
     assert through.split("|")[3] == ("appdb" if replication == "database" else "")
 
 
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
 @pytest.mark.parametrize("auth", ["passthrough", "scram-sha-256"])
-def test_a_replication_connection_takes_no_pool_slot(pg, proxy_factory, tmp_path, rolpasswords, auth):
+def test_a_replication_connection_takes_no_pool_slot(pg, proxy_factory, tmp_path, rolpasswords, auth, pool_mode):
     """pool_size 1: a streaming pg_recvlogical of the same user and database leaves the one
     slot to an ordinary client, and gives back none when it stops (its server connection is
     closed, not parked, and the slot count stays the ordinary client's)."""
     from helpers import write_auth_file
     extra = {} if auth == "passthrough" else {
         "auth_file": write_auth_file(tmp_path / "users.yaml", {"repl": {"scram": rolpasswords["repl"]}})}
-    proxy = proxy_factory(pool_mode="session", pool_size=1, query_wait_timeout=5, auth_type=auth, **extra)
+    proxy = proxy_factory(pool_mode=pool_mode, pool_size=1, query_wait_timeout=5, auth_type=auth, **extra)
     slot = f"tpp_slot_busy_{proxy.port}"
     recvlogical = _tool("pg_recvlogical")
     common = ["-h", proxy.host, "-p", str(proxy.port), "-U", "repl", "-d", "appdb", "-S", slot, "-w"]
@@ -163,8 +179,9 @@ def test_a_replication_connection_takes_no_pool_slot(pg, proxy_factory, tmp_path
         _assert_walsenders(pg, 0, "the stream's server connection outlived its client")
         with pg.superuser_conn() as su:
             su.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-    assert proxy.pool.idle_count() == (0 if auth == "passthrough" else 1)   # only the ordinary one parks
-    if auth == "passthrough":       # a pass-through login's connection is closed with its client, not parked
+    # only the ordinary one parks (not in session mode with passthrough, where nobody could take it)
+    assert proxy.pool.idle_count() == (0 if (auth, pool_mode) == ("passthrough", "session") else 1)
+    if (auth, pool_mode) == ("passthrough", "session"):   # closed with its client, not parked
         assert wait_until(lambda: not pg.backend_pids(user="repl"), timeout=20), pg.backend_pids(user="repl")
 
 
@@ -178,12 +195,26 @@ def _refusal(proxy, params: dict) -> dict:
 
 @pytest.mark.parametrize("pool_mode", ["transaction", "statement"])
 @pytest.mark.parametrize("replication", ["database", "true", "on", "1", "yes"])
-def test_replication_is_refused_outside_session_mode(pg, proxy_factory, pool_mode, replication):
-    proxy = proxy_factory(pool_mode=pool_mode)
-    fields = _refusal(proxy, {"replication": replication})
-    assert (fields["S"], fields["C"]) == ("FATAL", "0A000"), fields
-    assert "pool_mode session" in fields["M"] and pool_mode in fields["M"], fields
-    assert "session" in fields["H"]
+def test_replication_is_served_in_every_pool_mode_paired_with_its_own_connection(pg, proxy_factory, pool_mode,
+                                                                                 replication):
+    """As PgBouncer 1.23+: the entry's mode is for its ordinary clients; a WAL sender is paired
+    with its own server connection (the backend pid it is told is the real one), never shared."""
+    proxy = proxy_factory(pool_mode=pool_mode, pool_size=1)
+    with psycopg.connect(pg.dsn(user="repl", dbname="appdb", host=proxy.host, port=proxy.port,
+                                replication=replication), autocommit=True) as wal, \
+            connect(pg, proxy) as ordinary:
+        assert wal.pgconn.exec_(b"IDENTIFY_SYSTEM").status == psycopg.pq.ExecStatus.TUPLES_OK
+        senders = wait_until(lambda: _walsender_pids(pg), timeout=20)
+        assert wal.info.backend_pid in senders                       # told the real pid: its own
+        for _ in range(3):
+            assert ordinary.execute("SELECT pg_backend_pid()").fetchone()[0] not in senders
+            assert wal.pgconn.exec_(b"IDENTIFY_SYSTEM").status == psycopg.pq.ExecStatus.TUPLES_OK
+    wait_until(lambda: _walsenders(pg) == 0, timeout=20)
+
+
+def _walsender_pids(pg) -> set:
+    with pg.superuser_conn() as su:
+        return {r[0] for r in su.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'")}
 
 
 def test_replication_false_is_an_ordinary_connection(pg, proxy_factory):

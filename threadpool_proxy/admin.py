@@ -374,8 +374,8 @@ class Console:
                          timestamp(c.stats.request_time or c.stats.connect_time),
                          int(wait), int((wait % 1) * 1e6), 0, self._ptr(c.ptr),
                          self._ptr(c.server.ptr if c.server else None),
-                         None, c.tls, c.application_name, c.prepared, self._id(c.id)])
-        return CONNECTION_COLUMNS, rows
+                         None, c.tls, c.application_name, c.prepared, self._id(c.id), c.pinned])
+        return CLIENT_COLUMNS, rows
 
     def show_clients(self) -> bytes:
         return self._show("clients")
@@ -677,6 +677,10 @@ DATABASE_COLUMNS = [("name", "s"), ("host", "s"), ("port", "i"), ("database", "s
 #: SHOW SOCKETS: the connection columns, then PgBouncer's buffer positions (0 here: the relay keeps none).
 SOCKET_COLUMNS = CONNECTION_COLUMNS + [(name, "i") for name in ("recv_pos", "pkt_pos", "pkt_remain", "send_pos",
                                                                 "send_remain", "pkt_avail", "send_avail")]
+
+#: SHOW CLIENTS: PgBouncer's columns, then what pins the client to its server connection
+#: (transaction and statement mode: "temp_table,advisory_lock"...; "" when nothing does).
+CLIENT_COLUMNS = CONNECTION_COLUMNS + [("pinned", "s")]
 
 #: SHOW SERVERS: PgBouncer's columns, then the server's node (host:port) and what the proxy
 #: knows of it ("up primary", "down unknown"...: ConsoleControl.node_state).

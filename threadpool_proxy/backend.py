@@ -49,8 +49,15 @@ def quote_literal(value: str) -> str:
 
 
 def set_statements(settings: dict) -> str:
-    """``SET a TO 'x'; SET b TO 'y'`` for {name: value} (names already validated)."""
-    return ";".join(f"SET {name} TO {quote_literal(value)}" for name, value in settings.items())
+    """One SELECT of ``set_config(name, value, false)`` for each of {name: value}, as literals.
+
+    set_config, not ``SET name TO 'value'``: SET quotes a string value of a list
+    setting as one identifier (``SET search_path TO 'a, b'`` is the schema
+    named "a, b"), where set_config takes the value as written, as a startup
+    packet's value is taken.
+    """
+    return "SELECT " + ", ".join(f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
+                                 for name, value in settings.items())
 
 
 #: Reset queries whose whole answer is one CommandComplete: the bytes a healthy

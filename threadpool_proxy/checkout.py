@@ -36,21 +36,32 @@ CANCELED_ANSWER = (pq.error_response(pq.SQLSTATE_QUERY_CANCELED, "canceling stat
 
 
 class ClientSettings:
-    """The session settings a client wants: lower-case GUC name -> value, and its spelling."""
+    """The session settings a client wants: lower-case GUC name -> value, and its spelling.
 
-    __slots__ = ("values", "names")
+    ``startup`` holds what its startup packet asked for (what server logins
+    for it carry); ``values`` what its session has now: those, and what it
+    changed since (a reported parameter the server announced, a setting read
+    back after its SET: sessionstate.py), which checkout SETs on each server
+    connection it gets.
+    """
+
+    __slots__ = ("values", "names", "startup")
 
     def __init__(self) -> None:
         self.values: dict[str, str] = {}
         self.names: dict[str, str] = {}
+        self.startup: dict[str, str] = {}
 
     def set(self, name: str, value: str) -> None:
+        """A setting of the startup packet."""
         lower = name.lower()
         self.values[lower] = value
+        self.startup[lower] = value
         self.names[lower] = name
 
     def follow(self, name: str, value: str) -> None:
-        """A reported setting the client changed follows it to its next server connection (PgBouncer's rule).
+        """A setting the client changed follows it to its next server connection (PgBouncer's rule
+        for reported ones; every one the client SETs in transaction and statement mode).
 
         Not an identity (``session_authorization``, ``is_superuser``): those
         stay with the server connection they were set on.
@@ -61,15 +72,29 @@ class ClientSettings:
         self.values[lower] = value
         self.names.setdefault(lower, name)
 
+    def forget(self, name: str) -> None:
+        """The server no longer has setting ``name`` (a placeholder gone): nothing to carry over."""
+        lower = name.lower()
+        self.values.pop(lower, None)
+        self.startup.pop(lower, None)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the session's settings differ from the startup packet's (a new login needs SETs)."""
+        return self.values != self.startup
+
     def startup_params(self, user: str, dbname: str) -> dict:
         """The server's StartupMessage parameters for a new connection of this client.
 
         ``user`` and ``dbname`` are the proxy's (the authenticated user, the
         entry's database) and nothing of the client's can stand in for them:
         a setting named like a startup key never gets here (startup.py refuses
-        it at login), and is left out should one ever do.
+        it at login), and is left out should one ever do.  Only the startup
+        packet's settings: what the client changed since is SET after the
+        login, so the connection's login settings (what a reset returns it
+        to) are ones other clients of the same startup settings can use.
         """
-        params = {self.names[lower]: value for lower, value in self.values.items() if may_carry(lower)}
+        params = {self.names[lower]: value for lower, value in self.startup.items() if may_carry(lower)}
         params["user"] = user
         params["database"] = dbname
         return params
@@ -142,15 +167,17 @@ class ServerCheckout:
         """
         if self.backends is not None:
             self.backends[(conn.node, conn.pid)] = conn
-        settings = self.settings.values
+        startup, values = self.settings.startup, self.settings.values
         if self.routed:
             self.key = self.key_of(conn)
-        conn.login_params = dict(settings)
-        conn.unreported = {k: v for k, v in settings.items() if k not in conn.params}
+        conn.login_params = dict(startup)
+        conn.unreported = {k: v for k, v in startup.items() if k not in conn.params}
         defaults = {}
         for name, value in conn.params.items():
-            if name in settings:
-                settings[name] = value
+            if name in startup:
+                if values.get(name) == startup[name]:
+                    values[name] = value          # (unless the session changed it since)
+                startup[name] = value
             else:
                 defaults[name] = value
         self.pool.learn_defaults(self.key, defaults)
@@ -203,8 +230,9 @@ class ServerCheckout:
                         raise
                     pool.dial_succeeded(self.key)
                     self.adopt(conn)
-                    return conn
-                if self._give_settings(self.key, conn):
+                    if not self.settings.changed or self._give_settings(self.key, conn):
+                        return conn
+                elif self._give_settings(self.key, conn):
                     return conn
                 unfit += 1
                 if unfit > db.pool_size + 2:
@@ -237,12 +265,14 @@ class ServerCheckout:
                     conn, key = self._new_on_a_node(deadline, prefer)
                     if conn is None:
                         continue
-                    if key is None:           # freshly dialed and checked: the client's settings already
-                        self.key = self.key_of(conn)
+                if key is None:               # freshly dialed and checked: the client's startup settings
+                    self.key = self.key_of(conn)
+                    if not self.settings.changed or self._give_settings(self.key, conn):
                         return conn
-                self.key = key
-                if self._give_settings(key, conn):
-                    return conn
+                else:
+                    self.key = key
+                    if self._give_settings(key, conn):
+                        return conn
                 unfit += 1
                 if unfit > db.pool_size * len(db.nodes) + 2:
                     raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE, "no compatible server connection "
@@ -321,10 +351,10 @@ class ServerCheckout:
     def _fits_target(self, conn: ServerConnection) -> bool:
         """Learn what the new connection's server is; whether its session fits ``target_session_attrs``."""
         target = self.db.target_session_attrs
-        attrs = self.router.learn_from_login(conn, self.settings.values)
+        attrs = self.router.learn_from_login(conn, self.settings.startup)
         if attrs is None and target not in ("any", "prefer-standby"):
             attrs = query_session_attrs(conn, self.config.server_connect_timeout)   # before PostgreSQL 14
-            if "default_transaction_read_only" not in self.settings.values:
+            if "default_transaction_read_only" not in self.settings.startup:
                 self.router.learn(conn.node, *attrs, how="asked at login")
         return attrs is None or session_fits(target, *attrs)
 

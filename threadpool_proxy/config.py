@@ -51,6 +51,11 @@ SYSTEM_CA = "system"
 #: The least ``max_tracked_message_size``: a long server error is judged by its first
 #: 1024 bytes (protocol.ERROR_HEAD_SIZE), which must fit.
 MIN_TRACKED_MESSAGE_SIZE = 4096
+#: The kinds of session state that pin a client to its server connection in transaction
+#: and statement mode (``pin_on``; sessionstate.py): temporary tables, session advisory
+#: locks, cursors WITH HOLD, SET ROLE / SET SESSION AUTHORIZATION, SQL PREPARE, LOAD, and
+#: a LISTEN the proxy cannot take over.
+PIN_KINDS = ("temp_table", "advisory_lock", "cursor_with_hold", "role", "prepare", "load", "listen")
 
 #: Settings only a restart changes: RELOAD keeps their old values (and says so).
 RESTART_ONLY = ("listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode", "unix_socket_group",
@@ -117,10 +122,16 @@ class DatabaseConfig:
     settings: tuple = ()
     max_db_client_connections: int = 0   # clients of this entry at once; 0: no limit
     max_user_connections: int = 0        # from ``users``: this user's server connections; 0: top level's
+    max_pinned_clients: int | None = None   # clients pinned at once per pool; None: half of pool_size
 
     def __post_init__(self) -> None:
         if not self.nodes:
             object.__setattr__(self, "nodes", (NodeConfig(self.host, self.port),))
+
+    @property
+    def pinned_client_limit(self) -> int:
+        """How many of a pool's clients may be pinned to their server connection at once."""
+        return self.pool_size // 2 if self.max_pinned_clients is None else self.max_pinned_clients
 
     @property
     def multi(self) -> bool:
@@ -197,6 +208,8 @@ class Config:
     max_prepared_statements: int = 200
     #: the longest message the proxy holds in memory to look into (protocol.MAX_HELD_MESSAGE)
     max_tracked_message_size: int = 1 << 20
+    pin_on: tuple = PIN_KINDS               # session state that pins a pooled client (the others are lost)
+    max_pinned_clients: int | None = None   # per pool; None: half of pool_size
     auth_type: str = "passthrough"
     auth_file: str | None = None
     auth_user: str | None = None
@@ -373,6 +386,18 @@ def _require_auth(v) -> bool:
     return True
 
 
+def _pin_kinds(v):
+    if isinstance(v, str):
+        v = [k.strip() for k in v.split(",") if k.strip()]
+    return isinstance(v, (list, tuple)) and all(isinstance(k, str) and k in PIN_KINDS for k in v)
+
+
+def _as_kinds(v) -> tuple:
+    if isinstance(v, str):
+        v = [k.strip() for k in v.split(",") if k.strip()]
+    return tuple(k for k in PIN_KINDS if k in v)
+
+
 def _as_user_tuple(v) -> tuple:
     if isinstance(v, str):
         return tuple(u.strip() for u in v.split(",") if u.strip())
@@ -417,6 +442,10 @@ _TOP_LEVEL = {
     "max_prepared_statements": (_non_negative_int, "an integer >= 0 (0: no tracking)"),
     "max_tracked_message_size": (lambda v: _positive_int(v) and v >= MIN_TRACKED_MESSAGE_SIZE,
                                  f"a number of bytes >= {MIN_TRACKED_MESSAGE_SIZE}"),
+    "pin_on": (_pin_kinds, "a list of " + ", ".join(PIN_KINDS) + " (or one comma-separated string; "
+                           "empty: nothing pins)"),
+    "max_pinned_clients": (lambda v: v is None or _non_negative_int(v),
+                           "an integer >= 0 (0: no client may be pinned; null: half of pool_size)"),
     "auth_type": (_choice(AUTH_TYPES), "one of " + ", ".join(AUTH_TYPES)),
     "auth_file": (_nonempty_str, "a file path"),
     "auth_user": (_nonempty_str, "a user name"),
@@ -496,6 +525,7 @@ _DATABASE = {
     "settings": (_settings_map, "a mapping of parameter names to string values"),
     "max_db_client_connections": _TOP_LEVEL["max_db_client_connections"],
     "dsn": (_str, "a PostgreSQL connection URI or key=value string"),
+    "max_pinned_clients": _TOP_LEVEL["max_pinned_clients"],
 }
 
 _USER = {
@@ -726,6 +756,8 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
             value = _as_user_tuple(value)
         elif key == "server_require_auth" and not isinstance(value, str):
             value = ",".join(value)
+        elif key == "pin_on":
+            value = _as_kinds(value)
         kwargs[key] = value
     if "host" in listen:
         kwargs["listen_host"] = listen["host"]
@@ -780,6 +812,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
             connect_query=fields.get("connect_query"),
             settings=tuple((k, v) for k, v in (fields.get("settings") or {}).items()),
             max_db_client_connections=fields.get("max_db_client_connections", defaults.max_db_client_connections),
+            max_pinned_clients=fields.get("max_pinned_clients", defaults.max_pinned_clients),
         )
     config = dataclasses.replace(defaults, databases=entries)
     _check_auth(config)
@@ -790,7 +823,8 @@ def from_dict(raw: Mapping[str, Any] | None) -> Config:
 
 #: Settings a database entry takes from the top level unless it sets its own.
 ENTRY_DEFAULTS = ("pool_mode", "pool_size", "auth_type", "max_prepared_statements", "load_balance",
-                  "target_session_attrs", "min_pool_size", "reserve_pool_size", "max_db_connections")
+                  "target_session_attrs", "min_pool_size", "reserve_pool_size", "max_db_connections",
+                  "max_pinned_clients")
 
 
 def with_setting(config: Config, key: str, text: str) -> Config:
@@ -824,12 +858,16 @@ def with_setting(config: Config, key: str, text: str) -> Config:
             pass
     elif current is None and text == "":
         value = None
+    elif key == "max_pinned_clients" and text.strip().isdigit():
+        value = int(text)
     if value is not None and not check(value):
         raise ConfigError(f"{key}: expected {expected}, got {_shown(key, text)}")
     if key.endswith(("_timeout", "_seconds", "_retry", "_period", "_lifetime", "_delay")) and value is not None:
         value = float(value)
     elif key in ("admin_users", "stats_users"):
         value = _as_user_tuple(value)
+    elif key == "pin_on":
+        value = _as_kinds(value)
     new = dataclasses.replace(config, **{key: value})
     if key in ENTRY_DEFAULTS:
         entries = {name: dataclasses.replace(db, **{key: value}) if getattr(db, key) == current else db
@@ -864,7 +902,8 @@ SPLIT_LIMITS = ("pool_size", "max_pending_logins", "max_pending_logins_total", "
                 "max_user_connections")
 
 #: The limits of a database entry that ``for_worker`` divides too.
-SPLIT_ENTRY_LIMITS = ("pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections")
+SPLIT_ENTRY_LIMITS = ("pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections",
+                      "max_pinned_clients")
 
 
 def for_worker(config: Config, index: int, count: int) -> Config:
@@ -872,8 +911,10 @@ def for_worker(config: Config, index: int, count: int) -> Config:
     (per database entry too: ``pool_size``) divided by ``worker_share``."""
     if count <= 1:
         return config
-    entries = {name: dataclasses.replace(db, **{key: worker_share(getattr(db, key), index, count)
-                                                for key in SPLIT_ENTRY_LIMITS})
+    entries = {name: dataclasses.replace(db, **{key: worker_share(getattr(db, key), index, count, at_least=0)
+                                                if key == "max_pinned_clients" else
+                                                worker_share(getattr(db, key), index, count)
+                                                for key in SPLIT_ENTRY_LIMITS if getattr(db, key) is not None})
                for name, db in config.databases.items()}
     limits = {key: worker_share(getattr(config, key), index, count) for key in SPLIT_LIMITS}
     users = {name: dataclasses.replace(u, pool_size=None if u.pool_size is None

@@ -49,22 +49,25 @@ SERVER_CLOSE = "server_close"
 #: A client found no free server connection of its pool and waits for one.
 POOL_WAIT = "pool_wait"
 #: Transaction/statement mode: a client's server connection went back to the pool at the end of a
-#: transaction (reset: the session state the client made on it, SET, temporary tables, LISTEN, advisory
-#: locks, SQL PREPARE, is gone for that client).  Not sent when the client leaves.
+#: transaction, reset.  The settings the client SET follow it (read back first); a client with state that
+#: cannot follow (``pin_on``) is pinned instead and not released; a kind left out of ``pin_on`` is gone for
+#: that client.  Not sent when the client leaves.
 SERVER_RELEASE = "server_release"
 #: The proxy prepared one of a client's named statements again, on a server connection that lacked it
 #: (transparent to the client; number: how many since the last such event of the client).
 STATEMENT_REPREPARED = "statement_reprepared"
 #: The proxy refused a client's statement: a transaction block in statement mode, a Parse of a name the
-#: client holds already (42P05) or beyond its limit (53400).  sqlstate and detail say which.
+#: client holds already (42P05) or beyond its limit (53400), a statement that would pin the client in
+#: statement mode (0A000) or past max_pinned_clients (53400).  sqlstate and detail say which.
 STATEMENT_REFUSED = "statement_refused"
 #: A CancelRequest for a client arrived.  detail: "forwarded" to its server connection, "ended a wait"
 #: for one, or "nothing running".
 CANCEL = "cancel"
 #: The proxy itself sent a client an error (not PostgreSQL's): sqlstate and detail (its message).
 PROXY_ERROR = "proxy_error"
-#: Reserved: a client pinned to its server connection in transaction mode because of session state the
-#: proxy saw (pinning is not built yet; the pytest plugin already counts these).
+#: Transaction/statement mode: a client became pinned to its server connection by session state that
+#: cannot follow it (a temporary table, a session advisory lock...: ``pin_on``).  detail: each kind and
+#: the statement that made it; server_id, server_pid: the connection it keeps until the state is undone.
 PIN = "pin"
 
 KINDS = (CLIENT_LOGIN, CLIENT_LOGOUT, SERVER_OPEN, SERVER_CLOSE, POOL_WAIT, SERVER_RELEASE,

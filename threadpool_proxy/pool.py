@@ -247,7 +247,7 @@ class IdentityPool:
     """
 
     __slots__ = ("key", "lock", "idle", "open", "pending", "waiters", "called", "sleepers", "login_cond",
-                 "lingering", "defaults", "groups", "ceiling", "limits")
+                 "lingering", "defaults", "groups", "ceiling", "limits", "pinned")
 
     def __init__(self, key: str, lock: Any) -> None:
         self.key = key
@@ -280,10 +280,13 @@ class IdentityPool:
         self.ceiling = 0
         #: The caps of its database and user (Limits) as its checkouts last said, or None.
         self.limits: Optional[Limits] = None
+        #: Clients pinned to their server connection (or about to be), at most max_pinned_clients.
+        self.pinned = 0
 
     def is_empty(self) -> bool:
-        """Nothing parked, open, pending, waiting or lingering: the registry may forget it."""
-        return not (self.open or self.pending or self.idle or self.sleepers or self.waiters or self.lingering)
+        """Nothing parked, open, pending, waiting, lingering or pinned: the registry may forget it."""
+        return not (self.open or self.pending or self.idle or self.sleepers or self.waiters or self.lingering
+                    or self.pinned)
 
     # -- parked connections --------------------------------------------------------
 
@@ -1168,6 +1171,31 @@ class BackendIdlePool:
                 del ident.lingering[holder]
                 return True
             return False
+
+    # -- pinned clients: state that keeps a client on its server connection -------
+
+    def reserve_pin(self, key: str, limit: int) -> bool:
+        """A client of ``key`` is about to be pinned: take one of the ``limit`` places (False: none free)."""
+        with self._lock:
+            ident = self._identity_locked(key)
+            if ident.pinned >= limit:
+                self._drop_if_empty_locked(ident)
+                return False
+            ident.pinned += 1
+            return True
+
+    def release_pin(self, key: str) -> None:
+        """A pinned client of ``key`` is no longer pinned (or left)."""
+        with self._lock:
+            ident = self._pools.get(key)
+            if ident is not None and ident.pinned > 0:
+                ident.pinned -= 1
+                self._drop_if_empty_locked(ident)
+
+    def pinned_count(self, key: str) -> int:
+        with self._lock:
+            ident = self._pools.get(key)
+            return 0 if ident is None else ident.pinned
 
     def _wait_locked(self, key: str, deadline: Optional[float], timeout: float,
                      waiter: Optional[Waiter] = None, wake_at: Optional[float] = None,

@@ -334,6 +334,8 @@ _COPY_IN_RESPONSE = COPY_IN_RESPONSE[0]
 _COPY_BOTH_RESPONSE = COPY_BOTH_RESPONSE[0]
 _NOTIFICATION_RESPONSE = NOTIFICATION_RESPONSE[0]
 _QUERY = QUERY[0]
+_PARSE = PARSE[0]
+_BIND = BIND[0]
 _FUNCTION_CALL = FUNCTION_CALL[0]
 _SYNC = SYNC[0]
 _TERMINATE = TERMINATE[0]
@@ -577,6 +579,8 @@ class ClientScanner(_Scanner):
 
     __slots__ = ("requests", "unsynced", "terminated", "extended", "invalid")
     WANTED = b""
+    #: SQL texts worth a look (StatementScanner); none here
+    looked = ()
 
     def __init__(self, limit: int = MAX_HELD_MESSAGE) -> None:
         super().__init__(limit)
@@ -600,3 +604,95 @@ class ClientScanner(_Scanner):
         elif t not in _OTHER_FRONTEND_TYPES and self.invalid < 0:
             self.invalid = t
             self.terminated = True
+
+
+#: The longest Query or Parse message whose SQL text a StatementScanner looks at.
+MAX_LOOKED_MESSAGE = 256 * 1024
+
+
+class StatementScanner(ClientScanner):
+    """A ClientScanner that also shows each Query's and Parse's SQL text to ``worth_a_look``.
+
+    For pooled clients (transaction and statement mode), whose statements may
+    create session state (sessionstate.py).  ``worth_a_look(buf, start, end)``
+    is the cheap test of the text ``buf[start:end]``; the texts it passes are
+    collected in ``looked`` as (message type, text bytes, message start,
+    message end, statement name), the offsets in the chunk just fed, or -1
+    for a message that began in an earlier chunk.  A named statement the
+    caller ``watch``es is seen again at each Bind of it, as (BIND, b"", -1,
+    -1, name): a prepared statement runs again without its text.  A Query or
+    Parse longer than MAX_LOOKED_MESSAGE (or than ``limit``, if less) is counted
+    in ``unseen`` and not looked at (the scanner never gathers more than its
+    first ERROR_HEAD_SIZE bytes: ``_oversized``).
+    """
+
+    __slots__ = ("worth_a_look", "plain", "looked", "unseen", "_carried", "WANTED", "watched")
+
+    def __init__(self, worth_a_look, plain=None, limit: int = MAX_HELD_MESSAGE) -> None:
+        super().__init__(min(limit, MAX_LOOKED_MESSAGE))
+        self.worth_a_look = worth_a_look
+        # plain(buf, start, end): a match reaching ``end`` clears a Query's text at once (the
+        # hot path: no call of worth_a_look)
+        self.plain = plain
+        self.looked: list = []
+        self.unseen = 0
+        self._carried = False
+        self.WANTED = QUERY + PARSE        # and BIND once a statement is watched
+        self.watched: set = set()
+
+    def watch(self, name: bytes) -> None:
+        """Report the Binds of named statement ``name`` from now on."""
+        self.watched.add(name)
+        self.WANTED = QUERY + PARSE + BIND
+
+    def _continue_carry(self, buf, n: int) -> int:
+        self._carried = True
+        try:
+            return super()._continue_carry(buf, n)
+        finally:
+            self._carried = False
+
+    def reset(self) -> None:
+        """Forget everything fed so far; the watched statement names stay."""
+        watched, wanted = self.watched, self.WANTED
+        self.__init__(self.worth_a_look, self.plain, self.limit)
+        self.watched, self.WANTED = watched, wanted
+
+    def _oversized(self, t, buf, start, end, size):
+        """A Query or Parse too long to be looked at is counted in ``unseen`` (and as the
+        request it is); a long Bind is judged by its head, which holds its names."""
+        if t == _BIND:
+            self._message(t, buf, start, end)
+            return
+        self.unseen += 1
+        ClientScanner._header(self, t)
+
+    def _message(self, t, buf, start, end):
+        name = b""
+        if t == _QUERY:
+            self.requests += 1
+            text, text_start, text_end = buf, start, end - 1       # String: the text, then its NUL
+            plain = self.plain
+            if plain is not None:
+                m = plain(buf, start, text_end)
+                if m is not None and m.end() == text_end:
+                    return
+        else:                                                      # Parse: String name, String query, ...
+            self.unsynced = True                                   # Bind: String portal, String name, ...
+            self.extended += 1
+            if t == _BIND:
+                head = bytes(buf[start:min(end, start + 256)])
+                portal_end = head.find(0)
+                name_end = head.find(0, portal_end + 1)
+                if portal_end >= 0 and name_end > portal_end + 1 and head[portal_end + 1:name_end] in self.watched:
+                    self.looked.append((t, b"", -1, -1, head[portal_end + 1:name_end]))
+                return
+            text = bytes(buf[start:end])
+            text_start = text.find(0) + 1
+            text_end = text.find(0, text_start)
+            if text_start == 0 or text_end < 0:
+                return                                             # malformed: the server says so
+            name = text[:text_start - 1]
+        if self.worth_a_look(text, text_start, text_end):
+            where = -1 if self._carried else start - 5
+            self.looked.append((t, bytes(text[text_start:text_end]), where, end, name))

@@ -18,14 +18,14 @@ asked: it adds its options, ini keys and fixtures, and starts a proxy only
 Its proxies use a small ``pool_size`` (2) to force sharing, and by default
 ``server_linger: false``: the server connection goes back to the pool,
 reset, at the end of every transaction, as under full contention, so what
-transaction pooling breaks (session-level SET, temporary tables, LISTEN,
-advisory locks, SQL PREPARE kept across transactions) breaks in a
-one-client test too, every time (``--tpp-linger`` gives the production
-behaviour instead).  At the end of the run, a summary per test of what the
-proxies saw: failures with the resets between transactions that preceded
-them, statements refused, statements prepared again, cancels, errors the
-proxy itself sent, and pins (pinning is not built yet: the ``pin`` events
-have their place in the report already).
+transaction pooling breaks (session state the proxy neither carries nor
+pins) breaks in a one-client test too, every time (``--tpp-linger`` gives
+the production behaviour instead).  At the end of the run, a summary per
+test of what the proxies saw: failures with the resets between transactions
+that preceded them, statements refused, statements prepared again, cancels,
+errors the proxy itself sent, and clients pinned to their server connection
+by session state that cannot follow them (a temporary table...: the ``pin``
+events).
 
 Events reach the plugin through the embedding API's hook (events.py), off
 the proxies' hot path; each carries the monotonic time it happened, and the
@@ -80,7 +80,7 @@ TROUBLE = {
     "statement_reprepared": "statements prepared again on another server connection",
     "cancel": "cancel requests",
     "proxy_error": "errors the proxy itself sent",
-    "pin": "clients pinned to their server connection",      # pinning: not built yet
+    "pin": "clients pinned to their server connection",
 }
 
 

@@ -86,6 +86,7 @@ class ClientInfo:
     server_id: int | None            #: the server connection it holds now (ServerInfo.id), if any
     replication: str                 #: none, physical or logical
     tls: str                         #: "TLSv1.3/TLS_AES_256_GCM_SHA384", or "" in plain text
+    pinned: str = ""                 #: what pins it to its server connection ("temp_table,advisory_lock"...), "" for nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,7 @@ def _client(c: ClientView, now: float) -> ClientInfo:
                       request_time=s.request_time or s.connect_time,
                       wait=now - s.wait_since if c.waiting else 0.0, application_name=c.application_name,
                       prepared_statements=c.prepared, server_id=c.server.id if c.server is not None else None,
-                      replication=c.replication, tls=c.tls)
+                      replication=c.replication, tls=c.tls, pinned=c.pinned)
 
 
 def _server(s: ServerView, node_state: Callable[[str], str]) -> ServerInfo:

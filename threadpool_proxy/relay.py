@@ -9,6 +9,13 @@ messages, and the status is idle.  There the server connection is released
 client keeps it "lingering", at no cost, until its next transaction or until a
 waiter wakes it to let go (see BackendIdlePool.linger).  Either way no other
 client can see this client's session state.
+
+A pooled client's Query and Parse texts are also looked at, cheaply
+(protocol.StatementScanner, sessionstate.py), for the session state they
+create: settings are read back before the connection passes on (they follow
+the client, checkout.py sets them again), state that cannot follow pins the
+client to its connection, and a lone LISTEN is answered by the proxy, whose
+listening connection (listen.py) fans notifications out to the client's inbox.
 """
 
 from __future__ import annotations
@@ -20,13 +27,18 @@ import threading
 import time
 
 from . import protocol as pq
+from . import sessionstate
 from . import tls
 from .backend import ServerConnection
 from .prepared import ClientStatements, PreparedRelay, ServerStatements
 from .checkout import ClientSettings, ServerCheckout
-from .errors import ClientFatal, ClientGone, ErrorAlreadySent, MessageTooLarge, PoolClosed, QueryCanceled
+from .config import DEFAULT_RESET_QUERY
+from .errors import (ClientFatal, ClientGone, ErrorAlreadySent, MessageTooLarge, PoolClosed, QueryCanceled,
+                     ServerError, ServerGone)
+from .events import PIN, SERVER_RELEASE, STATEMENT_REFUSED, STATEMENT_REPREPARED
+from .listen import Inbox, ListenUnavailable
 from .logs import get_logger
-from .events import SERVER_RELEASE, STATEMENT_REFUSED, STATEMENT_REPREPARED
+from .sessionstate import SessionState
 
 # Buffers are per client thread, so they decide the memory of many idle clients:
 # requests are small (16 KiB, COPY IN just takes more reads); the server buffer
@@ -58,6 +70,17 @@ IDLE_TRANSACTION = ("idle_transaction_timeout", pq.SQLSTATE_IDLE_IN_TRANSACTION_
 CLIENT_STALL = ("client_stall_timeout", pq.SQLSTATE_PROTOCOL_VIOLATION,
                 "terminating connection: the client stopped in the middle of a message")
 _IDLE = pq.IDLE[0]
+_QUERY = pq.QUERY[0]
+_BIND = pq.BIND[0]
+_PARSE_TYPE = pq.PARSE[0]
+
+#: Seconds the proxy's own query at a release point (settings read back, pins verified) waits for a
+#: CancelRequest of the client still on its way to the server (Relay._ask_server).
+CANCEL_LANDING_WAIT = 1.0
+
+#: Named prepared statements of one client whose every execution is looked at (a NOTIFY,
+#: a SET, a pinning statement prepared once and run many times); more are seen only at Parse.
+MAX_WATCHED_STATEMENTS = 1000
 
 
 class Relay:
@@ -74,7 +97,8 @@ class Relay:
                  "due", "server_due", "crecv", "srecv", "wake_rfd", "wake_wfd", "prepared", "prepared_limit",
                  "tracking", "stats", "unanswered", "idle_timeout", "idle_transaction_timeout",
                  "stall_timeout", "idle_timers", "timer_at", "timer", "timer_mark", "client_pid",
-                 "stop_requested", "events", "reported", "used_from", "attached_at")
+                 "stop_requested", "events", "reported", "used_from", "attached_at", "state", "who", "pin_key",
+                 "hub", "listen_dial", "inbox", "statement_effects")
 
     def __init__(self, client: socket.socket, checkout: ServerCheckout, settings: ClientSettings,
                  pool_mode: str, linger_timeout: float) -> None:
@@ -105,7 +129,20 @@ class Relay:
         self.cview = memoryview(self.cbuf)
         self.sbuf = None
         self.sview = None
-        self.cscan = pq.ClientScanner()
+        # A pooled client's Query and Parse texts are looked at (cheaply) for statements
+        # that change session state: settings follow it, other state pins it (sessionstate.py).
+        self.cscan = (pq.StatementScanner(sessionstate.looks_interesting, sessionstate.plain_match,
+                                           config.max_tracked_message_size)
+                      if self.pooled else pq.ClientScanner())
+        self.state = SessionState(config.pin_on) if self.pooled else None
+        self.who = ""                     # the client, for log lines (the session sets it)
+        self.pin_key = None               # the pool key whose count of pinned clients holds this one
+        self.statement_effects: dict = {}  # name -> Effects of the client's watched prepared statements
+        # LISTEN taken over by the proxy (listen.py): the hub, how to log in its listening
+        # connection (None: the proxy cannot log in by itself), this client's notifications.
+        self.hub = None
+        self.listen_dial = None
+        self.inbox: Inbox | None = None
         self.sscan = pq.ServerScanner(config.max_tracked_message_size)
         self.backend: ServerConnection | None = None
         self.ssock = None
@@ -178,7 +215,7 @@ class Relay:
                     # or a TLS socket has bytes decrypted that poll() cannot see.
                     self.due = ()
                     events = due
-                elif self.backend is None and not self.timer_at:
+                elif self.backend is None and not self.timer_at and self.inbox is None:
                     # Between transactions with no server connection (it went to
                     # a waiter): only the client can speak, so its socket is read
                     # straight away, without a poll() first.  A KILL or shutdown
@@ -205,6 +242,8 @@ class Relay:
                         on_server_readable()
                     elif fd == self.wake_rfd:
                         self.on_wake()
+                    elif self.inbox is not None and fd == self.inbox.fd:
+                        self.on_mail()
                     # else: an event of a server connection released earlier in this batch
         except BaseException as exc:
             self.leave(clean=isinstance(exc, ClientGone))
@@ -236,6 +275,10 @@ class Relay:
             n = self.cbuf.rfind(pq.TERMINATE_MESSAGE, 0, n)    # forward what came before it
             if n <= 0:
                 raise ClientGone()
+        if cscan.looked:
+            n = self._look_at_statements(n)
+            if n < 0:
+                return                    # answered by the proxy: nothing goes to the server
         new_requests = cscan.requests - requests_before
         if self.lingering:
             # Still entered in the pool's list: a waiter that claims it from now on is
@@ -324,6 +367,10 @@ class Relay:
             return
         if not n:
             self._server_lost()
+        self._from_server(view, n)
+
+    def _from_server(self, view, n: int) -> None:
+        """Relay ``view[:n]``, the server's next bytes, to the client (and follow them)."""
         if self.tracking:
             view = self.prepared.from_server(view[:n])
             n = len(view)
@@ -334,6 +381,8 @@ class Relay:
         ready = sscan.ready
         if ready and self.statement_mode and sscan.status != _IDLE:
             self._refuse_transaction_block(view, n)
+        if ready and self.state is not None and self.state.suspects and ready >= self.pending:
+            view, n = self._settle_before_ready(view, n)
         try:
             self.client.sendall(view[:n])
         except OSError:
@@ -350,6 +399,8 @@ class Relay:
                 sscan.xacts = 0
                 if self.idle_timers:
                     self._arm_idle_timer()
+        if self.inbox is not None and not self.pending and sscan.at_boundary and self.inbox.has_mail:
+            self._deliver_notifications()        # they waited for this answer to end
         # (Session mode looks for a release point only while a graceful shutdown waits for it.)
         self.check_release = (self.pooled or self.stop_requested) and self.pending == 0
 
@@ -514,13 +565,28 @@ class Relay:
         if events is not None and events.active:
             self.attached_at = time.monotonic()
 
-    def detach(self, park: bool, reason: str = "its state is unknown") -> None:
+    def detach(self, park: bool, reason: str = "its state is unknown", leaving: bool = False) -> None:
         """Let go of the server connection: reset and park it, or close it (``reason`` is logged).
 
-        While a CancelRequest for it is on its way to the server, that is left
+        Before it goes to anyone else, the settings this client changed are read
+        back from it (they follow the client); unless the client is ``leaving``.
+        A pinned client's state goes with the connection (the reset undoes it;
+        a reset_query other than DISCARD ALL may not, so such a connection is closed).
+
+        While a CancelRequest for it is on its way to the server, the rest is left
         to ``cancel_done``: the connection goes to nobody before the cancel has
         reached PostgreSQL, so it can only hit this client's statement.
         """
+        state = self.state
+        if state is not None and self.backend is not None:
+            if park and state.notified and self.hub is not None and not self._sync_notifications():
+                park, reason = False, "it failed while the proxy synced its client's notifications"
+            if park and not leaving and state.needs_readback and not self._read_back_settings():
+                park, reason = False, "it failed while the proxy read its client's settings back"
+            if self.pin_key is not None or state.pins:
+                if park and state.pins and self.checkout.config.reset_query != DEFAULT_RESET_QUERY:
+                    park, reason = False, "its client was pinned to it and reset_query may not undo that state"
+                self._unpin()
         with self.backend_lock:
             conn, self.backend = self.backend, None
             deferred = conn is not None and conn.cancels > 0
@@ -607,7 +673,7 @@ class Relay:
         """The client is leaving: park the server connection only if it is idle and in sync."""
         self._stop_lingering()
         self.detach(park=clean and self.at_release_point(), reason="the client left mid-transaction"
-                    if clean else "the client's connection ended abnormally")
+                    if clean else "the client's connection ended abnormally", leaving=True)
 
     def _stop_lingering(self) -> bool:
         """No longer keep the idle connection for a waiter to claim; False if one had claimed it."""
@@ -620,9 +686,20 @@ class Relay:
     def _keep_or_hand_on(self) -> None:
         """At a release point: keep the connection while nobody waits (and ``server_linger``), else hand it on.
 
+        A pinned client keeps it in any case (it is not claimable), unless a
+        graceful shutdown waits for it; whether it is still pinned is asked
+        first when one of its statements may have created or undone such state.
         A client still entered from its last release point, that nobody claimed
         and nobody waits for, keeps it with no lock taken (``keeps``).
         """
+        state = self.state
+        if state is not None and (state.suspects or state.pins):
+            if state.suspects:
+                self._settle_pins()
+            if state.pins and not self.stop_requested:
+                if self.registered and not self._stop_lingering():
+                    self._drain_wake()      # claimed during the transaction: the claimer looks elsewhere
+                return
         events = self.events
         if events is not None and events.active and self.prepared is not None:
             self._report_statements(events)
@@ -853,6 +930,400 @@ class Relay:
                           "server connection lost; the client's transaction, if any, was rolled back",
                           hint="The PostgreSQL server closed the connection or was restarted.")
 
+    # -- session state: settings that follow the client, state that pins it -------------------
+
+    def _look_at_statements(self, n: int) -> int:
+        """The Query/Parse texts of this chunk that passed the scanner's cheap test.
+
+        Each is classified (sessionstate.look) and noted.  A pinning statement
+        that the client may not run here (statement mode, max_pinned_clients) is
+        refused, when its Query is the whole chunk, sent while every earlier
+        request is answered (the usual way: a driver sends one and waits):
+        between transactions the proxy answers it (-1 is returned: nothing goes
+        to the server); inside a transaction block the Query is replaced by one
+        that fails with that error, so the server's transaction fails as it
+        would have.  Returns how many bytes of the chunk (``cbuf``) to relay.
+        Elsewhere the statement runs, and pins.
+        """
+        looked = self.cscan.looked
+        state = self.state
+        alone = (len(looked) == 1 and looked[0][0] == _QUERY and looked[0][2] == 0 and looked[0][3] == n
+                 and self.pending == 0 and self.cscan.at_boundary)
+        try:
+            for kind, text, _, _, name in looked:
+                if kind == _BIND:                     # a watched prepared statement runs again
+                    effects = self.statement_effects.get(name)
+                    if effects is not None:
+                        if effects.listen and len(looked) == 1 and self._listen_extended(n, effects.listen, name):
+                            return -1
+                        if state.pinning_kinds(effects) and not state.pins:
+                            self._reserve_pin()
+                        state.note(effects)
+                    continue
+                effects = sessionstate.look(text.decode("utf-8", "surrogateescape"))
+                if not effects:
+                    continue
+                if name and len(self.statement_effects) < MAX_WATCHED_STATEMENTS:
+                    self.statement_effects[name] = effects
+                    self.cscan.watch(name)
+                if effects.listen and len(looked) == 1:
+                    if alone and self._listen_here(*effects.listen, lambda tag: pq.command_complete(tag)):
+                        return -1
+                    if kind != _QUERY and not name and self._listen_extended(n, effects.listen, b""):
+                        return -1
+                if effects.unlisten and self.inbox is not None:
+                    for channel in effects.unlisten:
+                        self.hub.unsubscribe(self.inbox, channel)
+                kinds = state.pinning_kinds(effects)
+                if kinds and not state.pins:
+                    refusal = self._pin_refusal(effects, kinds, alone)
+                    if refusal is not None:
+                        if self.events is not None and self.events.active:
+                            self.events.emit_client(STATEMENT_REFUSED, self.stats, sqlstate=refusal[0],
+                                                    detail=refusal[1])
+                        if self.sscan.status == _IDLE:
+                            self._answer_locally(pq.error_response(*refusal[:2], pq.ERROR, *refusal[2:]))
+                            return -1
+                        query = pq.query(sessionstate.raise_statement(*refusal))
+                        self.cbuf[:len(query)] = query
+                        return len(query)
+                state.note(effects)
+        finally:
+            looked.clear()
+        return n
+
+    def _pin_refusal(self, effects, kinds: list, alone: bool) -> tuple | None:
+        """(SQLSTATE, message, detail, hint) refusing a statement that would pin this (unpinned)
+        client, or None to let it run.
+
+        Statement mode refuses every kind but LISTEN (which the proxy takes over,
+        or pins where it cannot); past max_pinned_clients every kind is refused.
+        A statement that is not ``alone`` in its chunk cannot be refused: it runs,
+        and pins; beyond max_pinned_clients the client is then ended (_settle_pins).
+        """
+        if not alone:
+            self._reserve_pin()
+            return None
+        if self.statement_mode:
+            refused = [k for k in kinds if k != sessionstate.LISTEN]
+            if refused:
+                what = effects.pins[refused[0]]
+                return (pq.SQLSTATE_FEATURE_NOT_SUPPORTED, f"{what} is not supported in statement pooling mode",
+                        f"It creates session state ({refused[0]}) that the next statement, on another server "
+                        f"connection, would not see.",
+                        "Use pool_mode transaction (the client is then pinned to its server connection) "
+                        "or session for this database.")
+        if not self._reserve_pin():
+            return self._limit_error(effects.pins[kinds[0]])
+        return None
+
+    def _limit_error(self, what: str) -> tuple:
+        """PgBouncer's way of saying a limit was reached, naming the setting: (SQLSTATE, message, detail, hint)."""
+        limit = self.checkout.db.pinned_client_limit
+        return (pq.SQLSTATE_CONFIGURATION_LIMIT_EXCEEDED, "no more pinned clients allowed (max_pinned_clients)",
+                f"{what} pins a client to its server connection, and {limit} of this pool's clients are "
+                f"pinned already (max_pinned_clients).",
+                "Undo such state sooner (DISCARD ALL), raise max_pinned_clients, or use pool_mode session.")
+
+    def _answer_locally(self, answer: bytes) -> None:
+        """Answer the client's one request (the whole chunk) with ``answer`` and ReadyForQuery."""
+        try:
+            self.client.sendall(answer + pq.ready_for_query(pq.IDLE))
+        except OSError:
+            raise ClientGone() from None
+        if self.idle_timers:
+            self._arm_idle_timer()
+
+    def _reserve_pin(self) -> bool:
+        """Hold one of the pool's max_pinned_clients places (kept while pinned); False if none is free."""
+        if self.pin_key is not None:
+            return True
+        if self.pool.reserve_pin(self.key, self.checkout.db.pinned_client_limit):
+            self.pin_key = self.key
+            return True
+        return False
+
+    def _unpin(self) -> None:
+        """The client's pinning state is gone (with its server connection): give its place back."""
+        self.state.unpin()
+        if self.pin_key is not None:
+            self.pool.release_pin(self.pin_key)
+            self.pin_key = None
+
+    def _settle_pins(self) -> None:
+        """At a release point: ask the server which suspect state exists; pin or unpin accordingly."""
+        state = self.state
+        kinds = state.verified_kinds()
+        found = {}
+        if kinds:
+            try:
+                rows = self._ask_server(state.verify_sql(self.checkout.user))[0]
+                found = {kind: value == b"t" for kind, value in zip(kinds, rows[0])}
+            except ServerGone:
+                self._server_lost()
+            except ServerError as exc:
+                log.warning("client %s: asking the server about its session state failed (%s); "
+                            "it stays on its server connection", self.who, exc)
+                found = {kind: True for kind in kinds}
+        was_pinned = bool(state.pins)
+        pinned, unpinned = state.settle(found)
+        for kind in pinned:
+            log.info("client %s is pinned to its server connection (%s) by %s", self.who, kind, state.pins[kind])
+        if state.pins:
+            if not self._reserve_pin():
+                what = sessionstate.describe(next(iter(state.pins.values())))
+                self.detach(park=False, reason=f"its client went past max_pinned_clients "
+                                               f"({self.checkout.db.pinned_client_limit})")
+                sqlstate, message, detail, hint = self._limit_error(what)
+                raise ClientFatal(sqlstate, message, detail, hint)
+            events = self.events
+            if not was_pinned and events is not None and events.active:
+                conn = self.backend
+                server = dict(server_id=conn.serial, server_pid=conn.pid) if conn is not None else {}
+                events.emit_client(PIN, self.stats, detail="; ".join(f"{kind}: {state.pins[kind]}"
+                                                                     for kind in pinned), **server)
+        elif self.pin_key is not None:
+            self._unpin()
+            if unpinned:
+                log.info("client %s is no longer pinned (%s undone)", self.who, ", ".join(unpinned))
+
+    def _settle_before_ready(self, view, n: int):
+        """The last ReadyForQuery of a transaction whose statements may have created or undone
+        pinning state: ask the server before the client sees it, so that once the client's
+        statement is answered, its pin (SHOW CLIENTS, max_pinned_clients' count) is what it says.
+
+        Everything before the ReadyForQuery is sent first; returns what is left to send.
+        """
+        cut = pq.trailing_ready_for_query(view, n)
+        pending, self.pending = self.pending, 0
+        try:
+            if cut == n or not self.at_release_point():
+                return view, n
+        finally:
+            self.pending = pending
+        try:
+            self.client.sendall(view[:cut])
+        except OSError:
+            raise ClientGone() from None
+        self.stats.sent += cut
+        rest = bytes(view[cut:n])
+        self._settle_pins()
+        return rest, len(rest)
+
+    # -- LISTEN taken over by the proxy (listen.py) ------------------------------------------
+
+    def _listen_here(self, verb: str, channel: str | None, replies) -> bool:
+        """A lone LISTEN or UNLISTEN between transactions: answered by the proxy (``replies(tag)``, then
+        ReadyForQuery), the listening done by the hub's connection of this identity.  False: it goes
+        to the server (a LISTEN then pins)."""
+        hub = self.hub
+        if hub is None or self.sscan.status != _IDLE:
+            return False
+        server_listens = sessionstate.LISTEN in self.state.pins
+        if verb == "unlisten":
+            if self.inbox is not None:
+                hub.unsubscribe(self.inbox, channel)
+            if server_listens:
+                return False
+            self._answer_locally(replies("UNLISTEN"))
+            return True
+        if server_listens or not self._can_listen_here():
+            return False
+        if self.inbox is None:
+            self.inbox = Inbox()
+            self.poller.register(self.inbox.fd, _POLLIN)
+        try:
+            hub.subscribe(self.checkout.key, self.checkout.dbname, channel, self.inbox, self.listen_dial)
+        except ListenUnavailable as exc:
+            log.info("client %s: the proxy cannot LISTEN for it (%s); its server connection listens, "
+                     "and it is pinned", self.who, exc)
+            return False
+        self._answer_locally(replies("LISTEN"))
+        return True
+
+    def _listen_extended(self, n: int, command: tuple, statement: bytes) -> bool:
+        """A LISTEN/UNLISTEN in the extended protocol, taken over like a Query (``_listen_here``) when
+        the chunk is one execution of it and nothing else: an unnamed Parse of it, or a Bind of
+        ``statement`` (a named one prepared earlier, as asyncpg does: that Parse went to the
+        server), then Describe, Execute, Sync; answered message by message as PostgreSQL would."""
+        if self.pending != 0 or not self.cscan.at_boundary or self.cscan.unsynced:
+            return False
+        view = self.cview
+        replies = []
+        pos = executes = 0
+        synced = False
+        while pos < n:
+            if n - pos < 5 or synced:
+                return False
+            t = view[pos]
+            end = pos + 1 + pq.UINT32.unpack_from(view, pos + 1)[0]
+            if end > n:
+                return False
+            body = bytes(view[pos + 5:end])
+            if t == _PARSE_TYPE:
+                if not body.startswith(b"\0") or statement:
+                    return False                  # a named Parse goes to the server
+                replies.append(pq.message(pq.PARSE_COMPLETE))
+            elif t == _BIND:
+                names = body.split(b"\0", 2)
+                if len(names) < 3 or names[0] or names[1] != statement:
+                    return False
+                replies.append(pq.message(pq.BIND_COMPLETE))
+            elif t == pq.DESCRIBE[0]:
+                if body[:1] == pq.STATEMENT:
+                    replies.append(pq.message(pq.PARAMETER_DESCRIPTION, pq.INT16.pack(0)))
+                replies.append(pq.message(pq.NO_DATA))
+            elif t == pq.EXECUTE[0]:
+                executes += 1
+                replies.append(None)              # CommandComplete, with the tag
+            elif t == pq.SYNC[0]:
+                synced = True
+            elif t != pq.FLUSH[0]:
+                return False
+            pos = end
+        if executes != 1 or not synced:
+            return False
+        return self._listen_here(*command, lambda tag: b"".join(pq.command_complete(tag) if r is None else r
+                                                                  for r in replies))
+
+    def _can_listen_here(self) -> bool:
+        """Whether the hub may listen for this client: the proxy logs in by itself, one server, and
+        the client reads UTF-8 (the listening connection's encoding)."""
+        if self.listen_dial is None or self.checkout.routed:
+            return False
+        encoding = self.settings.values.get("client_encoding") or self.pool.defaults(self.key).get(
+            "client_encoding", "UTF8")
+        return encoding.upper().replace("-", "").replace("_", "") in ("UTF8", "UNICODE")
+
+    def on_mail(self) -> None:
+        """Notifications arrived for this client: sent now if it is between two answers, else
+        after its current one (``_from_server``)."""
+        self.inbox.drain()
+        if self.pending == 0 and self.sscan.at_boundary:
+            self._deliver_notifications()
+
+    def _deliver_notifications(self) -> None:
+        inbox = self.inbox
+        if inbox.lost is not None:
+            raise ClientFatal(pq.SQLSTATE_CONNECTION_FAILURE, f"terminating connection: {inbox.lost}",
+                              hint="Connect again and LISTEN again.")
+        data = inbox.take()
+        if data:
+            try:
+                self.client.sendall(data)
+            except OSError:
+                raise ClientGone() from None
+            self.stats.sent += len(data)
+
+    def _sync_notifications(self) -> bool:
+        """Before this client's connection goes to another: let the listeners read what the client
+        notified, so they name it as this client.  False when the connection failed."""
+        self.state.notified = False
+        try:
+            self.hub.sync(self.backend.node, self.checkout.dbname, self._ask_server)
+        except ServerError as exc:
+            log.info("client %s: the sync notification failed: %s", self.who, exc)
+        except ServerGone:
+            return False
+        return True
+
+    def _read_back_settings(self) -> bool:
+        """Read the settings this client changed from its server connection, for its next one.
+
+        Returns False when the connection failed meanwhile (it is to be closed).
+        """
+        state = self.state
+        settings = self.settings
+        names = state.readback_names(settings.values)
+        sql = state.readback_sql(names)
+        state.read_back()
+        if not sql:
+            return True
+        try:
+            results = self._ask_server(sql)
+        except ServerError as exc:
+            log.warning("client %s: reading back its settings failed: %s", self.who, exc)
+            return True
+        except ServerGone as exc:
+            log.warning("client %s: reading back its settings failed (%s); they are lost", self.who, exc)
+            return False
+        backend = self.backend
+        for row in results[0] if results else ():
+            if len(row) != 2 or row[0] is None:
+                continue
+            try:
+                name = row[0].decode("utf-8").lower()
+                value = None if row[1] is None else row[1].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if not sessionstate.follows(name):
+                continue
+            if value is None:
+                settings.forget(name)
+            else:
+                settings.follow(name, value)
+                if name not in backend.params:
+                    backend.unreported[name] = value     # in force there (the reset undoes it)
+        return True
+
+    def _ask_server(self, sql: str) -> list:
+        """Run ``sql`` (a simple Query) on the attached server connection at a release point.
+
+        Returns the DataRows of each statement ([[row, ...], ...], a row a list
+        of bytes or None).  What the server sends meanwhile that belongs to the
+        client (a notification, a parameter change) is passed on after it.
+        ServerError if the query failed (the connection is idle again),
+        ServerGone if the connection failed.
+
+        A CancelRequest of this client on its way to the server (``cancel_target``)
+        is waited for first, up to CANCEL_LANDING_WAIT: it was meant for the
+        client's statement, and would otherwise stop the proxy's query.  One that
+        stops it all the same (sent meanwhile) costs a second try.
+        """
+        conn = self.backend
+        timeout = self.checkout.config.server_connect_timeout
+        if conn.cancels:
+            deadline = time.monotonic() + CANCEL_LANDING_WAIT
+            while conn.cancels and time.monotonic() < deadline:
+                time.sleep(0.001)
+        for attempt in (1, 2):
+            results, error = self._run_on_server(conn, sql, timeout)
+            if error is None:
+                return results
+            if attempt == 1 and error.fields.get("C") == pq.SQLSTATE_QUERY_CANCELED:
+                continue
+            raise error
+        raise AssertionError("unreachable")
+
+    def _run_on_server(self, conn: ServerConnection, sql: str, timeout: float):
+        """One round of ``_ask_server``: (results, the ServerError or None)."""
+        conn.send(pq.query(sql))
+        results, rows, error, passed_on = [], [], None, []
+        while True:
+            t, body = conn.read_message(timeout)
+            if t == pq.DATA_ROW:
+                rows.append(pq.parse_data_row(body))
+            elif t == pq.COMMAND_COMPLETE:
+                results.append(rows)
+                rows = []
+            elif t == pq.READY_FOR_QUERY:
+                break
+            elif t == pq.ERROR_RESPONSE:
+                fields = pq.parse_error_fields(body)
+                if pq.ends_connection(fields):
+                    raise ServerGone(fields.get("M", "server error"))
+                error = ServerError(fields, pq.message(t, body))
+            elif t in (pq.NOTIFICATION_RESPONSE, pq.PARAMETER_STATUS):
+                passed_on.append(pq.message(t, body))
+        leftover = bytes(conn._buf)
+        conn._buf.clear()
+        if passed_on or leftover:
+            data = bytearray(b"".join(passed_on) + leftover)
+            self._from_server(memoryview(data), len(data))
+        if conn.tls and conn.sock.pending():
+            self._due(self.server_due)
+        return results, error
+
     # -- waking a lingering holder ---------------------------------------------------
 
     def _make_wake_fd(self) -> None:
@@ -879,7 +1350,12 @@ class Relay:
             pass
 
     def close(self) -> None:
-        """Release the wake-up descriptors (the sockets belong to the session and the pool)."""
+        """Release the wake-up descriptors (the sockets belong to the session and the pool);
+        the client's LISTENs end."""
+        if self.inbox is not None:
+            self.hub.leave(self.inbox)
+            self.inbox.close()
+            self.inbox = None
         if self.wake_rfd >= 0:
             for fd in {self.wake_rfd, self.wake_wfd}:
                 try:

@@ -12,10 +12,10 @@ headers; CopyBothResponse and CopyData are ordinary messages to them).  The
 pair lives and dies together: the server connection is never reset, parked or
 handed to anyone, and is closed when the client leaves.
 
-Only in session mode: a pool mode that moves clients between server
-connections has nothing to offer a connection that must never move, so in
-transaction and statement mode the client is refused (PgBouncer instead serves
-them as session-pooled there; see docs/pool-modes.md, "Replication connections").
+In every pool mode, as PgBouncer 1.23+: whatever the entry's mode, the pair
+is relayed as in session mode (a WAL sender's stream must never move), so one
+database entry serves an application in transaction mode and its replication
+clients alike (see docs/pool-modes.md, "Replication connections").
 
 Replication connections hold no ``pool_size`` slot (a long-running stream
 would otherwise starve the pool's ordinary clients; PostgreSQL limits them by
@@ -80,30 +80,16 @@ def replication_kind(value: str | None) -> str:
 def check_entry(database: str, db) -> None:
     """Refuse a replication client whose database entry cannot serve it (ClientFatal 0A000).
 
-    Session mode only; and one server: with several nodes the proxy would have
-    to route a WAL sender by role (a physical standby streams from the primary
-    or a cascading standby), which it does not do yet.
+    One server: with several nodes the proxy would have to route a WAL sender
+    by role (a physical standby streams from the primary or a cascading
+    standby), which it does not do yet.  Any pool mode.
     """
-    if db.pool_mode != "session":
-        raise refuse_pool_mode(database, db.pool_mode)
     if db.multi:
         raise ClientFatal(pq.SQLSTATE_FEATURE_NOT_SUPPORTED,
                           f'replication connections need a database entry with one server, but database '
                           f'"{database}" has {len(db.nodes)} nodes',
-                          hint="Give replication clients a session-mode database entry naming the one server "
+                          hint="Give replication clients a database entry naming the one server "
                                "they should stream from, or connect them to PostgreSQL directly.")
-
-
-def refuse_pool_mode(database: str, pool_mode: str) -> ClientFatal:
-    """The client's FATAL when its database entry is not in session mode."""
-    return ClientFatal(pq.SQLSTATE_FEATURE_NOT_SUPPORTED,
-                       f'replication connections need pool_mode session, but database "{database}" '
-                       f"is in {pool_mode} mode",
-                       detail="A replication connection keeps one server connection for its whole life; "
-                              "transaction and statement pooling move clients between server connections.",
-                       hint='Give replication clients a database entry with pool_mode: session (physical '
-                            'ones, such as pg_basebackup, ask for the database "replication"), '
-                            "or connect them to PostgreSQL directly.")
 
 
 class ReplicationCheckout(ServerCheckout):

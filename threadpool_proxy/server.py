@@ -42,6 +42,7 @@ from .errors import ProxyError
 from . import tls
 from .cancelkeys import CancelKeys, KeyLayout, RouteKind, forwarded, route
 from .console_control import ConsoleControl
+from .listen import NotifyHub
 from .login import Logins
 from .peers import Peers, WorkerSlot
 from .nodes import Router, node_names
@@ -142,6 +143,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         # (node, real pid) -> server connection opened for a client, whose holder_pid is
         # the pid its client was told: names NOTIFY senders (Relay._name_notifiers).
         self.backends: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # The listening connections of pooled clients' LISTENs (listen.py).
+        self.notify_hub = NotifyHub(self.backends, config.server_connect_timeout)
         self._sessions: set[ClientSession] = set()
         self._sessions_lock = threading.Lock()
         self._sessions_empty = threading.Condition(self._sessions_lock)
@@ -815,6 +818,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         with self._sessions_lock:
             self._stopping = True
         self.pool.close()
+        self.notify_hub.close()
         deadline = time.monotonic() + wait
         for hard in (False, True):
             with self._sessions_lock:

@@ -386,12 +386,23 @@ class ClientSession:
             conn = checkout.obtain()
         # The client keeps its login connection; in transaction and statement
         # mode the relay lets it go as soon as another client waits for one.
-        relay = Relay(self.client, checkout, self.settings, db.pool_mode, self.config.server_idle_timeout)
+        # A replication connection is paired with its server connection for life, whatever the
+        # entry's pool mode (as PgBouncer 1.23+ does): it is relayed as in session mode.
+        pool_mode = "session" if request.replication else db.pool_mode
+        relay = Relay(self.client, checkout, self.settings, pool_mode, self.config.server_idle_timeout)
+        relay.who = self.who
         relay.events = self.server.events
+        if relay.pooled:
+            relay.hub = self.server.notify_hub
+            if not passthrough and not request.replication:
+                key, listener_login = checkout.key, {"user": request.server_user, "database": checkout.dbname,
+                                                     "client_encoding": "UTF8",
+                                                     "application_name": "threadpool_proxy listener"}
+                relay.listen_dial = lambda: logins.proxy_login(request, dict(listener_login), None, key, slot=False)
         # Session mode: the client holds this server connection for life, so it is told
         # the real backend pid (a proxy secret still guards its cancels).
         self.cancel_pid, cancel_secret = self.server.cancel_keys.register(
-            self, real_pid=conn.pid if db.pool_mode == "session" else 0)
+            self, real_pid=conn.pid if pool_mode == "session" else 0)
         relay.client_pid = self.cancel_pid
         relay.attach(conn)
         self.stats.client_login_count = 1

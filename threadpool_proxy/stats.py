@@ -236,6 +236,7 @@ class ClientView:
     server: ServerView | None = None
     replication: str = "none"   # none, physical, logical
     tls: str = ""               # as ServerView.tls
+    pinned: str = ""            # what keeps it on its server connection (temp_table,advisory_lock...), "" for nothing
 
     @property
     def id(self) -> int:
@@ -400,7 +401,8 @@ def observe(sessions, pool, registry: StatsRegistry, config, closing=None) -> Ob
                             application_name=session.settings.values.get("application_name", ""),
                             prepared=len(prepared.statements) if prepared is not None else 0,
                             replication=getattr(session, "replication", "") or "none",
-                            tls=tls_info(session.client) if session.tls else "")
+                            tls=tls_info(session.client) if session.tls else "",
+                            pinned=relay.state.shown if relay.state is not None else "")
         if backend is not None:
             server = _server_view(backend, stats.key, stats.pool, "idle" if lingering else "active", 0.0,
                                   closing(stats.key, backend))

@@ -1,9 +1,10 @@
 """notes: a small multi-tenant notes store on plain psycopg 3.
 
 The worked example of docs/testing-through-pooling.md.  Two of its functions
-keep session state across transactions, which works on a direct connection
-and breaks behind a transaction-pooling proxy; each has a fixed twin that
-keeps that state inside one transaction:
+keep session state across transactions, which works on a direct connection,
+and through threadpool_proxy (the setting follows the client, the temporary
+table pins it), but breaks behind a pooler that does neither; each has a twin
+that keeps that state inside one transaction:
 
 * ``use_tenant`` + ``my_notes``: a session-level setting (``set_config(...,
   false)``, like ``SET``), read by later queries.  Fixed: ``notes_of``, which
@@ -51,7 +52,7 @@ def notes_for(conn: psycopg.Connection, tenant: str) -> list[str]:
     return [body for (body,) in rows]
 
 
-# -- session state: works directly, breaks under transaction pooling ------------
+# -- session state: works directly, breaks behind a pooler that neither carries nor pins it
 
 def use_tenant(conn: psycopg.Connection, tenant: str) -> None:
     """Remember the tenant for this session (a session-level setting, like SET)."""
