@@ -78,9 +78,9 @@ class WorkerSlot:
                               os.path.join(self.rundir, name)))
         return found
 
-    def owners(self, index: int) -> list[str]:
-        """The sockets of worker ``index``: usually one; two while it is being replaced."""
-        return [path for _, i, _, path in self.sockets() if i == index]
+    def owners(self, index: int) -> dict[int, str]:
+        """pid -> socket of each process of worker ``index``: usually one; two while it is being replaced."""
+        return {pid: path for _, i, pid, path in self.sockets() if i == index}
 
     def others(self) -> dict[int, str]:
         """index -> socket of every other worker that is not retiring (the newest if two claim one)."""
@@ -189,20 +189,33 @@ class Peers:
         the one that does not know the key ignores it.  False (logged unless
         ``only_if_any``) when no process of that index runs.
         """
-        paths = self.slot.owners(index)
-        if not paths:
+        owners = self.slot.owners(index)
+        if not owners:
             if not only_if_any:
                 log.warning("could not forward a cancel request to worker %d: it is not running", index)
             return False
-        for path in paths:
+        for pid, path in owners.items():
             try:
-                with self._connect(path) as sock:
-                    sock.sendall(packet)
-                    sock.shutdown(socket.SHUT_WR)
-                    sock.recv(1)      # closed once the owner has sent it on: the cancel is not lost in a race
+                self._send_cancel(path, packet)
+            except FileNotFoundError:
+                # It retired between the listing and the connect (PeerListener.retire renamed its
+                # socket): its clients are still there, so the cancel goes to the socket's new name.
+                path = self.slot.owners(index).get(pid)
+                if path is None:
+                    continue          # the process is gone, and its clients with it
+                try:
+                    self._send_cancel(path, packet)
+                except OSError as exc:
+                    log.warning("could not forward a cancel request to worker %d: %s", index, exc)
             except OSError as exc:
                 log.warning("could not forward a cancel request to worker %d: %s", index, exc)
         return True
+
+    def _send_cancel(self, path: str, packet: bytes) -> None:
+        with self._connect(path) as sock:
+            sock.sendall(packet)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(1)      # closed once the owner has sent it on: the cancel is not lost in a race
 
     def ask(self, index: int, request: dict, timeout: float | None = PEER_TIMEOUT):
         """Worker ``index``'s answer to ``request``; raises OSError/ValueError if it gives none.

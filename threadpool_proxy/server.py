@@ -737,6 +737,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         try:
             with selectors.PollSelector() as selector:
                 for sock in self.listeners.all:
+                    # Non-blocking: another process may take the client poll woke this one for (a
+                    # rolling restart's old and new worker serve one socket), and a blocking accept()
+                    # would then wait for the next client, deaf to shutdown() meanwhile.
+                    sock.setblocking(False)
                     selector.register(sock, selectors.EVENT_READ)
                 while not self._shutdown_request:
                     ready = selector.select(poll_interval)
