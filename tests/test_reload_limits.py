@@ -226,9 +226,6 @@ def test_max_db_connections_lowered_closes_the_surplus_of_every_user(pg, reloada
     assert not load.errors, load.errors[:3]
 
 
-@pytest.mark.skip(reason="issue 22: in a full run on a loaded machine its 10 clients (5 per database, pool_size 3) "
-                         "stopped making progress before the RELOAD (30 s, no client error); passes alone and "
-                         "after test_refusal.py; cause not found yet")
 def test_max_user_connections_lowered_closes_the_surplus_across_databases(pg, reloadable):
     """One user in two databases, 3 connections each; max_user_connections 0 -> 2: PostgreSQL sees 2."""
     start, write = reloadable

@@ -165,7 +165,7 @@ class Waiter:
     """
 
     __slots__ = ("alive", "key", "waiting", "canceled", "slice_ended", "gate", "handed", "takes_connection",
-                 "on_wait", "since", "called", "front")
+                 "on_wait", "since", "called", "front", "capped")
 
     def __init__(self, alive: Optional[Callable[[], bool]] = None, takes_connection: bool = True) -> None:
         self.alive = alive
@@ -180,6 +180,7 @@ class Waiter:
         self.since = 0.0              # monotonic time its current checkout began to wait
         self.called = False           # woken to take a parked connection (IdentityPool.called counts it)
         self.front = False            # called, and somebody else took it: it queues first again
+        self.capped = False           # it waits for room under max_db/max_user_connections, and may dial then
 
 
 class Limits:
@@ -389,6 +390,16 @@ class IdentityPool:
                 self.called += 1
                 return waiter
             waiter.gate.release()
+        return None
+
+    def grant_slot(self) -> Optional[Waiter]:
+        """Give a slot (taken by the caller) to the longest waiter held back by a cap, to dial in;
+        returned for the caller to open its gate once it has let go of the pool lock (None: nobody)."""
+        for waiter in self.waiters:
+            if waiter.capped:
+                self.waiters.remove(waiter)
+                waiter.handed, waiter.waiting = _NO_CONNECTION, False
+                return waiter
         return None
 
     def wake_all(self) -> None:
@@ -639,6 +650,11 @@ class BackendIdlePool:
         with self._lock:
             ident = self._pools.get(key) or self._identity_locked(key)
             reason = self._refusal_locked(ident, conn, reset_ok)
+            if reason is None and ident.limits is not None:
+                taker = self._grant_to_starving_locked(ident)
+                if taker is not None:
+                    reason = (f"max_db_connections or max_user_connections reached: its slot goes to a waiting "
+                              f"client of {_show(taker.key)}, which had no connection")
             if reason is None:
                 now = time.monotonic()
                 handed = False
@@ -652,12 +668,44 @@ class BackendIdlePool:
                     self.stats["parked"] += 1
             else:
                 self._forget_locked(key)
+        if taker is not None:
+            taker.gate.release()          # after the pool lock: the taker goes straight on
         if reason is not None:
             _close(conn, key, reason)
             return False
-        if taker is not None:
-            taker.gate.release()          # after the pool lock: the taker goes straight on
         return True
+
+    def _grant_to_starving_locked(self, ident: IdentityPool) -> Optional[Waiter]:
+        """A connection of ``ident`` is released while its database or user is at its cap: if another
+        pool of that group has no connection open and a client waiting for room under the cap, that
+        client gets the released connection's slot (the connection is closed, and it dials).
+
+        Without this a busy pool hands each released connection straight to its own next client,
+        never parks one for the other pool to evict, and keeps the other pool's clients waiting
+        until query_wait_timeout.  Returns the waiter granted a slot (its gate to be opened after
+        the lock), or None: the connection is parked or handed on as usual.
+        """
+        limits, counts = ident.limits, self._open_groups
+        full = [group for group, cap in zip(ident.groups, (limits.db_cap, limits.user_cap))
+                if cap and counts[group] >= cap]
+        if not full:
+            return None
+        for other in self._pools.values():
+            if other is ident or other.open or other.limits is None or not other.waiters \
+                    or not any(group in other.groups for group in full) \
+                    or (self._held and self._held_key(other.key)) \
+                    or (self._down and _node_of(other.key) in self._down):    # (its dials are paced)
+                continue
+            # Room for it once this connection is gone (the group it does not share may be full too).
+            if any(cap and counts[group] - (group in ident.groups) >= cap
+                   for group, cap in zip(other.groups, (other.limits.db_cap, other.limits.user_cap))):
+                continue
+            if not any(waiter.capped for waiter in other.waiters):
+                continue
+            self._opened_locked(other)         # (the caller frees the released connection's slot)
+            self.stats["evicted_for_limit"] += 1      # (closed to make room, as a parked one would be)
+            return other.grant_slot()
+        return None
 
     def _refusal_locked(self, ident: IdentityPool, conn: Any, reset_ok: bool) -> Optional[str]:
         """Why a released ``conn`` cannot be parked or handed on (counted), or None."""
@@ -829,7 +877,12 @@ class BackendIdlePool:
                     slice_end = want.reserve_time()
                 want.deadline = self._wait_locked(want.key, want.deadline, want.timeout, waiter, wake_at, slice_end)
                 conn, waiter.handed = waiter.handed, None
+                if conn is _NO_CONNECTION and want.client_left():
+                    self.stats["waiters_gone"] += 1      # a slot granted by a release in its group (checkin)
+                    self._forget_locked(want.key)
+                    raise ClientGone()
             finally:
+                waiter.capped = False
                 if not ident.open:                     # (a slot taken, or one open: not empty)
                     self._drop_if_empty_locked(ident)  # nothing taken, nothing handed: forget it
         if conn is None and waiter.slice_ended and want.check_client:
@@ -860,6 +913,7 @@ class BackendIdlePool:
         latter when the caller has other nodes to go to.
         """
         if want.limits is not None and not self._room_locked(ident, want.limits, want.victims):
+            want.waiter.capped = True      # a release elsewhere in its group may grant it a slot (checkin)
             return time.monotonic() + CAP_SLICE
         if not want.paced:
             return None
