@@ -220,7 +220,9 @@ def test_cancels_racing_pinned_clients_never_hit_another_client_nor_the_proxys_o
     assert not [m for m in messages if "asking the server about its session state failed" in m], messages[:5]
     pins = sum("is pinned to its server connection (temp_table)" in m for m in messages)
     unpins = sum("is no longer pinned (temp_table undone)" in m for m in messages)
-    assert pins == unpins and pins > CANCELS // 2, (pins, unpins)
+    # Each round starts pinned anew unless the round before was canceled before its DISCARD TEMP ran
+    # (then the table and the pin stay): at least one pin per round that was not canceled.
+    assert pins == unpins and pins >= CANCELS - counts["own statements canceled"], (pins, unpins, counts)
 
 
 def test_a_users_pool_mode_override_decides_whether_its_clients_are_pinned(pg, proxy_factory):
