@@ -668,11 +668,15 @@ class BackendIdlePool:
                     self.stats["parked"] += 1
             else:
                 self._forget_locked(key)
+        if reason is not None:
+            try:
+                _close(conn, key, reason)
+            finally:
+                if taker is not None:     # granted its slot: it dials once this one is closed
+                    taker.gate.release()
+            return False
         if taker is not None:
             taker.gate.release()          # after the pool lock: the taker goes straight on
-        if reason is not None:
-            _close(conn, key, reason)
-            return False
         return True
 
     def _grant_to_starving_locked(self, ident: IdentityPool) -> Optional[Waiter]:
