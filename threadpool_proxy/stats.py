@@ -374,6 +374,10 @@ def observe(sessions, pool, registry: StatsRegistry, config, closing=None) -> Ob
     obs = Observation(config, registry, pool.snapshot())
     closing = closing or (lambda key, conn: False)
     live = []
+    # The sessions are looked at one by one while connections move between them: a server
+    # connection handed from one client to another (or parked) meanwhile would be seen twice.
+    # It is one connection: shown once, with the holder seen last.
+    seen: dict = {}
     for session in sessions:
         if getattr(session, "console", None) is not None:
             obs.console_clients += 1
@@ -404,14 +408,21 @@ def observe(sessions, pool, registry: StatsRegistry, config, closing=None) -> Ob
                             tls=tls_info(session.client) if session.tls else "",
                             pinned=relay.state.shown if relay.state is not None else "")
         if backend is not None:
+            _, earlier = seen.get(id(backend), (None, None))
+            if earlier is not None:
+                obs.servers.remove(earlier)
+                earlier.client.server = None
             server = _server_view(backend, stats.key, stats.pool, "idle" if lingering else "active", 0.0,
                                   closing(stats.key, backend))
             server.replication = client.replication
             server.client, client.server = client, server
             obs.servers.append(server)
+            seen[id(backend)] = (backend, server)      # (the object kept: its id stays its own)
         obs.clients.append(client)
     now_wall, now = time.time(), time.monotonic()
     for key, conn, since in pool.parked():
+        if id(conn) in seen:
+            continue                    # parked after its client was looked at: shown once, as that client's
         obs.servers.append(_server_view(conn, key, registry.pool_of_key(key), "idle", now_wall - (now - since),
                                         closing(key, conn)))
     obs.pool_totals = registry.pool_totals(live)
