@@ -262,6 +262,22 @@ def read_until_ready(sock) -> list:
             return out
 
 
+def login_with_key(host: str, port: int, user: str = "trustuser", database: str = "appdb") -> tuple:
+    """A raw client logged in without a password (auth_type trust): (socket, pid, secret) of the
+    BackendKeyData it was told, for the tests that send CancelRequests."""
+    sock = socket.create_connection((host, port), timeout=30)
+    sock.sendall(startup_packet({"user": user, "database": database}))
+    key = None
+    while True:
+        kind, body = read_message(sock)
+        assert kind != "E", parse_error_fields(body)
+        if kind == "K":
+            key = struct.unpack("!II", body)
+        if kind == "Z":
+            assert key is not None, "no BackendKeyData before ReadyForQuery"
+            return sock, key[0], key[1]
+
+
 def nothing_to_read(sock, wait: float) -> bool:
     """True if no byte (and no end of file) arrives within ``wait`` seconds."""
     sock.settimeout(wait)

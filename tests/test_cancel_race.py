@@ -20,11 +20,10 @@ from __future__ import annotations
 import collections
 import random
 import socket
-import struct
 import threading
 import time
 
-from helpers import cancel_packet, parse_error_fields, query, read_message, read_until_ready, startup_packet
+from helpers import cancel_packet, login_with_key, parse_error_fields, query, read_until_ready
 
 CANCELS = 10_000
 CANCELERS = 5
@@ -33,16 +32,7 @@ VICTIMS = 5
 
 def session(proxy):
     """A raw client logged in (auth_type trust): (socket, pid, secret key) from its BackendKeyData."""
-    sock = socket.create_connection((proxy.host, proxy.port), timeout=30)
-    sock.sendall(startup_packet({"user": "trustuser", "database": "appdb"}))
-    key = None
-    while True:
-        kind, body = read_message(sock)
-        assert kind != "E", parse_error_fields(body)
-        if kind == "K":
-            key = struct.unpack("!II", body)
-        if kind == "Z":
-            return sock, key[0], key[1]
+    return login_with_key(proxy.host, proxy.port)
 
 
 def sqlstates(messages) -> list:

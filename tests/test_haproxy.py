@@ -20,7 +20,6 @@ import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -29,7 +28,7 @@ import uuid
 import psycopg
 import pytest
 
-from helpers import cancel_packet, parse_error_fields, query, read_message, startup_packet, wait_until
+from helpers import cancel_packet, login_with_key, parse_error_fields, query, read_message, wait_until
 from proxyproc import REPO, ProxyProcess, port_open
 from threadpool_proxy.pgcluster import free_port
 
@@ -144,16 +143,7 @@ CANCELERS, BATCH, CANCELS = 4, 10, 1000
 
 
 def _login(port: int) -> tuple[socket.socket, int, int]:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(startup_packet({"user": "trustuser", "database": "appdb"}))
-    key = None
-    while True:
-        kind, body = read_message(sock)
-        assert kind != "E", parse_error_fields(body)
-        if kind == "K":
-            key = struct.unpack("!II", body)
-        if kind == "Z":
-            return sock, key[0], key[1]
+    return login_with_key("127.0.0.1", port)
 
 
 def _answer(sock) -> list[str]:

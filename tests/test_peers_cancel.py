@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import time
 
 import pytest
 
 import threadpool_proxy
-from helpers import cancel_packet, parse_error_fields, query, read_message, read_until_ready, startup_packet, wait_until
+from helpers import cancel_packet, login_with_key, parse_error_fields, query, read_until_ready, wait_until
 from threadpool_proxy.cancelkeys import KeyLayout, forwarded
 from threadpool_proxy.pgcluster import free_port
 
@@ -35,16 +34,7 @@ def group(proxy_factory):
 
 
 def _login(proxy, user="trustuser") -> tuple[socket.socket, int, int]:
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
-    sock.sendall(startup_packet({"user": user, "database": "appdb"}))
-    key = None
-    while True:
-        kind, body = read_message(sock)
-        assert kind != "E", parse_error_fields(body)
-        if kind == "K":
-            key = struct.unpack("!II", body)
-        if kind == "Z":
-            return sock, key[0], key[1]
+    return login_with_key("127.0.0.1", proxy.port, user)
 
 
 def _cancel(port: int, pid: int, secret: int) -> float:

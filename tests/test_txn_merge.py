@@ -19,7 +19,6 @@ import collections
 import logging
 import random
 import socket
-import struct
 import threading
 import time
 
@@ -29,8 +28,7 @@ import pytest
 import threadpool_proxy
 from threadpool_proxy import events as ev
 
-from helpers import (cancel_packet, connect, parse_error_fields, query, read_message, read_until_ready,
-                     startup_packet, trust_session)
+from helpers import cancel_packet, connect, login_with_key, parse_error_fields, query, read_until_ready, trust_session
 
 LISTEN = {"host": "127.0.0.1", "port": 0}
 
@@ -128,16 +126,7 @@ def sqlstates(messages) -> list:
 
 def raw_session(proxy):
     """(socket, pid, key) of a raw trust client, from its BackendKeyData."""
-    sock = socket.create_connection((proxy.host, proxy.port), timeout=30)
-    sock.sendall(startup_packet({"user": "trustuser", "database": "appdb"}))
-    key = None
-    while True:
-        kind, body = read_message(sock)
-        assert kind != "E", parse_error_fields(body)
-        if kind == "K":
-            key = struct.unpack("!II", body)
-        if kind == "Z":
-            return sock, key[0], key[1]
+    return login_with_key(proxy.host, proxy.port)
 
 
 CANCELS = 2000

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -23,8 +22,7 @@ import psycopg
 import pytest
 import yaml
 
-from helpers import (cancel_packet, parse_error_fields, query, read_message, read_until_ready, startup_packet,
-                     wait_until)
+from helpers import cancel_packet, login_with_key, parse_error_fields, query, read_until_ready, wait_until
 from threadpool_proxy.pgcluster import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,17 +163,7 @@ def test_both_workers_accept_clients_and_the_console_shows_them_all(pg, workers_
 
 def _trust_login(proxy) -> tuple[socket.socket, int, int]:
     """A raw client logged in as trustuser: (socket, pid, secret) of its BackendKeyData."""
-    sock = socket.create_connection((proxy.host, proxy.port), timeout=30)
-    sock.sendall(startup_packet({"user": "trustuser", "database": "appdb"}))
-    key = None
-    while True:
-        kind, body = read_message(sock)
-        assert kind != "E", parse_error_fields(body)
-        if kind == "K":
-            key = struct.unpack("!II", body)
-        if kind == "Z":
-            assert key is not None
-            return sock, key[0], key[1]
+    return login_with_key(proxy.host, proxy.port)
 
 
 def _cancel(proxy, pid: int, secret: int) -> None:
